@@ -1,0 +1,24 @@
+"""gnlorp_dist: GradNormLoRP (gradient weight-normalized low-rank projection) training.
+
+The public API and nothing else; see README.md.
+"""
+
+from gnlorp_dist.nn import (
+    DEFAULT_TARGET_MODULES,
+    WeightNormLinear,
+    apply_weight_norm,
+    merge_weight_norm,
+)
+from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "GradNormLoRPAdamW",
+    "WeightNormLinear",
+    "apply_weight_norm",
+    "merge_weight_norm",
+    "projected_param_groups",
+    "__version__",
+]

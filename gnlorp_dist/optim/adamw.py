@@ -1,0 +1,254 @@
+"""GradNormLoRPAdamW: AdamW whose states live in a low-rank gradient subspace.
+
+The class holds state and loops over parameters; the math is in :mod:`gnlorp_dist.projection`
+and :mod:`gnlorp_dist.optim.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gnlorp_dist.optim.functional import dense_adamw_step, projected_adamw_step
+from gnlorp_dist.projection import (
+    PROJ_TYPES,
+    SVD_METHODS,
+    compute_projection,
+    low_rank_shape,
+    project,
+    projection_side,
+)
+
+PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+class GradNormLoRPAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore-style low-rank projection of 2-D gradients.
+
+    A drop-in for ``galore_torch.GaLoreAdamW``: parameter groups that carry ``rank`` (with
+    ``update_proj_gap``, ``scale`` and ``proj_type``) are projected; groups without ``rank`` are
+    plain ``torch.optim.AdamW``. GradNormLoRP is this optimizer applied to a model whose linear
+    layers were weight-normalized by :func:`gnlorp_dist.apply_weight_norm`: the directions ``V``
+    (or LoRA factors) sit in projected groups, the magnitudes in the dense group.
+
+    Projected update of a matrix ``W`` with gradient ``G`` at per-parameter step ``t`` (counted
+    before the increment):
+
+    1. refresh: if ``t % update_proj_gap == 0``, ``P`` = top-``rank`` singular vectors of ``G``
+       (float32 SVD), on the side the ``proj_type`` rule picks;
+    2. project: ``R = G P^T`` (right) or ``P^T G`` (left);
+    3. Adam on ``R`` (moments keep ``R``'s shape and survive refreshes);
+    4. ``W -= lr * scale * back(m_hat / (sqrt(v_hat) + eps))`` then ``W -= lr * wd * W``.
+
+    ``step()`` runs in phases:
+
+    1. collect the parameters that have gradients, and check their layout;
+    2. refresh the subspaces that are due, all of them before any weight moves, so a
+       non-finite gradient at a refresh raises without touching a weight or a projector;
+    3. update every parameter (projected or dense).
+
+    One process runs exactly these phases; the distributed optimizer adds its communication
+    between them and keeps this math.
+
+    The state holds tensors and Python numbers only, so ``torch.load(weights_only=True)`` reads a
+    saved ``state_dict()``; loading it into a fresh optimizer continues the run exactly.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not (isinstance(lr, (int, float)) and lr >= 0.0):
+            raise ValueError(f"lr={lr!r} must be a number >= 0")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
+        if not eps >= 0.0:
+            raise ValueError(f"eps={eps!r} must be >= 0")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    # -- construction-time validation ------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" in group:
+            _validate_projected_group(group, len(self.param_groups) - 1)
+
+    # -- the step ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = self._collect()
+        self._refresh_subspaces(work)
+        for group, param, _name in work:
+            if "rank" in group:
+                self._update_projected(group, param)
+            else:
+                self._update_dense(group, param)
+        return loss
+
+    def _collect(self) -> list[tuple[dict[str, Any], Tensor, str]]:
+        """Phase 1: (group, param, name) for every parameter that has a gradient."""
+        work = []
+        for group_index, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
+                name = names[index] if names else f"param_groups[{group_index}][{index}]"
+                if "rank" in group and param.grad.dim() != 2:
+                    raise ValueError(
+                        f"{name}: a projected parameter reached step() with a "
+                        f"{param.grad.dim()}-D gradient of shape {tuple(param.grad.shape)}; "
+                        "the projector needs the true 2-D gradient. Flat gradients come from an "
+                        "engine that flattens parameters (DeepSpeed ZeRO, bf16 optimizer wrapper): "
+                        "use gnlorp_dist's DeepSpeed integration instead of passing this "
+                        "optimizer to the engine directly."
+                    )
+                work.append((group, param, name))
+        return work
+
+    def _refresh_subspaces(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
+        """Phase 2: new projection matrices for the parameters whose refresh is due."""
+        due = [
+            (group, param, name)
+            for group, param, name in work
+            if "rank" in group and self._refresh_due(group, param)
+        ]
+        for group, param, name in due:
+            if not bool(torch.isfinite(param.grad).all()):
+                step = self.state[param].get("step", 0)
+                raise ValueError(
+                    f"{name}: non-finite gradient at a subspace refresh (step {step}); the "
+                    "projector was not refreshed and no parameter was updated. Lower the learning "
+                    "rate, enable gradient clipping, or check the loss scale."
+                )
+        for group, param, _name in due:
+            state = self.state[param]
+            side = projection_side(param.shape, group["proj_type"])
+            generator = None
+            if group.get("svd_method", "svd") == "randomized":
+                generator = torch.Generator(device=param.grad.device)
+                generator.manual_seed(int(state.get("step", 0)))
+            state["proj"] = compute_projection(
+                param.grad,
+                group["rank"],
+                side,
+                method=group.get("svd_method", "svd"),
+                generator=generator,
+            )
+
+    def _refresh_due(self, group: dict[str, Any], param: Tensor) -> bool:
+        state = self.state[param]
+        return "proj" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+
+    def _update_projected(self, group: dict[str, Any], param: Tensor) -> None:
+        state = self.state[param]
+        side = projection_side(param.shape, group["proj_type"])
+        low_rank_grad = project(param.grad, state["proj"], side)
+        if "exp_avg" not in state:
+            state["step"] = state.get("step", 0)
+            state["exp_avg"] = torch.zeros_like(low_rank_grad)
+            state["exp_avg_sq"] = torch.zeros_like(low_rank_grad)
+        assert state["exp_avg"].shape == low_rank_shape(param.shape, group["rank"], side)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        projected_adamw_step(
+            param,
+            low_rank_grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["proj"],
+            side,
+            step=state["step"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            scale=group["scale"],
+        )
+
+    def _update_dense(self, group: dict[str, Any], param: Tensor) -> None:
+        state = self.state[param]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        dense_adamw_step(
+            param,
+            param.grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step=state["step"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+
+
+def _validate_projected_group(group: dict[str, Any], group_index: int) -> None:
+    """User mistakes in a projected group, raised at construction with the value and the fix."""
+    where = f"param_groups[{group_index}]"
+    missing = [key for key in PROJECTED_GROUP_KEYS if key not in group]
+    if missing:
+        raise ValueError(
+            f"{where} has 'rank' but lacks {missing}; a projected group needs "
+            f"{list(PROJECTED_GROUP_KEYS)} (see gnlorp_dist.projected_param_groups)"
+        )
+    rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"{where}: rank={rank!r} must be a positive integer")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(
+            f"{where}: update_proj_gap={gap!r} must be a positive integer (steps between "
+            "subspace refreshes; GaLore uses 200)"
+        )
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{where}: scale={scale!r} must be a finite number")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(
+            f"{where}: proj_type={group['proj_type']!r} is not supported; use one of {PROJ_TYPES}"
+        )
+    if group.get("svd_method", "svd") not in SVD_METHODS:
+        raise ValueError(
+            f"{where}: svd_method={group['svd_method']!r} is not supported; use one of {SVD_METHODS}"
+        )
+    names = group.get("param_names")
+    for index, param in enumerate(group["params"]):
+        name = names[index] if names else f"{where}['params'][{index}]"
+        if hasattr(param, "ds_shape") or param.dim() != 2:
+            raise ValueError(
+                f"{name}: shape {tuple(param.shape)} cannot be projected; a projected group takes "
+                "2-D matrices only. Put 1-D tensors (biases, norms, magnitudes) in a group "
+                "without 'rank'. A flattened or sharded parameter (DeepSpeed ZeRO) must go through "
+                "gnlorp_dist's DeepSpeed integration."
+            )
+        if rank > min(param.shape):
+            raise ValueError(
+                f"{name}: rank={rank} exceeds min(shape)={min(param.shape)} of shape "
+                f"{tuple(param.shape)}; use rank <= {min(param.shape)} or leave this matrix out "
+                "of the projected group"
+            )

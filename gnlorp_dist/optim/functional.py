@@ -1,0 +1,92 @@
+"""The AdamW updates as pure functions over tensors (no optimizer, no ranks).
+
+Two conventions live side by side, each matching its reference bit for bit in intent:
+
+- :func:`projected_adamw_step` is GaLore's AdamW on a low-rank gradient: ``denom = sqrt(v) + eps``
+  with both bias corrections folded into the step size, the update projected back and scaled by
+  ``alpha``, then decoupled weight decay ``p -= lr * wd * p`` *after* the update
+  (``galore_torch.GaLoreAdamW``).
+- :func:`dense_adamw_step` is ``torch.optim.AdamW``: weight decay ``p *= 1 - lr * wd`` *before*
+  the update and ``denom = sqrt(v) / sqrt(bc2) + eps``.
+
+The two differ only in where ``eps`` and weight decay enter; each is kept so that the projected
+groups reproduce GaLore and the dense groups reproduce PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from gnlorp_dist.projection import Side, project_back
+
+
+def update_moments_(
+    exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float
+) -> None:
+    """Adam's running moments, in place: ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def galore_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
+    """GaLore's step size after ``step`` (1-based) updates: ``lr * sqrt(1-b2^t) / (1-b1^t)``."""
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def normalized_low_rank_update(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
+    """``m / (sqrt(v) + eps)``: the low-rank Adam direction before bias correction."""
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def projected_adamw_step(
+    param: Tensor,
+    low_rank_grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    proj: Tensor,
+    side: Side,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
+    """One GaLore-convention AdamW update of ``param`` from its projected gradient, in place.
+
+    ``step`` is the 1-based count of updates including this one. ``exp_avg``/``exp_avg_sq``
+    have ``low_rank_grad``'s shape and are updated in place.
+    """
+    update_moments_(exp_avg, exp_avg_sq, low_rank_grad, beta1, beta2)
+    direction_low = normalized_low_rank_update(exp_avg, exp_avg_sq, eps)
+    direction_full = project_back(direction_low, proj, side)
+    param.add_(direction_full, alpha=-galore_step_size(lr, beta1, beta2, step) * scale)
+    if weight_decay > 0.0:
+        param.add_(param, alpha=-lr * weight_decay)
+
+
+def dense_adamw_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One ``torch.optim.AdamW`` update of ``param``, in place (``step`` is 1-based)."""
+    if weight_decay != 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+    update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)

@@ -1,0 +1,135 @@
+"""Low-rank gradient projection as pure functions (GaLore semantics).
+
+A projected matrix ``grad_MN`` (M rows, N columns) is reduced to a rank-``r`` representation by
+an orthonormal basis ``proj`` taken from its SVD:
+
+- side ``"right"``: ``proj_RN = Vh[:r]`` and ``low_RMr = grad_MN @ proj_RN.T`` (shape M x r);
+- side ``"left"``:  ``proj_MR = U[:, :r]`` and ``low_rN = proj_MR.T @ grad_MN`` (shape r x N).
+
+``project_back`` undoes the projection with the same basis. Nothing here knows about optimizers,
+ranks or processes: the optimizer (and later the distributed layer) call these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Side = Literal["left", "right"]
+
+PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right")
+"""Supported ``proj_type`` values.
+
+- ``std`` (default, GaLore's): right side when rows >= cols, else left. The projection matrix is
+  the smaller one (r x min(M, N)), the low-rank state is r x max(M, N).
+- ``reverse_std``: the opposite choice; it keeps the *smaller state* (r x min(M, N)) at the cost
+  of a larger projection matrix.
+- ``left`` / ``right``: always that side.
+"""
+
+SVD_METHODS: tuple[str, ...] = ("svd", "randomized")
+
+
+def projection_side(shape: tuple[int, int] | torch.Size, proj_type: str) -> Side:
+    """The side a matrix of ``shape`` is projected on under ``proj_type``."""
+    rows, cols = shape
+    if proj_type == "std":
+        return "right" if rows >= cols else "left"
+    if proj_type == "reverse_std":
+        return "left" if rows >= cols else "right"
+    if proj_type in ("left", "right"):
+        return proj_type  # type: ignore[return-value]
+    raise ValueError(f"proj_type={proj_type!r} is not supported; use one of {PROJ_TYPES}")
+
+
+def projection_shape(shape: tuple[int, int] | torch.Size, rank: int, side: Side) -> tuple[int, int]:
+    """Shape of the projection matrix for a ``shape`` matrix at ``rank`` on ``side``."""
+    rows, cols = shape
+    return (rank, cols) if side == "right" else (rows, rank)
+
+
+def low_rank_shape(shape: tuple[int, int] | torch.Size, rank: int, side: Side) -> tuple[int, int]:
+    """Shape of the projected gradient (and of the Adam moments) of a ``shape`` matrix."""
+    rows, cols = shape
+    return (rows, rank) if side == "right" else (rank, cols)
+
+
+def compute_projection(
+    grad_MN: Tensor,
+    rank: int,
+    side: Side,
+    *,
+    method: str = "svd",
+    oversample: int = 8,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Orthonormal basis of the top-``rank`` singular subspace of ``grad_MN`` on ``side``.
+
+    The decomposition runs in float32 whatever the gradient's dtype (bf16 SVDs are not
+    supported and lose the subspace); the basis is returned in the gradient's dtype, as GaLore
+    does, so it multiplies the gradient without casts.
+
+    ``method="randomized"`` uses a randomized range finder (Halko et al. 2011) with
+    ``oversample`` extra columns and ``power_iters`` power iterations: much cheaper than a full
+    SVD for ``rank << min(M, N)``; its subspace error is measured by the benchmarks.
+    """
+    assert grad_MN.dim() == 2, f"projection needs a 2-D gradient, got shape {tuple(grad_MN.shape)}"
+    matrix = grad_MN.float()
+    if method == "svd":
+        U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    elif method == "randomized":
+        U, Vh = _randomized_svd(matrix, rank, oversample, power_iters, generator)
+    else:
+        raise ValueError(f"svd method {method!r} is not supported; use one of {SVD_METHODS}")
+    basis = Vh[:rank] if side == "right" else U[:, :rank]
+    return basis.contiguous().to(grad_MN.dtype)
+
+
+def _randomized_svd(
+    matrix_MN: Tensor,
+    rank: int,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    rows, cols = matrix_MN.shape
+    width = min(rank + oversample, rows, cols)
+    # Work on the side with fewer rows so the sketch is the cheap one.
+    transposed = rows < cols
+    a = matrix_MN.T if transposed else matrix_MN
+    omega = torch.randn(a.shape[1], width, generator=generator, dtype=a.dtype, device=a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ q)
+    u_small, _, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    u = q @ u_small
+    if transposed:
+        return vh.T, u.T
+    return u, vh
+
+
+def project(grad_MN: Tensor, proj: Tensor, side: Side) -> Tensor:
+    """Low-rank form of ``grad_MN``: ``grad @ proj.T`` (right) or ``proj.T @ grad`` (left)."""
+    return grad_MN @ proj.T if side == "right" else proj.T @ grad_MN
+
+
+def project_back(low: Tensor, proj: Tensor, side: Side) -> Tensor:
+    """Full-size form of a low-rank tensor: ``low @ proj`` (right) or ``proj @ low`` (left)."""
+    return low @ proj if side == "right" else proj @ low
+
+
+def subspace_error(reference_basis: Tensor, basis: Tensor, side: Side) -> float:
+    """Distance between two orthonormal bases' spans: ``||P_ref - P||_2`` of their projectors.
+
+    0 for the same subspace, 1 for orthogonal ones; used to measure the randomized finder.
+    """
+    if side == "right":
+        reference_basis, basis = reference_basis.T, basis.T
+    ref = reference_basis.double()
+    other = basis.double()
+    difference = ref @ ref.T - other @ other.T
+    return float(torch.linalg.matrix_norm(difference, ord=2))
