@@ -133,7 +133,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             for group, param, name in work
             if "rank" in group and self._refresh_due(group, param)
         ]
-        for group, param, name in due:
+        for _group, param, name in due:
             if not bool(torch.isfinite(param.grad).all()):
                 step = self.state[param].get("step", 0)
                 raise ValueError(
