@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.functional import dense_adamw_step, projected_adamw_step
+from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.projection import (
     PROJ_TYPES,
     SVD_METHODS,
@@ -54,8 +55,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     One process runs exactly these phases; the distributed optimizer adds its communication
     between them and keeps this math.
 
+    ``bits=8`` keeps Adam's moments block-wise 8-bit quantised (see
+    :mod:`gnlorp_dist.optim.quantized`; the update math is unchanged, it reads and writes the
+    moments through a :class:`MomentStore`). A group may override ``bits``.
+
     The state holds tensors and Python numbers only, so ``torch.load(weights_only=True)`` reads a
-    saved ``state_dict()``; loading it into a fresh optimizer continues the run exactly.
+    saved ``state_dict()``; loading it into a fresh optimizer continues the run exactly (state
+    tensors keep their saved dtypes: codes stay uint8, block scales float32).
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        bits: int = 32,
     ) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0.0):
             raise ValueError(f"lr={lr!r} must be a number >= 0")
@@ -74,7 +81,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             raise ValueError(f"eps={eps!r} must be >= 0")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bits": bits,
+        }
         super().__init__(params, defaults)
 
     # -- construction-time validation ------------------------------------------------------
@@ -82,6 +95,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["bits"] not in (8, 32):
+            raise ValueError(f"bits={group['bits']!r} is not supported; use 32 or 8")
         if "rank" in group:
             _validate_projected_group(group, len(self.param_groups) - 1)
 
@@ -164,18 +179,19 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
         low_rank_grad = project(param.grad, state["proj"], side)
+        moments = MomentStore(state, group["bits"])
         if "exp_avg" not in state:
             state["step"] = state.get("step", 0)
-            state["exp_avg"] = torch.zeros_like(low_rank_grad)
-            state["exp_avg_sq"] = torch.zeros_like(low_rank_grad)
+            moments.initialise(low_rank_grad)
         assert state["exp_avg"].shape == low_rank_shape(param.shape, group["rank"], side)
         state["step"] += 1
         beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = moments.load()
         projected_adamw_step(
             param,
             low_rank_grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            exp_avg,
+            exp_avg_sq,
             state["proj"],
             side,
             step=state["step"],
@@ -186,20 +202,22 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             scale=group["scale"],
         )
+        moments.store(exp_avg, exp_avg_sq)
 
     def _update_dense(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]
+        moments = MomentStore(state, group["bits"])
         if "exp_avg" not in state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            moments.initialise(param)
         state["step"] += 1
         beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = moments.load()
         dense_adamw_step(
             param,
             param.grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            exp_avg,
+            exp_avg_sq,
             step=state["step"],
             lr=group["lr"],
             beta1=beta1,
@@ -207,6 +225,32 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
+        moments.store(exp_avg, exp_avg_sq)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every loaded state tensor to its parameter's dtype; ours were saved in the
+        # dtype they must keep (uint8 codes, float32 block scales), so restore those.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and self.state[param][key].dtype != value.dtype:
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+
+class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):
+    """``GradNormLoRPAdamW(..., bits=8)``: block-wise 8-bit Adam moments."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=8)
 
 
 def _validate_projected_group(group: dict[str, Any], group_index: int) -> None:

@@ -1,0 +1,101 @@
+"""Block-wise 8-bit optimizer moments (bitsandbytes' dynamic quantisation).
+
+A quantised moment is two plain tensors kept in the optimizer state: ``<key>`` holds uint8
+codes of the moment's shape, ``<key>_absmax`` one float32 scale per block of
+:data:`BLOCK_SIZE` elements. Plain tensors keep ``state_dict()`` loadable with
+``torch.load(weights_only=True)``.
+
+The update functions never see the codes: :class:`MomentStore` hands them a float tensor and
+writes it back, so the Adam math is the same code at 8 and 32 bits (the torchao pattern).
+The first moment uses the signed dynamic map, the second (non-negative) the unsigned one, as
+bitsandbytes' own 8-bit optimizers do. Tensors smaller than :data:`MIN_8BIT_NUMEL` stay in
+float32: their codes would save nothing next to the block scales.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BLOCK_SIZE = 256
+MIN_8BIT_NUMEL = 4096
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@functools.cache
+def _dynamic_map(signed: bool, device: str) -> Tensor:
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415  (4 s import; only for 8-bit runs)
+
+    return bnbf.create_dynamic_map(signed=signed).to(device)
+
+
+def quantize_8bit(value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """``(codes_uint8, absmax_f32)`` of ``value`` with block-wise dynamic quantisation."""
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415
+
+    code = _dynamic_map(signed, str(value.device))
+    codes, quant_state = bnbf.quantize_blockwise(
+        value.float().contiguous(), code=code, blocksize=BLOCK_SIZE
+    )
+    return codes, quant_state.absmax.float()
+
+
+def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """Float32 tensor of ``codes``' shape from its codes and block scales."""
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415
+
+    code = _dynamic_map(signed, str(codes.device))
+    return bnbf.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=BLOCK_SIZE)
+
+
+class MomentStore:
+    """Adam's two moments of one parameter, in float (32-bit mode) or 8-bit codes.
+
+    ``load()`` returns float tensors to update in place; ``store()`` writes them back (a no-op
+    for float state, a re-quantisation for 8-bit state).
+    """
+
+    def __init__(self, state: dict[str, Any], bits: int) -> None:
+        assert bits in (8, 32), bits
+        self.state = state
+        self.bits = bits
+
+    def initialise(self, like: Tensor) -> None:
+        for key in MOMENT_KEYS:
+            zeros = torch.zeros_like(like, memory_format=torch.preserve_format)
+            self.state[key] = zeros
+            if self._quantised(like):
+                self.state[key], self.state[f"{key}_absmax"] = quantize_8bit(
+                    zeros, signed=key == "exp_avg"
+                )
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        values = []
+        for key in MOMENT_KEYS:
+            if f"{key}_absmax" in self.state:
+                values.append(
+                    dequantize_8bit(
+                        self.state[key], self.state[f"{key}_absmax"], signed=key == "exp_avg"
+                    )
+                )
+            else:
+                values.append(self.state[key])
+        return values[0], values[1]
+
+    def store(self, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        for key, value in zip(MOMENT_KEYS, (exp_avg, exp_avg_sq)):
+            if f"{key}_absmax" in self.state:
+                codes, absmax = quantize_8bit(value, signed=key == "exp_avg")
+                self.state[key].copy_(codes)
+                self.state[f"{key}_absmax"].copy_(absmax)
+
+    def _quantised(self, like: Tensor) -> bool:
+        return self.bits == 8 and like.numel() >= MIN_8BIT_NUMEL
+
+
+def state_bytes(state: dict[str, Any]) -> int:
+    """Bytes held by one parameter's optimizer state (every tensor in it)."""
+    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
