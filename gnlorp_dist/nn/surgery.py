@@ -1,0 +1,146 @@
+"""Model surgery: swap targeted ``nn.Linear`` layers for :class:`WeightNormLinear` and back."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+
+from torch import nn
+
+from gnlorp_dist.nn.weight_norm import WeightNormLinear
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Attention and MLP projections of LLaMA-style models; lm_head and embeddings are left alone."""
+
+_MAX_NAMES_LISTED = 12
+
+
+def _targeted_children(
+    model: nn.Module, target_modules: frozenset[str]
+) -> list[tuple[nn.Module, str, str, nn.Module]]:
+    """``(parent, attribute name, qualified name, child)`` for every child named in targets."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if child_name in target_modules:
+                qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+                found.append((parent, child_name, qualified, child))
+    return found
+
+
+def _linear_leaf_names(model: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name}
+    linear_names = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    # Linear layers first: those are the names a caller most likely meant.
+    return sorted(linear_names) + sorted(names - linear_names)
+
+
+def apply_weight_norm(
+    model: nn.Module,
+    target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    detach_norm: bool = False,
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` child whose attribute name is in ``target_modules``
+    by a :class:`WeightNormLinear` that computes the same function, and return ``model``.
+
+    Full mode (``lora_rank=None``): each layer trains a direction ``V`` and a magnitude ``m``.
+    LoRA mode (``lora_rank=r``, ``lora_alpha`` defaults to ``r`` so the scaling is 1): each layer
+    trains ``lora_A``, ``lora_B`` and the magnitude on top of a frozen copy of its weight.
+    Nothing else is frozen here: in LoRA mode what trains is the adapters, the magnitudes, and
+    whatever parameters the caller leaves with ``requires_grad=True`` (freeze the rest yourself,
+    e.g. ``for p in model.parameters(): p.requires_grad_(False)`` BEFORE calling this; the new
+    adapters and magnitudes are created trainable).
+
+    Raises ``ValueError`` if nothing matches, if a matched module is not a dense ``nn.Linear``,
+    if ``lora_rank`` is not in ``[1, min(out, in)]`` for every matched layer, or if the model
+    already holds ``WeightNormLinear`` layers. All checks run before any layer is replaced.
+    """
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    targets = frozenset(target_modules)
+    if not targets:
+        raise ValueError("target_modules=() is empty; name the layers to normalise, e.g. 'q_proj'.")
+    already = [name for name, m in model.named_modules() if isinstance(m, WeightNormLinear)]
+    if already:
+        raise ValueError(
+            f"model already has WeightNormLinear layers ({already[:3]}...); apply_weight_norm "
+            "was called twice. Call merge_weight_norm(model) first to start over."
+        )
+    found = _targeted_children(model, targets)
+    if not found:
+        existing = _linear_leaf_names(model)[:_MAX_NAMES_LISTED]
+        raise ValueError(
+            f"target_modules={sorted(targets)} matched no module of {type(model).__name__}; "
+            f"module names that exist include {existing}."
+        )
+    for _, _, qualified, child in found:
+        if not isinstance(child, nn.Linear):
+            raise ValueError(
+                f"module {qualified!r} matched target_modules but is a {type(child).__name__}, "
+                "not an nn.Linear; remove its name from target_modules."
+            )
+    if lora_rank is None and lora_alpha is not None:
+        raise ValueError(f"lora_alpha={lora_alpha!r} given without lora_rank; set lora_rank.")
+    if lora_rank is not None:
+        smallest = min(min(c.in_features, c.out_features) for *_, c in found)
+        if (
+            isinstance(lora_rank, bool)
+            or not isinstance(lora_rank, numbers.Integral)
+            or lora_rank <= 0
+        ):
+            raise ValueError(f"lora_rank={lora_rank!r} must be a positive int (or None).")
+        if lora_rank > smallest:
+            raise ValueError(
+                f"lora_rank={lora_rank} exceeds min(out_features, in_features)={smallest} of the "
+                "smallest targeted layer; use a smaller rank."
+            )
+        if lora_alpha is not None and not lora_alpha > 0:
+            raise ValueError(f"lora_alpha={lora_alpha!r} must be > 0.")
+
+    # Build every replacement before swapping any, so a failure leaves the model untouched. A
+    # Linear shared by several parents gets one WeightNormLinear, so the sharing survives.
+    built: dict[int, WeightNormLinear] = {}
+    for _, _, _, child in found:
+        if id(child) not in built:
+            built[id(child)] = WeightNormLinear.from_linear(
+                child, lora_rank=lora_rank, lora_alpha=lora_alpha, detach_norm=detach_norm
+            )
+    for parent, name, _, child in found:
+        setattr(parent, name, built[id(child)])
+    return model
+
+
+def merge_weight_norm(model: nn.Module) -> nn.Module:
+    """Replace, in place, every :class:`WeightNormLinear` in ``model`` by a plain ``nn.Linear``
+    holding the merged weight ``diag(m) · V / ||V||_row`` (and the bias); return ``model``.
+
+    The result has the original architecture, so ``save_pretrained`` writes a checkpoint that
+    stock ``transformers`` loads. A bare ``WeightNormLinear`` is returned as a new
+    ``nn.Linear`` (it cannot be replaced in place). A model without ``WeightNormLinear`` layers is returned as is.
+    """
+    if isinstance(model, WeightNormLinear):
+        return model.to_linear()
+    to_merge = [
+        (parent, name, child)
+        for _, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if isinstance(child, WeightNormLinear)
+    ]
+    merged: dict[int, nn.Linear] = {}
+    for parent, name, child in to_merge:
+        if id(child) not in merged:
+            merged[id(child)] = child.to_linear()
+        setattr(parent, name, merged[id(child)])
+    return model

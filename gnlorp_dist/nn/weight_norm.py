@@ -1,0 +1,388 @@
+"""Per-output-neuron weight normalisation of a linear layer (GradNormLoRP, design page section 1).
+
+A linear layer ``y = x W^T + b`` with ``W`` of shape ``(out, in)`` is re-parametrised as
+
+    W = diag(m) · V / ||V||_row
+
+with a trainable magnitude ``m`` of shape ``(out,)`` and a direction ``V`` of shape ``(out, in)``.
+The norm is taken per ROW of ``nn.Linear.weight`` (one per output neuron, PEFT DoRA's axis).
+
+Two modes:
+
+- full mode: ``V`` and ``m`` are the parameters;
+- LoRA mode (the paper's eq. 9): ``V = W0 + s·B A`` with ``W0`` frozen, ``A`` of shape
+  ``(r, in)``, ``B`` of shape ``(out, r)`` and ``s = lora_alpha / r``.
+
+The math lives in the pure functions below; :class:`WeightNormLinear` only holds parameters.
+
+Numerics:
+
+- Row norms are computed in float32 (float64 for float64 weights) whatever the parameter
+  dtype, so bf16 and fp16 weights work, and the per-row scale ``m / ||V||`` is formed in that
+  precision before being cast to the output dtype.
+- Norms are clamped below at ``eps`` (:data:`NORM_EPS` = 1e-12 by default), so a row whose
+  direction is all zeros gives a zero output row and finite gradients instead of NaN. In fp16
+  the scale is additionally clamped to the largest finite fp16 value, so ``m / eps`` cannot
+  overflow to ``inf`` (``0 * inf`` would be NaN).
+- In LoRA mode the row norm of ``W0 + s·B A`` is computed WITHOUT materialising that
+  ``(out, in)`` matrix, from the expansion
+
+      ||W0 + sBA||²_row = ||W0||²_row + 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
+
+  whose only weight-sized operand is ``W0`` itself (autograd saves a reference to it, not a
+  copy). Everything but the ``W0 Aᵀ`` product is evaluated in float32. The expansion loses
+  accuracy only when the adapter nearly cancels a row of ``W0`` (relative error of the squared
+  norm ~ float_eps · ||W0||² / ||W0 + sBA||²); the squared norm is clamped at ``eps²`` before
+  the square root so rounding can never make it negative. Weight-norm training tends to GROW
+  ``||V||`` (the true gradient of ``V`` is orthogonal to its rows), so that regime is rare; with
+  a tenfold shrink the float32 error stays below 1e-4 (tested).
+- ``magnitude`` is stored in the weight's dtype (as DoRA does); in bf16 its rounding makes the
+  freshly wrapped layer equal to the original only to bf16 precision (exactly in fp32).
+- fp16: the forward of a zero-norm row is finite, but its gradient (about ``m / eps``) can
+  overflow; use bf16 or fp32 for training.
+
+``WeightNormLinear`` has no ``weight`` attribute: ``transformers``' LLaMA attention and MLP code,
+``generate`` and ``save_pretrained`` never read ``q_proj.weight`` and the like (checked on
+transformers 5.23 and tested). One known reader: flash-attention-2 with float32 queries and no
+autocast looks up the dtype of the first ``nn.Linear`` inside the attention module; use bf16
+weights (what flash attention needs anyway) or another attention implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-12
+"""Lower clamp of every row norm; keeps zero-norm rows finite."""
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The precision norms and scales are computed in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def row_norm(weight_OI: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """L2 norm (float32, or float64 for float64 input) of every row of ``weight_OI`` (shape ``(out,)``), clamped at ``eps``.
+
+    ``vector_norm(..., dtype=float32)`` reduces in float32 without an autograd-saved float32
+    copy of the weight (it saves the weight itself), unlike ``weight.float().norm(...)``.
+    """
+    norm_O = torch.linalg.vector_norm(weight_OI, ord=2, dim=1, dtype=_acc(weight_OI.dtype))
+    return norm_O.clamp_min(eps)
+
+
+def lora_direction(
+    base_weight_OI: torch.Tensor,
+    lora_A_RI: torch.Tensor,
+    lora_B_OR: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The LoRA-mode direction ``V = W0 + s·B A``, materialised (shape ``(out, in)``)."""
+    return base_weight_OI + scaling * (lora_B_OR @ lora_A_RI)
+
+
+def lora_row_norm(
+    base_weight_OI: torch.Tensor,
+    lora_A_RI: torch.Tensor,
+    lora_B_OR: torch.Tensor,
+    scaling: float,
+    eps: float = NORM_EPS,
+) -> torch.Tensor:
+    """Row norm (as :func:`row_norm`) of ``W0 + s·B A`` without forming that matrix (see the module docstring)."""
+    acc = _acc(base_weight_OI.dtype)
+    base_sq_O = row_norm(base_weight_OI, eps=0.0).square()
+    A32_RI = lora_A_RI.to(acc)
+    B32_OR = lora_B_OR.to(acc)
+    # W0 Aᵀ in the weights' dtype: upcasting W0 would create (and save) a float32 copy of it.
+    base_A_OR = F.linear(base_weight_OI, lora_A_RI.to(base_weight_OI.dtype)).to(acc)
+    cross_O = (base_A_OR * B32_OR).sum(dim=1)
+    quad_O = ((B32_OR @ (A32_RI @ A32_RI.T)) * B32_OR).sum(dim=1)
+    norm_sq_O = base_sq_O + (2.0 * scaling) * cross_O + (scaling * scaling) * quad_O
+    return norm_sq_O.clamp_min(eps * eps).sqrt()
+
+
+def _scale_for(
+    magnitude_O: torch.Tensor, norm_O: torch.Tensor, dtype: torch.dtype, detach_norm: bool
+) -> torch.Tensor:
+    """``m / ||V||`` formed in the norm's precision, cast to ``dtype`` without overflowing to inf."""
+    if detach_norm:
+        norm_O = norm_O.detach()
+    scale_O = magnitude_O.to(norm_O.dtype) / norm_O
+    finite_max = torch.finfo(dtype).max
+    if finite_max < torch.finfo(scale_O.dtype).max:
+        scale_O = scale_O.clamp(-finite_max, finite_max)
+    return scale_O.to(dtype)
+
+
+def weight_norm_linear(
+    x: torch.Tensor,
+    direction_OI: torch.Tensor,
+    magnitude_O: torch.Tensor,
+    bias_O: torch.Tensor | None = None,
+    *,
+    detach_norm: bool = False,
+    eps: float = NORM_EPS,
+) -> torch.Tensor:
+    """Full-mode forward ``y = (x Vᵀ) · (m / ||V||_row) + b``, no weight-sized temporary.
+
+    With ``detach_norm`` the norm is treated as a constant in the backward pass (DoRA's choice);
+    otherwise gradients flow through it (true weight-norm gradient, Salimans & Kingma 2016).
+    """
+    out = F.linear(x, direction_OI)
+    out = out * _scale_for(magnitude_O, row_norm(direction_OI, eps), out.dtype, detach_norm)
+    return out if bias_O is None else out + bias_O
+
+
+def lora_weight_norm_linear(
+    x: torch.Tensor,
+    base_weight_OI: torch.Tensor,
+    lora_A_RI: torch.Tensor,
+    lora_B_OR: torch.Tensor,
+    magnitude_O: torch.Tensor,
+    bias_O: torch.Tensor | None = None,
+    *,
+    scaling: float,
+    detach_norm: bool = False,
+    eps: float = NORM_EPS,
+) -> torch.Tensor:
+    """LoRA-mode forward ``y = (x W0ᵀ + s (x Aᵀ) Bᵀ) · (m / ||W0 + sBA||_row) + b``."""
+    out = F.linear(x, base_weight_OI) + scaling * F.linear(F.linear(x, lora_A_RI), lora_B_OR)
+    norm_O = lora_row_norm(base_weight_OI, lora_A_RI, lora_B_OR, scaling, eps)
+    out = out * _scale_for(magnitude_O, norm_O, out.dtype, detach_norm)
+    return out if bias_O is None else out + bias_O
+
+
+def merge_weight(
+    direction_OI: torch.Tensor, magnitude_O: torch.Tensor, eps: float = NORM_EPS
+) -> torch.Tensor:
+    """``W = diag(m) · V / ||V||_row`` computed in (at least) float32, returned in ``V``'s dtype."""
+    norm_O = row_norm(direction_OI, eps)
+    scale_O = magnitude_O.to(norm_O.dtype) / norm_O
+    return (direction_OI.to(norm_O.dtype) * scale_O[:, None]).to(direction_OI.dtype)
+
+
+def merge_lora_weight(
+    base_weight_OI: torch.Tensor,
+    lora_A_RI: torch.Tensor,
+    lora_B_OR: torch.Tensor,
+    magnitude_O: torch.Tensor,
+    scaling: float,
+    eps: float = NORM_EPS,
+) -> torch.Tensor:
+    """LoRA-mode ``W = diag(m) · V / ||V||_row`` with ``V = W0 + s·B A``, in ``W0``'s dtype."""
+    acc = _acc(base_weight_OI.dtype)
+    direction32_OI = lora_direction(
+        base_weight_OI.to(acc), lora_A_RI.to(acc), lora_B_OR.to(acc), scaling
+    )
+    scale_O = magnitude_O.to(acc) / row_norm(direction32_OI, eps)
+    return (direction32_OI * scale_O[:, None]).to(base_weight_OI.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+
+
+class WeightNormLinear(nn.Module):
+    """Weight-normalised drop-in for ``nn.Linear`` (per-output-neuron norm, GradNormLoRP).
+
+    Full mode (``lora_rank=None``): parameters ``direction`` (out, in), ``magnitude`` (out,)
+    and ``bias`` (out,) if the layer has one.
+
+    LoRA mode (``lora_rank=r``): ``base_weight`` (out, in) is the frozen ``W0`` (a Parameter
+    with ``requires_grad=False`` so it is in the ``state_dict`` and follows ``.to()``),
+    ``lora_A`` (r, in) is kaiming-uniform initialised like PEFT, ``lora_B`` (out, r) starts at
+    zero, and ``magnitude`` starts at ``||W0||_row``. The adapter scaling is
+    ``s = lora_alpha / r``; ``lora_alpha`` defaults to ``r``, i.e. ``s = 1``.
+
+    There is deliberately no ``weight`` attribute: the LLaMA-style models of ``transformers``
+    only call the projection modules and never read their ``.weight``. Use
+    :meth:`merged_weight` or :meth:`to_linear`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        detach_norm: bool = False,
+        eps: float = NORM_EPS,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """A freshly initialised layer: the weight is drawn as ``nn.Linear`` would draw it."""
+        super().__init__()
+        linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from(linear, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        self.detach_norm = detach_norm
+        self.eps = eps
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        detach_norm: bool = False,
+        eps: float = NORM_EPS,
+    ) -> WeightNormLinear:
+        """Wrap ``linear`` so that the new layer computes exactly what ``linear`` computed.
+
+        Parameters are copied (same dtype and device). In full mode ``direction`` and
+        ``magnitude`` inherit ``linear.weight.requires_grad``; the bias keeps its flag.
+        """
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_from(linear, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        layer.detach_norm = detach_norm
+        layer.eps = eps
+        return layer
+
+    def _init_from(
+        self, linear: nn.Linear, *, lora_rank: int | None, lora_alpha: float | None
+    ) -> None:
+        weight_OI = linear.weight.detach()
+        if weight_OI.ndim != 2 or not weight_OI.is_floating_point():
+            raise ValueError(
+                f"WeightNormLinear needs a dense floating-point 2-D weight, got shape "
+                f"{tuple(weight_OI.shape)} dtype {weight_OI.dtype}; apply weight norm before "
+                "quantising the model or partitioning it (e.g. with DeepSpeed ZeRO-3)."
+            )
+        out_features, in_features = weight_OI.shape
+        if lora_rank is None and lora_alpha is not None:
+            raise ValueError(f"lora_alpha={lora_alpha!r} given without lora_rank; set lora_rank.")
+        if lora_rank is not None:
+            if (
+                isinstance(lora_rank, bool)
+                or not isinstance(lora_rank, numbers.Integral)
+                or not 0 < lora_rank <= min(out_features, in_features)
+            ):
+                raise ValueError(
+                    f"lora_rank={lora_rank!r} must be an int in [1, min(out, in)] = "
+                    f"[1, {min(out_features, in_features)}] for a ({out_features}, "
+                    f"{in_features}) weight."
+                )
+            if lora_alpha is None:
+                lora_alpha = float(lora_rank)
+            if not lora_alpha > 0:
+                raise ValueError(f"lora_alpha={lora_alpha!r} must be > 0.")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lora_rank = None if lora_rank is None else int(lora_rank)
+        self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
+        self.scaling = None if lora_rank is None else self.lora_alpha / self.lora_rank
+
+        with torch.no_grad():
+            magnitude_O = row_norm(weight_OI, eps=0.0).to(weight_OI.dtype)
+        if lora_rank is None:
+            trainable = linear.weight.requires_grad
+            self.direction = nn.Parameter(weight_OI.clone(), requires_grad=trainable)
+            self.magnitude = nn.Parameter(magnitude_O, requires_grad=trainable)
+        else:
+            self.base_weight = nn.Parameter(weight_OI.clone(), requires_grad=False)
+            factory = {"device": weight_OI.device, "dtype": weight_OI.dtype}
+            self.lora_A = nn.Parameter(torch.empty(self.lora_rank, in_features, **factory))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, self.lora_rank, **factory))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init
+            self.magnitude = nn.Parameter(magnitude_O)
+        if linear.bias is not None:
+            self.bias = nn.Parameter(
+                linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether the direction is ``W0 + s·B A`` (LoRA mode) rather than a free ``V``."""
+        return self.lora_rank is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_lora:
+            return lora_weight_norm_linear(
+                x,
+                self.base_weight,
+                self.lora_A,
+                self.lora_B,
+                self.magnitude,
+                self.bias,
+                scaling=self.scaling,
+                detach_norm=self.detach_norm,
+                eps=self.eps,
+            )
+        return weight_norm_linear(
+            x,
+            self.direction,
+            self.magnitude,
+            self.bias,
+            detach_norm=self.detach_norm,
+            eps=self.eps,
+        )
+
+    def projected_parameters(self) -> list[nn.Parameter]:
+        """The matrices whose gradients the optimizer projects: ``[direction]`` or ``[A, B]``."""
+        if self.is_lora:
+            return [self.lora_A, self.lora_B]
+        return [self.direction]
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The effective weight ``W = diag(m) · V / ||V||_row`` (out, in), without grad."""
+        if self.is_lora:
+            return merge_lora_weight(
+                self.base_weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, self.eps
+            )
+        return merge_weight(self.direction, self.magnitude, self.eps)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function (same dtype and device).
+
+        Its weight is trainable iff the direction was (full mode) and frozen in LoRA mode,
+        like the frozen base layer PEFT's ``merge_and_unload`` hands back.
+        """
+        weight_OI = self.merged_weight()
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=weight_OI.device,
+            dtype=weight_OI.dtype,
+        )
+        linear.weight.copy_(weight_OI)
+        linear.weight.requires_grad_(False if self.is_lora else self.direction.requires_grad)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"bias={self.bias is not None}",
+        ]
+        if self.is_lora:
+            parts += [
+                f"lora_rank={self.lora_rank}",
+                f"lora_alpha={self.lora_alpha:g}",
+                f"scaling={self.scaling:g}",
+            ]
+        else:
+            parts.append("mode=full")
+        parts.append(f"detach_norm={self.detach_norm}")
+        return ", ".join(parts)
