@@ -9,7 +9,12 @@ from gnlorp_dist.nn import (
     apply_weight_norm,
     merge_weight_norm,
 )
-from gnlorp_dist.optim import GradNormLoRPAdamW, GradNormLoRPAdamW8bit, projected_param_groups
+from gnlorp_dist.optim import (
+    GradNormLoRPAdamW,
+    GradNormLoRPAdamW8bit,
+    PerLayerUpdates,
+    projected_param_groups,
+)
 
 __version__ = "0.1.0"
 
@@ -17,6 +22,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "GradNormLoRPAdamW",
     "GradNormLoRPAdamW8bit",
+    "PerLayerUpdates",
     "WeightNormLinear",
     "apply_weight_norm",
     "merge_weight_norm",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.functional import dense_adamw_step, projected_adamw_step
+from gnlorp_dist.optim.functional import clip_by_norm_, dense_adamw_step, projected_adamw_step
 from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.projection import (
     PROJ_TYPES,
@@ -89,10 +89,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             "bits": bits,
         }
         super().__init__(params, defaults)
+        self.per_layer: Any = None
+        """The attached :class:`PerLayerUpdates`, if any (then ``step()`` is refused)."""
 
     # -- construction-time validation ------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._lookup: dict[Tensor, tuple[dict[str, Any], str]] | None = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["bits"] not in (8, 32):
@@ -104,6 +107,12 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if self.per_layer is not None:
+            raise ValueError(
+                "optimizer.step() called while per-layer updates are attached: the backward pass "
+                "already updated every parameter. Drop optimizer.step() (and zero_grad()) from the "
+                "loop, or call per_layer.remove() first."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -130,14 +139,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                     raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
                 name = names[index] if names else f"param_groups[{group_index}][{index}]"
                 if "rank" in group and param.grad.dim() != 2:
-                    raise ValueError(
-                        f"{name}: a projected parameter reached step() with a "
-                        f"{param.grad.dim()}-D gradient of shape {tuple(param.grad.shape)}; "
-                        "the projector needs the true 2-D gradient. Flat gradients come from an "
-                        "engine that flattens parameters (DeepSpeed ZeRO, bf16 optimizer wrapper): "
-                        "use gnlorp_dist's DeepSpeed integration instead of passing this "
-                        "optimizer to the engine directly."
-                    )
+                    raise _flat_gradient_error(name, param.grad)
                 work.append((group, param, name))
         return work
 
@@ -149,36 +151,45 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             if "rank" in group and self._refresh_due(group, param)
         ]
         for _group, param, name in due:
-            if not bool(torch.isfinite(param.grad).all()):
-                step = self.state[param].get("step", 0)
-                raise ValueError(
-                    f"{name}: non-finite gradient at a subspace refresh (step {step}); the "
-                    "projector was not refreshed and no parameter was updated. Lower the learning "
-                    "rate, enable gradient clipping, or check the loss scale."
-                )
+            self._check_refresh_gradient(param, name)
         for group, param, _name in due:
-            state = self.state[param]
-            side = projection_side(param.shape, group["proj_type"])
-            generator = None
-            if group.get("svd_method", "svd") == "randomized":
-                generator = torch.Generator(device=param.grad.device)
-                generator.manual_seed(int(state.get("step", 0)))
-            state["proj"] = compute_projection(
-                param.grad,
-                group["rank"],
-                side,
-                method=group.get("svd_method", "svd"),
-                generator=generator,
+            self._refresh(group, param)
+
+    def _check_refresh_gradient(self, param: Tensor, name: str) -> None:
+        if not bool(torch.isfinite(param.grad).all()):
+            step = self.state[param].get("step", 0)
+            raise ValueError(
+                f"{name}: non-finite gradient at a subspace refresh (step {step}); the "
+                "projector was not refreshed and no parameter was updated. Lower the learning "
+                "rate, enable gradient clipping, or check the loss scale."
             )
+
+    def _refresh(self, group: dict[str, Any], param: Tensor) -> None:
+        state = self.state[param]
+        side = projection_side(param.shape, group["proj_type"])
+        generator = None
+        if group.get("svd_method", "svd") == "randomized":
+            generator = torch.Generator(device=param.grad.device)
+            generator.manual_seed(int(state.get("step", 0)))
+        state["proj"] = compute_projection(
+            param.grad,
+            group["rank"],
+            side,
+            method=group.get("svd_method", "svd"),
+            generator=generator,
+        )
 
     def _refresh_due(self, group: dict[str, Any], param: Tensor) -> bool:
         state = self.state[param]
         return "proj" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
 
-    def _update_projected(self, group: dict[str, Any], param: Tensor) -> None:
+    def _update_projected(
+        self, group: dict[str, Any], param: Tensor, low_rank_grad: Tensor | None = None
+    ) -> None:
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
-        low_rank_grad = project(param.grad, state["proj"], side)
+        if low_rank_grad is None:
+            low_rank_grad = project(param.grad, state["proj"], side)
         moments = MomentStore(state, group["bits"])
         if "exp_avg" not in state:
             state["step"] = state.get("step", 0)
@@ -205,6 +216,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         moments.store(exp_avg, exp_avg_sq)
 
     def _update_dense(self, group: dict[str, Any], param: Tensor) -> None:
+        assert param.grad is not None
         state = self.state[param]
         moments = MomentStore(state, group["bits"])
         if "exp_avg" not in state:
@@ -226,6 +238,66 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
         )
         moments.store(exp_avg, exp_avg_sq)
+
+    @torch.no_grad()
+    def step_parameter(
+        self,
+        param: Tensor,
+        *,
+        first_micro_batch: bool = True,
+        last_micro_batch: bool = True,
+        max_grad_norm: float = 0.0,
+    ) -> None:
+        """Per-layer mode: consume one micro-batch's ``param.grad`` and free it when possible.
+
+        Called from a post-accumulate-grad hook (see :class:`PerLayerUpdates`). A projected
+        parameter's gradient is projected at once and summed in a low-rank buffer (projection is
+        linear, so the sum is exact); at a refresh step the subspace comes from the FIRST
+        micro-batch's gradient, so no full-size gradient outlives its hook. A dense parameter
+        lets autograd accumulate ``param.grad`` until the last micro-batch. At the last
+        micro-batch the parameter is updated with exactly the math of :meth:`step`.
+
+        ``max_grad_norm > 0`` clips, per parameter, the tensor Adam consumes (the summed
+        low-rank gradient of a projected parameter, the full gradient of a dense one) to that
+        norm: with updates inside the backward pass there is no global gradient norm.
+        """
+        group, name = self._group_and_name(param)
+        if param.grad is None:
+            return
+        state = self.state[param]
+        if "rank" not in group:
+            if last_micro_batch:
+                clip_by_norm_(param.grad, max_grad_norm)
+                self._update_dense(group, param)
+                param.grad = None
+            return
+        if param.grad.dim() != 2:
+            raise _flat_gradient_error(name, param.grad)
+        if first_micro_batch and self._refresh_due(group, param):
+            self._check_refresh_gradient(param, name)
+            self._refresh(group, param)
+        side = projection_side(param.shape, group["proj_type"])
+        low_rank_grad = project(param.grad, state["proj"], side)
+        param.grad = None
+        if not first_micro_batch:
+            low_rank_grad = state.pop("low_rank_grad_sum").add_(low_rank_grad)
+        if not last_micro_batch:
+            state["low_rank_grad_sum"] = low_rank_grad
+            return
+        clip_by_norm_(low_rank_grad, max_grad_norm)
+        self._update_projected(group, param, low_rank_grad)
+
+    def _group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
+        if self._lookup is None:
+            self._lookup = {}
+            for group_index, group in enumerate(self.param_groups):
+                names = group.get("param_names")
+                for index, candidate in enumerate(group["params"]):
+                    name = names[index] if names else f"param_groups[{group_index}][{index}]"
+                    self._lookup[candidate] = (group, name)
+        if param not in self._lookup:
+            raise ValueError(f"parameter of shape {tuple(param.shape)} is not in this optimizer")
+        return self._lookup[param]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -251,6 +323,16 @@ class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=8)
+
+
+def _flat_gradient_error(name: str, grad: Tensor) -> ValueError:
+    return ValueError(
+        f"{name}: a projected parameter reached the optimizer with a {grad.dim()}-D gradient of "
+        f"shape {tuple(grad.shape)}; the projector needs the true 2-D gradient. Flat gradients "
+        "come from an engine that flattens parameters (DeepSpeed ZeRO, bf16 optimizer wrapper): "
+        "use gnlorp_dist's DeepSpeed integration instead of passing this optimizer to the engine "
+        "directly."
+    )
 
 
 def _validate_projected_group(group: dict[str, Any], group_index: int) -> None:

@@ -90,3 +90,16 @@ def dense_adamw_step(
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def clip_by_norm_(tensor: Tensor, max_norm: float) -> None:
+    """Scale ``tensor`` in place so its L2 norm is at most ``max_norm`` (no-op when 0).
+
+    Same coefficient as ``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)``,
+    applied only when it is below 1.
+    """
+    if max_norm <= 0.0:
+        return
+    coefficient = max_norm / (float(tensor.norm()) + 1e-6)
+    if coefficient < 1.0:
+        tensor.mul_(coefficient)
