@@ -7,13 +7,16 @@ and :mod:`gnlorp_dist.optim.functional`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gnlorp_dist.optim.comm import Communicator, LocalCommunicator, wait_all
 from gnlorp_dist.optim.functional import clip_by_norm_, dense_adamw_step, projected_adamw_step
+from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.projection import (
     PROJ_TYPES,
@@ -45,15 +48,23 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     3. Adam on ``R`` (moments keep ``R``'s shape and survive refreshes);
     4. ``W -= lr * scale * back(m_hat / (sqrt(v_hat) + eps))`` then ``W -= lr * wd * W``.
 
-    ``step()`` runs in phases:
+    One class for one process or many. With a ``communicator`` (see
+    :class:`gnlorp_dist.distributed.ProcessGroupCommunicator`) over ``N`` ranks whose gradients
+    are already averaged (DDP), the optimizer state is sharded: each projected matrix is owned
+    whole by one rank, big dense tensors are split in row blocks, one per rank
+    (:mod:`gnlorp_dist.optim.ownership`). ``step()`` runs in phases:
 
     1. collect the parameters that have gradients, and check their layout;
-    2. refresh the subspaces that are due, all of them before any weight moves, so a
-       non-finite gradient at a refresh raises without touching a weight or a projector;
-    3. update every parameter (projected or dense).
+    2. refresh, on its owner only, every subspace that is due (the SVD is computed once in the
+       whole job), after checking every due gradient is finite; the verdict is summed over
+       ranks (one scalar all-reduce) so all ranks raise together, before any weight or
+       projector changes;
+    3. update the blocks this rank owns (projected or dense);
+    4. broadcast every updated block from its owner (asynchronously, then wait), so all ranks
+       hold bitwise identical weights.
 
-    One process runs exactly these phases; the distributed optimizer adds its communication
-    between them and keeps this math.
+    On one process the communicator is a :class:`LocalCommunicator`: phases 2 and 4 skip their
+    communication and the code path is otherwise the same.
 
     ``bits=8`` keeps Adam's moments block-wise 8-bit quantised (see
     :mod:`gnlorp_dist.optim.quantized`; the update math is unchanged, it reads and writes the
@@ -72,7 +83,20 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         bits: int = 32,
+        communicator: Communicator | None = None,
     ) -> None:
+        if communicator is None:
+            launched = int(os.environ.get("WORLD_SIZE", "1"))
+            if launched > 1:
+                raise ValueError(
+                    f"WORLD_SIZE={launched} but no communicator was given: every rank would keep "
+                    "all optimizer states and recompute every SVD on its own. Pass "
+                    "communicator=gnlorp_dist.distributed.ProcessGroupCommunicator() (after "
+                    "torch.distributed is initialised), or LocalCommunicator() to replicate "
+                    "the optimizer on purpose."
+                )
+            communicator = LocalCommunicator()
+        self.comm = communicator
         if not (isinstance(lr, (int, float)) and lr >= 0.0):
             raise ValueError(f"lr={lr!r} must be a number >= 0")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -91,11 +115,14 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.per_layer: Any = None
         """The attached :class:`PerLayerUpdates`, if any (then ``step()`` is refused)."""
+        self.refresh_count = 0
+        """Subspaces this rank has computed (each refresh happens on one rank only)."""
 
     # -- construction-time validation ------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._lookup: dict[Tensor, tuple[dict[str, Any], str]] | None = None
+        self._blocks: dict[Tensor, list[OwnedBlock]] | None = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["bits"] not in (8, 32):
@@ -119,13 +146,52 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 loss = closure()
 
         work = self._collect()
-        self._refresh_subspaces(work)
-        for group, param, _name in work:
+        mine = [(group, param, name) for group, param, name in work if self.owns(param)]
+        self._refresh_subspaces(mine)
+        for group, param, _name in mine:
             if "rank" in group:
                 self._update_projected(group, param)
             else:
-                self._update_dense(group, param)
+                self._update_dense(group, param, self.owned_block(param))
+        self._broadcast_updates(work)
         return loss
+
+    def ownership(self) -> dict[Tensor, list[OwnedBlock]]:
+        """The ownership plan: for each parameter, its blocks and their owners."""
+        if self._blocks is None:
+            params, ranks, proj_types = [], [], []
+            for group in self.param_groups:
+                for param in group["params"]:
+                    params.append(param)
+                    ranks.append(group.get("rank"))
+                    proj_types.append(group.get("proj_type"))
+            plan = plan_ownership(
+                [tuple(p.shape) for p in params], ranks, proj_types, self.comm.world_size
+            )
+            self._blocks = {param: [] for param in params}
+            for block in plan:
+                self._blocks[params[block.param_index]].append(block)
+        return self._blocks
+
+    def owns(self, param: Tensor) -> bool:
+        """Whether this rank holds (part of) ``param``'s optimizer state."""
+        return any(b.owner == self.comm.rank for b in self.ownership()[param])
+
+    def owned_block(self, param: Tensor) -> OwnedBlock:
+        """The block of ``param`` this rank owns (it must own one)."""
+        (block,) = [b for b in self.ownership()[param] if b.owner == self.comm.rank]
+        return block
+
+    def _broadcast_updates(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
+        """Phase 4: every updated block from its owner to all ranks."""
+        if self.comm.world_size == 1:
+            return
+        handles = []
+        for _group, param, _name in work:
+            for block in self.ownership()[param]:
+                rows = param.data if block.whole else param.data[block.row_start : block.row_stop]
+                handles.append(self.comm.broadcast(rows, src=block.owner))
+        wait_all(handles)
 
     def _collect(self) -> list[tuple[dict[str, Any], Tensor, str]]:
         """Phase 1: (group, param, name) for every parameter that has a gradient."""
@@ -150,19 +216,17 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             for group, param, name in work
             if "rank" in group and self._refresh_due(group, param)
         ]
-        for _group, param, name in due:
-            self._check_refresh_gradient(param, name)
+        bad = [name for _group, param, name in due if not bool(torch.isfinite(param.grad).all())]
+        verdict = torch.tensor([float(len(bad))])
+        wait_all([self.comm.all_reduce_sum(verdict)])
+        if verdict.item() > 0:
+            raise _non_finite_error(bad or ["a parameter owned by another rank"], self.state, due)
         for group, param, _name in due:
             self._refresh(group, param)
 
     def _check_refresh_gradient(self, param: Tensor, name: str) -> None:
         if not bool(torch.isfinite(param.grad).all()):
-            step = self.state[param].get("step", 0)
-            raise ValueError(
-                f"{name}: non-finite gradient at a subspace refresh (step {step}); the "
-                "projector was not refreshed and no parameter was updated. Lower the learning "
-                "rate, enable gradient clipping, or check the loss scale."
-            )
+            raise _non_finite_error([name], self.state, [(None, param, name)])
 
     def _refresh(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]
@@ -171,6 +235,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if group.get("svd_method", "svd") == "randomized":
             generator = torch.Generator(device=param.grad.device)
             generator.manual_seed(int(state.get("step", 0)))
+        self.refresh_count += 1
         state["proj"] = compute_projection(
             param.grad,
             group["rank"],
@@ -215,19 +280,22 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         )
         moments.store(exp_avg, exp_avg_sq)
 
-    def _update_dense(self, group: dict[str, Any], param: Tensor) -> None:
+    def _update_dense(self, group: dict[str, Any], param: Tensor, block: OwnedBlock) -> None:
         assert param.grad is not None
+        rows = slice(block.row_start, block.row_stop)
+        param_rows = param if block.whole else param.data[rows]
+        grad_rows = param.grad if block.whole else param.grad[rows]
         state = self.state[param]
         moments = MomentStore(state, group["bits"])
         if "exp_avg" not in state:
             state["step"] = 0
-            moments.initialise(param)
+            moments.initialise(param_rows)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = moments.load()
         dense_adamw_step(
-            param,
-            param.grad,
+            param_rows,
+            grad_rows,
             exp_avg,
             exp_avg_sq,
             step=state["step"],
@@ -261,14 +329,14 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         low-rank gradient of a projected parameter, the full gradient of a dense one) to that
         norm: with updates inside the backward pass there is no global gradient norm.
         """
-        group, name = self._group_and_name(param)
+        group, name = self.group_and_name(param)
         if param.grad is None:
             return
         state = self.state[param]
         if "rank" not in group:
             if last_micro_batch:
                 clip_by_norm_(param.grad, max_grad_norm)
-                self._update_dense(group, param)
+                self._update_dense(group, param, self.owned_block(param))
                 param.grad = None
             return
         if param.grad.dim() != 2:
@@ -287,7 +355,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         clip_by_norm_(low_rank_grad, max_grad_norm)
         self._update_projected(group, param, low_rank_grad)
 
-    def _group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
+    def group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
+        """``param``'s group and its name (from ``param_names``, else its position)."""
         if self._lookup is None:
             self._lookup = {}
             for group_index, group in enumerate(self.param_groups):
@@ -323,6 +392,15 @@ class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=8)
+
+
+def _non_finite_error(names: list[str], state: Any, due: list[Any]) -> ValueError:
+    steps = sorted({int(state[param].get("step", 0)) for _g, param, _n in due}) or ["?"]
+    return ValueError(
+        f"{', '.join(names)}: non-finite gradient at a subspace refresh (step {steps[0]}); the "
+        "projector was not refreshed and no parameter was updated. Lower the learning rate, "
+        "enable gradient clipping, or check the loss scale."
+    )
 
 
 def _flat_gradient_error(name: str, grad: Tensor) -> ValueError:

@@ -53,6 +53,12 @@ class PerLayerUpdates:
                 f"per-layer updates need a GradNormLoRPAdamW, got {type(optimizer).__name__}; "
                 "other optimizers have no per-parameter step"
             )
+        if optimizer.comm.world_size > 1:
+            raise ValueError(
+                f"per-layer updates over {optimizer.comm.world_size} ranks are not supported yet: "
+                "the hooks would step before gradients are reduced. Use optimizer.step() with DDP, "
+                "or per-layer updates on one process."
+            )
         if getattr(optimizer, "per_layer", None) is not None:
             raise ValueError("per-layer updates are already attached to this optimizer")
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):

@@ -1,0 +1,17 @@
+"""The distributed layer: collectives over torch.distributed and sharded optimizer checkpoints.
+
+The only package of gnlorp_dist that imports ``torch.distributed``.
+"""
+
+from gnlorp_dist.distributed.communicator import (
+    ProcessGroupCommunicator,
+    communicator_for_current_process,
+)
+from gnlorp_dist.distributed.sharded_state import load_sharded_optimizer, save_sharded_optimizer
+
+__all__ = [
+    "ProcessGroupCommunicator",
+    "communicator_for_current_process",
+    "load_sharded_optimizer",
+    "save_sharded_optimizer",
+]

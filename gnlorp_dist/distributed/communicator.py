@@ -1,0 +1,48 @@
+"""The optimizer's collectives over ``torch.distributed`` (the one module that imports it)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+
+class ProcessGroupCommunicator:
+    """:class:`gnlorp_dist.optim.comm.Communicator` over a ``torch.distributed`` process group.
+
+    Create it after ``torch.distributed.init_process_group`` (torchrun, Accelerate and DeepSpeed
+    all do that) and pass it to ``GradNormLoRPAdamW(..., communicator=...)``. Collectives run
+    asynchronously; the optimizer waits on their handles at the end of each phase.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "torch.distributed is not initialised: call torch.distributed.init_process_group "
+                "(or launch with torchrun / accelerate launch / deepspeed) before creating a "
+                "ProcessGroupCommunicator"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def broadcast(self, tensor: Tensor, src: int) -> dist.Work | None:
+        assert tensor.is_contiguous(), "broadcast needs a contiguous block"
+        return dist.broadcast(tensor, src=self._global(src), group=self.group, async_op=True)
+
+    def all_reduce_sum(self, tensor: Tensor) -> dist.Work | None:
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
+
+def communicator_for_current_process() -> ProcessGroupCommunicator | None:
+    """A communicator when ``torch.distributed`` runs with more than one rank, else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ProcessGroupCommunicator()
+    return None

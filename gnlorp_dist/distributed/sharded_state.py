@@ -1,0 +1,161 @@
+"""Sharded optimizer checkpoints: save on N ranks, load on M (resharding).
+
+Each rank writes one file, ``optimizer-shard-<r>-of-<N>.pt``, with the state of the blocks it
+owns (:mod:`gnlorp_dist.optim.ownership`), each tagged with its parameter index, shape and rows.
+Loading reads every shard, re-plans ownership for the current world size and gives each rank the
+state of its new blocks: a projected matrix's state moves whole to its new owner; a dense
+tensor's row blocks are concatenated and cut again. Same world size: the states load unchanged
+(bitwise, 8-bit codes included). Another world size: fp32 states are exact; 8-bit dense blocks
+are dequantised, re-cut and quantised again (block scales follow the new rows).
+
+Files load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
+from gnlorp_dist.optim.quantized import MomentStore
+
+FORMAT_VERSION = 1
+_SHARD = re.compile(r"optimizer-shard-(\d+)-of-(\d+)\.pt$")
+_TRANSIENT_KEYS = ("low_rank_grad_sum",)
+
+
+def shard_path(directory: str | os.PathLike, rank: int, world_size: int) -> Path:
+    return Path(directory) / f"optimizer-shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def save_sharded_optimizer(optimizer: GradNormLoRPAdamW, directory: str | os.PathLike) -> Path:
+    """Write this rank's shard into ``directory`` (atomically: temporary file, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rank, world_size = optimizer.comm.rank, optimizer.comm.world_size
+    entries: dict[int, dict[str, Any]] = {}
+    for index, param in enumerate(_flat_params(optimizer)):
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        block = optimizer.owned_block(param)
+        entries[index] = {
+            "shape": list(param.shape),
+            "row_start": block.row_start,
+            "row_stop": block.row_stop,
+            "whole": block.whole,
+            "state": {k: v for k, v in state.items() if k not in _TRANSIENT_KEYS},
+        }
+    payload = {
+        "format": FORMAT_VERSION,
+        "rank": rank,
+        "world_size": world_size,
+        "num_params": len(_flat_params(optimizer)),
+        "param_groups": [
+            {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
+        ],
+        "entries": entries,
+    }
+    final = shard_path(directory, rank, world_size)
+    temporary = final.with_suffix(f".tmp-{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    return final
+
+
+def load_sharded_optimizer(optimizer: GradNormLoRPAdamW, directory: str | os.PathLike) -> None:
+    """Load the shards in ``directory`` into ``optimizer``, resharding for its world size."""
+    payloads = _read_shards(Path(directory))
+    params = _flat_params(optimizer)
+    saved_count = payloads[0]["num_params"]
+    if saved_count != len(params):
+        raise ValueError(
+            f"optimizer checkpoint in {directory} has {saved_count} parameters, this optimizer "
+            f"has {len(params)}: it was saved for another model or other parameter groups"
+        )
+    for group, saved_group in zip(optimizer.param_groups, payloads[0]["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "param_names"})
+    optimizer.state.clear()
+    for index, param in enumerate(params):
+        pieces = [p["entries"][index] for p in payloads if index in p["entries"]]
+        if not pieces:
+            continue
+        for piece in pieces:
+            if piece["shape"] != list(param.shape):
+                raise ValueError(
+                    f"parameter {index}: checkpoint shape {piece['shape']} != {list(param.shape)}"
+                )
+        if not optimizer.owns(param):
+            continue
+        group, _name = optimizer.group_and_name(param)
+        block = optimizer.owned_block(param)
+        optimizer.state[param] = _state_for_block(pieces, block, param, group["bits"])
+
+
+def _state_for_block(pieces: list[dict[str, Any]], block: Any, param: torch.Tensor, bits: int):
+    pieces = sorted(pieces, key=lambda piece: piece["row_start"])
+    for piece in pieces:
+        if (piece["row_start"], piece["row_stop"]) == (block.row_start, block.row_stop):
+            return {
+                k: v.to(param.device) if torch.is_tensor(v) else v
+                for k, v in piece["state"].items()
+            }
+    assert all(not piece["whole"] for piece in pieces), "a whole block always matches"
+    covered = [(piece["row_start"], piece["row_stop"]) for piece in pieces]
+    if covered[0][0] != 0 or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+        raise ValueError(f"checkpoint row blocks {covered} do not tile the parameter's rows")
+    steps = {int(piece["state"]["step"]) for piece in pieces}
+    assert len(steps) == 1, f"row blocks of one parameter at different steps: {steps}"
+    moments = [MomentStore(dict(piece["state"]), bits).load() for piece in pieces]
+    exp_avg = torch.cat([m for m, _ in moments])[block.row_start : block.row_stop]
+    exp_avg_sq = torch.cat([v for _, v in moments])[block.row_start : block.row_stop]
+    state: dict[str, Any] = {"step": steps.pop()}
+    store = MomentStore(state, bits)
+    store.initialise(exp_avg.to(param.device, param.dtype))
+    if "exp_avg_absmax" in state:
+        store.store(exp_avg, exp_avg_sq)
+    else:
+        state["exp_avg"].copy_(exp_avg)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+    return state
+
+
+def _read_shards(directory: Path) -> list[dict[str, Any]]:
+    found: dict[int, int] = {}
+    for path in directory.glob("optimizer-shard-*-of-*.pt"):
+        match = _SHARD.search(path.name)
+        if match:
+            found[int(match.group(1))] = int(match.group(2))
+    if not found:
+        raise ValueError(f"no optimizer shards (optimizer-shard-*-of-*.pt) in {directory}")
+    world_sizes = set(found.values())
+    if len(world_sizes) != 1:
+        raise ValueError(
+            f"{directory} mixes shards of world sizes {sorted(world_sizes)}; keep one save only"
+        )
+    saved_world = world_sizes.pop()
+    missing = sorted(set(range(saved_world)) - set(found))
+    if missing:
+        raise ValueError(
+            f"{directory} holds shards {sorted(found)} of a {saved_world}-rank save: ranks "
+            f"{missing} are missing, so their optimizer state is lost and the run cannot be "
+            "resharded. Copy the missing files or resume from an older complete checkpoint."
+        )
+    payloads = []
+    for rank in range(saved_world):
+        payload = torch.load(shard_path(directory, rank, saved_world), weights_only=True)
+        if payload.get("format") != FORMAT_VERSION:
+            raise ValueError(f"shard {rank} in {directory} has format {payload.get('format')!r}")
+        payloads.append(payload)
+    return payloads
+
+
+def _flat_params(optimizer: GradNormLoRPAdamW) -> list[torch.Tensor]:
+    return [param for group in optimizer.param_groups for param in group["params"]]

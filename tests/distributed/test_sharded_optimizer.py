@@ -1,0 +1,173 @@
+"""N ranks with DDP and a sharded GradNormLoRPAdamW give the single-process weights.
+
+One launch per world size (2 and 3) runs every scenario of that size: a straight 30-step run
+with refreshes at steps 0, 10 and 20, a sharded checkpoint at step 15, and (at 3 ranks) a resume
+of the 2-rank checkpoint. The single-process reference and a 1-rank resume run in this process.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from gnlorp_dist.distributed import (
+    ProcessGroupCommunicator,
+    load_sharded_optimizer,
+    save_sharded_optimizer,
+)
+from gnlorp_dist.optim.comm import LocalCommunicator
+
+from ..unit.test_groups import tiny_llama
+from .harness import run_ranks
+
+STEPS, SAVE_AT, GAP, GLOBAL_BATCH = 30, 15, 10, 6
+NUM_PROJECTED = 14  # 2 layers x 7 projections of the tiny LLaMA
+
+
+def _model():
+    return apply_weight_norm(tiny_llama(seed=11))
+
+
+def _optimizer(model, communicator):
+    groups = projected_param_groups(model, rank=6, update_proj_gap=GAP, scale=0.25)
+    return GradNormLoRPAdamW(groups, lr=1e-2, weight_decay=0.01, communicator=communicator)
+
+
+def _global_batch(step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 128, (GLOBAL_BATCH, 16), generator=gen)
+
+
+def _train(model, optimizer, steps, rank=0, world_size=1, on_step=None):
+    for step in steps:
+        ids = _global_batch(step).chunk(world_size)[rank]
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step + 1)
+
+
+def _flat(model):
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def _save_point(directory, model, optimizer):
+    save_sharded_optimizer(optimizer, directory)
+    if optimizer.comm.rank == 0:
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        torch.save(module.state_dict(), Path(directory) / "model.pt")
+
+
+def _ranks_scenarios(rank, world_size, out_dir, resume_from):
+    out = Path(out_dir)
+    comm = ProcessGroupCommunicator()
+    model = DistributedDataParallel(_model())
+    optimizer = _optimizer(model.module, comm)
+
+    def maybe_save(done):
+        if done == SAVE_AT:
+            _save_point(out / f"save-{world_size}", model, optimizer)
+
+    _train(model, optimizer, range(STEPS), rank, world_size, maybe_save)
+    state_bytes = sum(
+        v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+    )
+    result = {
+        "weights": _flat(model),
+        "refreshes": optimizer.refresh_count,
+        "state_bytes": state_bytes,
+    }
+    if resume_from is not None:
+        source = out / f"save-{resume_from}"
+        resumed = _model()
+        resumed.load_state_dict(torch.load(source / "model.pt", weights_only=True))
+        resumed = DistributedDataParallel(resumed)
+        resumed_opt = _optimizer(resumed.module, comm)
+        load_sharded_optimizer(resumed_opt, source)
+        _train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world_size)
+        result["resumed"] = _flat(resumed)
+    torch.save(result, out / f"result-{world_size}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    reference = _model()
+    ref_opt = _optimizer(reference, LocalCommunicator())
+    _train(reference, ref_opt, range(STEPS))
+    run_ranks(2, _ranks_scenarios, str(out), None)
+    run_ranks(3, _ranks_scenarios, str(out), 2)
+    results = {
+        (w, r): torch.load(out / f"result-{w}-{r}.pt", weights_only=True)
+        for w in (2, 3)
+        for r in range(w)
+    }
+    return {"out": out, "reference": _flat(reference), "ref_opt": ref_opt, "results": results}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_weights_match_one_process_and_are_identical_across_ranks(runs, world_size):
+    results = [runs["results"][(world_size, r)] for r in range(world_size)]
+    assert _rel(results[0]["weights"], runs["reference"]) < 1e-4
+    for other in results[1:]:
+        assert torch.equal(other["weights"], results[0]["weights"])
+    assert _rel(runs["reference"], _flat(_model())) > 1e-2  # the run moved the weights
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_each_subspace_is_computed_once_per_refresh_in_the_whole_job(runs, world_size):
+    counts = [runs["results"][(world_size, r)]["refreshes"] for r in range(world_size)]
+    assert sum(counts) == NUM_PROJECTED * 3 == runs["ref_opt"].refresh_count
+    assert all(0 < c < sum(counts) for c in counts), counts
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_state_is_sharded(runs, world_size):
+    per_rank = [runs["results"][(world_size, r)]["state_bytes"] for r in range(world_size)]
+    total = sum(
+        v.nbytes for s in runs["ref_opt"].state.values() for v in s.values() if torch.is_tensor(v)
+    )
+    assert max(per_rank) < total
+    assert sum(per_rank) == total
+
+
+def test_save_at_two_ranks_resume_at_three(runs):
+    results = [runs["results"][(3, r)]["resumed"] for r in range(3)]
+    assert _rel(results[0], runs["reference"]) < 1e-4
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_save_at_two_ranks_resume_at_one(runs):
+    source = runs["out"] / "save-2"
+    model = _model()
+    model.load_state_dict(torch.load(source / "model.pt", weights_only=True))
+    optimizer = _optimizer(model, LocalCommunicator())
+    load_sharded_optimizer(optimizer, source)
+    _train(model, optimizer, range(SAVE_AT, STEPS))
+    assert _rel(_flat(model), runs["reference"]) < 1e-4
+
+
+def test_missing_shard_is_refused_with_the_reason(runs, tmp_path):
+    source = runs["out"] / "save-2"
+    for name in ("optimizer-shard-00000-of-00002.pt",):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    optimizer = _optimizer(_model(), LocalCommunicator())
+    with pytest.raises(ValueError, match="ranks \\[1\\] are missing"):
+        load_sharded_optimizer(optimizer, tmp_path)
+
+
+def test_launch_without_communicator_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="WORLD_SIZE=4 but no communicator"):
+        GradNormLoRPAdamW(projected_param_groups(copy.deepcopy(_model()), 4, 5, 1.0))
