@@ -1,0 +1,119 @@
+"""Joining the job a launcher started, and refusing launches that would run unsynchronised.
+
+torchrun, ``accelerate launch --multi_gpu``, the ``deepspeed`` launcher and (with the variables
+set) ``mpirun`` all export RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; :func:`init_distributed`
+joins that group. Two launches fail silently elsewhere, and are refused here:
+
+- ``accelerate launch --cpu --num_processes N`` starts ONE process with no WORLD_SIZE;
+- any launcher asked for N processes whose children see another WORLD_SIZE.
+
+The launcher's request is read from the parent process's command line (Linux ``/proc``), and a
+``--world-size N`` given to ``gnlorp-train`` is checked the same way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gnlorp_dist.distributed.communicator import ProcessGroupCommunicator
+
+_PROCESS_FLAGS = {
+    "accelerate": ("--num_processes", "--num-processes"),
+    "torchrun": ("--nproc_per_node", "--nproc-per-node"),
+    "torch.distributed.run": ("--nproc_per_node", "--nproc-per-node"),
+    "deepspeed": ("--num_gpus", "--num_accelerators"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedContext:
+    """Where this process sits in the job."""
+
+    rank: int
+    """Global rank (0 on one process)."""
+    world_size: int
+    """Number of processes in the job (1 on one process)."""
+    local_rank: int
+    """Rank on this machine (picks the GPU)."""
+    communicator: ProcessGroupCommunicator | None
+    """The optimizer's communicator; None on one process."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def requested_processes(argv: list[str]) -> int | None:
+    """Processes per node a launcher command line asks for, or None if it is not a launcher."""
+    joined = " ".join(argv)
+    for launcher, flags in _PROCESS_FLAGS.items():
+        if launcher not in joined:
+            continue
+        for index, word in enumerate(argv):
+            for flag in flags:
+                if word == flag and index + 1 < len(argv):
+                    return _as_int(argv[index + 1])
+                if word.startswith(flag + "="):
+                    return _as_int(word.split("=", 1)[1])
+    return None
+
+
+def _as_int(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _parent_command_line() -> list[str]:
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def check_world_size(world_size: int, expected: int | None, parent_argv: list[str]) -> None:
+    """Raise ValueError if the job's size differs from what the user or the launcher asked."""
+    if expected is not None and expected != world_size:
+        raise ValueError(
+            f"--world-size {expected} was asked for but this job has WORLD_SIZE={world_size}; "
+            "the launcher did not start the processes you expected (on CPU use "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` or "
+            "`torchrun --nproc_per_node N`)"
+        )
+    asked = requested_processes(parent_argv)
+    nodes_flag = any(
+        w.startswith(("--num_machines", "--nnodes", "--num_nodes")) for w in parent_argv
+    )
+    if asked is not None and asked > 1 and world_size == 1 and not nodes_flag:
+        raise ValueError(
+            f"the launcher was asked for {asked} processes ({' '.join(parent_argv[:6])} ...) but "
+            "this process runs alone (no WORLD_SIZE): training would not be synchronised. "
+            "`accelerate launch --cpu` starts one process; on CPU use `ACCELERATE_USE_CPU=1 "
+            f"accelerate launch --multi_gpu --num_processes {asked}` or `torchrun "
+            f"--nproc_per_node {asked}`."
+        )
+
+
+def init_distributed(expected_world_size: int | None = None) -> DistributedContext:
+    """Join the launcher's process group (gloo on CPU, nccl on CUDA) or run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(world_size, expected_world_size, _parent_command_line())
+    if world_size == 1:
+        return DistributedContext(rank=0, world_size=1, local_rank=0, communicator=None)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistributedContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        communicator=ProcessGroupCommunicator(),
+    )
