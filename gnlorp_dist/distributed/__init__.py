@@ -5,12 +5,14 @@ The only package of gnlorp_dist that imports ``torch.distributed``.
 
 from gnlorp_dist.distributed.communicator import (
     ProcessGroupCommunicator,
+    broadcast_parameters,
     communicator_for_current_process,
 )
 from gnlorp_dist.distributed.sharded_state import load_sharded_optimizer, save_sharded_optimizer
 
 __all__ = [
     "ProcessGroupCommunicator",
+    "broadcast_parameters",
     "communicator_for_current_process",
     "load_sharded_optimizer",
     "save_sharded_optimizer",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -35,10 +36,25 @@ class ProcessGroupCommunicator:
     def all_reduce_sum(self, tensor: Tensor) -> dist.Work | None:
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
+    def reduce_sum(self, tensor: Tensor, dst: int) -> dist.Work | None:
+        assert tensor.is_contiguous(), "reduce needs a contiguous block"
+        return dist.reduce(
+            tensor, dst=self._global(dst), op=dist.ReduceOp.SUM, group=self.group, async_op=True
+        )
+
     def all_gather_object(self, obj: object) -> list[object]:
         gathered: list[object] = [None] * self.world_size
         dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
+
+
+def broadcast_parameters(module: torch.nn.Module, communicator: ProcessGroupCommunicator) -> None:
+    """Give every rank rank 0's parameters and buffers (what DDP does at construction)."""
+    with torch.no_grad():
+        handles = [communicator.broadcast(t.data, src=0) for t in module.state_dict().values()]
+    for handle in handles:
+        if handle is not None:
+            handle.wait()
 
 
 def communicator_for_current_process() -> ProcessGroupCommunicator | None:

@@ -63,6 +63,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     4. broadcast every updated block from its owner (asynchronously, then wait), so all ranks
        hold bitwise identical weights.
 
+    With ``reduce_gradients=True`` (a model NOT wrapped in DDP) phase 1 also reduces each block's
+    gradient to its owner and averages it there, instead of DDP's all-reduce to every rank: a
+    reduce plus a broadcast move the same bytes as one all-reduce, so sharded GradNormLoRP then
+    communicates what DDP + AdamW does.
+
     On one process the communicator is a :class:`LocalCommunicator`: phases 2 and 4 skip their
     communication and the code path is otherwise the same.
 
@@ -84,6 +89,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         bits: int = 32,
         communicator: Communicator | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         if communicator is None:
             launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -97,6 +103,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 )
             communicator = LocalCommunicator()
         self.comm = communicator
+        self.reduce_gradients = reduce_gradients
         if not (isinstance(lr, (int, float)) and lr >= 0.0):
             raise ValueError(f"lr={lr!r} must be a number >= 0")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -146,6 +153,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 loss = closure()
 
         work = self._collect()
+        if self.reduce_gradients:
+            self._reduce_gradients_to_owners(work)
         mine = [(group, param, name) for group, param, name in work if self.owns(param)]
         self._refresh_subspaces(mine)
         for group, param, _name in mine:
@@ -181,6 +190,21 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """The block of ``param`` this rank owns (it must own one)."""
         (block,) = [b for b in self.ownership()[param] if b.owner == self.comm.rank]
         return block
+
+    def _reduce_gradients_to_owners(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
+        """Phase 1b: each block's gradient summed on its owner, then averaged there."""
+        if self.comm.world_size == 1:
+            return
+        handles, owned = [], []
+        for _group, param, _name in work:
+            for block in self.ownership()[param]:
+                rows = param.grad if block.whole else param.grad[block.row_start : block.row_stop]
+                handles.append(self.comm.reduce_sum(rows, dst=block.owner))
+                if block.owner == self.comm.rank:
+                    owned.append(rows)
+        wait_all(handles)
+        for rows in owned:
+            rows.div_(self.comm.world_size)
 
     def _broadcast_updates(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
         """Phase 4: every updated block from its owner to all ranks."""

@@ -33,6 +33,10 @@ class Communicator(Protocol):
         """Start summing ``tensor`` over every rank (in place)."""
         ...
 
+    def reduce_sum(self, tensor: Tensor, dst: int) -> Handle | None:
+        """Start summing ``tensor`` over every rank into rank ``dst``'s copy."""
+        ...
+
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's ``obj``, in rank order (blocking; small metadata only)."""
         ...
@@ -49,6 +53,9 @@ class LocalCommunicator:
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         return None
+
+    def reduce_sum(self, tensor: Tensor, dst: int) -> None:
+        assert dst == 0, dst
 
     def all_gather_object(self, obj: object) -> list[object]:
         return [obj]

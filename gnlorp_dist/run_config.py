@@ -1,0 +1,273 @@
+"""The configuration of a ``gnlorp-train`` run, and the command line generated from it.
+
+Every field of :class:`RunConfig` is one flag (``max_steps`` -> ``--max-steps``) whose help
+text is the docstring under the field, so the two never drift apart. Fields left ``None`` take
+the model's recipe (models.py) when the run is resolved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gnlorp_dist.models import known_model_names, llama_config, recipe_for_config
+from gnlorp_dist.projection import PROJ_TYPES
+
+OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
+DTYPES = ("fp32", "bf16")
+# GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
+ADAMW_DEFAULT_LR = 1e-3
+# Settings a resumed run must share with its checkpoint: the model and optimizer structure,
+# hyper-parameters the optimizer's saved state would silently override, and the data order.
+RESUME_MUST_MATCH = (
+    "model", "llama_config", "optimizer", "rank", "update_proj_gap", "scale", "proj_type",
+    "lora_rank", "detach_norm", "lr", "weight_decay", "dtype", "seq_len", "data",
+    "data_config", "text_field", "tokenizer", "eval_fraction", "seed",
+)  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """One pre-training run. Defaults: a 1-2 minute GradNormLoRP run of llama_nano on the
+    embedded Shakespeare corpus, on a CPU."""
+
+    model: str = "llama_nano"
+    """Named LLaMA shape and recipe: llama_nano, llama_micro, llama_60m ... llama_7b."""
+    model_config: str | None = None
+    """Path to a GaLore-style JSON or a Hugging Face config.json; replaces --model's shape."""
+    optimizer: str = "gradnormlorp"
+    """gradnormlorp (weight norm + projected AdamW), galore (projection, no weight norm), adamw."""
+    rank: int | None = None
+    """Projection rank r (default: the model's recipe; in LoRA mode at most --lora-rank)."""
+    update_proj_gap: int | None = None
+    """Subspace refresh gap T in steps (default: the model's recipe)."""
+    scale: float | None = None
+    """Scale alpha of the projected update (default: the model's recipe)."""
+    proj_type: str = "std"
+    """Which side to project: std (GaLore's rule), reverse_std, left, right."""
+    lora_rank: int | None = None
+    """gradnormlorp only: LoRA mode (V = W0 + BA, W0 frozen) with this adapter rank."""
+    detach_norm: bool = False
+    """gradnormlorp only: treat ||V|| as a constant in backward, as DoRA does."""
+    lr: float | None = None
+    """Peak learning rate (default: the recipe's for gradnormlorp/galore, 1e-3 for adamw)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (default: 10% of --max-steps)."""
+    max_steps: int = 120
+    """Optimizer steps to train for (a resumed run continues up to this)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to min_lr_ratio * lr."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this before the step; 0 disables."""
+    batch_size: int = 4
+    """Micro-batch size in sequences (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    dtype: str = "fp32"
+    """fp32, or bf16 (pure bf16 weights and states, GaLore's single-GPU recipe)."""
+    seed: int = 0
+    """Seeds model init, data order and every RNG: same seed, same run (bitwise on a CPU)."""
+    data: str = "shakespeare"
+    """shakespeare (embedded, offline), a .txt/.jsonl file or folder, or a hub dataset name
+    (e.g. allenai/c4, streamed)."""
+    data_config: str | None = None
+    """Hub dataset configuration, e.g. en for allenai/c4."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl rows and hub datasets."""
+    tokenizer: str | None = None
+    """Tokenizer folder (or hub name); default: the LLaMA SentencePiece model of mistral-common."""
+    eval_fraction: float = 0.05
+    """Fraction of the blocks held out for evaluation (local and embedded data)."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0: only at the end."""
+    eval_batches: int = 16
+    """Micro-batches per evaluation; 0: the whole held-out split."""
+    output_dir: str | None = None
+    """Where checkpoints and the final model go (default: runs/<model>-<optimizer>)."""
+    save_every: int = 100
+    """Checkpoint every this many steps (and always at the last step); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints; 0 keeps all."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint folder
+    (or a run's output folder: its newest checkpoint)."""
+    log_every: int = 10
+    """Print a log line every this many steps."""
+    progress: bool = True
+    """Show a progress bar (--no-progress hides it)."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the class source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (frozen app): flags just lose their help text
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+_CHOICES = {"optimizer": OPTIMIZERS, "dtype": DTYPES, "proj_type": PROJ_TYPES}
+_TYPES = {"int": int, "float": float, "str": str}
+_METAVARS = {"int": "N", "float": "X", "str": "STR"}
+_NAMED_METAVARS = {
+    "model": "NAME", "model_config": "PATH", "data": "NAME|PATH", "tokenizer": "PATH",
+    "output_dir": "PATH", "resume": "auto|never|PATH", "data_config": "NAME",
+    "text_field": "FIELD",
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per :class:`RunConfig` field, helped by its docstring."""
+    parser = argparse.ArgumentParser(
+        prog="gnlorp-train",
+        description="Pre-train a LLaMA model with GradNormLoRP, GaLore or AdamW. With no "
+        "arguments: a short llama_nano run on the embedded Shakespeare corpus.",
+    )
+    docs = field_docs(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        help_text = docs.get(f.name, "")
+        if f.default not in (None, False, True) and "default" not in help_text:
+            help_text += f" (default: {f.default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name == "progress":
+            parser.add_argument(
+                "--no-progress",
+                dest="progress",
+                action="store_false",
+                help="Hide the progress bar.",
+            )
+        elif f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            base = str(f.type).split("|")[0].strip()
+            parser.add_argument(
+                flag,
+                type=_TYPES[base],
+                default=f.default,
+                choices=_CHOICES.get(f.name),
+                help=help_text,
+                metavar=None
+                if f.name in _CHOICES
+                else _NAMED_METAVARS.get(f.name, _METAVARS[base]),
+            )
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> RunConfig:
+    return RunConfig(**vars(build_parser().parse_args(argv)))
+
+
+def _positive(config: RunConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _non_negative(config: RunConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
+    """Validate ``config`` and fill its recipe defaults; returns it with its ``LlamaConfig``.
+
+    Every user mistake raises ValueError naming the value.
+    """
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {DTYPES}")
+    if config.proj_type not in PROJ_TYPES:
+        raise ValueError(f"unknown proj_type {config.proj_type!r}; choose one of {PROJ_TYPES}")
+    if config.optimizer != "gradnormlorp" and (config.lora_rank is not None or config.detach_norm):
+        raise ValueError(
+            f"--lora-rank and --detach-norm need weight normalisation, i.e. --optimizer "
+            f"gradnormlorp; got --optimizer {config.optimizer}"
+        )
+    if config.model_config is None and config.model not in known_model_names():
+        raise ValueError(
+            f"unknown model {config.model!r}; known models: {', '.join(known_model_names())} "
+            "(or pass a config JSON with --model-config)"
+        )
+    llama = llama_config(config.model_config or config.model)
+    positive = ("rank", "update_proj_gap", "scale", "lr", "max_steps", "batch_size", "grad_accum")
+    _positive(config, *positive, "seq_len", "lora_rank", "log_every")
+    non_negative = ("weight_decay", "warmup_steps", "grad_clip", "eval_every", "eval_batches")
+    _non_negative(config, *non_negative, "save_every", "keep_checkpoints")
+    if not 0.0 < config.eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must be in (0, 1), got {config.eval_fraction}")
+    if not 0.0 <= config.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
+    if config.seq_len > llama.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings "
+            f"{llama.max_position_embeddings}"
+        )
+    if config.resume not in ("auto", "never") and not Path(config.resume).is_dir():
+        raise ValueError(f"--resume {config.resume!r}: not auto, never, or a checkpoint folder")
+    recipe = recipe_for_config(llama)
+    model_label = Path(config.model_config).stem if config.model_config else config.model
+    default_lr = ADAMW_DEFAULT_LR if config.optimizer == "adamw" else recipe.lr
+    rank = config.rank if config.rank is not None else recipe.rank
+    if config.lora_rank is not None:
+        # In LoRA mode the projected matrices are the adapters, of rank lora_rank at most.
+        if config.rank is not None and config.rank > config.lora_rank:
+            raise ValueError(
+                f"--rank {config.rank} exceeds --lora-rank {config.lora_rank}: the projected "
+                "matrices are the LoRA factors; use --rank <= --lora-rank"
+            )
+        rank = min(rank, config.lora_rank)
+    resolved = dataclasses.replace(
+        config,
+        rank=rank,
+        update_proj_gap=config.update_proj_gap or recipe.update_proj_gap,
+        scale=config.scale if config.scale is not None else recipe.scale,
+        lr=config.lr if config.lr is not None else default_lr,
+        warmup_steps=(
+            config.warmup_steps if config.warmup_steps is not None else config.max_steps // 10
+        ),
+        output_dir=config.output_dir or str(Path("runs") / f"{model_label}-{config.optimizer}"),
+    )
+    return resolved, llama
+
+
+# LlamaConfig.to_dict() keys that say nothing about the model's shape or function.
+_CONFIG_NOISE = (
+    "_name_or_path", "transformers_version", "id2label", "label2id", "output_attentions",
+    "output_hidden_states", "return_dict", "dtype", "problem_type", "chunk_size_feed_forward",
+    "is_encoder_decoder", "use_cache", "architectures",
+)  # fmt: skip
+
+
+def config_record(config: RunConfig, llama: Any) -> dict[str, Any]:
+    """The resolved config as JSON data (what a checkpoint stores and compares), with the
+    model's shape in ``llama_config``."""
+    shape = {k: v for k, v in llama.to_dict().items() if k not in _CONFIG_NOISE}
+    record = {**dataclasses.asdict(config), "llama_config": shape}
+    return json.loads(json.dumps(record))  # exactly what reading the JSON file back gives

@@ -1,0 +1,42 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (GaLore's recipe)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for the optimizer step with index ``step`` (0-based).
+
+    Warmup ends at full lr on step ``warmup_steps - 1`` (the first step is not wasted at lr 0);
+    the cosine then reaches ``min_ratio`` at ``total_steps`` and stays there.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float
+) -> LambdaLR:
+    """A LambdaLR over :func:`warmup_cosine_factor`; its state_dict resumes the schedule.
+
+    The factor is a plain function (a closure), so LambdaLR stores none of its arguments in the
+    state dict: a resumed run may change ``total_steps`` and gets the new schedule.
+    """
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_ratio}")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(
+            f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}"
+        )
+
+    def factor(step: int) -> float:
+        return warmup_cosine_factor(step, warmup_steps, total_steps, min_ratio)
+
+    return LambdaLR(optimizer, factor)

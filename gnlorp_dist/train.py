@@ -1,0 +1,419 @@
+"""``gnlorp-train``: pre-train a LLaMA model with GradNormLoRP, GaLore or AdamW.
+
+Built from small functions (build the model, the optimizer, the data; one step with gradient
+accumulation; evaluate; save and load) that a distributed layer can wrap. ``train(config)`` is
+the programmatic entry point, ``main(argv)`` the command line (``python -m gnlorp_dist.train``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.utils import logging as hf_logging
+
+from gnlorp_dist.checkpoint import (
+    check_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    read_run_config,
+    save_checkpoint,
+    save_merged_model,
+)
+from gnlorp_dist.data import TrainData, build_data
+from gnlorp_dist.models import build_model, count_parameters
+from gnlorp_dist.nn import apply_weight_norm, merge_weight_norm
+from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
+from gnlorp_dist.run_config import (
+    RESUME_MUST_MATCH,
+    RunConfig,
+    build_parser,
+    config_record,
+    resolve,
+)
+from gnlorp_dist.schedule import warmup_cosine_schedule
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Called after every optimizer step with (step, checkpoint folder saved at that step or None).
+StepCallback = Callable[[int, Path | None], None]
+
+
+def log(message: str) -> None:
+    """A plain log line on stdout that does not break the progress bar (on stderr)."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def build_training_model(config: RunConfig, llama: LlamaConfig) -> nn.Module:
+    """The model as it trains: weight-normalised targets for gradnormlorp, plain otherwise."""
+    model = build_model(llama, dtype=_DTYPES[config.dtype], seed=config.seed)
+    if config.optimizer == "gradnormlorp":
+        apply_weight_norm(model, lora_rank=config.lora_rank, detach_norm=config.detach_norm)
+    return model
+
+
+def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Projected AdamW (gradnormlorp, galore) or torch's AdamW over every trainable parameter."""
+    if config.optimizer == "adamw":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params, lr=config.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=config.weight_decay
+        )
+    groups = projected_param_groups(
+        model, config.rank, config.update_proj_gap, config.scale, config.proj_type
+    )
+    return GradNormLoRPAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_train_data(config: RunConfig, rank: int = 0, world_size: int = 1) -> TrainData:
+    return build_data(
+        data=config.data,
+        data_config=config.data_config,
+        text_field=config.text_field,
+        tokenizer=config.tokenizer,
+        seq_len=config.seq_len,
+        eval_fraction=config.eval_fraction,
+        global_batch=config.batch_size * config.grad_accum * world_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        stream_eval_blocks=(config.eval_batches or 16) * config.batch_size,
+    )
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything a training loop holds, built (and resumed) by :func:`prepare`."""
+
+    config: RunConfig
+    """The resolved configuration (recipe defaults filled in)."""
+    llama: LlamaConfig
+    """The model's transformers config."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data: TrainData
+    start_step: int = 0
+    """Optimizer steps already done (from the checkpoint resumed, else 0)."""
+    resumed_from: Path | None = None
+
+
+def find_resume_checkpoint(config: RunConfig) -> Path | None:
+    newest = latest_checkpoint(config.output_dir)
+    if config.resume == "auto":
+        return newest
+    if config.resume == "never":
+        if newest is not None:
+            raise ValueError(
+                f"--resume never, but {config.output_dir!r} already holds checkpoints "
+                f"(newest {newest.name}); use --resume auto or another --output-dir"
+            )
+        return None
+    path = Path(config.resume)
+    # A run's output folder stands for its newest checkpoint.
+    return latest_checkpoint(path) or path
+
+
+def prepare(config: RunConfig, rank: int = 0, world_size: int = 1) -> Run:
+    """Resolve ``config``, build model, optimizer, schedule and data, and resume if asked.
+
+    User mistakes raise ValueError before any training happens.
+    """
+    config, llama = resolve(config)
+    seed_everything(config.seed)
+    data = build_train_data(config, rank, world_size)
+    if len(data.tokenizer) > llama.vocab_size:
+        raise ValueError(
+            f"tokenizer {config.tokenizer or 'default'!r} has {len(data.tokenizer)} tokens but the "
+            f"model's vocab_size is {llama.vocab_size}; use --model-config with a larger vocab_size"
+        )
+    model = build_training_model(config, llama)
+    optimizer = build_optimizer(config, model)
+    scheduler = warmup_cosine_schedule(
+        optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
+    )
+    run = Run(
+        config=config, llama=llama, model=model, optimizer=optimizer, scheduler=scheduler, data=data
+    )
+    checkpoint = find_resume_checkpoint(config)
+    if checkpoint is not None:
+        saved_config = read_run_config(checkpoint)
+        check_compatible(
+            saved_config, config_record(config, llama), RESUME_MUST_MATCH, str(checkpoint)
+        )
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        data.train.load_state_dict(state.data_state)
+        run.start_step, run.resumed_from = state.step, checkpoint
+    return run
+
+
+# -------------------------------------------------------------------------------------- steps
+
+
+@dataclass(kw_only=True)
+class StepStats:
+    loss: float
+    """Mean loss over the step's micro-batches."""
+    lr: float
+    """Learning rate the step used."""
+    grad_norm: float | None
+    """Gradient norm before clipping (None when clipping is off)."""
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[torch.Tensor],
+    grad_clip: float,
+) -> StepStats:
+    """One optimizer step over ``micro_batches`` (gradient accumulation, equal-sized blocks, so
+    the mean of the micro-batch means is the batch mean)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), dtype=torch.float32)
+    for ids in micro_batches:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        (loss / len(micro_batches)).backward()
+        total += loss.detach().float()
+    grad_norm = None
+    if grad_clip > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return StepStats(loss=float(total) / len(micro_batches), lr=lr, grad_norm=grad_norm)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, eval_blocks: torch.Tensor, batch_size: int, max_batches: int = 0
+) -> tuple[float, float]:
+    """Mean next-token loss and perplexity over (up to ``max_batches`` batches of) the held-out
+    blocks; every block has the same length, so block weighting is token weighting."""
+    was_training = model.training
+    model.eval()
+    count = eval_blocks.shape[0]
+    if max_batches > 0:
+        count = min(count, max_batches * batch_size)
+    total = 0.0
+    for start in range(0, count, batch_size):
+        ids = eval_blocks[start : min(start + batch_size, count)]
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        total += float(loss) * ids.shape[0]
+    model.train(was_training)
+    mean = total / count
+    return mean, math.exp(min(mean, 700.0))
+
+
+@torch.no_grad()
+def merged_logit_difference(model: nn.Module, final_dir: Path, ids: torch.Tensor) -> float:
+    """Max |logit difference| between the trained model and its merged copy reloaded with
+    stock ``transformers.AutoModelForCausalLM`` from ``final_dir``."""
+    reloaded = AutoModelForCausalLM.from_pretrained(str(final_dir), local_files_only=True)
+    reloaded.eval()
+    was_training = model.training
+    model.eval()
+    ours = model(input_ids=ids, use_cache=False).logits.float()
+    theirs = reloaded(input_ids=ids, use_cache=False).logits.float()
+    model.train(was_training)
+    return float((ours - theirs).abs().max())
+
+
+# --------------------------------------------------------------------------------------- loop
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    final_step: int
+    """Optimizer steps completed in total (resumed ones included)."""
+    losses: list[float] = field(default_factory=list)
+    """Training loss of each step this call ran."""
+    eval_loss: float = math.nan
+    eval_perplexity: float = math.nan
+    merged_max_abs_logit_diff: float = math.nan
+    """Trained model vs the reloaded merged model, on held-out blocks."""
+    final_dir: Path | None = None
+    """The merged model folder (save_pretrained + tokenizer)."""
+    last_checkpoint: Path | None = None
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0
+    """Training throughput of this call (evaluation and saving excluded)."""
+
+
+def _describe(run: Run) -> None:
+    c = run.config
+    total, trainable = count_parameters(run.model), count_parameters(run.model, True)
+    log(
+        f"model {c.model_config or c.model}: {total:,} parameters ({trainable:,} trainable), {c.dtype}"
+    )
+    recipe = ""
+    if c.optimizer != "adamw":
+        recipe = f", rank {c.rank}, T {c.update_proj_gap}, scale {c.scale}, {c.proj_type}"
+        recipe += f", LoRA rank {c.lora_rank}" if c.lora_rank else ""
+    log(
+        f"optimizer {c.optimizer}: lr {c.lr:g}, warmup {c.warmup_steps}, cosine to "
+        f"{c.min_lr_ratio:g}x, clip {c.grad_clip or 'off'}{recipe}"
+    )
+    log(f"data {run.data.description}; batch {c.batch_size} x {c.grad_accum} x {c.seq_len} tokens")
+    if run.resumed_from is not None:
+        log(f"resumed from {run.resumed_from} (step {run.start_step})")
+        if run.start_step >= c.max_steps:
+            log(f"already at --max-steps {c.max_steps}: nothing to train (raise it to continue)")
+
+
+def save_training_state(run: Run, step: int, loss: float) -> Path:
+    """Checkpoint everything needed to continue exactly after ``step``."""
+    c = run.config
+    return save_checkpoint(
+        c.output_dir,
+        step=step,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        data_state=run.data.train.state_dict(),
+        run_config=config_record(c, run.llama),
+        keep=c.keep_checkpoints,
+        extra={"loss": loss, "tokens_seen": step * c.batch_size * c.grad_accum * c.seq_len},
+    )
+
+
+def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResult:
+    """Train from ``run.start_step`` to ``max_steps``, checkpointing, then evaluate and save the
+    merged model, checking it reloads in stock transformers with the same logits."""
+    c = run.config
+    _describe(run)
+    result = TrainResult(final_step=run.start_step)
+    tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
+    bar = tqdm(
+        total=c.max_steps,
+        initial=run.start_step,
+        disable=not c.progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    started = time.perf_counter()
+    train_time = window_time = 0.0
+    window_steps = 0
+    for done in range(run.start_step + 1, c.max_steps + 1):
+        step_start = time.perf_counter()
+        batch = run.data.train.next_batch()
+        micro = list(batch.view(c.grad_accum, c.batch_size, c.seq_len))
+        stats = train_step(run.model, run.optimizer, run.scheduler, micro, c.grad_clip)
+        if not math.isfinite(stats.loss):
+            raise FloatingPointError(f"loss is {stats.loss} at step {done}; lower --lr")
+        step_time = time.perf_counter() - step_start
+        train_time, window_time, window_steps = (
+            train_time + step_time,
+            window_time + step_time,
+            window_steps + 1,
+        )
+        result.losses.append(stats.loss)
+        result.final_step = done
+        bar.update(1)
+        rate = tokens_per_step / step_time
+        bar.set_postfix_str(f"loss {stats.loss:.4f}, lr {stats.lr:.2e}, {rate:,.0f} tok/s")
+        if done % c.log_every == 0 or done == c.max_steps:
+            rate = window_steps * tokens_per_step / window_time
+            gnorm = "" if stats.grad_norm is None else f" | grad norm {stats.grad_norm:.3f}"
+            log(
+                f"step {done:>6}/{c.max_steps} | loss {stats.loss:.4f} | lr {stats.lr:.3e}"
+                f"{gnorm} | {rate:,.0f} tok/s"
+            )
+            window_time, window_steps = 0.0, 0
+        if c.eval_every and done % c.eval_every == 0 and done != c.max_steps:
+            loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches)
+            log(f"eval @ step {done} | loss {loss:.4f} | perplexity {ppl:.2f}")
+        saved = None
+        if (c.save_every and done % c.save_every == 0) or done == c.max_steps:
+            saved = result.last_checkpoint = save_training_state(run, done, stats.loss)
+        if on_step_end is not None:
+            on_step_end(done, saved)
+    bar.close()
+    steps_run = result.final_step - run.start_step
+    result.tokens_per_s = steps_run * tokens_per_step / train_time if train_time else 0.0
+    _finish(run, result)
+    result.elapsed_s = time.perf_counter() - started
+    losses = f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "n/a"
+    log(
+        f"done: {steps_run} steps this run, {result.final_step} in total, "
+        f"{result.elapsed_s:.1f} s ({result.tokens_per_s:,.0f} tok/s training); train loss "
+        f"{losses}; eval perplexity {result.eval_perplexity:.2f}; merged model in "
+        f"{result.final_dir}"
+    )
+    return result
+
+
+def _finish(run: Run, result: TrainResult) -> None:
+    c = run.config
+    loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches)
+    result.eval_loss, result.eval_perplexity = loss, ppl
+    log(f"eval @ step {result.final_step} | loss {loss:.4f} | perplexity {ppl:.2f}")
+    merge = merge_weight_norm if c.optimizer == "gradnormlorp" else None
+    info = {
+        "step": result.final_step,
+        "eval_loss": loss,
+        "eval_perplexity": ppl,
+        "run_config": config_record(c, run.llama),
+    }
+    hf_logging.disable_progress_bar()
+    try:
+        result.final_dir = save_merged_model(
+            run.model, c.output_dir, merge=merge, tokenizer=run.data.tokenizer, info=info
+        )
+        sample = run.data.eval_blocks[: min(2, run.data.eval_blocks.shape[0])]
+        result.merged_max_abs_logit_diff = merged_logit_difference(
+            run.model, result.final_dir, sample
+        )
+    finally:
+        hf_logging.enable_progress_bar()
+    log(
+        "merged model reloads with transformers.AutoModelForCausalLM: max |logit diff| "
+        f"{result.merged_max_abs_logit_diff:.2e}"
+    )
+
+
+def train(config: RunConfig, *, on_step_end: StepCallback | None = None) -> TrainResult:
+    """Run ``config`` end to end. ``on_step_end`` is a hook for tests and wrappers."""
+    return run_training(prepare(config), on_step_end=on_step_end)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe (imported by
+        # transformers' save_pretrained) when there is no GPU to find
+    parser = build_parser()
+    config = RunConfig(**vars(parser.parse_args(argv)))
+    try:
+        run = prepare(config)
+    except (ValueError, ModuleNotFoundError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    run_training(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
