@@ -3,15 +3,19 @@
 Layout under ``output_dir``::
 
     checkpoints/step-00000100/   model.safetensors   the training model's state (unmerged)
-                                 optimizer.pt        optimizer state_dict (projectors included)
+                                 optimizer-shard-<r>-of-<N>.pt  GradNormLoRPAdamW's state, one
+                                                     file per rank (reshardable to any world
+                                                     size, see gnlorp_dist.distributed)
+                                 optimizer.pt        other optimizers' state_dict (rank 0)
                                  scheduler.pt        LambdaLR state_dict
                                  rng_state.pt        torch / python / numpy (/ cuda) RNG states
                                  run_config.json     the run's configuration
                                  trainer_state.json  step, data position, counters; written last
     final/                       merged model (save_pretrained, safetensors) + tokenizer
 
-A checkpoint is written into a sibling ``step-XXXXXXXX.tmp-<pid>`` folder, every file fsynced,
-then renamed into place with ``os.replace``: a process killed mid-write leaves only a ``*.tmp*``
+A checkpoint is written into a sibling ``step-XXXXXXXX.tmp-<pid>`` folder (``.tmp-job`` when
+several ranks write into it, rank 0 renaming it after a barrier), every file fsynced, then
+renamed into place with ``os.replace``: a process killed mid-write leaves only a ``*.tmp*``
 folder, which resume never considers and the next save deletes. Every ``.pt`` file holds
 tensors and plain Python values only and loads with ``torch.load(weights_only=True)``.
 """
@@ -32,6 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
+from gnlorp_dist.optim import GradNormLoRPAdamW
 
 FORMAT_VERSION = 1
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -175,33 +182,66 @@ def save_checkpoint(
     run_config: dict[str, Any],
     keep: int = 0,
     extra: dict[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` atomically and prune to the newest ``keep``."""
+    """Write a complete checkpoint for ``step`` atomically and prune to the newest ``keep``.
+
+    With several ranks every rank calls this: each writes its optimizer shard, rank 0 the rest,
+    and rank 0 renames the folder into place once ``barrier`` says every shard is on disk.
+    """
     root = checkpoints_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp_dirs(root)
     final = root / step_dir_name(step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    _save_model(model, tmp / MODEL_FILE)
-    _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-    _torch_save(capture_rng_state(), tmp / RNG_FILE)
-    _json_save(run_config, tmp / CONFIG_FILE)
-    state = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "data_state": data_state,
-        "extra": extra or {},
-    }
-    _json_save(state, tmp / STATE_FILE)  # last: its presence marks the folder complete
-    _fsync_dir(tmp)
-    if final.exists():  # only when a step is saved twice (e.g. a resumed run at its last step)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    prune_checkpoints(output_dir, keep)
+    tmp = root / f"{final.name}.tmp-{os.getpid() if world_size == 1 else 'job'}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp_dirs(root)
+        tmp.mkdir()
+    barrier()
+    _save_optimizer(optimizer, tmp, rank)
+    if rank == 0:
+        _save_model(model, tmp / MODEL_FILE)
+        _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        _torch_save(capture_rng_state(), tmp / RNG_FILE)
+        _json_save(run_config, tmp / CONFIG_FILE)
+    barrier()
+    if rank == 0:
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": world_size,
+            "data_state": data_state,
+            "extra": extra or {},
+        }
+        _json_save(state, tmp / STATE_FILE)  # last: its presence marks the folder complete
+        _fsync_dir(tmp)
+        if final.exists():  # only when a step is saved twice (a resumed run at its last step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune_checkpoints(output_dir, keep)
+    barrier()
     return final
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, rank: int) -> None:
+    if isinstance(optimizer, GradNormLoRPAdamW):
+        save_sharded_optimizer(optimizer, folder)
+    elif rank == 0:  # other optimizers are replicated on every rank
+        _torch_save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    if isinstance(optimizer, GradNormLoRPAdamW):
+        if not any(folder.glob("optimizer-shard-*")):
+            raise ValueError(
+                f"checkpoint {folder} holds no GradNormLoRPAdamW shards (optimizer-shard-*.pt); "
+                "it was written for another optimizer"
+            )
+        load_sharded_optimizer(optimizer, folder)
+    else:
+        optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
 
 
 # ----------------------------------------------------------------------------------------- read
@@ -250,7 +290,7 @@ def load_checkpoint(
             f"this gnlorp_dist reads version {FORMAT_VERSION}"
         )
     model.load_state_dict(load_file(str(path / MODEL_FILE)), strict=True)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
+    _load_optimizer(optimizer, path)
     scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
     if restore_rng:
         restore_rng_state(torch.load(path / RNG_FILE, weights_only=True))

@@ -21,6 +21,7 @@ from gnlorp_dist.models import known_model_names, llama_config, recipe_for_confi
 from gnlorp_dist.projection import PROJ_TYPES
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
+GRAD_REDUCTIONS = ("ddp", "owners")
 DTYPES = ("fp32", "bf16")
 # GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
 ADAMW_DEFAULT_LR = 1e-3
@@ -28,7 +29,7 @@ ADAMW_DEFAULT_LR = 1e-3
 # hyper-parameters the optimizer's saved state would silently override, and the data order.
 RESUME_MUST_MATCH = (
     "model", "llama_config", "optimizer", "rank", "update_proj_gap", "scale", "proj_type",
-    "lora_rank", "detach_norm", "lr", "weight_decay", "dtype", "seq_len", "data",
+    "lora_rank", "detach_norm", "lr", "weight_decay", "dtype", "bits", "seq_len", "data",
     "data_config", "text_field", "tokenizer", "eval_fraction", "seed",
 )  # fmt: skip
 
@@ -76,6 +77,21 @@ class RunConfig:
     """Tokens per sequence."""
     dtype: str = "fp32"
     """fp32, or bf16 (pure bf16 weights and states, GaLore's single-GPU recipe)."""
+    bits: int = 32
+    """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments)."""
+    per_layer: bool = False
+    """gradnormlorp/galore on one process: update each parameter inside the backward pass and
+    free its gradient (with --grad-accum: low-rank gradient sums; --grad-clip then clips each
+    parameter's update input on its own, there being no global gradient norm)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them."""
+    world_size: int | None = None
+    """Processes this job must have; training is refused if the launcher started another number
+    (default: whatever the launcher started)."""
+    grad_reduction: str = "ddp"
+    """With several processes: ddp (DDP all-reduces gradients, owners broadcast updated weights)
+    or owners (each gradient block reduced to the rank owning its optimizer state: the same
+    traffic as DDP + AdamW)."""
     seed: int = 0
     """Seeds model init, data order and every RNG: same seed, same run (bitwise on a CPU)."""
     data: str = "shakespeare"
@@ -128,7 +144,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-_CHOICES = {"optimizer": OPTIMIZERS, "dtype": DTYPES, "proj_type": PROJ_TYPES}
+_CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "dtype": DTYPES,
+    "proj_type": PROJ_TYPES,
+    "bits": (32, 8),
+    "grad_reduction": GRAD_REDUCTIONS,
+}
 _TYPES = {"int": int, "float": float, "str": str}
 _METAVARS = {"int": "N", "float": "X", "str": "STR"}
 _NAMED_METAVARS = {
@@ -210,6 +232,17 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             f"--lora-rank and --detach-norm need weight normalisation, i.e. --optimizer "
             f"gradnormlorp; got --optimizer {config.optimizer}"
         )
+    if config.bits not in (8, 32):
+        raise ValueError(f"--bits {config.bits}: use 32 or 8")
+    if config.optimizer == "adamw" and (config.bits != 32 or config.per_layer):
+        raise ValueError(
+            "--bits 8 and --per-layer need a projected optimizer (gradnormlorp or galore); "
+            f"got --optimizer adamw with --bits {config.bits}, per_layer={config.per_layer}"
+        )
+    if config.grad_reduction not in GRAD_REDUCTIONS:
+        raise ValueError(
+            f"unknown grad_reduction {config.grad_reduction!r}; choose one of {GRAD_REDUCTIONS}"
+        )
     if config.model_config is None and config.model not in known_model_names():
         raise ValueError(
             f"unknown model {config.model!r}; known models: {', '.join(known_model_names())} "
@@ -217,6 +250,7 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
         )
     llama = llama_config(config.model_config or config.model)
     positive = ("rank", "update_proj_gap", "scale", "lr", "max_steps", "batch_size", "grad_accum")
+    _positive(config, "world_size")
     _positive(config, *positive, "seq_len", "lora_rank", "log_every")
     non_negative = ("weight_decay", "warmup_steps", "grad_clip", "eval_every", "eval_batches")
     _non_negative(config, *non_negative, "save_every", "keep_checkpoints")

@@ -7,11 +7,14 @@ the programmatic entry point, ``main(argv)`` the command line (``python -m gnlor
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +35,15 @@ from gnlorp_dist.checkpoint import (
     save_merged_model,
 )
 from gnlorp_dist.data import TrainData, build_data
+from gnlorp_dist.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    init_distributed,
+    wrap_for_data_parallel,
+)
 from gnlorp_dist.models import build_model, count_parameters
 from gnlorp_dist.nn import apply_weight_norm, merge_weight_norm
-from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
+from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
 from gnlorp_dist.run_config import (
     RESUME_MUST_MATCH,
     RunConfig,
@@ -49,8 +58,13 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 StepCallback = Callable[[int, Path | None], None]
 
 
+_LOG_RANK = [0]
+
+
 def log(message: str) -> None:
-    """A plain log line on stdout that does not break the progress bar (on stderr)."""
+    """A plain log line on stdout (rank 0 only) that does not break the progress bar."""
+    if _LOG_RANK[0] != 0:
+        return
     tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()
 
@@ -69,11 +83,18 @@ def build_training_model(config: RunConfig, llama: LlamaConfig) -> nn.Module:
     model = build_model(llama, dtype=_DTYPES[config.dtype], seed=config.seed)
     if config.optimizer == "gradnormlorp":
         apply_weight_norm(model, lora_rank=config.lora_rank, detach_norm=config.detach_norm)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Projected AdamW (gradnormlorp, galore) or torch's AdamW over every trainable parameter."""
+def build_optimizer(
+    config: RunConfig, model: nn.Module, context: DistributedContext = SINGLE_PROCESS
+) -> torch.optim.Optimizer:
+    """Projected AdamW (gradnormlorp, galore) or torch's AdamW over every trainable parameter.
+
+    With several processes the projected optimizer shards its state over them; torch's AdamW
+    (the baseline) is replicated, as under plain DDP."""
     if config.optimizer == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(
@@ -82,7 +103,14 @@ def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimize
     groups = projected_param_groups(
         model, config.rank, config.update_proj_gap, config.scale, config.proj_type
     )
-    return GradNormLoRPAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return GradNormLoRPAdamW(
+        groups,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        bits=config.bits,
+        communicator=context.communicator,
+        reduce_gradients=context.world_size > 1 and config.grad_reduction == "owners",
+    )
 
 
 def build_train_data(config: RunConfig, rank: int = 0, world_size: int = 1) -> TrainData:
@@ -110,9 +138,16 @@ class Run:
     llama: LlamaConfig
     """The model's transformers config."""
     model: nn.Module
+    """The model itself (evaluated, saved and merged)."""
+    forward_model: nn.Module
+    """What the training step calls: ``model``, or its DDP wrapper."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     data: TrainData
+    context: DistributedContext = SINGLE_PROCESS
+    """This process's place in the job."""
+    per_layer: PerLayerUpdates | None = None
+    """Set when --per-layer: the backward pass steps the optimizer."""
     start_step: int = 0
     """Optimizer steps already done (from the checkpoint resumed, else 0)."""
     resumed_from: Path | None = None
@@ -134,26 +169,46 @@ def find_resume_checkpoint(config: RunConfig) -> Path | None:
     return latest_checkpoint(path) or path
 
 
-def prepare(config: RunConfig, rank: int = 0, world_size: int = 1) -> Run:
+def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> Run:
     """Resolve ``config``, build model, optimizer, schedule and data, and resume if asked.
 
     User mistakes raise ValueError before any training happens.
     """
     config, llama = resolve(config)
+    if context.world_size > 1 and config.per_layer:
+        raise ValueError(
+            f"--per-layer with {context.world_size} processes is not supported yet: per-layer "
+            "updates run on one process; drop --per-layer or launch one process"
+        )
+    if context.world_size > 1 and config.grad_reduction == "owners":
+        if config.optimizer == "adamw" or config.grad_clip > 0:
+            raise ValueError(
+                "--grad-reduction owners needs a projected optimizer and --grad-clip 0 (the "
+                "gradients are only complete on their owners, after the optimizer reduced them; "
+                f"got --optimizer {config.optimizer}, --grad-clip {config.grad_clip}); use "
+                "--grad-reduction ddp"
+            )
     seed_everything(config.seed)
-    data = build_train_data(config, rank, world_size)
+    data = build_train_data(config, context.rank, context.world_size)
     if len(data.tokenizer) > llama.vocab_size:
         raise ValueError(
             f"tokenizer {config.tokenizer or 'default'!r} has {len(data.tokenizer)} tokens but the "
             f"model's vocab_size is {llama.vocab_size}; use --model-config with a larger vocab_size"
         )
     model = build_training_model(config, llama)
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config, model, context)
     scheduler = warmup_cosine_schedule(
         optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
     )
     run = Run(
-        config=config, llama=llama, model=model, optimizer=optimizer, scheduler=scheduler, data=data
+        config=config,
+        llama=llama,
+        model=model,
+        forward_model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=data,
+        context=context,
     )
     checkpoint = find_resume_checkpoint(config)
     if checkpoint is not None:
@@ -164,6 +219,11 @@ def prepare(config: RunConfig, rank: int = 0, world_size: int = 1) -> Run:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         data.train.load_state_dict(state.data_state)
         run.start_step, run.resumed_from = state.step, checkpoint
+    run.forward_model = wrap_for_data_parallel(model, context, config.grad_reduction)
+    if config.per_layer:
+        run.per_layer = PerLayerUpdates(
+            optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip
+        )
     return run
 
 
@@ -186,23 +246,36 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     micro_batches: list[torch.Tensor],
     grad_clip: float,
+    per_layer: bool = False,
 ) -> StepStats:
     """One optimizer step over ``micro_batches`` (gradient accumulation, equal-sized blocks, so
-    the mean of the micro-batch means is the batch mean)."""
+    the mean of the micro-batch means is the batch mean).
+
+    ``per_layer``: the backward pass itself updates every parameter (the optimizer's hooks clip
+    each parameter's update input), so there is no global clip and no ``optimizer.step()``.
+    Under DDP the gradient all-reduce runs only on the last micro-batch."""
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    if not per_layer:
+        optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), dtype=torch.float32)
-    for ids in micro_batches:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        (loss / len(micro_batches)).backward()
+    for index, ids in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        no_sync = getattr(model, "no_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss / len(micro_batches)).backward()
         total += loss.detach().float()
     grad_norm = None
-    if grad_clip > 0:
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
+    if not per_layer:
+        if grad_clip > 0:
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        optimizer.step()
+    with warnings.catch_warnings():
+        # Per-layer mode steps inside backward, which torch's scheduler cannot see.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
     return StepStats(loss=float(total) / len(micro_batches), lr=lr, grad_norm=grad_norm)
 
 
@@ -295,7 +368,13 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
         data_state=run.data.train.state_dict(),
         run_config=config_record(c, run.llama),
         keep=c.keep_checkpoints,
-        extra={"loss": loss, "tokens_seen": step * c.batch_size * c.grad_accum * c.seq_len},
+        extra={
+            "loss": loss,
+            "tokens_seen": step * c.batch_size * c.grad_accum * c.seq_len * run.context.world_size,
+        },
+        rank=run.context.rank,
+        world_size=run.context.world_size,
+        barrier=run.context.barrier,
     )
 
 
@@ -322,7 +401,14 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
         step_start = time.perf_counter()
         batch = run.data.train.next_batch()
         micro = list(batch.view(c.grad_accum, c.batch_size, c.seq_len))
-        stats = train_step(run.model, run.optimizer, run.scheduler, micro, c.grad_clip)
+        stats = train_step(
+            run.forward_model,
+            run.optimizer,
+            run.scheduler,
+            micro,
+            c.grad_clip,
+            per_layer=run.per_layer is not None,
+        )
         if not math.isfinite(stats.loss):
             raise FloatingPointError(f"loss is {stats.loss} at step {done}; lower --lr")
         step_time = time.perf_counter() - step_start
@@ -372,6 +458,9 @@ def _finish(run: Run, result: TrainResult) -> None:
     loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches)
     result.eval_loss, result.eval_perplexity = loss, ppl
     log(f"eval @ step {result.final_step} | loss {loss:.4f} | perplexity {ppl:.2f}")
+    if not run.context.is_main:  # every rank holds the same weights; rank 0 saves them
+        run.context.barrier()
+        return
     merge = merge_weight_norm if c.optimizer == "gradnormlorp" else None
     info = {
         "step": result.final_step,
@@ -394,11 +483,17 @@ def _finish(run: Run, result: TrainResult) -> None:
         "merged model reloads with transformers.AutoModelForCausalLM: max |logit diff| "
         f"{result.merged_max_abs_logit_diff:.2e}"
     )
+    run.context.barrier()
 
 
-def train(config: RunConfig, *, on_step_end: StepCallback | None = None) -> TrainResult:
+def train(
+    config: RunConfig,
+    *,
+    on_step_end: StepCallback | None = None,
+    context: DistributedContext = SINGLE_PROCESS,
+) -> TrainResult:
     """Run ``config`` end to end. ``on_step_end`` is a hook for tests and wrappers."""
-    return run_training(prepare(config), on_step_end=on_step_end)
+    return run_training(prepare(config, context), on_step_end=on_step_end)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,9 +503,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config = RunConfig(**vars(parser.parse_args(argv)))
     try:
-        run = prepare(config)
+        context = init_distributed(config.world_size)
+        _LOG_RANK[0] = context.rank
+        if context.world_size > 1:
+            log(f"distributed: {context.world_size} processes ({config.grad_reduction})")
+        run = prepare(config, context)
     except (ValueError, ModuleNotFoundError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if not context.is_main:
+        run.config = dataclasses.replace(run.config, progress=False)
     run_training(run)
     return 0
 

@@ -8,9 +8,19 @@ from gnlorp_dist.distributed.communicator import (
     broadcast_parameters,
     communicator_for_current_process,
 )
+from gnlorp_dist.distributed.launch import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    init_distributed,
+    wrap_for_data_parallel,
+)
 from gnlorp_dist.distributed.sharded_state import load_sharded_optimizer, save_sharded_optimizer
 
 __all__ = [
+    "SINGLE_PROCESS",
+    "DistributedContext",
+    "init_distributed",
+    "wrap_for_data_parallel",
     "ProcessGroupCommunicator",
     "broadcast_parameters",
     "communicator_for_current_process",

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from gnlorp_dist.distributed.communicator import ProcessGroupCommunicator
+from gnlorp_dist.distributed.communicator import ProcessGroupCommunicator, broadcast_parameters
 
 _PROCESS_FLAGS = {
     "accelerate": ("--num_processes", "--num-processes"),
@@ -47,6 +48,28 @@ class DistributedContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, communicator=None)
+
+
+def wrap_for_data_parallel(
+    model: torch.nn.Module, context: DistributedContext, grad_reduction: str
+) -> torch.nn.Module:
+    """The module the training loop calls: DDP-wrapped (``ddp``), or ``model`` itself with rank
+    0's weights copied everywhere (``owners``: the optimizer reduces gradients itself)."""
+    if context.world_size == 1:
+        return model
+    assert context.communicator is not None
+    if grad_reduction == "ddp":
+        device_ids = [context.local_rank] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    broadcast_parameters(model, context.communicator)
+    return model
 
 
 def requested_processes(argv: list[str]) -> int | None:
@@ -104,7 +127,7 @@ def init_distributed(expected_world_size: int | None = None) -> DistributedConte
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_world_size(world_size, expected_world_size, _parent_command_line())
     if world_size == 1:
-        return DistributedContext(rank=0, world_size=1, local_rank=0, communicator=None)
+        return SINGLE_PROCESS
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -81,13 +81,13 @@ def test_layout_and_weights_only_loading(tmp_path):
     path = save(tmp_path, 1, run)
     assert path == tmp_path / "checkpoints" / "step-00000001"
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt",
-         "run_config.json", "trainer_state.json"]
+        ["model.safetensors", "optimizer-shard-00000-of-00001.pt", "scheduler.pt",
+         "rng_state.pt", "run_config.json", "trainer_state.json"]
     )  # fmt: skip
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
+    for name in ("optimizer-shard-00000-of-00001.pt", "scheduler.pt", "rng_state.pt"):
         torch.load(path / name, weights_only=True)
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    assert any("proj" in s for s in optimizer_state["state"].values())  # projectors are saved
+    shard = torch.load(path / "optimizer-shard-00000-of-00001.pt", weights_only=True)
+    assert any("proj" in e["state"] for e in shard["entries"].values())  # projectors are saved
     state = json.loads((path / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["format_version"] == ckpt.FORMAT_VERSION
     assert json.loads((path / "run_config.json").read_text()) == {"model": "tiny"}

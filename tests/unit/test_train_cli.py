@@ -139,12 +139,14 @@ def test_killed_run_resumes_bitwise(tmp_path, tiny_config):
     assert ref_w.keys() == new_w.keys()
     for name in ref_w:
         assert torch.equal(ref_w[name], new_w[name]), name
-    ref_opt = torch.load(ref_ckpt / "optimizer.pt", weights_only=True)
-    new_opt = torch.load(new_ckpt / "optimizer.pt", weights_only=True)
-    for key, state in ref_opt["state"].items():
-        for field, value in state.items():
+    shard = "optimizer-shard-00000-of-00001.pt"
+    ref_opt = torch.load(ref_ckpt / shard, weights_only=True)["entries"]
+    new_opt = torch.load(new_ckpt / shard, weights_only=True)["entries"]
+    assert ref_opt.keys() == new_opt.keys() and ref_opt
+    for key, entry in ref_opt.items():
+        for field, value in entry["state"].items():
             if torch.is_tensor(value):
-                assert torch.equal(value, new_opt["state"][key][field]), (key, field)
+                assert torch.equal(value, new_opt[key]["state"][field]), (key, field)
     ref_state = json.loads((ref_ckpt / "trainer_state.json").read_text())
     assert ref_state == json.loads((new_ckpt / "trainer_state.json").read_text())
 

@@ -1,0 +1,397 @@
+"""Peak training memory of a LLaMA model, by shape arithmetic (no tensor is allocated).
+
+The parameter list comes from a meta-device model (real modules, real weight-norm surgery, real
+parameter groups), so any Hugging Face LLaMA config works; every byte after that is arithmetic
+over shapes, mirroring what the code does step by step:
+
+- states: the optimizer's real layout (:mod:`gnlorp_dist.optim.quantized`: uint8 codes plus one
+  float32 scale per 256-element block, tensors under 4096 elements kept in the moment dtype;
+  projected moments have the low-rank shape of :mod:`gnlorp_dist.projection`);
+- activations: :func:`~gnlorp_dist.memory.arithmetic.activation_terms`, one term per tensor that autograd saves in a LLaMA
+  decoder layer with ``sdpa`` attention (derived op by op and checked, byte for byte, against
+  the saved-tensor hooks of :mod:`gnlorp_dist.memory.accounting`);
+- the peak: the live set at each moment of a step where it can be highest (:func:`_moments`),
+  the largest of them. Gradients are not simply "all of them plus all activations": in the
+  normal path every gradient exists only from the backward pass on, when most activations are
+  gone; with per-layer updates at most one full gradient (plus the update's workspace) exists.
+
+The step modelled is ``gnlorp-train``'s: gradients set to None, ``model(**mb).loss / k`` and
+``backward()`` for each micro-batch, ``optimizer.step()`` (normal path), gradients set to None.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gnlorp_dist.memory.arithmetic import (
+    DTYPE_BYTES,
+    Layout,
+    ModelShape,
+    ParamShape,
+    activation_terms,
+    cached_model_shape,
+    layer_activation_bytes,
+    layer_backward_workspace,
+)
+from gnlorp_dist.projection import PROJ_TYPES
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "galore", "gradnormlorp")
+"""``adamw``: ``torch.optim.AdamW`` (``bits=8``: bitsandbytes' ``AdamW8bit``); ``adamw8bit``:
+bitsandbytes' ``AdamW8bit``; ``galore``: :class:`GradNormLoRPAdamW` on the plain model (weight
+norm off); ``gradnormlorp``: the same optimizer on the weight-normalised model."""
+
+PER_LAYER_OPTIMIZERS: tuple[str, ...] = ("galore", "gradnormlorp")
+COMPONENTS: tuple[str, ...] = (
+    "weights",
+    "gradients",
+    "optimizer_states",
+    "projection",
+    "accumulation_buffers",
+    "activations",
+    "inputs",
+    "temporaries",
+)
+"""Components of an estimate's breakdown (the measured accounting uses the same names)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    """One training setup whose peak memory per GPU :func:`estimate_memory` computes."""
+
+    model: str
+    """A registered name (``llama_60m`` ... ``llama_7b``), a config JSON file, or a folder
+    holding ``config.json`` (any Hugging Face LLaMA config)."""
+    optimizer: str = "gradnormlorp"
+    """One of :data:`OPTIMIZERS`."""
+    bits: int | None = None
+    """Optimizer-state bits, 8 or 32; None means 8 for ``adamw8bit`` and 32 otherwise."""
+    rank: int | None = None
+    """Projection rank r (projected optimizers); None takes the model's recipe rank."""
+    proj_type: str = "std"
+    """Projection side rule (:data:`gnlorp_dist.projection.PROJ_TYPES`)."""
+    per_layer: bool = False
+    """Update each parameter inside the backward pass (:class:`PerLayerUpdates`)."""
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    tokens: int = 256
+    """Tokens per micro-batch per GPU (batch size times sequence length)."""
+    seq_len: int | None = None
+    """Sequence length; None: one sequence of ``tokens`` tokens. Only small terms depend on it
+    (``sdpa`` never materialises the attention matrix)."""
+    dtype: str = "bf16"
+    """Weight dtype, ``bf16`` (pure bf16: no fp32 master copy, bf16 gradients) or ``fp32``."""
+    activation_checkpointing: bool = False
+    """Recompute every decoder layer in the backward pass (``gradient_checkpointing_enable``)."""
+    world_size: int = 1
+    """Data-parallel ranks; weights, gradients and activations are per rank regardless."""
+    shard_states: bool = False
+    """Each rank keeps the optimizer states (and projection matrices) of the matrices it owns:
+    modelled as an even 1/world_size split (owners are balanced by bytes)."""
+    refresh: bool = True
+    """Include a subspace refresh (SVD workspace) in the step: every ``update_proj_gap``-th
+    step has one, so it sets the peak of a run. False: the peak of the other steps."""
+    fused_8bit_update: bool = False
+    """Planning only: model GradNormLoRPAdamW's 8-bit updates as one fused (or chunked) kernel
+    that never holds whole dequantized moments, as bitsandbytes' AdamW8bit does. The code
+    dequantizes whole moments today; False describes it as it is."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not known; use one of {OPTIMIZERS}")
+        if self.bits not in (None, 8, 32):
+            raise ValueError(f"bits={self.bits!r} is not supported; use 8 or 32")
+        if self.optimizer == "adamw8bit" and self.bits == 32:
+            raise ValueError("optimizer='adamw8bit' with bits=32: use optimizer='adamw' instead")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(
+                f"dtype={self.dtype!r} is not supported; use one of {list(DTYPE_BYTES)}"
+            )
+        for name in ("tokens", "accumulation_steps", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.seq_len is not None and (self.seq_len < 1 or self.tokens % self.seq_len):
+            raise ValueError(
+                f"seq_len={self.seq_len!r} must be a positive divisor of tokens={self.tokens}"
+            )
+        if self.rank is not None and (isinstance(self.rank, bool) or self.rank < 1):
+            raise ValueError(f"rank={self.rank!r} must be a positive integer")
+        if self.per_layer and self.optimizer not in PER_LAYER_OPTIMIZERS:
+            raise ValueError(
+                f"per_layer=True with optimizer={self.optimizer!r}: per-layer updates need "
+                f"GradNormLoRPAdamW's per-parameter step; use one of {PER_LAYER_OPTIMIZERS}"
+            )
+
+    @property
+    def state_bits(self) -> int:
+        if self.bits is not None:
+            return self.bits
+        return 8 if self.optimizer == "adamw8bit" else 32
+
+    @property
+    def projected(self) -> bool:
+        return self.optimizer in PER_LAYER_OPTIMIZERS
+
+
+@dataclass(kw_only=True)
+class MemoryEstimate:
+    """Estimated peak bytes per GPU and the live set at that moment."""
+
+    config: MemoryConfig
+    total_bytes: int
+    """The peak: the largest total over :attr:`moments`."""
+    breakdown: dict[str, int]
+    """Live bytes at the peak by component (:data:`COMPONENTS`); sums to ``total_bytes``."""
+    peak_moment: str
+    """The moment of the step where the peak is (a key of :attr:`moments`)."""
+    moments: dict[str, dict[str, int]]
+    """Every candidate moment's live bytes by component."""
+    full_gradient_bytes: int
+    """One gradient per trainable parameter (what the normal path holds after backward)."""
+    peak_gradient_bytes: int
+    """Largest gradient bytes alive at any modelled moment."""
+    saved_activation_bytes: int
+    """Bytes autograd saves in one micro-batch's forward pass (at its end)."""
+    activation_terms: dict[str, int]
+    """``saved_activation_bytes`` by term (see :func:`activation_terms`)."""
+    num_parameters: int
+    """Parameter elements (weight-norm magnitudes included)."""
+    rank: int | None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"total_bytes": self.total_bytes}
+        out.update({f"{name}_bytes": value for name, value in self.breakdown.items()})
+        out.update(
+            peak_moment=self.peak_moment,
+            total_gib=self.total_bytes / 2**30,
+            total_gb=self.total_bytes / 1e9,
+            full_gradient_bytes=self.full_gradient_bytes,
+            peak_gradient_bytes=self.peak_gradient_bytes,
+            saved_activation_bytes=self.saved_activation_bytes,
+            activation_terms=dict(self.activation_terms),
+            num_parameters=self.num_parameters,
+            rank=self.rank,
+            moments={k: dict(v, total=sum(v.values())) for k, v in self.moments.items()},
+            config=asdict(self.config),
+            notes=list(self.notes),
+        )
+        return out
+
+
+# -- the peak ----------------------------------------------------------------------------------
+
+
+def estimate_memory(config: MemoryConfig) -> MemoryEstimate:
+    """Peak memory per GPU of one training step under ``config`` (shape arithmetic only)."""
+    if config.proj_type not in PROJ_TYPES:
+        raise ValueError(
+            f"proj_type={config.proj_type!r} is not supported; use one of {PROJ_TYPES}"
+        )
+    shape = cached_model_shape(config.model, config.optimizer == "gradnormlorp")
+    rank = _resolve_rank(config, shape)
+    layout = Layout(config, rank)
+    s = layout.s
+    sequences = config.tokens // (config.seq_len or config.tokens)
+    acts = activation_terms(
+        shape,
+        tokens=config.tokens,
+        s=s,
+        checkpointing=config.activation_checkpointing,
+        sequences=sequences,
+    )
+    moments = _moments(config, shape, layout, acts)
+    peak = max(moments, key=lambda name: sum(moments[name].values()))
+    breakdown = moments[peak]
+    return MemoryEstimate(
+        config=config,
+        total_bytes=sum(breakdown.values()),
+        breakdown=breakdown,
+        peak_moment=peak,
+        moments=moments,
+        full_gradient_bytes=s * sum(p.numel for p in shape.params),
+        peak_gradient_bytes=max(m["gradients"] for m in moments.values()),
+        saved_activation_bytes=sum(acts.values()),
+        activation_terms=acts,
+        num_parameters=sum(p.numel for p in shape.params),
+        rank=rank,
+        notes=_notes(config, shape),
+    )
+
+
+def _resolve_rank(config: MemoryConfig, shape: ModelShape) -> int | None:
+    if not config.projected:
+        return None
+    rank = config.rank if config.rank is not None else shape.recipe_rank
+    smallest = min(min(p.shape) for p in shape.params if p.projected)
+    if rank > smallest:
+        raise ValueError(
+            f"rank={rank} exceeds the smallest side {smallest} of a projected matrix of "
+            f"{config.model!r}; use rank <= {smallest}"
+        )
+    return rank
+
+
+def _moments(
+    config: MemoryConfig, shape: ModelShape, layout: Layout, acts: dict[str, int]
+) -> dict[str, dict[str, int]]:
+    """Live bytes by component at each moment of the step where the peak can be.
+
+    Persistent at every moment: weights (and buffers), optimizer states, projection matrices,
+    the batch. ``carried``: what earlier micro-batches leave alive in the last one (the normal
+    path's accumulated gradients; per-layer: the dense parameters' accumulated gradients and
+    the low-rank gradient sums).
+
+    Modelled op by op (and matched to the byte by the accounting on CPU): forward_loss,
+    loss_backward, lm_head_backward, lm_head_update, embedding_update, embedding_backward,
+    optimizer_step. Approximate (upper bounds of a moment inside a decoder layer's backward,
+    which sets the peak only when the vocabulary is small next to the layers):
+    decoder_backward, first_layer_backward, matrix_update.
+    """
+    s, tokens, k = layout.s, config.tokens, config.accumulation_steps
+    params = shape.params
+    projected = [p for p in params if p.projected and config.projected]
+    states = sum(layout.states(p)[0] for p in params)
+    proj = sum(layout.states(p)[1] for p in params)
+    if config.shard_states and config.world_size > 1:
+        states = math.ceil(states / config.world_size)
+        proj = math.ceil(proj / config.world_size)
+    base = {
+        "weights": s * (sum(p.numel for p in params) + shape.buffer_numel),
+        "optimizer_states": states,
+        "projection": proj,
+        "inputs": 8 * tokens,  # input_ids, also the labels (one int64 tensor)
+    }
+    grad_full = s * sum(p.numel for p in params)
+    embed = shape.param("embed_tokens.weight")
+    head = shape.param("lm_head.weight") or embed  # tied: one matrix, stepped once at the end
+    tied = head is embed
+    grad_lm, grad_embed = s * head.numel, s * embed.numel
+    grad_dense = grad_full - s * sum(p.numel for p in projected)
+    saved = sum(acts.values())
+    loss_saved = acts["log_softmax"] + acts["loss_target"]
+    head_saved = acts["final_norm"] + acts["lm_head_input"]
+    in_layer = layer_activation_bytes(shape, tokens, s) if config.activation_checkpointing else 0
+    nv, nh = tokens * shape.vocab, tokens * shape.hidden * s
+    buffers = carried = 0
+    if k > 1:
+        carried = grad_dense if config.per_layer else grad_full
+        if config.per_layer:
+            buffers = s * sum(layout.low_rank(p)[0] for p in projected)
+
+    moments: dict[str, dict[str, int]] = {}
+
+    def add(name: str, *, grads: int = 0, acts: int = 0, temps: int = 0, buf: int = 0) -> None:
+        live = dict(
+            base, gradients=grads, accumulation_buffers=buf, activations=acts, temporaries=temps
+        )
+        moments[name] = {component: live[component] for component in COMPONENTS}
+
+    # The loss: logits (weight dtype), their float32 copy (bf16), log_softmax's output.
+    add("forward_loss", grads=carried, buf=buffers, acts=saved,
+        temps=nv * s + (nv * 4 if s != 4 else 0))  # fmt: skip
+    # log_softmax backward: its saved output, the incoming and the outgoing float32 gradients.
+    add("loss_backward", grads=carried, buf=buffers, acts=saved - acts["loss_target"],
+        temps=2 * nv * 4)  # fmt: skip
+    # lm_head's matmul backward: grad of the logits (weight dtype), lm_head's new weight grad,
+    # the grad of its input.
+    add("lm_head_backward", grads=carried, buf=buffers, acts=saved - loss_saved,
+        temps=nv * s + grad_lm + nh)  # fmt: skip
+    # Inside the first decoder layer the backward pass reaches (the model's last): nearly every
+    # activation is alive (its own recomputed under checkpointing), plus the residual stream's
+    # gradient and the layer's backward workspace (approximate).
+    decoder_acts = saved - loss_saved - head_saved + in_layer
+    workspace = layer_backward_workspace(shape, tokens, s)
+    # The last decoder layer in the backward pass (layer 0): every other layer's activations
+    # are gone, its own (recomputed under checkpointing) and the rotary cos/sin remain.
+    layer0_acts = acts["rotary_cos_sin"] + layer_activation_bytes(shape, tokens, s)
+    if config.activation_checkpointing:
+        layer0_acts += tokens * s * shape.hidden
+    if config.per_layer:
+        # Tied embeddings: lm_head's gradient waits in the engine for the embedding's part.
+        pending = grad_lm if tied else 0
+        if not tied:
+            add("lm_head_update", grads=max(carried, grad_lm), buf=buffers,
+                acts=saved - loss_saved - acts["lm_head_input"],
+                temps=nh + layout.dense_update(head.numel))  # fmt: skip
+        others = max(carried - grad_lm, 0)
+        add("decoder_backward", grads=others, buf=buffers, acts=decoder_acts,
+            temps=nh + workspace + pending)  # fmt: skip
+        matrix, grads, temps = _worst_matrix_hook(layout, projected, config.refresh)
+        if matrix is not None:
+            add("matrix_update", grads=others + grads, buf=buffers, acts=decoder_acts,
+                temps=nh + temps + pending)  # fmt: skip
+        add("embedding_update", grads=grad_embed, temps=layout.dense_update(embed.numel))
+    else:
+        add("decoder_backward", grads=max(carried, grad_lm), acts=decoder_acts,
+            temps=nh + workspace)  # fmt: skip
+        # Its own weights' gradients arrive during its backward (the workspace counts the one
+        # being formed), so the other layers' are the ones present.
+        layer_grads = s * sum(p.numel for p in params if ".layers.0." in p.name)
+        add("first_layer_backward", grads=max(carried, grad_full - grad_embed - layer_grads),
+            acts=layer0_acts, temps=nh + workspace)  # fmt: skip
+        # Accumulating a gradient (k > 1, or a tied lm_head's part) adds it out of place.
+        summed = grad_embed * ((k > 1) + 2 * tied)
+        add("embedding_backward", grads=grad_full, temps=nh + summed)
+        step_workspace = [
+            layout.projected_update(p) if p in projected else layout.dense_update(p.numel)
+            for p in params
+        ]
+        if config.refresh:
+            step_workspace += [layout.refresh(p) for p in projected]
+        add("optimizer_step", grads=grad_full, temps=max(step_workspace))
+    return moments
+
+
+def _worst_matrix_hook(
+    layout: Layout, projected: list[ParamShape], refresh: bool
+) -> tuple[ParamShape | None, int, int]:
+    """(matrix, gradient bytes, workspace bytes) of the costliest per-layer projected hook.
+
+    In the hook the full gradient G lives through the refresh (if due) and the projection;
+    then it is freed and the update runs on R alone.
+    """
+    worst: tuple[ParamShape | None, int, int] = (None, 0, 0)
+    for p in projected:
+        grad = layout.s * p.numel
+        r_bytes = layout.s * layout.low_rank(p)[0]
+        with_grad = max(layout.refresh(p) if refresh else 0, r_bytes)
+        for grads, temps in ((grad, with_grad), (0, layout.projected_update(p))):
+            if grads + temps > worst[1] + worst[2]:
+                worst = (p, grads, temps)
+    return worst
+
+
+def _notes(config: MemoryConfig, shape: ModelShape) -> list[str]:
+    notes = [
+        "live tensor bytes; not modelled: kernel workspaces (cuBLAS, cuSOLVER/LAPACK SVD, "
+        "attention kernels), the CUDA context, and the caching allocator's rounding and "
+        "fragmentation (measure with torch.cuda.max_memory_allocated / nvidia-smi)",
+    ]
+    if config.projected and config.state_bits == 8 and config.dtype == "bf16":
+        notes.append(
+            "8-bit states with bf16 weights: GradNormLoRPAdamW's projected update currently "
+            "raises (float32 low-rank direction @ bf16 projection matrix); modelled as if the "
+            "direction were cast to bf16 before it is projected back"
+        )
+    if config.fused_8bit_update and config.state_bits == 8 and config.projected:
+        notes.append(
+            "fused_8bit_update=True: a planning assumption; GradNormLoRPAdamW dequantizes whole "
+            "8-bit moments in its update today"
+        )
+    if config.optimizer == "adamw" and config.state_bits == 32:
+        notes.append(
+            "torch AdamW modelled one parameter at a time (foreach=False, CPU's default); on "
+            "CUDA foreach=True adds a temporary the size of one moment of every parameter"
+        )
+    if shape.param("lm_head.weight") is None:
+        notes.append("tied input/output embeddings: modelled approximately (not validated)")
+    if config.world_size > 1:
+        notes.append(
+            "data-parallel communication buffers (DDP buckets, all-reduce staging) not modelled"
+        )
+        if config.shard_states:
+            notes.append("sharded states modelled as an even split over ranks")
+    return notes
