@@ -109,10 +109,7 @@ def check_world_size(world_size: int, expected: int | None, parent_argv: list[st
             "`torchrun --nproc_per_node N`)"
         )
     asked = requested_processes(parent_argv)
-    nodes_flag = any(
-        w.startswith(("--num_machines", "--nnodes", "--num_nodes")) for w in parent_argv
-    )
-    if asked is not None and asked > 1 and world_size == 1 and not nodes_flag:
+    if asked is not None and asked > 1 and world_size == 1:
         raise ValueError(
             f"the launcher was asked for {asked} processes ({' '.join(parent_argv[:6])} ...) but "
             "this process runs alone (no WORLD_SIZE): training would not be synchronised. "

@@ -1,0 +1,121 @@
+"""gnlorp-train under real launchers with 2 CPU processes, the world size asserted.
+
+Three launches: torchrun (DDP), `accelerate launch --multi_gpu` (owner-side gradient reduction),
+and `accelerate launch --cpu`, which starts ONE process and must be refused. The 2-process
+checkpoint then resumes on one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TINY_JSON = {
+    "model_type": "llama", "vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
+}  # fmt: skip
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY_JSON))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GNLORP_CACHE_DIR=str(root / "cache"))
+    env.pop("WORLD_SIZE", None)
+    return root, str(config), env
+
+
+def _train_args(config, out, *extra):
+    return [
+        "--model-config", config, "--seq-len", "32", "--batch-size", "2", "--max-steps", "4",
+        "--save-every", "2", "--eval-batches", "1", "--output-dir", str(out), "--no-progress",
+        "--log-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def _run(command, env, timeout=300):
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _shards(folder):
+    return sorted(p.name for p in folder.glob("optimizer-shard-*"))
+
+
+def test_torchrun_two_processes_then_resume_on_one(setting):
+    root, config, env = setting
+    out = root / "torchrun"
+    command = [
+        str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "gnlorp_dist.train", "--world-size", "2",
+        *_train_args(config, out),
+    ]  # fmt: skip
+    code, output = _run(command, env)
+    assert code == 0, output
+    assert "distributed: 2 processes (ddp)" in output
+    assert len(re.findall(r"step +4/4 \| loss", output)) == 1  # rank 0 logs alone
+    step4 = out / "checkpoints" / "step-00000004"
+    assert _shards(step4) == [
+        "optimizer-shard-00000-of-00002.pt",
+        "optimizer-shard-00001-of-00002.pt",
+    ]
+    assert (out / "final" / "model.safetensors").is_file()
+
+    # Same global batch (2 x 2) on one process: the sharded state is resharded to one rank.
+    code, output = _run(
+        [sys.executable, "-m", "gnlorp_dist.train",
+         *_train_args(config, out, "--batch-size", "4", "--max-steps", "6")],
+        env,
+    )  # fmt: skip
+    assert code == 0, output
+    assert "resumed from" in output and "(step 4)" in output
+    assert _shards(out / "checkpoints" / "step-00000006") == ["optimizer-shard-00000-of-00001.pt"]
+
+
+def test_accelerate_multi_gpu_on_cpu_trains_two_synchronised_processes(setting):
+    root, config, env = setting
+    out = root / "accelerate"
+    command = [
+        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.train",
+        "--world-size", "2", "--grad-reduction", "owners", "--grad-clip", "0",
+        *_train_args(config, out),
+    ]  # fmt: skip
+    code, output = _run(command, dict(env, ACCELERATE_USE_CPU="1"))
+    assert code == 0, output
+    assert "distributed: 2 processes (owners)" in output
+    weights = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    first, last = map(float, re.search(r"train loss ([\d.]+) -> ([\d.]+)", output).groups())
+    assert last < first
+
+
+def test_accelerate_cpu_flag_starting_one_process_is_refused(setting):
+    root, config, env = setting
+    command = [
+        str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gnlorp_dist.train",
+        *_train_args(config, root / "refused"),
+    ]  # fmt: skip
+    code, output = _run(command, env)
+    assert code != 0
+    assert "asked for 2 processes" in output and "runs alone" in output
+    assert not (root / "refused" / "checkpoints").exists()  # refused before any training
