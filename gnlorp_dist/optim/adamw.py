@@ -60,8 +60,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
        ranks (one scalar all-reduce) so all ranks raise together, before any weight or
        projector changes;
     3. update the blocks this rank owns (projected or dense);
-    4. broadcast every updated block from its owner (asynchronously, then wait), so all ranks
-       hold bitwise identical weights.
+    4. broadcast every updated block from its owner, asynchronously as soon as it is updated
+       (overlapping the updates still to come), then wait: all ranks hold bitwise identical
+       weights.
 
     With ``reduce_gradients=True`` (a model NOT wrapped in DDP) phase 1 also reduces each block's
     gradient to its owner and averages it there, instead of DDP's all-reduce to every rank: a
@@ -155,14 +156,17 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         work = self._collect()
         if self.reduce_gradients:
             self._reduce_gradients_to_owners(work)
-        mine = [(group, param, name) for group, param, name in work if self.owns(param)]
-        self._refresh_subspaces(mine)
-        for group, param, _name in mine:
-            if "rank" in group:
-                self._update_projected(group, param)
-            else:
-                self._update_dense(group, param, self.owned_block(param))
-        self._broadcast_updates(work)
+        self._refresh_subspaces([w for w in work if self.owns(w[1])])
+        handles = []
+        for group, param, _name in work:
+            if self.owns(param):
+                if "rank" in group:
+                    self._update_projected(group, param)
+                else:
+                    self._update_dense(group, param, self.owned_block(param))
+            # Sent while the next parameters update: communication overlaps computation.
+            handles.extend(self._broadcast_blocks(param))
+        wait_all(handles)
         return loss
 
     def ownership(self) -> dict[Tensor, list[OwnedBlock]]:
@@ -206,16 +210,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         for rows in owned:
             rows.div_(self.comm.world_size)
 
-    def _broadcast_updates(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
-        """Phase 4: every updated block from its owner to all ranks."""
+    def _broadcast_blocks(self, param: Tensor) -> list[Any]:
+        """Phase 4 for one parameter: each of its blocks from its owner to every rank."""
         if self.comm.world_size == 1:
-            return
+            return []
         handles = []
-        for _group, param, _name in work:
-            for block in self.ownership()[param]:
-                rows = param.data if block.whole else param.data[block.row_start : block.row_stop]
-                handles.append(self.comm.broadcast(rows, src=block.owner))
-        wait_all(handles)
+        for block in self.ownership()[param]:
+            rows = param.data if block.whole else param.data[block.row_start : block.row_stop]
+            handles.append(self.comm.broadcast(rows, src=block.owner))
+        return handles
 
     def _collect(self) -> list[tuple[dict[str, Any], Tensor, str]]:
         """Phase 1: (group, param, name) for every parameter that has a gradient."""
