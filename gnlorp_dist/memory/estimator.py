@@ -372,9 +372,8 @@ def _notes(config: MemoryConfig, shape: ModelShape) -> list[str]:
     ]
     if config.projected and config.state_bits == 8 and config.dtype == "bf16":
         notes.append(
-            "8-bit states with bf16 weights: GradNormLoRPAdamW's projected update currently "
-            "raises (float32 low-rank direction @ bf16 projection matrix); modelled as if the "
-            "direction were cast to bf16 before it is projected back"
+            "8-bit states with bf16 weights: the float32 low-rank direction is cast to bf16 "
+            "before it is projected back (as GradNormLoRPAdamW does)"
         )
     if config.fused_8bit_update and config.state_bits == 8 and config.projected:
         notes.append(
