@@ -384,7 +384,7 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
     c = run.config
     _describe(run)
     result = TrainResult(final_step=run.start_step)
-    tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
+    tokens_per_step = c.batch_size * c.grad_accum * c.seq_len * run.context.world_size
     bar = tqdm(
         total=c.max_steps,
         initial=run.start_step,
