@@ -410,15 +410,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):
     """``GradNormLoRPAdamW(..., bits=8)``: block-wise 8-bit Adam moments."""
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-    ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=8)
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any) -> None:
+        if "bits" in kwargs:
+            raise ValueError(f"GradNormLoRPAdamW8bit takes no bits= (got {kwargs['bits']!r})")
+        super().__init__(params, bits=8, **kwargs)
 
 
 def _non_finite_error(names: list[str], state: Any, due: list[Any]) -> ValueError:
