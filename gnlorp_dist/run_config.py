@@ -80,9 +80,10 @@ class RunConfig:
     bits: int = 32
     """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments)."""
     per_layer: bool = False
-    """gradnormlorp/galore on one process: update each parameter inside the backward pass and
-    free its gradient (with --grad-accum: low-rank gradient sums; --grad-clip then clips each
-    parameter's update input on its own, there being no global gradient norm)."""
+    """gradnormlorp/galore: update each parameter inside the backward pass and free its gradient
+    (with --grad-accum: low-rank gradient sums; --grad-clip then clips each parameter's update
+    input on its own, there being no global gradient norm). Several processes: needs
+    --grad-reduction owners and --grad-clip 0."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them."""
     world_size: int | None = None

@@ -175,10 +175,10 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
     User mistakes raise ValueError before any training happens.
     """
     config, llama = resolve(config)
-    if context.world_size > 1 and config.per_layer:
+    if context.world_size > 1 and config.per_layer and config.grad_reduction != "owners":
         raise ValueError(
-            f"--per-layer with {context.world_size} processes is not supported yet: per-layer "
-            "updates run on one process; drop --per-layer or launch one process"
+            f"--per-layer with {context.world_size} processes needs --grad-reduction owners: the "
+            "hooks reduce each gradient to its owner themselves, and DDP would reduce it again"
         )
     if context.world_size > 1 and config.grad_reduction == "owners":
         if config.optimizer == "adamw" or config.grad_clip > 0:

@@ -355,32 +355,75 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         ``max_grad_norm > 0`` clips, per parameter, the tensor Adam consumes (the summed
         low-rank gradient of a projected parameter, the full gradient of a dense one) to that
         norm: with updates inside the backward pass there is no global gradient norm.
+
+        Over several ranks (the model NOT wrapped in DDP), each gradient is reduced to the rank
+        that owns its state, the owner updates, and the updated blocks are broadcast before the
+        hook returns, so every rank leaves the backward pass with the same weights.
         """
         group, name = self.group_and_name(param)
         if param.grad is None:
             return
-        state = self.state[param]
-        if "rank" not in group:
-            if last_micro_batch:
+        projected = "rank" in group
+        if projected and param.grad.dim() != 2:
+            raise _flat_gradient_error(name, param.grad)
+        distributed = self.comm.world_size > 1
+        if distributed and (projected or last_micro_batch):
+            # A projected gradient is reduced every micro-batch (its owner sums it in low rank,
+            # so no full gradient waits for the next one); a dense one accumulates locally and
+            # is reduced once, at the last micro-batch.
+            self._reduce_gradients_to_owners([(group, param, name)])
+            if not self.owns(param):
+                param.grad = None
+        if param.grad is not None:
+            if projected:
+                self._consume_projected(
+                    group, param, name, first_micro_batch, last_micro_batch, max_grad_norm
+                )
+            elif last_micro_batch:
                 clip_by_norm_(param.grad, max_grad_norm)
                 self._update_dense(group, param, self.owned_block(param))
                 param.grad = None
-            return
-        if param.grad.dim() != 2:
-            raise _flat_gradient_error(name, param.grad)
-        if first_micro_batch and self._refresh_due(group, param):
-            self._check_refresh_gradient(param, name)
+        if distributed and projected and first_micro_batch:
+            self._agree_on_refresh_verdict(param, name)
+        if distributed and last_micro_batch:
+            wait_all(self._broadcast_blocks(param))
+
+    def _consume_projected(
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        name: str,
+        first: bool,
+        last: bool,
+        max_grad_norm: float,
+    ) -> None:
+        state = self.state[param]
+        if first and self._refresh_due(group, param):
+            if self.comm.world_size == 1:
+                self._check_refresh_gradient(param, name)
+            elif not bool(torch.isfinite(param.grad).all()):
+                # Raised on every rank together, by _agree_on_refresh_verdict.
+                state["non_finite_refresh"] = True
+                param.grad = None
+                return
             self._refresh(group, param)
         side = projection_side(param.shape, group["proj_type"])
         low_rank_grad = project(param.grad, state["proj"], side)
         param.grad = None
-        if not first_micro_batch:
+        if not first:
             low_rank_grad = state.pop("low_rank_grad_sum").add_(low_rank_grad)
-        if not last_micro_batch:
+        if not last:
             state["low_rank_grad_sum"] = low_rank_grad
             return
         clip_by_norm_(low_rank_grad, max_grad_norm)
         self._update_projected(group, param, low_rank_grad)
+
+    def _agree_on_refresh_verdict(self, param: Tensor, name: str) -> None:
+        """Every rank raises if the owner met a non-finite gradient at a refresh (one scalar)."""
+        flag = torch.tensor([float(self.state.get(param, {}).pop("non_finite_refresh", False))])
+        wait_all([self.comm.all_reduce_sum(flag)])
+        if flag.item() > 0:
+            raise _non_finite_error([name], self.state, [(None, param, name)])
 
     def group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
         """``param``'s group and its name (from ``param_names``, else its position)."""

@@ -36,6 +36,11 @@ class PerLayerUpdates:
     - with ``k > 1`` a refresh takes its subspace from the first micro-batch's gradient, not the
       sum (keeping the full sum would bring back the full gradients this mode exists to avoid).
 
+    Over several ranks the model must NOT be wrapped in DDP: each hook reduces its gradient to
+    the owning rank(s) itself (every micro-batch for a projected matrix, which its owner sums in
+    low rank; at the last micro-batch for a dense tensor) and broadcasts the updated weights.
+    Hooks fire in the same order on every rank because the models are identical.
+
     Every trainable parameter must receive a gradient in every backward pass (the hooks count
     micro-batches per parameter). ``optimizer.step()`` is refused while attached: the backward
     pass already stepped, and a second step would be silent double counting.
@@ -53,11 +58,11 @@ class PerLayerUpdates:
                 f"per-layer updates need a GradNormLoRPAdamW, got {type(optimizer).__name__}; "
                 "other optimizers have no per-parameter step"
             )
-        if optimizer.comm.world_size > 1:
+        if optimizer.comm.world_size > 1 and max_grad_norm > 0:
             raise ValueError(
-                f"per-layer updates over {optimizer.comm.world_size} ranks are not supported yet: "
-                "the hooks would step before gradients are reduced. Use optimizer.step() with DDP, "
-                "or per-layer updates on one process."
+                f"max_grad_norm={max_grad_norm} with per-layer updates over "
+                f"{optimizer.comm.world_size} ranks: a dense tensor's gradient is split over its "
+                "row-block owners, so there is no per-parameter norm to clip by; use 0"
             )
         if getattr(optimizer, "per_layer", None) is not None:
             raise ValueError("per-layer updates are already attached to this optimizer")

@@ -111,6 +111,23 @@ def test_accelerate_multi_gpu_on_cpu_matches_torchrun(setting):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
 
 
+def test_torchrun_per_layer_8bit_accumulation_with_owner_reduction(setting):
+    root, config, env = setting
+    out = root / "per-layer"
+    command = [
+        str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "gnlorp_dist.train", "--world-size", "2",
+        "--per-layer", "--bits", "8", "--grad-accum", "2", "--grad-reduction", "owners",
+        "--grad-clip", "0", *_train_args(config, out),
+    ]  # fmt: skip
+    code, output = _run(command, env)
+    assert code == 0, output
+    assert "distributed: 2 processes (owners)" in output
+    first, last = map(float, re.search(r"train loss ([\d.]+) -> ([\d.]+)", output).groups())
+    assert last < first
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def test_accelerate_cpu_flag_starting_one_process_is_refused(setting):
     root, config, env = setting
     command = [

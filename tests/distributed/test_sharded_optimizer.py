@@ -14,7 +14,12 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from gnlorp_dist import (
+    GradNormLoRPAdamW,
+    PerLayerUpdates,
+    apply_weight_norm,
+    projected_param_groups,
+)
 from gnlorp_dist.distributed import (
     ProcessGroupCommunicator,
     broadcast_parameters,
@@ -96,6 +101,7 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
     plain_opt = _optimizer(plain, comm, reduce_gradients=True)
     _train(plain, plain_opt, range(STEPS), rank, world_size)
     result["reduced"] = _flat(plain)
+    result.update(_per_layer_scenario(rank, world_size, comm))
     if resume_from is not None:
         source = out / f"save-{resume_from}"
         resumed = _model()
@@ -106,6 +112,47 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
         _train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world_size)
         result["resumed"] = _flat(resumed)
     torch.save(result, out / f"result-{world_size}-{rank}.pt")
+
+
+PER_LAYER_STEPS, PER_LAYER_GAP, MICRO = 12, 5, 2
+
+
+def _per_layer_micro_batches(step, rank, world_size):
+    """Micro-batch i of this rank: rows of the global batch; the one-process reference's
+    micro-batch i is the concatenation of every rank's micro-batch i."""
+    gen = torch.Generator().manual_seed(5000 + step)
+    rows = torch.randint(0, 128, (12, 16), generator=gen).chunk(world_size)[rank]
+    return list(rows.chunk(MICRO))
+
+
+def _per_layer_train(model, optimizer, micro_batches_for):
+    with PerLayerUpdates(optimizer, accumulation_steps=MICRO):
+        for step in range(PER_LAYER_STEPS):
+            for ids in micro_batches_for(step):
+                (model(input_ids=ids, labels=ids).loss / MICRO).backward()
+
+
+def _per_layer_scenario(rank, world_size, comm):
+    """Per-layer updates with 2 accumulated micro-batches across ranks (no DDP), and on rank 0
+    the one-process reference on the same micro-batches."""
+    groups_of = lambda m: projected_param_groups(m, 6, PER_LAYER_GAP, 0.25)  # noqa: E731
+    model = _model()
+    optimizer = GradNormLoRPAdamW(
+        groups_of(model), lr=1e-2, communicator=comm, reduce_gradients=True
+    )
+    _per_layer_train(model, optimizer, lambda s: _per_layer_micro_batches(s, rank, world_size))
+    out = {"per_layer": _flat(model)}
+    if rank == 0:
+        reference = _model()
+        ref_opt = GradNormLoRPAdamW(groups_of(reference), lr=1e-2, communicator=LocalCommunicator())
+
+        def joined(step):
+            per_rank = [_per_layer_micro_batches(step, r, world_size) for r in range(world_size)]
+            return [torch.cat([m[i] for m in per_rank]) for i in range(MICRO)]
+
+        _per_layer_train(reference, ref_opt, joined)
+        out["per_layer_reference"] = _flat(reference)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +206,15 @@ def test_optimizer_side_gradient_reduction_without_ddp(runs, world_size):
     results = [runs["results"][(world_size, r)]["reduced"] for r in range(world_size)]
     assert _rel(results[0], runs["reference"]) < 1e-4
     assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_per_layer_updates_with_accumulation_across_ranks(runs, world_size):
+    results = [runs["results"][(world_size, r)]["per_layer"] for r in range(world_size)]
+    reference = runs["results"][(world_size, 0)]["per_layer_reference"]
+    assert _rel(results[0], reference) < 1e-4
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    assert _rel(reference, _flat(_model())) > 1e-2
 
 
 def test_save_at_two_ranks_resume_at_three(runs):
