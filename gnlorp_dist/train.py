@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 from transformers.utils import logging as hf_logging
 
 from gnlorp_dist.checkpoint import (
@@ -41,6 +41,7 @@ from gnlorp_dist.distributed import (
     init_distributed,
     wrap_for_data_parallel,
 )
+from gnlorp_dist.evaluation import evaluate, merged_logit_difference
 from gnlorp_dist.models import build_model, count_parameters
 from gnlorp_dist.nn import apply_weight_norm, merge_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
@@ -277,41 +278,6 @@ def train_step(
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         scheduler.step()
     return StepStats(loss=float(total) / len(micro_batches), lr=lr, grad_norm=grad_norm)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, eval_blocks: torch.Tensor, batch_size: int, max_batches: int = 0
-) -> tuple[float, float]:
-    """Mean next-token loss and perplexity over (up to ``max_batches`` batches of) the held-out
-    blocks; every block has the same length, so block weighting is token weighting."""
-    was_training = model.training
-    model.eval()
-    count = eval_blocks.shape[0]
-    if max_batches > 0:
-        count = min(count, max_batches * batch_size)
-    total = 0.0
-    for start in range(0, count, batch_size):
-        ids = eval_blocks[start : min(start + batch_size, count)]
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        total += float(loss) * ids.shape[0]
-    model.train(was_training)
-    mean = total / count
-    return mean, math.exp(min(mean, 700.0))
-
-
-@torch.no_grad()
-def merged_logit_difference(model: nn.Module, final_dir: Path, ids: torch.Tensor) -> float:
-    """Max |logit difference| between the trained model and its merged copy reloaded with
-    stock ``transformers.AutoModelForCausalLM`` from ``final_dir``."""
-    reloaded = AutoModelForCausalLM.from_pretrained(str(final_dir), local_files_only=True)
-    reloaded.eval()
-    was_training = model.training
-    model.eval()
-    ours = model(input_ids=ids, use_cache=False).logits.float()
-    theirs = reloaded(input_ids=ids, use_cache=False).logits.float()
-    model.train(was_training)
-    return float((ours - theirs).abs().max())
 
 
 # --------------------------------------------------------------------------------------- loop

@@ -6,7 +6,6 @@ and :mod:`gnlorp_dist.optim.functional`.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,16 +17,17 @@ from gnlorp_dist.optim.comm import Communicator, LocalCommunicator, wait_all
 from gnlorp_dist.optim.functional import clip_by_norm_, dense_adamw_step, projected_adamw_step
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.quantized import MomentStore
+from gnlorp_dist.optim.validation import (
+    flat_gradient_error,
+    non_finite_error,
+    validate_projected_group,
+)
 from gnlorp_dist.projection import (
-    PROJ_TYPES,
-    SVD_METHODS,
     compute_projection,
     low_rank_shape,
     project,
     projection_side,
 )
-
-PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 
 class GradNormLoRPAdamW(torch.optim.Optimizer):
@@ -136,7 +136,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if group["bits"] not in (8, 32):
             raise ValueError(f"bits={group['bits']!r} is not supported; use 32 or 8")
         if "rank" in group:
-            _validate_projected_group(group, len(self.param_groups) - 1)
+            validate_projected_group(group, len(self.param_groups) - 1)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                     raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
                 name = names[index] if names else f"param_groups[{group_index}][{index}]"
                 if "rank" in group and param.grad.dim() != 2:
-                    raise _flat_gradient_error(name, param.grad)
+                    raise flat_gradient_error(name, param.grad)
                 work.append((group, param, name))
         return work
 
@@ -247,13 +247,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         verdict = torch.tensor([float(len(bad))])
         wait_all([self.comm.all_reduce_sum(verdict)])
         if verdict.item() > 0:
-            raise _non_finite_error(bad or ["a parameter owned by another rank"], self.state, due)
+            raise non_finite_error(bad or ["a parameter owned by another rank"], self.state, due)
         for group, param, _name in due:
             self._refresh(group, param)
 
     def _check_refresh_gradient(self, param: Tensor, name: str) -> None:
         if not bool(torch.isfinite(param.grad).all()):
-            raise _non_finite_error([name], self.state, [(None, param, name)])
+            raise non_finite_error([name], self.state, [(None, param, name)])
 
     def _refresh(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]
@@ -365,7 +365,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             return
         projected = "rank" in group
         if projected and param.grad.dim() != 2:
-            raise _flat_gradient_error(name, param.grad)
+            raise flat_gradient_error(name, param.grad)
         distributed = self.comm.world_size > 1
         if distributed and (projected or last_micro_batch):
             # A projected gradient is reduced every micro-batch (its owner sums it in low rank,
@@ -423,7 +423,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         flag = torch.tensor([float(self.state.get(param, {}).pop("non_finite_refresh", False))])
         wait_all([self.comm.all_reduce_sum(flag)])
         if flag.item() > 0:
-            raise _non_finite_error([name], self.state, [(None, param, name)])
+            raise non_finite_error([name], self.state, [(None, param, name)])
 
     def group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
         """``param``'s group and its name (from ``param_names``, else its position)."""
@@ -457,67 +457,3 @@ class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):
         if "bits" in kwargs:
             raise ValueError(f"GradNormLoRPAdamW8bit takes no bits= (got {kwargs['bits']!r})")
         super().__init__(params, bits=8, **kwargs)
-
-
-def _non_finite_error(names: list[str], state: Any, due: list[Any]) -> ValueError:
-    steps = sorted({int(state[param].get("step", 0)) for _g, param, _n in due}) or ["?"]
-    return ValueError(
-        f"{', '.join(names)}: non-finite gradient at a subspace refresh (step {steps[0]}); the "
-        "projector was not refreshed and no parameter was updated. Lower the learning rate, "
-        "enable gradient clipping, or check the loss scale."
-    )
-
-
-def _flat_gradient_error(name: str, grad: Tensor) -> ValueError:
-    return ValueError(
-        f"{name}: a projected parameter reached the optimizer with a {grad.dim()}-D gradient of "
-        f"shape {tuple(grad.shape)}; the projector needs the true 2-D gradient. Flat gradients "
-        "come from an engine that flattens parameters (DeepSpeed ZeRO, bf16 optimizer wrapper): "
-        "use gnlorp_dist's DeepSpeed integration instead of passing this optimizer to the engine "
-        "directly."
-    )
-
-
-def _validate_projected_group(group: dict[str, Any], group_index: int) -> None:
-    """User mistakes in a projected group, raised at construction with the value and the fix."""
-    where = f"param_groups[{group_index}]"
-    missing = [key for key in PROJECTED_GROUP_KEYS if key not in group]
-    if missing:
-        raise ValueError(
-            f"{where} has 'rank' but lacks {missing}; a projected group needs "
-            f"{list(PROJECTED_GROUP_KEYS)} (see gnlorp_dist.projected_param_groups)"
-        )
-    rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"{where}: rank={rank!r} must be a positive integer")
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(
-            f"{where}: update_proj_gap={gap!r} must be a positive integer (steps between "
-            "subspace refreshes; GaLore uses 200)"
-        )
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{where}: scale={scale!r} must be a finite number")
-    if group["proj_type"] not in PROJ_TYPES:
-        raise ValueError(
-            f"{where}: proj_type={group['proj_type']!r} is not supported; use one of {PROJ_TYPES}"
-        )
-    if group.get("svd_method", "svd") not in SVD_METHODS:
-        raise ValueError(
-            f"{where}: svd_method={group['svd_method']!r} is not supported; use one of {SVD_METHODS}"
-        )
-    names = group.get("param_names")
-    for index, param in enumerate(group["params"]):
-        name = names[index] if names else f"{where}['params'][{index}]"
-        if hasattr(param, "ds_shape") or param.dim() != 2:
-            raise ValueError(
-                f"{name}: shape {tuple(param.shape)} cannot be projected; a projected group takes "
-                "2-D matrices only. Put 1-D tensors (biases, norms, magnitudes) in a group "
-                "without 'rank'. A flattened or sharded parameter (DeepSpeed ZeRO) must go through "
-                "gnlorp_dist's DeepSpeed integration."
-            )
-        if rank > min(param.shape):
-            raise ValueError(
-                f"{name}: rank={rank} exceeds min(shape)={min(param.shape)} of shape "
-                f"{tuple(param.shape)}; use rank <= {min(param.shape)} or leave this matrix out "
-                "of the projected group"
-            )

@@ -1,0 +1,76 @@
+"""User-facing errors of GradNormLoRPAdamW: the group checks and the messages, with the fix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
+
+PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+def non_finite_error(names: list[str], state: Any, due: list[Any]) -> ValueError:
+    steps = sorted({int(state[param].get("step", 0)) for _g, param, _n in due}) or ["?"]
+    return ValueError(
+        f"{', '.join(names)}: non-finite gradient at a subspace refresh (step {steps[0]}); the "
+        "projector was not refreshed and no parameter was updated. Lower the learning rate, "
+        "enable gradient clipping, or check the loss scale."
+    )
+
+
+def flat_gradient_error(name: str, grad: Tensor) -> ValueError:
+    return ValueError(
+        f"{name}: a projected parameter reached the optimizer with a {grad.dim()}-D gradient of "
+        f"shape {tuple(grad.shape)}; the projector needs the true 2-D gradient. Flat gradients "
+        "come from an engine that flattens parameters (DeepSpeed ZeRO, bf16 optimizer wrapper): "
+        "use gnlorp_dist's DeepSpeed integration instead of passing this optimizer to the engine "
+        "directly."
+    )
+
+
+def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
+    """User mistakes in a projected group, raised at construction with the value and the fix."""
+    where = f"param_groups[{group_index}]"
+    missing = [key for key in PROJECTED_GROUP_KEYS if key not in group]
+    if missing:
+        raise ValueError(
+            f"{where} has 'rank' but lacks {missing}; a projected group needs "
+            f"{list(PROJECTED_GROUP_KEYS)} (see gnlorp_dist.projected_param_groups)"
+        )
+    rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"{where}: rank={rank!r} must be a positive integer")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(
+            f"{where}: update_proj_gap={gap!r} must be a positive integer (steps between "
+            "subspace refreshes; GaLore uses 200)"
+        )
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{where}: scale={scale!r} must be a finite number")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(
+            f"{where}: proj_type={group['proj_type']!r} is not supported; use one of {PROJ_TYPES}"
+        )
+    if group.get("svd_method", "svd") not in SVD_METHODS:
+        raise ValueError(
+            f"{where}: svd_method={group['svd_method']!r} is not supported; use one of {SVD_METHODS}"
+        )
+    names = group.get("param_names")
+    for index, param in enumerate(group["params"]):
+        name = names[index] if names else f"{where}['params'][{index}]"
+        if hasattr(param, "ds_shape") or param.dim() != 2:
+            raise ValueError(
+                f"{name}: shape {tuple(param.shape)} cannot be projected; a projected group takes "
+                "2-D matrices only. Put 1-D tensors (biases, norms, magnitudes) in a group "
+                "without 'rank'. A flattened or sharded parameter (DeepSpeed ZeRO) must go through "
+                "gnlorp_dist's DeepSpeed integration."
+            )
+        if rank > min(param.shape):
+            raise ValueError(
+                f"{name}: rank={rank} exceeds min(shape)={min(param.shape)} of shape "
+                f"{tuple(param.shape)}; use rank <= {min(param.shape)} or leave this matrix out "
+                "of the projected group"
+            )
