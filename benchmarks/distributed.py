@@ -36,6 +36,7 @@ from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_gr
 from gnlorp_dist.distributed import ProcessGroupCommunicator
 from gnlorp_dist.models import build_model, llama_config, model_spec
 from gnlorp_dist.optim.comm import LocalCommunicator
+from gnlorp_dist.optim.quantized import state_bytes as state_bytes_of
 from gnlorp_dist.projection import low_rank_shape, projection_side
 
 STEPS = 4  # refreshes at steps 0 and 2
@@ -100,12 +101,7 @@ def _run_rank(rank, world_size, model_name, out_dir, init_file, mode):
         start = time.perf_counter()
         optimizer.step()
         step_times.append(time.perf_counter() - start)
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for s in optimizer.state.values()
-        for v in s.values()
-        if torch.is_tensor(v)
-    )
+    state_bytes = sum(state_bytes_of(s) for s in optimizer.state.values())
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {
         "rank": rank,

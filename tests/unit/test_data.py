@@ -1,7 +1,6 @@
 """Embedded corpus, default tokenizer, local files, blocks, the held-out split, batch order."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -26,18 +25,7 @@ from gnlorp_dist.data import (
     split_train_eval,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_shared_cache(tmp_path_factory):
-    """No network at all, and one token cache for the whole session."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GNLORP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gnlorp-cache"))
-        mp.setattr(socket.socket, "connect", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("offline_shared_cache")
 
 
 @pytest.fixture(scope="module")

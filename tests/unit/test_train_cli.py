@@ -5,7 +5,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,17 +26,7 @@ TINY_JSON = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_shared_cache(tmp_path_factory):
-    """No network, and the session's token cache (the corpus is tokenised once)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GNLORP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gnlorp-cache"))
-        mp.setattr(socket.socket, "connect", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("offline_shared_cache")
 
 
 @pytest.fixture(scope="module")

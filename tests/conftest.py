@@ -1,0 +1,19 @@
+"""Fixtures shared by several test modules."""
+
+import socket
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def offline_shared_cache(tmp_path_factory):
+    """No network at all, and one token cache for the whole session (the corpus is tokenised
+    once). Modules opt in with ``pytestmark = pytest.mark.usefixtures("offline_shared_cache")``."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GNLORP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gnlorp-cache"))
+        mp.setattr(socket.socket, "connect", refuse)
+        yield
