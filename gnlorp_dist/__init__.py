@@ -16,6 +16,11 @@ from gnlorp_dist.optim import (
     projected_param_groups,
 )
 
+# Registers the default communicator and the DeepSpeed ZeRO layouts with the optimizer (cheap:
+# neither imports DeepSpeed, and torch.distributed is part of torch).
+import gnlorp_dist.distributed  # noqa: E402, F401
+import gnlorp_dist.integrations.deepspeed  # noqa: E402, F401
+
 __version__ = "0.1.0"
 
 __all__ = [

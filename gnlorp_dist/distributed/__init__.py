@@ -15,6 +15,9 @@ from gnlorp_dist.distributed.launch import (
     wrap_for_data_parallel,
 )
 from gnlorp_dist.distributed.sharded_state import load_sharded_optimizer, save_sharded_optimizer
+from gnlorp_dist.optim.comm import register_default_communicator
+
+register_default_communicator(communicator_for_current_process)
 
 __all__ = [
     "SINGLE_PROCESS",

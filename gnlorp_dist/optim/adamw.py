@@ -13,7 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import Communicator, LocalCommunicator, wait_all
+from gnlorp_dist.optim.comm import Communicator, default_communicator, wait_all
+from gnlorp_dist.optim.fragment_step import (
+    LAYOUT_KEY,
+    find_flattened_groups,
+    step_flattened_group,
+)
 from gnlorp_dist.optim.functional import clip_by_norm_, dense_adamw_step, projected_adamw_step
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.quantized import MomentStore
@@ -70,7 +75,14 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     communicates what DDP + AdamW does.
 
     On one process the communicator is a :class:`LocalCommunicator`: phases 2 and 4 skip their
-    communication and the code path is otherwise the same.
+    communication and the code path is otherwise the same. Without a ``communicator`` the job's
+    default is used: one process, or the ``torch.distributed`` group once the launcher or engine
+    created it.
+
+    Under DeepSpeed ZeRO 1/2/3 the engine hands this optimizer flat partitions instead of its
+    matrices; ``step()`` then recognises the engine's layout and runs the same math on this
+    rank's runs of each matrix (:mod:`gnlorp_dist.optim.fragment_step`): low-rank partial sums go
+    to the matrix's owner, which alone holds its moments and computes its SVD.
 
     ``bits=8`` keeps Adam's moments block-wise 8-bit quantised (see
     :mod:`gnlorp_dist.optim.quantized`; the update math is unchanged, it reads and writes the
@@ -92,18 +104,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         communicator: Communicator | None = None,
         reduce_gradients: bool = False,
     ) -> None:
-        if communicator is None:
-            launched = int(os.environ.get("WORLD_SIZE", "1"))
-            if launched > 1:
-                raise ValueError(
-                    f"WORLD_SIZE={launched} but no communicator was given: every rank would keep "
-                    "all optimizer states and recompute every SVD on its own. Pass "
-                    "communicator=gnlorp_dist.distributed.ProcessGroupCommunicator() (after "
-                    "torch.distributed is initialised), or LocalCommunicator() to replicate "
-                    "the optimizer on purpose."
-                )
-            communicator = LocalCommunicator()
-        self.comm = communicator
+        # None: the job's default (one process, or the torch.distributed group once an engine
+        # such as deepspeed.initialize has created it), resolved at the latest at the first step.
+        self._comm = communicator if communicator is not None else default_communicator()
         self.reduce_gradients = reduce_gradients
         if not (isinstance(lr, (int, float)) and lr >= 0.0):
             raise ValueError(f"lr={lr!r} must be a number >= 0")
@@ -125,6 +128,26 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """The attached :class:`PerLayerUpdates`, if any (then ``step()`` is refused)."""
         self.refresh_count = 0
         """Subspaces this rank has computed (each refresh happens on one rank only)."""
+        self.flattened_plan: dict[str, int] | None = None
+        """Owner rank of each projected matrix by name, when an engine flattened them."""
+
+    @property
+    def comm(self) -> Communicator:
+        """The ranks this optimizer shards its state over (see :mod:`gnlorp_dist.optim.comm`)."""
+        if self._comm is None:
+            self._comm = default_communicator()
+            if self._comm is None:
+                launched = os.environ.get("WORLD_SIZE")
+                raise ValueError(
+                    f"WORLD_SIZE={launched} but no communicator was given and torch.distributed "
+                    "is not initialised: every rank would keep all optimizer states and "
+                    "recompute every SVD on its own. Initialise the process group first "
+                    "(deepspeed.initialize, accelerate, torch.distributed.init_process_group) and "
+                    "import gnlorp_dist, or pass communicator=gnlorp_dist.distributed."
+                    "ProcessGroupCommunicator(), or LocalCommunicator() to replicate the "
+                    "optimizer on purpose."
+                )
+        return self._comm
 
     # -- construction-time validation ------------------------------------------------------
 
@@ -133,6 +156,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self._blocks: dict[Tensor, list[OwnedBlock]] | None = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # Engines that flatten parameters (DeepSpeed ZeRO) replace group["params"]; the model's
+        # own tensors and the group dicts are what maps their flat runs back to matrices.
+        if not hasattr(self, "model_params"):
+            self.model_params: list[list[Tensor]] = []
+            self.groups_at_construction: list[dict[str, Any]] = []
+        self.model_params.append(list(group["params"]))
+        self.groups_at_construction.append(group)
         if group["bits"] not in (8, 32):
             raise ValueError(f"bits={group['bits']!r} is not supported; use 32 or 8")
         if "rank" in group:
@@ -153,6 +183,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        flattened = find_flattened_groups(self)
+        if flattened:
+            for group_index, layout, engine_params in flattened:
+                step_flattened_group(self, group_index, layout, engine_params)
+            return loss
         work = self._collect()
         if self.reduce_gradients:
             self._reduce_gradients_to_owners(work)
@@ -257,14 +292,18 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
 
     def _refresh(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]
-        side = projection_side(param.shape, group["proj_type"])
+        state["proj"] = self.compute_basis(group, param.grad, state)
+
+    def compute_basis(self, group: dict[str, Any], grad_MN: Tensor, state: dict[str, Any]) -> Tensor:
+        """A new subspace basis from a whole 2-D gradient (counted in ``refresh_count``)."""
+        side = projection_side(grad_MN.shape, group["proj_type"])
         generator = None
         if group.get("svd_method", "svd") == "randomized":
-            generator = torch.Generator(device=param.grad.device)
+            generator = torch.Generator(device=grad_MN.device)
             generator.manual_seed(int(state.get("step", 0)))
         self.refresh_count += 1
-        state["proj"] = compute_projection(
-            param.grad,
+        return compute_projection(
+            grad_MN,
             group["rank"],
             side,
             method=group.get("svd_method", "svd"),
@@ -439,6 +478,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         return self._lookup[param]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_layout = state_dict["state"].get(LAYOUT_KEY)
+        if saved_layout is not None and saved_layout["world_size"] != self.comm.world_size:
+            raise ValueError(
+                f"this optimizer state was saved by rank {self.comm.rank}'s shard of a "
+                f"{saved_layout['engine']} job on {saved_layout['world_size']} ranks and cannot "
+                f"be loaded on {self.comm.world_size}: low-rank states belong to the ranks that "
+                "owned them. Resume on the same number of ranks, or save with "
+                "gnlorp_dist.integrations.deepspeed.save_checkpoint, whose optimizer shards "
+                "reshard to any world size."
+            )
         super().load_state_dict(state_dict)
         # torch casts every loaded state tensor to its parameter's dtype; ours were saved in the
         # dtype they must keep (uint8 codes, float32 block scales), so restore those.

@@ -8,6 +8,8 @@ in :mod:`gnlorp_dist.distributed` (the only package that imports it).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Protocol
 
 from torch import Tensor
@@ -47,6 +49,7 @@ class LocalCommunicator:
 
     rank = 0
     world_size = 1
+    device = "cpu"
 
     def broadcast(self, tensor: Tensor, src: int) -> None:
         assert src == 0, src
@@ -65,3 +68,27 @@ def wait_all(handles: list[Handle | None]) -> None:
     for handle in handles:
         if handle is not None:
             handle.wait()
+
+
+_default_factory: Callable[[], Communicator | None] | None = None
+
+
+def register_default_communicator(factory: Callable[[], Communicator | None]) -> None:
+    """The communicator an optimizer built without one uses when the job has several ranks.
+
+    ``gnlorp_dist.distributed`` registers one over the default ``torch.distributed`` group, so
+    the plain ``GradNormLoRPAdamW(groups)`` that DeepSpeed, Accelerate and the Trainer build
+    shards its state once the engine has initialised the process group.
+    """
+    global _default_factory
+    _default_factory = factory
+
+
+def default_communicator() -> Communicator | None:
+    """A communicator for this process, or None if the job's ranks cannot be reached yet.
+
+    One process (no ``WORLD_SIZE``, or 1) gets a :class:`LocalCommunicator`.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return LocalCommunicator()
+    return _default_factory() if _default_factory is not None else None

@@ -64,7 +64,34 @@ def projected_adamw_step(
     update_moments_(exp_avg, exp_avg_sq, low_rank_grad, beta1, beta2)
     # 8-bit moments come back as float32: project back in the basis's dtype (bf16 runs).
     direction_low = normalized_low_rank_update(exp_avg, exp_avg_sq, eps).to(proj.dtype)
-    direction_full = project_back(direction_low, proj, side)
+    apply_projected_update_(
+        param,
+        project_back(direction_low, proj, side),
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        scale=scale,
+    )
+
+
+def apply_projected_update_(
+    param: Tensor,
+    direction_full: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
+    """The element-wise tail of :func:`projected_adamw_step`, in place on ``param``.
+
+    ``direction_full`` is the back-projected Adam direction of the elements of ``param``; any
+    slice of a matrix can be updated on its own, which is what sharded (ZeRO) layouts do.
+    """
     param.add_(direction_full, alpha=-galore_step_size(lr, beta1, beta2, step) * scale)
     if weight_decay > 0.0:
         param.add_(param, alpha=-lr * weight_decay)

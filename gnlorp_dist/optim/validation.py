@@ -14,8 +14,12 @@ PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 def non_finite_error(names: list[str], state: Any, due: list[Any]) -> ValueError:
     steps = sorted({int(state[param].get("step", 0)) for _g, param, _n in due}) or ["?"]
+    return non_finite_refresh_error(names, steps[0])
+
+
+def non_finite_refresh_error(names: list[str], step: int | str) -> ValueError:
     return ValueError(
-        f"{', '.join(names)}: non-finite gradient at a subspace refresh (step {steps[0]}); the "
+        f"{', '.join(names)}: non-finite gradient at a subspace refresh (step {step}); the "
         "projector was not refreshed and no parameter was updated. Lower the learning rate, "
         "enable gradient clipping, or check the loss scale."
     )

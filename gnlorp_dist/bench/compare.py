@@ -1,0 +1,295 @@
+"""The comparison and the sweeps behind ``gnlorp-bench``: build, train, measure, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gnlorp_dist.bench import plots
+from gnlorp_dist.bench.config import BenchConfig, hyper, resolve
+from gnlorp_dist.bench.logs import RunLogger, tensorboard_writer_class
+from gnlorp_dist.bench.methods import missing_dependency
+from gnlorp_dist.bench.report import (
+    comparison_table,
+    environment,
+    max_relative_difference,
+    sweep_table,
+    write_json,
+)
+from gnlorp_dist.bench.runner import (
+    MethodRun,
+    measure_memory,
+    start_run,
+    summarize,
+    train_interleaved,
+)
+from gnlorp_dist.data import TrainData, build_data
+from gnlorp_dist.models import build_model_on_meta, count_parameters
+
+_SWEEP_KEYS = {"rank": "rank", "gap": "update_proj_gap"}
+_SWEEP_LABELS = {"rank": "projection rank r", "gap": "subspace refresh gap T (steps)"}
+
+
+def _check_dependencies(methods: tuple[str, ...], tensorboard: bool) -> None:
+    for method in methods:
+        package = missing_dependency(method)
+        if package is not None:
+            raise ModuleNotFoundError(
+                f"method {method!r} needs the package {package!r}, which is not importable: "
+                f"pip install {package}, or leave {method} out of --methods",
+                name=package,
+            )
+    if tensorboard:
+        tensorboard_writer_class()
+
+
+def _data(config: BenchConfig) -> tuple[TrainData, list[Tensor]]:
+    data = build_data(
+        data=config.data,
+        tokenizer=config.tokenizer,
+        seq_len=config.seq_len,
+        global_batch=config.batch_size,
+        seed=config.seed,
+    )
+    # Drawn once: every method trains on exactly these batches, in this order.
+    return data, [data.train.next_batch() for _ in range(config.steps)]
+
+
+def _logger(config: BenchConfig, stem: str) -> RunLogger:
+    out = Path(config.output_dir)
+    tensorboard_dir = out / "tensorboard" / stem if config.tensorboard else None
+    return RunLogger(out / f"{stem}.log", config.log_every, tensorboard_dir)
+
+
+def _settings(config: BenchConfig, llama: Any, data: TrainData) -> dict[str, Any]:
+    return {
+        **dataclasses.asdict(config),
+        "num_parameters": count_parameters(build_model_on_meta(llama)),
+        "data_description": data.description,
+        "tokens_per_step": config.batch_size * config.seq_len,
+    }
+
+
+def _start(config: BenchConfig, llama: Any, label: str, method: str, **override: int) -> MethodRun:
+    return start_run(
+        label,
+        method,
+        llama,
+        hyper(config, **override),
+        seed=config.seed,
+        warmup_steps=int(config.warmup_steps or 0),
+        steps=config.steps,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+
+
+def _header(config: BenchConfig, llama: Any, data: TrainData, logger: RunLogger) -> None:
+    hp = hyper(config)
+    logger.line(
+        f"gnlorp-bench: {config.model_config or config.model} "
+        f"({count_parameters(build_model_on_meta(llama)):,} parameters), {config.steps} steps of "
+        f"{config.batch_size} x {config.seq_len} tokens, seed {config.seed}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    logger.line(f"data: {data.description}")
+    logger.line(
+        f"projected methods: lr {hp.lr:g}, rank {hp.rank}, T {hp.update_proj_gap}, "
+        f"scale {hp.scale}, {hp.proj_type}; adamw/adamw8bit/lora/dora: lr {hp.adamw_lr:g}; "
+        f"lora/dora rank {hp.lora_rank}, alpha {hp.lora_alpha:g}; warmup {config.warmup_steps} "
+        f"+ cosine to {config.min_lr_ratio:g}x; clip {config.grad_clip or 'off'}; "
+        f"weight decay {config.weight_decay:g}"
+    )
+
+
+def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
+    """Train every method of ``config``, measure them, write table, JSON, log and plots."""
+    out = Path(config.output_dir)
+    data, batches = _data(config)
+    logger = _logger(config, "compare")
+    try:
+        _header(config, llama, data, logger)
+        runs = [_start(config, llama, m, m) for m in config.methods]
+        started = time.perf_counter()
+        train_interleaved(runs, batches, config.grad_clip, logger)
+        logger.line(f"trained {len(runs)} methods in {time.perf_counter() - started:.1f} s")
+        results = {}
+        for run in runs:
+            result = summarize(
+                run, data.eval_blocks, config.batch_size, config.eval_batches, config.loss_window
+            )
+            del run.setup.model, run.setup.optimizer  # free before the next memory probe
+            if config.measure_memory:
+                result["memory"] = measure_memory(
+                    result["method"],
+                    llama,
+                    run.hp,
+                    seed=config.seed,
+                    batch=batches[0],
+                    grad_clip=config.grad_clip,
+                )
+            results[run.label] = result
+            logger.final(run.label, _final_metrics(result))
+        payload = _comparison_payload(config, llama, data, results)
+        table = comparison_table(results, config.loss_window)
+        summary = _comparison_notes(payload)
+        logger.line("\n" + table + ("\n\n" + "\n".join(summary) if summary else ""))
+    finally:
+        logger.close()
+    (out / "compare.txt").write_text(table + "\n\n" + "\n".join(summary) + "\n")
+    title = f"{config.model_config or config.model}, {config.steps} steps, seed {config.seed}"
+    files = {
+        "table": out / "compare.txt",
+        "json": out / "compare.json",
+        "log": out / "compare.log",
+        "loss_vs_step": plots.loss_curves(
+            results, f"Train loss: {title}", out / "loss_vs_step.png", wall_time=False
+        ),
+        "loss_vs_time": plots.loss_curves(
+            results, f"Train loss vs time: {title}", out / "loss_vs_time.png", wall_time=True
+        ),
+    }
+    if config.measure_memory:
+        files["memory"] = plots.memory_bars(
+            results, f"Peak live memory of one step: {title}", out / "memory.png"
+        )
+    payload["files"] = {k: str(v) for k, v in files.items()}
+    write_json(out / "compare.json", payload)
+    return payload
+
+
+def _final_metrics(result: dict[str, Any]) -> dict[str, float]:
+    memory = result.get("memory") or {}
+    return {
+        "train_loss": result["final_train_loss"],
+        "eval_perplexity": result["eval_perplexity"],
+        "optimizer_state_MiB": result["optimizer_state_bytes"] / 2**20,
+        "peak_memory_MiB": memory.get("peak_bytes", float("nan")) / 2**20,
+    }
+
+
+def _comparison_payload(
+    config: BenchConfig, llama: Any, data: TrainData, results: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    base = results.get("adamw")
+    for result in results.values():
+        if base is not None:
+            result["time_ratio_to_adamw"] = (
+                result["step_time"]["mean_s"] / base["step_time"]["mean_s"]
+            )
+    checks: dict[str, Any] = {}
+    if "galore" in results and "galore-torch" in results:
+        checks["galore_vs_galore_torch_max_rel_loss_diff"] = max_relative_difference(
+            results["galore"]["losses"], results["galore-torch"]["losses"]
+        )
+    if "galore" in results and "gradnormlorp" in results:
+        ours, theirs = results["gradnormlorp"]["losses"], results["galore"]["losses"]
+        pairs = list(zip(ours, theirs))
+        checks["gradnormlorp_vs_galore"] = {
+            "final_train_loss_diff": results["gradnormlorp"]["final_train_loss"]
+            - results["galore"]["final_train_loss"],
+            "eval_perplexity": [
+                results["gradnormlorp"]["eval_perplexity"],
+                results["galore"]["eval_perplexity"],
+            ],
+            "fraction_of_steps_at_or_below": sum(a <= b for a, b in pairs) / max(1, len(pairs)),
+        }
+    return {
+        "benchmark": "gnlorp-bench compare",
+        "environment": environment(),
+        "settings": _settings(config, llama, data),
+        "checks": checks,
+        "methods": results,
+    }
+
+
+def _comparison_notes(payload: dict[str, Any]) -> list[str]:
+    checks, notes = payload["checks"], []
+    diff = checks.get("galore_vs_galore_torch_max_rel_loss_diff")
+    if diff is not None:
+        notes.append(
+            f"galore vs galore-torch: max relative difference of the loss curves {diff:.3e}"
+        )
+    versus = checks.get("gradnormlorp_vs_galore")
+    if versus is not None:
+        ours, theirs = versus["eval_perplexity"]
+        relation = "at or below" if versus["final_train_loss_diff"] <= 0 else "above"
+        notes.append(
+            f"gradnormlorp vs galore: final train loss {relation} galore's by "
+            f"{abs(versus['final_train_loss_diff']):.4f}; at or below galore's on "
+            f"{versus['fraction_of_steps_at_or_below']:.0%} of the steps; eval perplexity "
+            f"{ours:.2f} vs {theirs:.2f}"
+        )
+    return notes
+
+
+def run_sweep(config: BenchConfig, llama: Any) -> dict[str, Any]:
+    """Final loss of the sweep's methods at every value of the swept rank or gap."""
+    assert config.sweep is not None and config.sweep_values is not None
+    out, name = Path(config.output_dir), config.sweep
+    stem = f"sweep_{name}"
+    data, batches = _data(config)
+    logger = _logger(config, stem)
+    try:
+        _header(config, llama, data, logger)
+        runs, values = [], {}
+        for value in config.sweep_values:
+            for method in config.sweep_methods:
+                label = f"{method} {name}={value}"
+                runs.append(_start(config, llama, label, method, **{_SWEEP_KEYS[name]: value}))
+                values[label] = value
+        logger.line(f"sweep over {name}: {', '.join(map(str, config.sweep_values))}")
+        train_interleaved(runs, batches, config.grad_clip, logger)
+        results = {}
+        for run in runs:
+            result = summarize(
+                run, data.eval_blocks, config.batch_size, config.eval_batches, config.loss_window
+            )
+            result["sweep_value"] = values[run.label]
+            results[run.label] = result
+            logger.final(run.label, _final_metrics(result))
+        table = sweep_table(results, name, config.loss_window)
+        logger.line("\n" + table)
+    finally:
+        logger.close()
+    points: dict[str, list[tuple[int, float]]] = {m: [] for m in config.sweep_methods}
+    for result in results.values():
+        points[result["method"]].append((result["sweep_value"], result["final_train_loss"]))
+    title = (
+        f"Final train loss vs {name}: {config.model_config or config.model}, {config.steps} steps"
+    )
+    plot = plots.sweep_plot(points, _SWEEP_LABELS[name], title, out / f"{stem}.png")
+    (out / f"{stem}.txt").write_text(table + "\n")
+    payload = {
+        "benchmark": f"gnlorp-bench sweep {name}",
+        "environment": environment(),
+        "settings": _settings(config, llama, data),
+        "points": {m: sorted(p) for m, p in points.items()},
+        "methods": results,
+        "files": {
+            "table": str(out / f"{stem}.txt"),
+            "json": str(out / f"{stem}.json"),
+            "log": str(out / f"{stem}.log"),
+            "plot": str(plot),
+        },
+    }
+    write_json(out / f"{stem}.json", payload)
+    return payload
+
+
+def run(config: BenchConfig) -> dict[str, Any]:
+    """Validate ``config`` (ValueError naming any bad value), then compare or sweep."""
+    config, llama, _ = resolve(config)
+    _check_dependencies(
+        config.sweep_methods if config.sweep else config.methods, config.tensorboard
+    )
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    if config.sweep:
+        return run_sweep(config, llama)
+    return run_comparison(config, llama)

@@ -1,0 +1,255 @@
+"""The configuration of a ``gnlorp-bench`` run and its validation.
+
+Every field of :class:`BenchConfig` is one flag (``loss_window`` -> ``--loss-window``) whose help
+text is the docstring under the field (read with :func:`gnlorp_dist.run_config.field_docs`).
+Fields left ``None`` take the model's recipe (:mod:`gnlorp_dist.models`) when resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+from gnlorp_dist.models import ModelSpec, known_model_names, llama_config, recipe_for_config
+
+METHODS: tuple[str, ...] = (
+    "adamw",
+    "adamw8bit",
+    "galore",
+    "galore-torch",
+    "lora",
+    "dora",
+    "gradnormlorp",
+    "gradnormlorp8bit",
+)
+"""Every method the comparison knows, in table order."""
+
+PROJECTED_METHODS = ("galore", "galore-torch", "gradnormlorp", "gradnormlorp8bit")
+"""Methods that train with the model recipe's lr, rank, refresh gap and scale."""
+
+SWEEPS: tuple[str, ...] = ("rank", "gap")
+"""What ``--sweep`` varies: the projection rank r, or the subspace refresh gap T."""
+
+DEFAULT_SWEEP_METHODS = ("gradnormlorp", "galore")
+DEFAULT_OUTPUT_DIR = "benchmarks/results/compare"
+# GaLore's full-rank baseline lr (run_config.ADAMW_DEFAULT_LR); the projected recipes' 0.01
+# diverges with plain AdamW. LoRA/DoRA adapters are trained with the same AdamW lr.
+DEFAULT_ADAMW_LR = 1e-3
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    """One comparison (or sweep): the same model, data, seed, schedule, batch and steps for every
+    method. Defaults: all eight methods on llama_nano, a few minutes on 2 CPU cores."""
+
+    methods: tuple[str, ...] = METHODS
+    """Methods to compare (adamw is the baseline of the time ratio): adamw, adamw8bit, galore,
+    galore-torch, lora, dora, gradnormlorp, gradnormlorp8bit."""
+    model: str = "llama_nano"
+    """Named LLaMA shape and recipe: llama_nano, llama_micro, llama_60m ... llama_7b."""
+    model_config: str | None = None
+    """Path to a GaLore-style JSON or a Hugging Face config.json; replaces --model's shape."""
+    steps: int = 100
+    """Optimizer steps per method."""
+    batch_size: int = 4
+    """Sequences per optimizer step (the global batch; no accumulation)."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    lr: float | None = None
+    """Peak lr of the projected methods (galore, galore-torch, gradnormlorp, gradnormlorp8bit;
+    default: the model's recipe, 0.01)."""
+    adamw_lr: float = DEFAULT_ADAMW_LR
+    """Peak lr of adamw, adamw8bit and of the LoRA/DoRA adapters (GaLore's full-rank lr)."""
+    rank: int | None = None
+    """Projection rank r (default: the model's recipe); also the LoRA/DoRA rank unless set."""
+    update_proj_gap: int | None = None
+    """Subspace refresh gap T in steps (default: the model's recipe)."""
+    scale: float | None = None
+    """Scale alpha of the projected update (default: the model's recipe)."""
+    proj_type: str = "std"
+    """Which side to project: std (GaLore's rule), reverse_std, left, right."""
+    lora_rank: int | None = None
+    """Adapter rank of lora and dora (default: --rank, so adapters and projections match)."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: the adapter rank, i.e. scaling alpha/r = 1)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, every method."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (default: 10% of --steps), then cosine decay."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to min_lr_ratio * lr."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this before every step; 0 disables."""
+    seed: int = 0
+    """Seeds model init, adapter init and the batch order; every method gets the same."""
+    data: str = "shakespeare"
+    """shakespeare (embedded, offline) or a local .txt/.jsonl file or folder."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: the LLaMA SentencePiece model of mistral-common."""
+    eval_batches: int = 8
+    """Held-out batches (of --batch-size sequences) for the evaluation perplexity."""
+    loss_window: int = 10
+    """The final train loss is the mean over this many last steps."""
+    measure_memory: bool = True
+    """Measure each method's peak live-tensor bytes on one extra step of a fresh copy
+    (--no-measure-memory skips it)."""
+    sweep: str | None = None
+    """rank or gap: instead of the comparison, final loss of --sweep-methods over
+    --sweep-values of the projection rank or of the refresh gap T."""
+    sweep_values: tuple[int, ...] | None = None
+    """Values of the swept setting (default: rank 8,16,32,64; gap 10,25,50,100)."""
+    sweep_methods: tuple[str, ...] = DEFAULT_SWEEP_METHODS
+    """Methods of a sweep (projected ones: they are the ones with a rank and a gap)."""
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    """Where the table, JSON, text log, PNG plots and TensorBoard events go."""
+    tensorboard: bool = False
+    """Also write TensorBoard events under OUTPUT_DIR/tensorboard/ (needs tensorboard)."""
+    log_every: int = 10
+    """Write one log line per method every this many steps."""
+    threads: int | None = None
+    """torch threads (default: every CPU core)."""
+
+
+DEFAULT_SWEEP_VALUES = {"rank": (8, 16, 32, 64), "gap": (10, 25, 50, 100)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hyper:
+    """The resolved hyper-parameters one run trains with."""
+
+    lr: float
+    adamw_lr: float
+    rank: int
+    update_proj_gap: int
+    scale: float
+    proj_type: str
+    lora_rank: int
+    lora_alpha: float
+    weight_decay: float
+
+
+def _check_methods(names: tuple[str, ...], flag: str, allowed: tuple[str, ...]) -> None:
+    if not names:
+        raise ValueError(f"{flag} is empty; choose from {', '.join(allowed)}")
+    for name in names:
+        if name not in allowed:
+            raise ValueError(f"{flag}: unknown method {name!r}; choose from {', '.join(allowed)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{flag}: method {duplicates[0]!r} is listed twice")
+
+
+def _positive(config: BenchConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def max_rank(llama: LlamaConfig) -> int:
+    """The largest projection rank every targeted matrix of the model allows (its smaller side)."""
+    head_dim = getattr(llama, "head_dim", None) or llama.hidden_size // llama.num_attention_heads
+    kv_heads = llama.num_key_value_heads or llama.num_attention_heads
+    return min(llama.hidden_size, llama.intermediate_size, kv_heads * head_dim)
+
+
+def _check_ranks(config: BenchConfig, llama: LlamaConfig) -> None:
+    limit = max_rank(llama)
+    if config.rank is not None and config.rank > limit:
+        raise ValueError(
+            f"--rank {config.rank} exceeds {limit}, the smaller side of the model's smallest "
+            "targeted matrix"
+        )
+    if config.sweep == "rank":
+        for value in config.sweep_values or DEFAULT_SWEEP_VALUES["rank"]:
+            if value > limit:
+                raise ValueError(
+                    f"--sweep-values: rank {value} exceeds {limit}, the smaller side of the "
+                    "model's smallest targeted matrix"
+                )
+
+
+def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
+    """Validate ``config`` and fill its defaults; every user mistake raises ValueError naming
+    the offending value. Returns the config, the model's ``LlamaConfig`` and its recipe."""
+    from gnlorp_dist.projection import PROJ_TYPES
+
+    _check_methods(tuple(config.methods), "--methods", METHODS)
+    if config.sweep is not None:
+        if config.sweep not in SWEEPS:
+            raise ValueError(f"unknown --sweep {config.sweep!r}; choose one of {', '.join(SWEEPS)}")
+        _check_methods(tuple(config.sweep_methods), "--sweep-methods", PROJECTED_METHODS)
+        values = config.sweep_values or DEFAULT_SWEEP_VALUES[config.sweep]
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--sweep-values: {value!r} is not a positive integer")
+        if len(set(values)) != len(values):
+            raise ValueError(f"--sweep-values {values!r} lists a value twice")
+    elif config.sweep_values is not None:
+        raise ValueError(f"--sweep-values {config.sweep_values!r} needs --sweep rank or gap")
+    if config.proj_type not in PROJ_TYPES:
+        raise ValueError(f"unknown --proj-type {config.proj_type!r}; choose one of {PROJ_TYPES}")
+    if config.model_config is None and config.model not in known_model_names():
+        raise ValueError(
+            f"unknown --model {config.model!r}; known models: {', '.join(known_model_names())} "
+            "(or pass a config JSON with --model-config)"
+        )
+    _positive(config, "steps", "batch_size", "seq_len", "lr", "adamw_lr", "rank")
+    _positive(config, "update_proj_gap", "scale", "lora_rank", "lora_alpha", "eval_batches")
+    _positive(config, "loss_window", "log_every", "threads")
+    for name in ("weight_decay", "warmup_steps", "grad_clip"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0.0 <= config.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
+    if config.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2, got {config.seq_len}")
+    llama = llama_config(config.model_config or config.model)
+    if config.seq_len > llama.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings "
+            f"{llama.max_position_embeddings}"
+        )
+    recipe = recipe_for_config(llama)
+    _check_ranks(config, llama)
+    resolved = dataclasses.replace(
+        config,
+        methods=tuple(config.methods),
+        sweep_methods=tuple(config.sweep_methods),
+        sweep_values=(
+            tuple(config.sweep_values or DEFAULT_SWEEP_VALUES[config.sweep])
+            if config.sweep
+            else None
+        ),
+        lr=config.lr if config.lr is not None else recipe.lr,
+        rank=config.rank if config.rank is not None else recipe.rank,
+        update_proj_gap=config.update_proj_gap or recipe.update_proj_gap,
+        scale=config.scale if config.scale is not None else recipe.scale,
+        warmup_steps=(
+            config.warmup_steps if config.warmup_steps is not None else config.steps // 10
+        ),
+        output_dir=str(Path(config.output_dir)),
+    )
+    return resolved, llama, recipe
+
+
+def hyper(config: BenchConfig, **overrides: int) -> Hyper:
+    """The hyper-parameters of one run of a resolved ``config`` (a sweep overrides rank/gap)."""
+    rank = int(overrides.get("rank", config.rank))  # type: ignore[arg-type]
+    gap = int(overrides.get("update_proj_gap", config.update_proj_gap))  # type: ignore[arg-type]
+    lora_rank = config.lora_rank or rank
+    return Hyper(
+        lr=float(config.lr),  # type: ignore[arg-type]
+        adamw_lr=config.adamw_lr,
+        rank=rank,
+        update_proj_gap=gap,
+        scale=float(config.scale),  # type: ignore[arg-type]
+        proj_type=config.proj_type,
+        lora_rank=lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else float(lora_rank),
+        weight_decay=config.weight_decay,
+    )

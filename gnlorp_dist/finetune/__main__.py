@@ -1,0 +1,7 @@
+"""``python -m gnlorp_dist.finetune``: the same as ``gnlorp-finetune``."""
+
+import sys
+
+from gnlorp_dist.finetune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,235 @@
+"""Turn a :class:`FinetuneConfig` into everything a run holds: data, tokenizer, model,
+optimizer and schedule. Every user mistake raises ValueError here, before any training."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from gnlorp_dist.finetune.config import FinetuneConfig, resolve, split_names
+from gnlorp_dist.finetune.data import (
+    GLUE_TASKS,
+    EncodedSplit,
+    RawData,
+    encode_split,
+    load_raw_data,
+    training_texts,
+)
+from gnlorp_dist.finetune.metrics import default_metric_names, parse_metric_names
+from gnlorp_dist.finetune.models import (
+    build_from_config,
+    build_optimizer,
+    config_from_json,
+    label_kwargs,
+    load_pretrained,
+    max_tokens,
+    model_source,
+    prepare_for_training,
+    target_modules_for,
+    tiny_config,
+)
+from gnlorp_dist.finetune.tokenizer import (
+    build_word_level_tokenizer,
+    has_tokenizer_files,
+    load_pretrained_tokenizer,
+)
+
+
+@dataclass(kw_only=True)
+class FinetuneRun:
+    """A run ready to train (built by :func:`prepare`)."""
+
+    config: FinetuneConfig
+    """Resolved: recipe defaults filled in."""
+    raw: RawData
+    tokenizer: Any
+    tokenizer_source: str
+    """Where the tokenizer came from (for the log)."""
+    model: nn.Module
+    model_source: str
+    """builtin, config, local or hub."""
+    targets: tuple[str, ...]
+    """Linear-layer names normalised / projected in the body."""
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    train: EncodedSplit
+    validation: EncodedSplit
+    metric_names: tuple[str, ...]
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    device: torch.device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> LambdaLR:
+    """Linear warmup to the peak lr over ``warmup`` steps, then linear decay towards 0 at
+    ``total`` (the schedule of RoBERTa's and GaLore's GLUE runs)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return LambdaLR(optimizer, factor)
+
+
+def check_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(
+            "--tensorboard needs the tensorboard package, which is not installed: "
+            "pip install tensorboard (or pip install 'gnlorp-dist[tensorboard]'), or drop "
+            "--tensorboard"
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _tokenizer_for(
+    config: FinetuneConfig, source: str, raw: RawData, model_type: str
+) -> tuple[Any, str]:
+    if config.tokenizer is not None:
+        return load_pretrained_tokenizer(config.tokenizer), config.tokenizer
+    if source in ("local", "hub"):
+        if source == "local" and not has_tokenizer_files(Path(config.model).expanduser()):
+            raise ValueError(
+                f"--model {config.model!r} holds no tokenizer files; pass --tokenizer with the "
+                "tokenizer the model was trained with"
+            )
+        return load_pretrained_tokenizer(config.model), config.model
+    tokenizer = build_word_level_tokenizer(
+        training_texts(raw),
+        model_type=model_type,
+        vocab_size=config.vocab_size,
+        max_length=config.max_seq_len,
+    )
+    return tokenizer, f"word-level, learnt from the training split ({len(tokenizer)} tokens)"
+
+
+def prepare(config: FinetuneConfig) -> FinetuneRun:
+    """Resolve ``config`` and build the run. Raises ValueError on any user mistake."""
+    config = resolve(config)
+    if config.tensorboard:
+        check_tensorboard()
+    source = model_source(config.model, config.model_config)
+    seed_everything(config.seed)
+    raw = load_raw_data(
+        task=config.task,
+        train_file=config.train_file,
+        validation_file=config.validation_file,
+        validation_fraction=config.validation_fraction,
+        text_columns=split_names(config.text_columns),
+        label_column=config.label_column,
+        problem_type=config.problem_type,
+        max_train_samples=config.max_train_samples,
+        max_eval_samples=config.max_eval_samples,
+        seed=config.seed,
+    )
+    regression = raw.labels.regression
+    if config.metric is not None:
+        metric_names = parse_metric_names(config.metric, regression)
+    elif config.task is not None:
+        metric_names = GLUE_TASKS[config.task].metrics
+    else:
+        metric_names = default_metric_names(regression, raw.labels.num_labels)
+    labels = label_kwargs(raw.labels.num_labels, regression, raw.labels.names)
+
+    if source == "builtin":
+        model_config = tiny_config(config.model, config.vocab_size, config.max_seq_len)
+    elif source == "config":
+        model_config = config_from_json(config.model_config)
+    else:
+        model_config = None
+    model_type = model_config.model_type if model_config is not None else ""
+    tokenizer, tokenizer_source = _tokenizer_for(config, source, raw, model_type)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"tokenizer {tokenizer_source!r} has neither a pad nor an eos token; pass "
+                "--tokenizer with one that can pad"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_config is not None:
+        if source == "builtin":
+            model_config.vocab_size = len(tokenizer)
+        for key, value in labels.items():
+            setattr(model_config, key, value)
+        model = build_from_config(model_config, tokenizer, config.seed)
+    else:
+        model = load_pretrained(config.model, labels, local=source == "local")
+    limit = max_tokens(model.config)
+    if limit is not None and config.max_seq_len > limit:
+        raise ValueError(
+            f"--max-seq-len {config.max_seq_len} exceeds the {limit} positions of the model; "
+            f"use --max-seq-len {limit} or less"
+        )
+
+    targets = target_modules_for(model.config, split_names(config.target_modules))
+    parts = prepare_for_training(
+        model,
+        optimizer=config.optimizer,
+        targets=targets,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        detach_norm=config.detach_norm,
+    )
+    device = _device(config.device)
+    model.to(device)
+    optimizer = build_optimizer(
+        model,
+        parts,
+        targets,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        rank=config.rank,
+        update_proj_gap=config.update_proj_gap,
+        scale=config.scale,
+        proj_type=config.proj_type,
+        bits=config.bits,
+    )
+    train = encode_split(
+        tokenizer, raw.train, raw.text_columns, raw.train_labels, config.max_seq_len
+    )
+    validation = encode_split(
+        tokenizer, raw.validation, raw.text_columns, raw.validation_labels, config.max_seq_len
+    )
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    warmup = round(config.warmup_ratio * total)
+    return FinetuneRun(
+        config=config,
+        raw=raw,
+        tokenizer=tokenizer,
+        tokenizer_source=tokenizer_source,
+        model=model,
+        model_source=source,
+        targets=targets,
+        optimizer=optimizer,
+        scheduler=linear_schedule(optimizer, warmup, total),
+        train=train,
+        validation=validation,
+        metric_names=metric_names,
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=warmup,
+        device=device,
+    )

@@ -1,0 +1,38 @@
+"""``gnlorp-finetune``: fine-tune a sequence classifier with GradNormLoRP, GaLore or AdamW.
+
+    gnlorp-finetune --train-file examples/finetune/sentiment_train.csv \\
+        --validation-file examples/finetune/sentiment_validation.csv --model tiny-roberta
+    gnlorp-finetune --model roberta-base --task mrpc --lora-rank 8          # online: hub model + GLUE
+
+User mistakes (a missing file or column, a bad flag combination) end with exit status 2 and one
+line naming the value, before any training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from gnlorp_dist.finetune.build import prepare
+from gnlorp_dist.finetune.config import FinetuneConfig, build_parser
+from gnlorp_dist.finetune.loop import run_finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not torch.cuda.is_available():
+        # Quiets DeepSpeed's accelerator probe (imported by save_pretrained) on CPU machines.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    parser = build_parser()
+    config = FinetuneConfig(**vars(parser.parse_args(argv)))
+    try:
+        run = prepare(config)
+    except (ValueError, ModuleNotFoundError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    run_finetune(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The fine-tuning loop: train, evaluate, log (text and TensorBoard), then merge, save, reload
+with stock ``transformers`` and compare, and write ``metrics.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from gnlorp_dist.checkpoint import save_merged_model
+from gnlorp_dist.finetune.build import FinetuneRun
+from gnlorp_dist.finetune.data import EncodedSplit, collate
+from gnlorp_dist.finetune.metrics import compute_metrics
+from gnlorp_dist.finetune.models import count_parameters
+from gnlorp_dist.nn import merge_weight_norm
+
+RELOAD_CHECK_EXAMPLES = 64
+"""Validation examples the reloaded model is compared on."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)
+
+
+@dataclass(kw_only=True)
+class FinetuneResult:
+    metrics: dict[str, float]
+    """Final validation metrics, with ``eval_loss``."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Every evaluation: ``step``, ``epoch``, ``eval_loss`` and the metrics."""
+    train_losses: list[float] = field(default_factory=list)
+    """Training loss of every step."""
+    steps: int = 0
+    elapsed_s: float = 0.0
+    """Wall time of the whole run (training, evaluation, saving, reload check)."""
+    train_samples_per_s: float = 0.0
+    merged_max_abs_logit_diff: float = math.nan
+    """Trained model vs the merged model reloaded with stock transformers (its own tokenizer)."""
+    reloaded_tokenizer_matches: bool = False
+    """The saved tokenizer, reloaded with AutoTokenizer, gives the ids trained on."""
+    reloaded_predictions_agree: float = math.nan
+    """Share of the checked examples where the reloaded model predicts the same (regression:
+    the same value to 1e-4)."""
+    final_dir: Path | None = None
+    metrics_file: Path | None = None
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _batches(run: FinetuneRun) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled training batches, epoch after epoch (seeded: same seed, same order)."""
+    generator = torch.Generator().manual_seed(run.config.seed)
+    n, size = len(run.train), run.config.batch_size
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, size):
+            yield collate(run.train, order[start : start + size], run.tokenizer.pad_token_id)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _predictions(logits: torch.Tensor, regression: bool) -> torch.Tensor:
+    return logits.squeeze(-1) if regression else logits.argmax(dim=-1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: EncodedSplit,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    regression: bool,
+    metric_names: tuple[str, ...],
+) -> dict[str, float]:
+    """``eval_loss`` (mean over examples) and the metrics on ``split``."""
+    was_training = model.training
+    model.eval()
+    total_loss, predictions = 0.0, []
+    for start in range(0, len(split), batch_size):
+        indices = list(range(start, min(start + batch_size, len(split))))
+        out = model(**_to(collate(split, indices, pad_token_id), device))
+        total_loss += float(out.loss) * len(indices)
+        predictions.append(_predictions(out.logits.float(), regression).cpu())
+    model.train(was_training)
+    pred = torch.cat(predictions).numpy()
+    true = split.labels.numpy()
+    return {"eval_loss": total_loss / len(split), **compute_metrics(metric_names, pred, true)}
+
+
+class MetricWriter:
+    """TensorBoard scalars under ``<output_dir>/tensorboard`` (a no-op when off)."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (optional dep)
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _format(values: dict[str, float]) -> str:
+    return " | ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in values.items())
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf become null: metrics.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _describe(run: FinetuneRun) -> None:
+    c, raw = run.config, run.raw
+    origin = {
+        "builtin": "built in, random init",
+        "config": "random init",
+        "local": "local weights",
+        "hub": "hub weights",
+    }[run.model_source]
+    total, trainable = count_parameters(run.model), count_parameters(run.model, True)
+    log(
+        f"model {c.model_config or c.model} ({origin}, {run.model.config.model_type}): "
+        f"{total:,} parameters ({trainable:,} trainable); body layers {','.join(run.targets)}"
+    )
+    if c.optimizer == "adamw":
+        recipe = ""
+    else:
+        recipe = f", rank {c.rank}, T {c.update_proj_gap}, scale {c.scale:g}, {c.proj_type}"
+        recipe += f", {c.bits}-bit states" if c.bits != 32 else ""
+        recipe += f", LoRA rank {c.lora_rank}" if c.lora_rank else ""
+    log(
+        f"optimizer {c.optimizer}: lr {c.lr:g}, warmup {run.warmup_steps} then linear decay, "
+        f"clip {c.grad_clip or 'off'}, weight decay {c.weight_decay:g}{recipe}"
+    )
+    kind = (
+        "regression"
+        if raw.labels.regression
+        else f"{raw.labels.num_labels} classes {raw.labels.names[:10]}"
+    )
+    log(
+        f"data {raw.description}: {len(run.train)} train / {len(run.validation)} validation "
+        f"examples, text {','.join(raw.text_columns)}, {kind}; metrics {','.join(run.metric_names)}"
+    )
+    log(f"tokenizer {run.tokenizer_source}; max {c.max_seq_len} tokens")
+    log(
+        f"training {run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.1f} epochs of "
+        f"{run.steps_per_epoch}), batch {c.batch_size}, device {run.device}"
+    )
+
+
+# --------------------------------------------------------------------------------------- run
+
+
+def run_finetune(run: FinetuneRun) -> FinetuneResult:
+    """Train ``run`` to its last step, evaluating on schedule, then save and verify."""
+    c = run.config
+    started = time.perf_counter()
+    _describe(run)
+    output_dir = Path(c.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    writer = MetricWriter(output_dir / "tensorboard" if c.tensorboard else None)
+    eval_kwargs = {
+        "batch_size": 2 * c.batch_size,
+        "pad_token_id": run.tokenizer.pad_token_id,
+        "device": run.device,
+        "regression": run.raw.labels.regression,
+        "metric_names": run.metric_names,
+    }
+    result = FinetuneResult(metrics={})
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = _batches(run)
+    train_time = window_time = 0.0
+    window_losses: list[float] = []
+    window_samples = samples = 0
+    try:
+        model.train()
+        for step in range(1, run.total_steps + 1):
+            step_start = time.perf_counter()
+            batch = _to(next(batches), run.device)
+            lr = optimizer.param_groups[0]["lr"]
+            loss = model(**batch).loss
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower --lr")
+            loss.backward()
+            grad_norm = None
+            if c.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            elapsed = time.perf_counter() - step_start
+            size = int(batch["labels"].shape[0])
+            train_time, window_time = train_time + elapsed, window_time + elapsed
+            samples, window_samples = samples + size, window_samples + size
+            result.train_losses.append(float(loss))
+            window_losses.append(float(loss))
+            result.steps = step
+            if step % c.log_every == 0 or step == run.total_steps:
+                mean_loss = sum(window_losses) / len(window_losses)
+                gnorm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
+                log(
+                    f"step {step:>5}/{run.total_steps} | epoch {step / run.steps_per_epoch:5.2f} "
+                    f"| loss {mean_loss:.4f} | lr {lr:.3e}{gnorm} | "
+                    f"{window_samples / window_time:,.0f} samples/s"
+                )
+                stats = {"loss": mean_loss, "lr": lr}
+                if grad_norm is not None:
+                    stats["grad_norm"] = grad_norm
+                writer.scalars("train", stats, step)
+                window_losses, window_time, window_samples = [], 0.0, 0
+            every = c.eval_every or run.steps_per_epoch
+            if step % every == 0 or step == run.total_steps:
+                metrics = evaluate(model, run.validation, **eval_kwargs)
+                epoch = step / run.steps_per_epoch
+                result.history.append({"step": step, "epoch": epoch, **metrics})
+                log(f"eval @ step {step} (epoch {epoch:.2f}) | {_format(metrics)}")
+                writer.scalars("eval", metrics, step)
+                result.metrics = metrics
+    finally:
+        writer.close()
+    result.train_samples_per_s = samples / train_time if train_time else 0.0
+    _save_and_verify(run, result)
+    result.elapsed_s = time.perf_counter() - started
+    result.metrics_file = _write_metrics(run, result)
+    first, last = result.train_losses[0], result.train_losses[-1]
+    log(
+        f"done: {result.steps} steps in {result.elapsed_s:.1f} s ({result.train_samples_per_s:,.0f} "
+        f"samples/s training); train loss {first:.4f} -> {last:.4f}; "
+        f"{_format(result.metrics)}; metrics in {result.metrics_file}"
+    )
+    return result
+
+
+@torch.no_grad()
+def _save_and_verify(run: FinetuneRun, result: FinetuneResult) -> None:
+    """Merge (weight norm and LoRA adapters fold into plain nn.Linear), save model + tokenizer,
+    reload both with the Auto classes and compare on validation examples."""
+    c = run.config
+    merge = merge_weight_norm if c.optimizer == "gradnormlorp" else None
+    hf_logging.disable_progress_bar()
+    try:
+        final = save_merged_model(run.model, c.output_dir, merge=merge, tokenizer=run.tokenizer)
+        reloaded = AutoModelForSequenceClassification.from_pretrained(
+            str(final), local_files_only=True
+        ).to(run.device)
+        reloaded_tokenizer = AutoTokenizer.from_pretrained(str(final), local_files_only=True)
+    finally:
+        hf_logging.enable_progress_bar()
+    result.final_dir = final
+    count = min(RELOAD_CHECK_EXAMPLES, len(run.validation))
+    ours = collate(run.validation, list(range(count)), run.tokenizer.pad_token_id)
+    ours.pop("labels")
+    texts = run.validation.texts[:count]
+    second = [t[1] for t in texts] if len(texts[0]) == 2 else None
+    theirs = reloaded_tokenizer(
+        [t[0] for t in texts],
+        second,
+        truncation=True,
+        max_length=c.max_seq_len,
+        padding=True,
+        return_tensors="pt",
+    )
+    result.reloaded_tokenizer_matches = torch.equal(theirs["input_ids"], ours["input_ids"])
+    was_training = run.model.training
+    run.model.eval()
+    reloaded.eval()
+    logits = run.model(**_to(ours, run.device)).logits.float()
+    reloaded_logits = reloaded(**_to(dict(theirs), run.device)).logits.float()
+    run.model.train(was_training)
+    if logits.shape != reloaded_logits.shape:
+        result.merged_max_abs_logit_diff = math.inf
+        result.reloaded_predictions_agree = 0.0
+    else:
+        result.merged_max_abs_logit_diff = float((logits - reloaded_logits).abs().max())
+        regression = run.raw.labels.regression
+        a, b = _predictions(logits, regression), _predictions(reloaded_logits, regression)
+        same = (a - b).abs() <= 1e-4 if regression else a == b
+        result.reloaded_predictions_agree = float(same.float().mean())
+    tokenizer_note = "same ids" if result.reloaded_tokenizer_matches else "DIFFERENT ids"
+    log(
+        f"merged model saved to {final}; AutoModelForSequenceClassification + AutoTokenizer "
+        f"reload it ({tokenizer_note}): max |logit diff| {result.merged_max_abs_logit_diff:.2e} "
+        f"on {count} validation examples, predictions agree on "
+        f"{result.reloaded_predictions_agree:.0%}"
+    )
+
+
+def _write_metrics(run: FinetuneRun, result: FinetuneResult) -> Path:
+    """``<output_dir>/metrics.json`` (and a copy inside the model folder)."""
+    losses = result.train_losses
+    record = {
+        "metrics": result.metrics,
+        "history": result.history,
+        "steps": result.steps,
+        "epochs": result.steps / run.steps_per_epoch,
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "train_loss_last_epoch_mean": float(np.mean(losses[-run.steps_per_epoch :])),
+        "elapsed_s": result.elapsed_s,
+        "train_samples_per_s": result.train_samples_per_s,
+        "merged_max_abs_logit_diff": result.merged_max_abs_logit_diff,
+        "reloaded_tokenizer_matches": result.reloaded_tokenizer_matches,
+        "reloaded_predictions_agree": result.reloaded_predictions_agree,
+        "final_dir": result.final_dir,
+        "model_source": run.model_source,
+        "parameters": count_parameters(run.model),
+        "trainable_parameters": count_parameters(run.model, True),
+        "label_names": run.raw.labels.names,
+        "metric_names": list(run.metric_names),
+        "config": dataclasses.asdict(run.config),
+    }
+    text = json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n"
+    path = Path(run.config.output_dir) / "metrics.json"
+    path.write_text(text)
+    if result.final_dir is not None:
+        (result.final_dir / "gnlorp_finetune.json").write_text(text)
+    return path

@@ -1,0 +1,48 @@
+"""GradNormLoRPAdamW under DeepSpeed: ZeRO stages 0-3, bf16, optimizer offload, checkpoints.
+
+The plain call works::
+
+    optimizer = GradNormLoRPAdamW(projected_param_groups(model, rank=128, ...), lr=1e-2)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+
+At ZeRO 1/2/3 DeepSpeed steps the optimizer with flat partitions; the optimizer recognises the
+layout (:mod:`.layouts`) and projects each matrix's true 2-D gradient, sharded: each matrix's
+low-rank moments and SVD on one owner rank, partial low-rank sums and directions between ranks
+(:mod:`gnlorp_dist.optim.fragment_step`). :func:`initialize` is the same call after
+:func:`check_deepspeed_config`, which refuses unsupported settings with the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gnlorp_dist.integrations.deepspeed.config import (
+    check_deepspeed_config,
+    load_deepspeed_config,
+)
+from gnlorp_dist.integrations.deepspeed.layouts import (
+    Zero3Layout,
+    Zero12Layout,
+    detect_deepspeed_layout,
+)
+from gnlorp_dist.optim.fragments import register_engine_layout
+
+register_engine_layout(detect_deepspeed_layout)
+
+
+def initialize(*, model: Any, optimizer: Any, config: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """``deepspeed.initialize`` with ``config`` checked and filled by check_deepspeed_config."""
+    import deepspeed  # noqa: PLC0415  (5 s; only when DeepSpeed is the engine)
+
+    checked = check_deepspeed_config(config)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=checked, **kwargs)
+
+
+__all__ = [
+    "Zero12Layout",
+    "Zero3Layout",
+    "check_deepspeed_config",
+    "detect_deepspeed_layout",
+    "initialize",
+    "load_deepspeed_config",
+]

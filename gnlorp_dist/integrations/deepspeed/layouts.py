@@ -1,0 +1,120 @@
+"""Where DeepSpeed ZeRO keeps each matrix's elements, from its public per-parameter mappings.
+
+- ZeRO 1 and 2 give the client optimizer ONE flat fp32 partition per param group per rank, cut
+  through tensors. Each model parameter carries ``_hp_mapping`` (DeepSpeed's tensor-fragment
+  mapping, the one behind ``deepspeed.utils.safe_get_full_*``; None where this rank holds none of
+  it): ``lp_fragment_address`` is the run inside the flattened parameter,
+  ``hp_fragment_address`` where that run sits in this rank's flat partition.
+- ZeRO 3 partitions every parameter on its own: ``ds_shape`` is its shape, and this rank holds
+  ``ds_tensor.numel()`` elements starting at ``rank * ds_tensor.numel()`` of the zero-padded
+  flattened parameter, read and written with ``deepspeed.utils.safe_get_local_grad``,
+  ``safe_get_local_fp32_param`` and ``safe_set_local_fp32_param``.
+
+Nothing here patches DeepSpeed; the optimizer asks :func:`detect_deepspeed_layout` what it got.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from gnlorp_dist.optim.fragments import EngineLayout, Fragment, ModelParameter
+
+
+class Zero12Layout:
+    """ZeRO stage 1 or 2: runs of each parameter inside the group's flat fp32 partition."""
+
+    name = "DeepSpeed ZeRO-1/2"
+
+    def true_shape(self, param: Tensor) -> tuple[int, ...]:
+        return tuple(param.shape)
+
+    def fragments(
+        self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
+    ) -> list[Fragment | None]:
+        (flat,) = engine_params
+        if flat.grad is None:
+            raise ValueError(
+                "DeepSpeed stepped a ZeRO-1/2 partition that has no gradient; call "
+                "engine.backward(loss) before engine.step()"
+            )
+        fragments: list[Fragment | None] = []
+        for param in params:
+            mapping = getattr(param.tensor, "_hp_mapping", None)
+            if mapping is None:
+                fragments.append(None)
+                continue
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            fragments.append(
+                Fragment(
+                    start=lp.start,
+                    numel=lp.numel,
+                    grad=flat.grad.narrow(0, hp.start, hp.numel),
+                    master=flat.data.narrow(0, hp.start, hp.numel),
+                )
+            )
+        return fragments
+
+
+class Zero3Layout:
+    """ZeRO stage 3: each parameter split evenly over the ranks, padded at the end."""
+
+    name = "DeepSpeed ZeRO-3"
+
+    def true_shape(self, param: Tensor) -> tuple[int, ...]:
+        return tuple(param.ds_shape)
+
+    def fragments(
+        self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
+    ) -> list[Fragment | None]:
+        from deepspeed.utils import (  # noqa: PLC0415  (deepspeed only when it is the engine)
+            safe_get_local_fp32_param,
+            safe_get_local_grad,
+            safe_set_local_fp32_param,
+        )
+
+        trainable = [p for p in params if p.tensor.requires_grad]
+        held = sum(p.tensor.ds_tensor.numel() for p in trainable)
+        (flat,) = engine_params
+        if flat.numel() < held:
+            raise ValueError(
+                f"DeepSpeed ZeRO-3 split a param group ({held:,} elements on this rank) into "
+                f"sub-groups of {flat.numel():,}: GradNormLoRPAdamW steps whole groups. Set "
+                f'"zero_optimization": {{"sub_group_size": {max(held, int(1e9))}}} or more '
+                "(see ds_configs/)"
+            )
+        fragments: list[Fragment | None] = []
+        for param in params:
+            tensor = param.tensor
+            part = tensor.ds_tensor.numel()
+            start = rank * part
+            numel = min(part, tensor.ds_numel - start)
+            if not tensor.requires_grad or numel <= 0:
+                fragments.append(None)
+                continue
+            master = safe_get_local_fp32_param(tensor)
+
+            def write_back(tensor: Tensor = tensor, master: Tensor = master) -> None:
+                safe_set_local_fp32_param(tensor, master)
+
+            fragments.append(
+                Fragment(
+                    start=start,
+                    numel=numel,
+                    grad=safe_get_local_grad(tensor),
+                    master=master,
+                    write_back=write_back,
+                )
+            )
+        return fragments
+
+
+def detect_deepspeed_layout(
+    model_params: list[Tensor], engine_params: list[Tensor]
+) -> EngineLayout | None:
+    """The ZeRO layout of a group whose parameters DeepSpeed replaced, or None."""
+    if any(hasattr(p, "ds_id") for p in model_params):
+        return Zero3Layout()
+    flat = len(engine_params) == 1 and engine_params[0].dim() == 1
+    if flat and any(hasattr(p, "_hp_mapping") for p in model_params):
+        return Zero12Layout()
+    return None
