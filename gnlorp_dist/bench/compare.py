@@ -110,14 +110,17 @@ def _header(config: BenchConfig, llama: Any, data: TrainData, logger: RunLogger)
 def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
     """Train every method of ``config``, measure them, write table, JSON, log and plots."""
     out = Path(config.output_dir)
+    started = time.perf_counter()
     data, batches = _data(config)
     logger = _logger(config, "compare")
     try:
         _header(config, llama, data, logger)
         runs = [_start(config, llama, m, m) for m in config.methods]
+        logger.line(f"data and {len(runs)} models ready in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         train_interleaved(runs, batches, config.grad_clip, logger)
         logger.line(f"trained {len(runs)} methods in {time.perf_counter() - started:.1f} s")
+        started = time.perf_counter()
         results = {}
         for run in runs:
             result = summarize(
@@ -135,6 +138,10 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
                 )
             results[run.label] = result
             logger.final(run.label, _final_metrics(result))
+        logger.line(
+            f"evaluated{' and measured memory' if config.measure_memory else ''} in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
         payload = _comparison_payload(config, llama, data, results)
         table = comparison_table(results, config.loss_window)
         summary = _comparison_notes(payload)

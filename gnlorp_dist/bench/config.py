@@ -33,6 +33,7 @@ PROJECTED_METHODS = ("galore", "galore-torch", "gradnormlorp", "gradnormlorp8bit
 SWEEPS: tuple[str, ...] = ("rank", "gap")
 """What ``--sweep`` varies: the projection rank r, or the subspace refresh gap T."""
 
+GALORE_TORCH_DENSE = ("adamw", "galore")
 DEFAULT_SWEEP_METHODS = ("gradnormlorp", "galore")
 DEFAULT_OUTPUT_DIR = "benchmarks/results/compare"
 # GaLore's full-rank baseline lr (run_config.ADAMW_DEFAULT_LR); the projected recipes' 0.01
@@ -71,6 +72,10 @@ class BenchConfig:
     """Scale alpha of the projected update (default: the model's recipe)."""
     proj_type: str = "std"
     """Which side to project: std (GaLore's rule), reverse_std, left, right."""
+    galore_torch_dense: str = "adamw"
+    """Dense groups of galore-torch: adamw (torch.optim.AdamW, the convention of our dense
+    groups, so galore vs galore-torch checks the projected update alone) or galore
+    (GaLoreAdamW for every group, as GaLore's own script; its eps placement differs)."""
     lora_rank: int | None = None
     """Adapter rank of lora and dora (default: --rank, so adapters and projections match)."""
     lora_alpha: float | None = None
@@ -126,6 +131,7 @@ class Hyper:
     update_proj_gap: int
     scale: float
     proj_type: str
+    galore_torch_dense: str
     lora_rank: int
     lora_alpha: float
     weight_decay: float
@@ -192,6 +198,11 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
         raise ValueError(f"--sweep-values {config.sweep_values!r} needs --sweep rank or gap")
     if config.proj_type not in PROJ_TYPES:
         raise ValueError(f"unknown --proj-type {config.proj_type!r}; choose one of {PROJ_TYPES}")
+    if config.galore_torch_dense not in GALORE_TORCH_DENSE:
+        raise ValueError(
+            f"unknown --galore-torch-dense {config.galore_torch_dense!r}; choose one of "
+            f"{', '.join(GALORE_TORCH_DENSE)}"
+        )
     if config.model_config is None and config.model not in known_model_names():
         raise ValueError(
             f"unknown --model {config.model!r}; known models: {', '.join(known_model_names())} "
@@ -249,6 +260,7 @@ def hyper(config: BenchConfig, **overrides: int) -> Hyper:
         update_proj_gap=gap,
         scale=float(config.scale),  # type: ignore[arg-type]
         proj_type=config.proj_type,
+        galore_torch_dense=config.galore_torch_dense,
         lora_rank=lora_rank,
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else float(lora_rank),
         weight_decay=config.weight_decay,

@@ -91,15 +91,48 @@ def build_galore_torch(
     from galore_torch import GaLoreAdamW
 
     # The very groups ``galore`` gets; galore-torch passes unknown keys (param_names) through.
-    optimizer = GaLoreAdamW(
-        _projected_groups(model, hp),
-        lr=hp.lr,
-        betas=BETAS,
-        eps=EPS,
-        weight_decay=hp.weight_decay,
-        no_deprecation_warning=True,
-    )
-    return model, optimizer, hp.lr
+    groups = _projected_groups(model, hp)
+    kwargs = dict(lr=hp.lr, betas=BETAS, eps=EPS, weight_decay=hp.weight_decay)
+    if hp.galore_torch_dense == "galore":
+        return model, GaLoreAdamW(groups, no_deprecation_warning=True, **kwargs), hp.lr
+    return model, _galore_torch_with_torch_dense(groups, kwargs), hp.lr
+
+
+def _galore_torch_with_torch_dense(
+    groups: list[dict[str, Any]], kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """``galore_torch.GaLoreAdamW`` on the projected groups, ``torch.optim.AdamW`` on the others.
+
+    Why: GaLoreAdamW steps groups without ``rank`` with the Hugging Face AdamW convention
+    (``denom = sqrt(v) + eps``, bias corrections in the step size), while our optimizer's dense
+    groups are ``torch.optim.AdamW`` (``denom = sqrt(v / bc2) + eps``). With eps 1e-6 the two
+    differ visibly on embedding rows with tiny gradients, which would hide what the comparison
+    checks: that the projected update reproduces the reference package.
+    """
+    from galore_torch import GaLoreAdamW
+
+    class GaLoreTorchAdamW(GaLoreAdamW):
+        def __init__(self) -> None:
+            super().__init__(groups, no_deprecation_warning=True, **kwargs)
+            self.dense_groups = [g for g in self.param_groups if "rank" not in g]
+            self.dense = torch.optim.AdamW(
+                [{"params": g["params"]} for g in self.dense_groups], foreach=False, **kwargs
+            )
+            self.dense.state = self.state  # one state table: bytes are counted in one place
+
+        def step(self, closure: Any = None) -> Any:
+            every = self.param_groups
+            self.param_groups = [g for g in every if "rank" in g]
+            try:
+                loss = super().step(closure)
+            finally:
+                self.param_groups = every
+            for outer, inner in zip(self.dense_groups, self.dense.param_groups):
+                inner["lr"], inner["weight_decay"] = outer["lr"], outer["weight_decay"]
+            self.dense.step()
+            return loss
+
+    return GaLoreTorchAdamW()
 
 
 def _peft_model(model: nn.Module, hp: Hyper, use_dora: bool) -> nn.Module:

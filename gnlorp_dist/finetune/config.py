@@ -119,8 +119,8 @@ class FinetuneConfig:
     """Passes over the training data (default: 3 pre-trained, 10 random init)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: --epochs decides)."""
-    batch_size: int = 32
-    """Examples per optimizer step."""
+    batch_size: int = 16
+    """Examples per optimizer step (GaLore's GLUE batch)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this before the step; 0 disables."""
     eval_every: int = 0
@@ -135,6 +135,10 @@ class FinetuneConfig:
     package)."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
+    threads: int | None = None
+    """CPU threads torch uses during the run (default: 1 for the tiny built-in models, whose
+    matrices are too small to split and which slow down badly on a busy machine with more;
+    torch's default otherwise)."""
     seed: int = 0
     """Seeds model init, the validation hold-out, data order and dropout."""
 
@@ -232,7 +236,17 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
             f"--bits {config.bits} needs a projected optimizer (gradnormlorp or galore); "
             "got --optimizer adamw"
         )
-    for name in ("rank", "update_proj_gap", "scale", "lr", "epochs", "lora_rank", "lora_alpha"):
+    names = (
+        "rank",
+        "update_proj_gap",
+        "scale",
+        "lr",
+        "epochs",
+        "lora_rank",
+        "lora_alpha",
+        "threads",
+    )
+    for name in names:
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -286,6 +300,8 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
         scale=config.scale if config.scale is not None else recipe.scale,
         lr=config.lr if config.lr is not None else default_lr,
         epochs=config.epochs or recipe.epochs,
+        threads=config.threads
+        or (1 if config.model in TINY_MODELS and not config.model_config else None),
         output_dir=config.output_dir or str(Path("runs") / f"finetune-{_run_label(config)}"),
     )
 

@@ -178,6 +178,7 @@ def _describe(run: FinetuneRun) -> None:
     log(
         f"training {run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.1f} epochs of "
         f"{run.steps_per_epoch}), batch {c.batch_size}, device {run.device}"
+        + (f", {c.threads} CPU thread(s)" if run.device.type == "cpu" and c.threads else "")
     )
 
 
@@ -185,7 +186,19 @@ def _describe(run: FinetuneRun) -> None:
 
 
 def run_finetune(run: FinetuneRun) -> FinetuneResult:
-    """Train ``run`` to its last step, evaluating on schedule, then save and verify."""
+    """Train ``run`` to its last step, evaluating on schedule, then save and verify.
+
+    ``config.threads`` applies for the duration of the call only."""
+    previous_threads = torch.get_num_threads()
+    if run.config.threads:
+        torch.set_num_threads(run.config.threads)
+    try:
+        return _run(run)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(run: FinetuneRun) -> FinetuneResult:
     c = run.config
     started = time.perf_counter()
     _describe(run)
@@ -213,8 +226,9 @@ def run_finetune(run: FinetuneRun) -> FinetuneResult:
             batch = _to(next(batches), run.device)
             lr = optimizer.param_groups[0]["lr"]
             loss = model(**batch).loss
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower --lr")
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}; lower --lr")
             loss.backward()
             grad_norm = None
             if c.grad_clip > 0:
@@ -226,8 +240,8 @@ def run_finetune(run: FinetuneRun) -> FinetuneResult:
             size = int(batch["labels"].shape[0])
             train_time, window_time = train_time + elapsed, window_time + elapsed
             samples, window_samples = samples + size, window_samples + size
-            result.train_losses.append(float(loss))
-            window_losses.append(float(loss))
+            result.train_losses.append(loss_value)
+            window_losses.append(loss_value)
             result.steps = step
             if step % c.log_every == 0 or step == run.total_steps:
                 mean_loss = sum(window_losses) / len(window_losses)

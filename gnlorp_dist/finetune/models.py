@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
 from gnlorp_dist.corpus import looks_like_hub_id
 from gnlorp_dist.nn import apply_weight_norm
@@ -162,9 +163,13 @@ def build_from_config(config: PretrainedConfig, tokenizer: Any, seed: int) -> nn
 def load_pretrained(name_or_path: str, labels: dict[str, Any], local: bool) -> nn.Module:
     """Pre-trained weights with a fresh head sized for the labels (hub: online)."""
     config = AutoConfig.from_pretrained(name_or_path, local_files_only=local, **labels)
-    return AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, config=config, local_files_only=local, ignore_mismatched_sizes=True
-    )
+    hf_logging.disable_progress_bar()  # a per-tensor bar; the hub download keeps its own
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, local_files_only=local, ignore_mismatched_sizes=True
+        )
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------- surgery

@@ -489,6 +489,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 "reshard to any world size."
             )
         super().load_state_dict(state_dict)
+        # torch rebuilt the group dicts; the new ones are what engines step from now on.
+        self.groups_at_construction = list(self.param_groups)
+        self._lookup = None
         # torch casts every loaded state tensor to its parameter's dtype; ours were saved in the
         # dtype they must keep (uint8 codes, float32 block scales), so restore those.
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]

@@ -18,6 +18,7 @@ from typing import Any
 
 from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
+    fill_auto_values,
     load_deepspeed_config,
 )
 from gnlorp_dist.integrations.deepspeed.layouts import (
@@ -43,6 +44,7 @@ __all__ = [
     "Zero3Layout",
     "check_deepspeed_config",
     "detect_deepspeed_layout",
+    "fill_auto_values",
     "initialize",
     "load_deepspeed_config",
 ]

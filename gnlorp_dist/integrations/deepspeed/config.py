@@ -125,3 +125,41 @@ def check_deepspeed_config(
     if device is not None:
         config["zero_force_ds_cpu_optimizer"] = False
     return config
+
+
+def fill_auto_values(
+    config: dict[str, Any],
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    bf16: bool,
+) -> dict[str, Any]:
+    """A copy of ``config`` with the ``"auto"`` values Accelerate and the Trainer would fill,
+    taken from a training run's own settings; explicit values must agree with them."""
+    config = copy.deepcopy(config)
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif given != value:
+            raise ValueError(
+                f"the DeepSpeed config sets {key}={given!r} but the run uses {value!r}; set it "
+                'to "auto" or make the two agree'
+            )
+    section = config.setdefault("bf16", {"enabled": "auto"})
+    if section.get("enabled", "auto") == "auto":
+        section["enabled"] = bf16
+    elif bool(section["enabled"]) != bf16:
+        raise ValueError(
+            f'the DeepSpeed config sets bf16.enabled={section["enabled"]!r} but the run uses '
+            f'{"bf16" if bf16 else "fp32"}; set it to "auto" or pass the matching --dtype'
+        )
+    return config
