@@ -3,6 +3,10 @@
 The public API and nothing else; see README.md.
 """
 
+# Registers the default communicator and the DeepSpeed ZeRO layouts with the optimizer (cheap:
+# neither imports DeepSpeed, and torch.distributed is part of torch).
+import gnlorp_dist.distributed  # noqa: E402, F401
+import gnlorp_dist.integrations.deepspeed  # noqa: E402, F401
 from gnlorp_dist.nn import (
     DEFAULT_TARGET_MODULES,
     WeightNormLinear,
@@ -15,11 +19,6 @@ from gnlorp_dist.optim import (
     PerLayerUpdates,
     projected_param_groups,
 )
-
-# Registers the default communicator and the DeepSpeed ZeRO layouts with the optimizer (cheap:
-# neither imports DeepSpeed, and torch.distributed is part of torch).
-import gnlorp_dist.distributed  # noqa: E402, F401
-import gnlorp_dist.integrations.deepspeed  # noqa: E402, F401
 
 __version__ = "0.1.0"
 

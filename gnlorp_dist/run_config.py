@@ -89,6 +89,10 @@ class RunConfig:
     world_size: int | None = None
     """Processes this job must have; training is refused if the launcher started another number
     (default: whatever the launcher started)."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON (see ds_configs/): train through deepspeed.initialize with ZeRO 0-3;
+    its "auto" values are filled from these flags (batch, accumulation, clip, bf16). Under
+    accelerate launch --use_deepspeed, the plugin's --deepspeed_config_file."""
     grad_reduction: str = "ddp"
     """With several processes: ddp (DDP all-reduces gradients, owners broadcast updated weights)
     or owners (each gradient block reduced to the rank owning its optimizer state: the same
@@ -244,6 +248,17 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
         raise ValueError(
             f"unknown grad_reduction {config.grad_reduction!r}; choose one of {GRAD_REDUCTIONS}"
         )
+    if config.deepspeed is not None:
+        if config.per_layer or config.grad_reduction != "ddp":
+            raise ValueError(
+                "--deepspeed steps the optimizer through DeepSpeed's engine, which reduces "
+                "gradients itself: drop --per-layer and --grad-reduction owners (got per_layer="
+                f"{config.per_layer}, grad_reduction={config.grad_reduction!r})"
+            )
+        if not Path(config.deepspeed).is_file():
+            raise ValueError(
+                f"--deepspeed {config.deepspeed!r} does not exist; see ds_configs/ for configs"
+            )
     if config.model_config is None and config.model not in known_model_names():
         raise ValueError(
             f"unknown model {config.model!r}; known models: {', '.join(known_model_names())} "

@@ -7,17 +7,16 @@ the programmatic entry point, ``main(argv)`` the command line (``python -m gnlor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ from gnlorp_dist.distributed import (
     wrap_for_data_parallel,
 )
 from gnlorp_dist.evaluation import evaluate, merged_logit_difference
+from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import build_model, count_parameters
 from gnlorp_dist.nn import apply_weight_norm, merge_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
@@ -53,6 +53,18 @@ from gnlorp_dist.run_config import (
     resolve,
 )
 from gnlorp_dist.schedule import warmup_cosine_schedule
+from gnlorp_dist.steps import StepStats, train_step
+
+__all__ = [
+    "Run",
+    "StepStats",
+    "TrainResult",
+    "main",
+    "prepare",
+    "run_training",
+    "train",
+    "train_step",
+]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Called after every optimizer step with (step, checkpoint folder saved at that step or None).
@@ -81,7 +93,9 @@ def seed_everything(seed: int) -> None:
 
 def build_training_model(config: RunConfig, llama: LlamaConfig) -> nn.Module:
     """The model as it trains: weight-normalised targets for gradnormlorp, plain otherwise."""
-    model = build_model(llama, dtype=_DTYPES[config.dtype], seed=config.seed)
+    # Under DeepSpeed the model starts in fp32: its bf16 mode casts it and keeps fp32 masters.
+    dtype = torch.float32 if config.deepspeed else _DTYPES[config.dtype]
+    model = build_model(llama, dtype=dtype, seed=config.seed)
     if config.optimizer == "gradnormlorp":
         apply_weight_norm(model, lora_rank=config.lora_rank, detach_norm=config.detach_norm)
     if config.activation_checkpointing:
@@ -149,6 +163,8 @@ class Run:
     """This process's place in the job."""
     per_layer: PerLayerUpdates | None = None
     """Set when --per-layer: the backward pass steps the optimizer."""
+    engine: Any = None
+    """The DeepSpeed engine when --deepspeed (it steps the optimizer and saves checkpoints)."""
     start_step: int = 0
     """Optimizer steps already done (from the checkpoint resumed, else 0)."""
     resumed_from: Path | None = None
@@ -175,6 +191,8 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
 
     User mistakes raise ValueError before any training happens.
     """
+    if config.deepspeed is None:
+        config = dataclasses.replace(config, deepspeed=ds_training.accelerate_config_file())
     config, llama = resolve(config)
     if context.world_size > 1 and config.per_layer and config.grad_reduction != "owners":
         raise ValueError(
@@ -211,6 +229,11 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         data=data,
         context=context,
     )
+    if config.deepspeed:
+        run.engine = run.forward_model = ds_training.start_engine(run)
+        log(ds_training.describe(run.engine, context.world_size))
+        ds_training.resume(run)
+        return run
     checkpoint = find_resume_checkpoint(config)
     if checkpoint is not None:
         saved_config = read_run_config(checkpoint)
@@ -229,55 +252,6 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
 
 
 # -------------------------------------------------------------------------------------- steps
-
-
-@dataclass(kw_only=True)
-class StepStats:
-    loss: float
-    """Mean loss over the step's micro-batches."""
-    lr: float
-    """Learning rate the step used."""
-    grad_norm: float | None
-    """Gradient norm before clipping (None when clipping is off)."""
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    micro_batches: list[torch.Tensor],
-    grad_clip: float,
-    per_layer: bool = False,
-) -> StepStats:
-    """One optimizer step over ``micro_batches`` (gradient accumulation, equal-sized blocks, so
-    the mean of the micro-batch means is the batch mean).
-
-    ``per_layer``: the backward pass itself updates every parameter (the optimizer's hooks clip
-    each parameter's update input), so there is no global clip and no ``optimizer.step()``.
-    Under DDP the gradient all-reduce runs only on the last micro-batch."""
-    model.train()
-    if not per_layer:
-        optimizer.zero_grad(set_to_none=True)
-    lr = optimizer.param_groups[0]["lr"]
-    total = torch.zeros((), dtype=torch.float32)
-    for index, ids in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        no_sync = getattr(model, "no_sync", None)
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            (loss / len(micro_batches)).backward()
-        total += loss.detach().float()
-    grad_norm = None
-    if not per_layer:
-        if grad_clip > 0:
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-        optimizer.step()
-    with warnings.catch_warnings():
-        # Per-layer mode steps inside backward, which torch's scheduler cannot see.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-        scheduler.step()
-    return StepStats(loss=float(total) / len(micro_batches), lr=lr, grad_norm=grad_norm)
 
 
 # --------------------------------------------------------------------------------------- loop
@@ -325,6 +299,15 @@ def _describe(run: Run) -> None:
 def save_training_state(run: Run, step: int, loss: float) -> Path:
     """Checkpoint everything needed to continue exactly after ``step``."""
     c = run.config
+    if run.engine is not None:
+        client_state = {
+            "step": step,
+            "loss": loss,
+            "scheduler": run.scheduler.state_dict(),
+            "data_state": run.data.train.state_dict(),
+            "run_config": config_record(c, run.llama),
+        }
+        return ds_training.save(run, step, client_state)
     return save_checkpoint(
         c.output_dir,
         step=step,
@@ -367,14 +350,17 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
         step_start = time.perf_counter()
         batch = run.data.train.next_batch()
         micro = list(batch.view(c.grad_accum, c.batch_size, c.seq_len))
-        stats = train_step(
-            run.forward_model,
-            run.optimizer,
-            run.scheduler,
-            micro,
-            c.grad_clip,
-            per_layer=run.per_layer is not None,
-        )
+        if run.engine is not None:
+            stats = ds_training.train_step(run.engine, run.scheduler, micro)
+        else:
+            stats = train_step(
+                run.forward_model,
+                run.optimizer,
+                run.scheduler,
+                micro,
+                c.grad_clip,
+                per_layer=run.per_layer is not None,
+            )
         if not math.isfinite(stats.loss):
             raise FloatingPointError(f"loss is {stats.loss} at step {done}; lower --lr")
         step_time = time.perf_counter() - step_start
@@ -421,6 +407,12 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
 
 def _finish(run: Run, result: TrainResult) -> None:
     c = run.config
+    if run.engine is not None:  # whole fp32 weights on every rank, in a plain model
+        state = ds_training.consolidated_state_dict(run.model)
+        run.model = build_training_model(c, run.llama)
+        loaded = run.model.load_state_dict(state, strict=False)
+        params = dict(run.model.named_parameters())
+        assert not loaded.unexpected_keys and not set(loaded.missing_keys) & set(params), loaded
     loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches)
     result.eval_loss, result.eval_perplexity = loss, ppl
     log(f"eval @ step {result.final_step} | loss {loss:.4f} | perplexity {ppl:.2f}")

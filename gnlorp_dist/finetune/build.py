@@ -3,6 +3,7 @@ optimizer and schedule. Every user mistake raises ValueError here, before any tr
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import random
@@ -43,6 +44,9 @@ from gnlorp_dist.finetune.tokenizer import (
     load_pretrained_tokenizer,
 )
 
+SMALL_MODEL_HIDDEN = 256
+"""Below this hidden size one CPU thread is the default: more only add synchronisation."""
+
 
 @dataclass(kw_only=True)
 class FinetuneRun:
@@ -68,6 +72,12 @@ class FinetuneRun:
     steps_per_epoch: int
     warmup_steps: int
     device: torch.device
+
+
+def _hidden_size(config: Any) -> int:
+    """The model width (BERT/RoBERTa ``hidden_size``, BART ``d_model``); unknown counts as big."""
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    return int(width) if width else SMALL_MODEL_HIDDEN
 
 
 def seed_everything(seed: int) -> None:
@@ -181,6 +191,9 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
             f"--max-seq-len {config.max_seq_len} exceeds the {limit} positions of the model; "
             f"use --max-seq-len {limit} or less"
         )
+
+    if config.threads is None and _hidden_size(model.config) < SMALL_MODEL_HIDDEN:
+        config = dataclasses.replace(config, threads=1)
 
     targets = target_modules_for(model.config, split_names(config.target_modules))
     parts = prepare_for_training(

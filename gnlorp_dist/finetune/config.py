@@ -61,8 +61,8 @@ class FinetuneConfig:
     word-level tokenizer learnt from the training split)."""
     target_modules: str | None = None
     """Comma-separated names of the body's linear layers to normalise and project (default
-    per architecture: query,key,value,dense for BERT/RoBERTa; q_proj,k_proj,v_proj,out_proj,
-    fc1,fc2 for BART)."""
+    per architecture: query,key,value,dense for BERT/RoBERTa;
+    q_proj,k_proj,v_proj,out_proj,fc1,fc2 for BART)."""
     task: str | None = None
     """A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): its columns and
     metrics; without --train-file its data is downloaded from the hub (nyu-mll/glue)."""
@@ -136,7 +136,7 @@ class FinetuneConfig:
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     threads: int | None = None
-    """CPU threads torch uses during the run (default: 1 for the tiny built-in models, whose
+    """CPU threads torch uses during the run (default: 1 for models of hidden size < 256, whose
     matrices are too small to split and which slow down badly on a busy machine with more;
     torch's default otherwise)."""
     seed: int = 0
@@ -300,8 +300,6 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
         scale=config.scale if config.scale is not None else recipe.scale,
         lr=config.lr if config.lr is not None else default_lr,
         epochs=config.epochs or recipe.epochs,
-        threads=config.threads
-        or (1 if config.model in TINY_MODELS and not config.model_config else None),
         output_dir=config.output_dir or str(Path("runs") / f"finetune-{_run_label(config)}"),
     )
 

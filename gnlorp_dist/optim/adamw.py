@@ -24,6 +24,8 @@ from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.optim.validation import (
     flat_gradient_error,
+    layout_world_size_error,
+    missing_communicator_error,
     non_finite_error,
     validate_projected_group,
 )
@@ -137,16 +139,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if self._comm is None:
             self._comm = default_communicator()
             if self._comm is None:
-                launched = os.environ.get("WORLD_SIZE")
-                raise ValueError(
-                    f"WORLD_SIZE={launched} but no communicator was given and torch.distributed "
-                    "is not initialised: every rank would keep all optimizer states and "
-                    "recompute every SVD on its own. Initialise the process group first "
-                    "(deepspeed.initialize, accelerate, torch.distributed.init_process_group) and "
-                    "import gnlorp_dist, or pass communicator=gnlorp_dist.distributed."
-                    "ProcessGroupCommunicator(), or LocalCommunicator() to replicate the "
-                    "optimizer on purpose."
-                )
+                raise missing_communicator_error(os.environ.get("WORLD_SIZE"))
         return self._comm
 
     # -- construction-time validation ------------------------------------------------------
@@ -294,7 +287,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         state = self.state[param]
         state["proj"] = self.compute_basis(group, param.grad, state)
 
-    def compute_basis(self, group: dict[str, Any], grad_MN: Tensor, state: dict[str, Any]) -> Tensor:
+    def compute_basis(
+        self, group: dict[str, Any], grad_MN: Tensor, state: dict[str, Any]
+    ) -> Tensor:
         """A new subspace basis from a whole 2-D gradient (counted in ``refresh_count``)."""
         side = projection_side(grad_MN.shape, group["proj_type"])
         generator = None
@@ -480,14 +475,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_layout = state_dict["state"].get(LAYOUT_KEY)
         if saved_layout is not None and saved_layout["world_size"] != self.comm.world_size:
-            raise ValueError(
-                f"this optimizer state was saved by rank {self.comm.rank}'s shard of a "
-                f"{saved_layout['engine']} job on {saved_layout['world_size']} ranks and cannot "
-                f"be loaded on {self.comm.world_size}: low-rank states belong to the ranks that "
-                "owned them. Resume on the same number of ranks, or save with "
-                "gnlorp_dist.integrations.deepspeed.save_checkpoint, whose optimizer shards "
-                "reshard to any world size."
-            )
+            raise layout_world_size_error(saved_layout, self.comm.rank, self.comm.world_size)
         super().load_state_dict(state_dict)
         # torch rebuilt the group dicts; the new ones are what engines step from now on.
         self.groups_at_construction = list(self.param_groups)

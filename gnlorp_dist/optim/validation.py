@@ -78,3 +78,24 @@ def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
                 f"{tuple(param.shape)}; use rank <= {min(param.shape)} or leave this matrix out "
                 "of the projected group"
             )
+
+
+def missing_communicator_error(world_size: str | None) -> ValueError:
+    return ValueError(
+        f"WORLD_SIZE={world_size} but no communicator was given and torch.distributed is not "
+        "initialised: every rank would keep all optimizer states and recompute every SVD on its "
+        "own. Initialise the process group first (deepspeed.initialize, accelerate, "
+        "torch.distributed.init_process_group) and import gnlorp_dist, or pass "
+        "communicator=gnlorp_dist.distributed.ProcessGroupCommunicator(), or "
+        "LocalCommunicator() to replicate the optimizer on purpose."
+    )
+
+
+def layout_world_size_error(saved: dict[str, Any], rank: int, world_size: int) -> ValueError:
+    return ValueError(
+        f"this optimizer state was saved by rank {rank}'s shard of a {saved['engine']} job on "
+        f"{saved['world_size']} ranks and cannot be loaded on {world_size}: low-rank states "
+        "belong to the ranks that owned them. Resume on the same number of ranks, or load the "
+        "module weights only (engine.load_checkpoint(..., load_optimizer_states=False)) and "
+        "start the optimizer afresh."
+    )

@@ -242,7 +242,15 @@ def test_missing_shard_is_refused_with_the_reason(runs, tmp_path):
         load_sharded_optimizer(optimizer, tmp_path)
 
 
-def test_launch_without_communicator_is_refused(monkeypatch):
+def test_launch_without_process_group_is_refused_before_any_update(monkeypatch):
+    # The plain GradNormLoRPAdamW(groups) waits for the engine to create the process group;
+    # if none exists by the first step, every rank would run alone: refused, weights untouched.
     monkeypatch.setenv("WORLD_SIZE", "4")
+    model = copy.deepcopy(_model())
+    optimizer = GradNormLoRPAdamW(projected_param_groups(model, 4, 5, 1.0))
+    ids = _global_batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = _flat(model)
     with pytest.raises(ValueError, match="WORLD_SIZE=4 but no communicator"):
-        GradNormLoRPAdamW(projected_param_groups(copy.deepcopy(_model()), 4, 5, 1.0))
+        optimizer.step()
+    assert torch.equal(_flat(model), before)

@@ -100,7 +100,9 @@ def check_deepspeed_config(
                 "DeepSpeed's NVMe swapper does not know GradNormLoRP's low-rank states; use "
                 '"cpu"'
             )
-    if zero.get("zero_hpz_partition_size", 1) not in (1, "auto") or zero.get("mics_shard_size", -1) not in (-1, 0):
+    if zero.get("zero_hpz_partition_size", 1) not in (1, "auto") or zero.get(
+        "mics_shard_size", -1
+    ) not in (-1, 0):
         raise ValueError(
             "ZeRO++ hierarchical partitioning (zero_hpz_partition_size) and MiCS "
             "(mics_shard_size) change which rank holds which run of a matrix and are not "
@@ -159,7 +161,7 @@ def fill_auto_values(
         section["enabled"] = bf16
     elif bool(section["enabled"]) != bf16:
         raise ValueError(
-            f'the DeepSpeed config sets bf16.enabled={section["enabled"]!r} but the run uses '
+            f"the DeepSpeed config sets bf16.enabled={section['enabled']!r} but the run uses "
             f'{"bf16" if bf16 else "fp32"}; set it to "auto" or pass the matching --dtype'
         )
     return config

@@ -1,0 +1,182 @@
+"""``gnlorp-train --deepspeed CONFIG``: the engine, its training step, checkpoints, final weights.
+
+The model and the optimizer are built exactly as without DeepSpeed (the model in fp32: with
+``--dtype bf16`` DeepSpeed casts it and keeps fp32 masters); ``deepspeed.initialize`` then takes
+them, with the JSON's ``"auto"`` values filled from the run's flags. Checkpoints are DeepSpeed's
+own (``engine.save_checkpoint``: module, per-rank ZeRO partitions holding our low-rank states,
+and our data position, schedule and run config as client state), in
+``<output-dir>/ds_checkpoints/step-XXXXXXXX`` with DeepSpeed's ``latest`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gnlorp_dist.integrations.deepspeed.config import (
+    check_deepspeed_config,
+    fill_auto_values,
+)
+from gnlorp_dist.steps import StepStats
+
+if TYPE_CHECKING:
+    from gnlorp_dist.train import Run
+
+CHECKPOINT_DIR = "ds_checkpoints"
+
+
+def accelerate_config_file() -> str | None:
+    """The DeepSpeed JSON ``accelerate launch --use_deepspeed`` was given, if any.
+
+    Raises ValueError under Accelerate's DeepSpeed plugin without a JSON file: its flag-built
+    config would name Accelerate's own optimizer settings, not ours.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("true", "1"):
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none":
+        raise ValueError(
+            "accelerate launch --use_deepspeed without --deepspeed_config_file: gnlorp-train "
+            "needs a DeepSpeed JSON (e.g. --deepspeed_config_file ds_configs/zero2.json, or "
+            "launch/accelerate_deepspeed.yaml)"
+        )
+    return path
+
+
+def engine_config(run: Run) -> dict[str, Any]:
+    """The run's DeepSpeed config: checked, ``"auto"`` values filled from its flags."""
+    c = run.config
+    assert c.deepspeed is not None
+    filled = fill_auto_values(
+        check_deepspeed_config(c.deepspeed, allow_auto=True),
+        micro_batch_size=c.batch_size,
+        grad_accum=c.grad_accum,
+        world_size=run.context.world_size,
+        grad_clip=c.grad_clip,
+        bf16=c.dtype == "bf16",
+    )
+    return check_deepspeed_config(filled)
+
+
+def start_engine(run: Run) -> Any:
+    """``deepspeed.initialize`` over the run's model and optimizer; the engine."""
+    import deepspeed  # noqa: PLC0415  (5 s import; only for --deepspeed runs)
+
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU shared-memory all-reduce JIT-compiles for minutes on first use;
+        # the gloo group the job already has gives the same sums.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, *_ = deepspeed.initialize(
+        model=run.model, optimizer=run.optimizer, config=engine_config(run)
+    )
+    return engine
+
+
+def describe(engine: Any, world_size: int) -> str:
+    """One log line: the engine's ZeRO stage, precision, offload and world size."""
+    stage = engine.zero_optimization_stage()
+    offload = " + CPU optimizer offload" if engine.zero_cpu_offload() else ""
+    precision = "bf16 (fp32 masters)" if engine.bfloat16_enabled() else "fp32"
+    return (
+        f"deepspeed: ZeRO-{stage}{offload}, {precision}, {world_size} process(es), engine "
+        f"optimizer {type(engine.optimizer).__name__}"
+    )
+
+
+def train_step(engine: Any, scheduler: Any, micro_batches: list[torch.Tensor]) -> Any:
+    """One optimizer step: DeepSpeed scales each micro-batch's loss, accumulates, clips, and
+    steps the optimizer at the accumulation boundary."""
+
+    engine.train()
+    lr = engine.optimizer.param_groups[0]["lr"]
+    total = torch.zeros((), dtype=torch.float32)
+    for ids in micro_batches:
+        ids = ids.to(engine.device)
+        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float().cpu()
+    scheduler.step()
+    norm = engine.get_global_grad_norm()
+    return StepStats(
+        loss=float(total) / len(micro_batches),
+        lr=lr,
+        grad_norm=float(norm) if norm is not None and engine.gradient_clipping() > 0 else None,
+    )
+
+
+def save(run: Run, step: int, client_state: dict[str, Any]) -> Path:
+    """``engine.save_checkpoint`` at ``step`` (every rank), keeping the newest checkpoints."""
+    c = run.config
+    root = Path(c.output_dir) / CHECKPOINT_DIR
+    tag = f"step-{step:08d}"
+    run.engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    run.context.barrier()
+    if run.context.is_main and c.keep_checkpoints:
+        tags = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in tags[: -c.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    run.context.barrier()
+    return root / tag
+
+
+def latest(output_dir: str) -> Path | None:
+    """The checkpoint DeepSpeed's ``latest`` file names, if there is one."""
+    marker = Path(output_dir) / CHECKPOINT_DIR / "latest"
+    if not marker.is_file():
+        return None
+    return marker.parent / marker.read_text().strip()
+
+
+def load(run: Run, checkpoint: Path) -> dict[str, Any]:
+    """Load a DeepSpeed checkpoint into the engine; its client state."""
+    path, client_state = run.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load a checkpoint from {checkpoint}")
+    return client_state
+
+
+def consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole, in fp32, on every rank (collective: every rank must call it)."""
+    import deepspeed  # noqa: PLC0415
+    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
+
+    state = {}
+    for name, param in model.named_parameters():
+        full = None
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            full = safe_get_full_fp32_param(param)  # None for frozen parameters
+        if full is None and hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param]):
+                full = param.data.float().clone()
+        state[name] = (full if full is not None else param.detach().float()).cpu()
+    return state
+
+
+def resume(run: Run) -> None:
+    """Continue from the checkpoint ``--resume`` names (auto: DeepSpeed's ``latest``), if any."""
+    from gnlorp_dist.checkpoint import check_compatible  # noqa: PLC0415
+    from gnlorp_dist.run_config import RESUME_MUST_MATCH, config_record  # noqa: PLC0415
+
+    c = run.config
+    if c.resume == "never":
+        checkpoint = None
+        if latest(c.output_dir) is not None:
+            raise ValueError(f"--resume never, but {c.output_dir!r} already holds checkpoints")
+    elif c.resume == "auto":
+        checkpoint = latest(c.output_dir)
+    else:
+        checkpoint = latest(c.resume) or Path(c.resume)
+    if checkpoint is None:
+        return
+    state = load(run, checkpoint)
+    check_compatible(
+        state["run_config"], config_record(c, run.llama), RESUME_MUST_MATCH, str(checkpoint)
+    )
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.data.train.load_state_dict(state["data_state"])
+    run.start_step, run.resumed_from = state["step"], checkpoint

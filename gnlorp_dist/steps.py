@@ -1,0 +1,62 @@
+"""One training step without an engine: gradient accumulation, clipping, the optimizer step.
+
+(With ``--deepspeed`` the engine's step is in :mod:`gnlorp_dist.integrations.deepspeed.training`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class StepStats:
+    loss: float
+    """Mean loss over the step's micro-batches."""
+    lr: float
+    """Learning rate the step used."""
+    grad_norm: float | None
+    """Gradient norm before clipping (None when clipping is off)."""
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[torch.Tensor],
+    grad_clip: float,
+    per_layer: bool = False,
+) -> StepStats:
+    """One optimizer step over ``micro_batches`` (gradient accumulation, equal-sized blocks, so
+    the mean of the micro-batch means is the batch mean).
+
+    ``per_layer``: the backward pass itself updates every parameter (the optimizer's hooks clip
+    each parameter's update input), so there is no global clip and no ``optimizer.step()``.
+    Under DDP the gradient all-reduce runs only on the last micro-batch."""
+    model.train()
+    if not per_layer:
+        optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    total = torch.zeros((), dtype=torch.float32)
+    for index, ids in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        no_sync = getattr(model, "no_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss / len(micro_batches)).backward()
+        total += loss.detach().float()
+    grad_norm = None
+    if not per_layer:
+        if grad_clip > 0:
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        optimizer.step()
+    with warnings.catch_warnings():
+        # Per-layer mode steps inside backward, which torch's scheduler cannot see.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+    return StepStats(loss=float(total) / len(micro_batches), lr=lr, grad_norm=grad_norm)
