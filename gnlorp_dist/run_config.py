@@ -200,11 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
                 if f.name in _CHOICES
                 else _NAMED_METAVARS.get(f.name, _METAVARS[base]),
             )
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
 
 
+def config_from_namespace(namespace: argparse.Namespace) -> RunConfig:
+    fields = vars(namespace).copy()
+    fields.pop("local_rank", None)
+    return RunConfig(**fields)
+
+
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
-    return RunConfig(**vars(build_parser().parse_args(argv)))
+    return config_from_namespace(build_parser().parse_args(argv))
 
 
 def _positive(config: RunConfig, *names: str) -> None:

@@ -49,6 +49,7 @@ from gnlorp_dist.run_config import (
     RESUME_MUST_MATCH,
     RunConfig,
     build_parser,
+    config_from_namespace,
     config_record,
     resolve,
 )
@@ -459,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe (imported by
         # transformers' save_pretrained) when there is no GPU to find
     parser = build_parser()
-    config = RunConfig(**vars(parser.parse_args(argv)))
+    config = config_from_namespace(parser.parse_args(argv))
     try:
         context = init_distributed(config.world_size)
         _LOG_RANK[0] = context.rank

@@ -1,8 +1,8 @@
 """Joining the job a launcher started, and refusing launches that would run unsynchronised.
 
-torchrun, ``accelerate launch --multi_gpu``, the ``deepspeed`` launcher and (with the variables
-set) ``mpirun`` all export RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; :func:`init_distributed`
-joins that group. Two launches fail silently elsewhere, and are refused here:
+torchrun, ``accelerate launch --multi_gpu`` and the ``deepspeed`` launcher export RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT, ``mpirun`` its own variables, read through mpi4py;
+:func:`init_distributed` joins that group. Two launches fail silently elsewhere, and are refused here:
 
 - ``accelerate launch --cpu --num_processes N`` starts ONE process with no WORLD_SIZE;
 - any launcher asked for N processes whose children see another WORLD_SIZE.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +120,47 @@ def check_world_size(world_size: int, expected: int | None, parent_argv: list[st
         )
 
 
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+DEFAULT_MASTER_PORT = "29500"
+
+
+def discover_mpi_environment() -> bool:
+    """Under ``mpirun`` (no torch launcher variables), set RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR and MASTER_PORT from MPI itself (mpi4py); True if it did.
+
+    MASTER_ADDR defaults to rank 0's host address, sent to every rank over MPI, and MASTER_PORT
+    to 29500; values already in the environment (``mpirun -x MASTER_ADDR``) win.
+    """
+    if "WORLD_SIZE" in os.environ or not any(v in os.environ for v in MPI_SIZE_VARIABLES):
+        return False
+    try:
+        from mpi4py import MPI  # noqa: PLC0415  (only under mpirun)
+    except ImportError as err:
+        raise ValueError(
+            "this process was started by mpirun but mpi4py is not installed: pip install "
+            "'gnlorp-dist[mpi]' (mpi4py), or launch with torchrun / deepspeed"
+        ) from err
+    world = MPI.COMM_WORLD
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    address = None
+    if "MASTER_ADDR" not in os.environ and world.Get_rank() == 0:
+        address = socket.gethostbyname(socket.getfqdn())
+    address = world.bcast(address, root=0)
+    os.environ["RANK"] = str(world.Get_rank())
+    os.environ["WORLD_SIZE"] = str(world.Get_size())
+    os.environ["LOCAL_RANK"] = str(local.Get_rank())
+    os.environ.setdefault("MASTER_ADDR", address or "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
+    local.Free()
+    return True
+
+
 def init_distributed(expected_world_size: int | None = None) -> DistributedContext:
-    """Join the launcher's process group (gloo on CPU, nccl on CUDA) or run alone."""
+    """Join the launcher's process group (gloo on CPU, nccl on CUDA) or run alone.
+
+    torchrun, accelerate and the deepspeed launcher export the job's variables; under mpirun
+    they are discovered through MPI (:func:`discover_mpi_environment`)."""
+    discover_mpi_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_world_size(world_size, expected_world_size, _parent_command_line())
     if world_size == 1:

@@ -114,7 +114,7 @@ def _device(name: str) -> torch.device:
 
 
 def _tokenizer_for(
-    config: FinetuneConfig, source: str, raw: RawData, model_type: str
+    config: FinetuneConfig, source: str, raw: RawData, model_config: Any
 ) -> tuple[Any, str]:
     if config.tokenizer is not None:
         return load_pretrained_tokenizer(config.tokenizer), config.tokenizer
@@ -127,8 +127,13 @@ def _tokenizer_for(
         return load_pretrained_tokenizer(config.model), config.model
     tokenizer = build_word_level_tokenizer(
         training_texts(raw),
-        model_type=model_type,
-        vocab_size=config.vocab_size,
+        model_type=model_config.model_type,
+        # A --model-config fixes the embedding size; the built-ins are sized to the tokenizer.
+        vocab_size=(
+            config.vocab_size
+            if source == "builtin"
+            else min(config.vocab_size, model_config.vocab_size)
+        ),
         max_length=config.max_seq_len,
     )
     return tokenizer, f"word-level, learnt from the training split ({len(tokenizer)} tokens)"
@@ -168,8 +173,7 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         model_config = config_from_json(config.model_config)
     else:
         model_config = None
-    model_type = model_config.model_type if model_config is not None else ""
-    tokenizer, tokenizer_source = _tokenizer_for(config, source, raw, model_type)
+    tokenizer, tokenizer_source = _tokenizer_for(config, source, raw, model_config)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -185,6 +189,12 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         model = build_from_config(model_config, tokenizer, config.seed)
     else:
         model = load_pretrained(config.model, labels, local=source == "local")
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer_source!r} has {len(tokenizer)} tokens but the model "
+                f"{config.model!r} embeds only {model.config.vocab_size}; pass --tokenizer with "
+                "the model's own tokenizer"
+            )
     limit = max_tokens(model.config)
     if limit is not None and config.max_seq_len > limit:
         raise ValueError(

@@ -10,6 +10,7 @@ and our data position, schedule and run config as client state), in
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from gnlorp_dist.train import Run
 
 CHECKPOINT_DIR = "ds_checkpoints"
+LAYOUT_FILE = "gnlorp_layout.json"
 
 
 def accelerate_config_file() -> str | None:
@@ -116,6 +118,9 @@ def save(run: Run, step: int, client_state: dict[str, Any]) -> Path:
     tag = f"step-{step:08d}"
     run.engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     run.context.barrier()
+    if run.context.is_main:  # read before loading: DeepSpeed's own files need the same ranks
+        layout = {"world_size": run.context.world_size, "step": step}
+        (root / tag / LAYOUT_FILE).write_text(json.dumps(layout))
     if run.context.is_main and c.keep_checkpoints:
         tags = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in tags[: -c.keep_checkpoints]:
@@ -134,6 +139,17 @@ def latest(output_dir: str) -> Path | None:
 
 def load(run: Run, checkpoint: Path) -> dict[str, Any]:
     """Load a DeepSpeed checkpoint into the engine; its client state."""
+    layout_file = checkpoint / LAYOUT_FILE
+    if layout_file.is_file():
+        saved = json.loads(layout_file.read_text())["world_size"]
+        if saved != run.context.world_size:
+            raise ValueError(
+                f"{checkpoint} was saved on {saved} ranks and this job has "
+                f"{run.context.world_size}: DeepSpeed's ZeRO partitions and GradNormLoRP's "
+                f"low-rank states belong to the ranks that saved them. Resume with {saved} "
+                "processes (the global batch may stay the same with another --batch-size), or "
+                f"start afresh from the merged model of a finished run"
+            )
     path, client_state = run.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     if path is None:
         raise ValueError(f"DeepSpeed could not load a checkpoint from {checkpoint}")

@@ -1,0 +1,153 @@
+"""gnlorp-train --deepspeed under four real launchers, 2 CPU processes, the world size asserted.
+
+`deepspeed --num_gpus 2` (ZeRO-3), `torchrun` (ZeRO-2, then a checkpoint resume), `mpirun -n 2`
+through mpi4py discovery (ZeRO-1) and `accelerate launch` with the DeepSpeed plugin YAML of
+launch/ (ZeRO-2 from ds_configs/). Each trains the embedded Shakespeare corpus. A DeepSpeed JSON
+that names an optimizer, and a resume on another world size, fail before any training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_launchers import TINY_JSON
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds-launch")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY_JSON))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", GNLORP_CACHE_DIR=str(root / "cache"), DS_ACCELERATOR="cpu"
+    )
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return root, str(config), env
+
+
+def _train_args(config, out, ds_config, *extra):
+    return [
+        "--model-config", config, "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
+        "--save-every", "2", "--eval-batches", "1", "--output-dir", str(out), "--no-progress",
+        "--log-every", "1", "--world-size", "2", "--deepspeed", str(REPO / "ds_configs" / ds_config),
+        *extra,
+    ]  # fmt: skip
+
+
+def _run(command, env, timeout=400):
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def _assert_trained(code, output, out, stage):
+    assert code == 0, output[-6000:]
+    assert f"deepspeed: ZeRO-{stage}, fp32, 2 process(es)" in output
+    assert len(re.findall(r"step +3/3 \| loss", output)) == 1  # rank 0 logs alone
+    first, last = map(float, re.search(r"train loss ([\d.]+) -> ([\d.]+)", output).groups())
+    assert last < first
+    assert (out / "ds_checkpoints" / "step-00000003").is_dir()
+    assert (out / "final" / "model.safetensors").is_file()
+    diff = float(re.search(r"max \|logit diff\| ([\d.e+-]+)", output).group(1))
+    assert diff < 1e-4
+
+
+def test_deepspeed_launcher_zero3(setting):
+    root, config, env = setting
+    out = root / "deepspeed"
+    command = [
+        str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        "--module", "gnlorp_dist.train", *_train_args(config, out, "zero3.json"),
+    ]  # fmt: skip
+    _assert_trained(*_run(command, env), out, 3)
+
+
+def test_torchrun_zero2_then_resume_and_refuse_another_world_size(setting):
+    root, config, env = setting
+    out = root / "torchrun"
+    torchrun = [
+        str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "gnlorp_dist.train",
+    ]  # fmt: skip
+    _assert_trained(*_run([*torchrun, *_train_args(config, out, "zero2.json")], env), out, 2)
+    code, output = _run(
+        [*torchrun, *_train_args(config, out, "zero2.json", "--max-steps", "4")], env
+    )
+    assert code == 0, output[-6000:]
+    assert "resumed from" in output and "(step 3)" in output
+    assert re.search(r"step +4/4 \| loss", output)
+    # One process, same global batch: DeepSpeed's ZeRO partitions belong to 2 ranks.
+    moved = root / "one-process"
+    shutil.copytree(out, moved)
+    single = [sys.executable, "-m", "gnlorp_dist.train"]
+    args = _train_args(config, moved, "zero2.json", "--batch-size", "4", "--max-steps", "5")
+    args[args.index("--world-size") + 1] = "1"
+    code, output = _run([*single, *args], env)
+    assert code != 0
+    assert "saved on 2 ranks" in output and "step-00000004" in output
+    assert not re.search(r"step +5/5", output)
+
+
+def test_mpirun_zero1_through_mpi4py_discovery(setting):
+    root, config, env = setting
+    mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not installed (pip install 'gnlorp-dist[mpi]')")
+    out = root / "mpirun"
+    env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    command = [
+        mpirun, "-n", "2", "--allow-run-as-root", "--oversubscribe",
+        *[arg for name in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "GNLORP_CACHE_DIR",
+                           "DS_ACCELERATOR", "PATH") for arg in ("-x", name)],
+        sys.executable, "-m", "gnlorp_dist.train", *_train_args(config, out, "zero1.json"),
+    ]  # fmt: skip
+    _assert_trained(*_run(command, env), out, 1)
+
+
+def test_accelerate_launch_with_the_deepspeed_plugin(setting):
+    root, config, env = setting
+    out = root / "accelerate"
+    args = _train_args(config, out, "zero2.json")
+    del args[args.index("--deepspeed") : args.index("--deepspeed") + 2]  # from the plugin
+    command = [
+        str(BIN / "accelerate"), "launch", "--config_file",
+        str(REPO / "launch" / "accelerate_deepspeed.yaml"), "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.train", *args,
+    ]  # fmt: skip
+    _assert_trained(*_run(command, env), out, 2)
+
+
+def test_config_naming_an_optimizer_fails_before_training(setting):
+    root, config, env = setting
+    bad = root / "with-optimizer.json"
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}
+    bad.write_text(json.dumps(ds))
+    out = root / "bad"
+    args = _train_args(config, out, "zero2.json")
+    args[args.index("--deepspeed") + 1] = str(bad)
+    args[args.index("--world-size") + 1] = "1"
+    code, output = _run([sys.executable, "-m", "gnlorp_dist.train", *args], env)
+    assert code == 2
+    assert "names an optimizer ('AdamW')" in output and 'Delete the "optimizer" block' in output
+    assert not out.exists() or not any(out.rglob("step-*"))
