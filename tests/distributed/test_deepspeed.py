@@ -246,7 +246,11 @@ def test_fp32_matches_one_process_and_ranks_agree(runs, name):
 @pytest.mark.parametrize("name", STAGE_SCENARIOS)
 def test_each_subspace_is_computed_once_per_refresh_in_the_whole_job(runs, name):
     counts = [r[name]["refreshes"] for r in runs["results"]]
-    assert sum(counts) == NUM_PROJECTED * (STEPS // GAP) == runs["reference"]["optimizer"].refresh_count
+    assert (
+        sum(counts)
+        == NUM_PROJECTED * (STEPS // GAP)
+        == runs["reference"]["optimizer"].refresh_count
+    )
     assert all(c > 0 for c in counts), counts
 
 
