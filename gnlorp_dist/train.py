@@ -231,9 +231,12 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         context=context,
     )
     if config.deepspeed:
-        run.engine = run.forward_model = ds_training.start_engine(run)
+        checkpoint, client_state = ds_training.resume_point(run)
+        run.engine, _ = ds_training.start_engine(run, checkpoint)
+        run.forward_model = run.engine
         log(ds_training.describe(run.engine, context.world_size))
-        ds_training.resume(run)
+        if checkpoint is not None:
+            ds_training.restore_client_state(run, client_state, checkpoint)
         return run
     checkpoint = find_resume_checkpoint(config)
     if checkpoint is not None:

@@ -1,6 +1,6 @@
-"""``gnlorp-bench``: the same small LLaMA, data, seed, schedule and steps, once per method.
+"""gnlorp-bench: pre-train the same small LLaMA on the same data, once per optimizer method.
 
-    gnlorp-bench                                  # all eight methods on llama_nano (~7 min, 2 cores)
+    gnlorp-bench                                  # all eight methods on llama_nano (minutes, CPU)
     gnlorp-bench --methods adamw galore gradnormlorp --steps 50
     gnlorp-bench --sweep rank                     # gradnormlorp vs galore at ranks 8,16,32,64
     gnlorp-bench --sweep gap --sweep-values 10,25,50,100 --tensorboard

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -290,13 +289,18 @@ def run_sweep(config: BenchConfig, llama: Any) -> dict[str, Any]:
 
 
 def run(config: BenchConfig) -> dict[str, Any]:
-    """Validate ``config`` (ValueError naming any bad value), then compare or sweep."""
+    """Validate ``config`` (ValueError naming any bad value), then compare or sweep. The torch
+    thread count is set for the run and restored afterwards."""
     config, llama, _ = resolve(config)
     _check_dependencies(
         config.sweep_methods if config.sweep else config.methods, config.tensorboard
     )
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    torch.manual_seed(config.seed)
-    if config.sweep:
-        return run_sweep(config, llama)
-    return run_comparison(config, llama)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        torch.manual_seed(config.seed)
+        if config.sweep:
+            return run_sweep(config, llama)
+        return run_comparison(config, llama)
+    finally:
+        torch.set_num_threads(threads)

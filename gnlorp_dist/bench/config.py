@@ -44,7 +44,8 @@ DEFAULT_ADAMW_LR = 1e-3
 @dataclass(kw_only=True)
 class BenchConfig:
     """One comparison (or sweep): the same model, data, seed, schedule, batch and steps for every
-    method. Defaults: all eight methods on llama_nano, a few minutes on 2 CPU cores."""
+    method. Defaults: all eight methods on llama_nano, 80 steps of 4 x 128 tokens, one CPU
+    thread: about 6-8 minutes on a 2-core CPU."""
 
     methods: tuple[str, ...] = METHODS
     """Methods to compare (adamw is the baseline of the time ratio): adamw, adamw8bit, galore,
@@ -53,12 +54,13 @@ class BenchConfig:
     """Named LLaMA shape and recipe: llama_nano, llama_micro, llama_60m ... llama_7b."""
     model_config: str | None = None
     """Path to a GaLore-style JSON or a Hugging Face config.json; replaces --model's shape."""
-    steps: int = 100
+    steps: int = 80
     """Optimizer steps per method."""
     batch_size: int = 4
     """Sequences per optimizer step (the global batch; no accumulation)."""
-    seq_len: int = 256
-    """Tokens per sequence."""
+    seq_len: int = 128
+    """Tokens per sequence (128 keeps the default run of eight methods within minutes on 2 CPU
+    cores; gnlorp-train and GaLore's benchmarks use 256)."""
     lr: float | None = None
     """Peak lr of the projected methods (galore, galore-torch, gradnormlorp, gradnormlorp8bit;
     default: the model's recipe, 0.01)."""
@@ -114,8 +116,10 @@ class BenchConfig:
     """Also write TensorBoard events under OUTPUT_DIR/tensorboard/ (needs tensorboard)."""
     log_every: int = 10
     """Write one log line per method every this many steps."""
-    threads: int | None = None
-    """torch threads (default: every CPU core)."""
+    threads: int = 1
+    """torch intra-op threads. One by default: on a machine whose cores other processes share,
+    OpenMP threads spin-wait for each other and a 2-thread step was measured up to 6x slower
+    than a 1-thread one; on an idle machine pass --threads with the core count."""
 
 
 DEFAULT_SWEEP_VALUES = {"rank": (8, 16, 32, 64), "gap": (10, 25, 50, 100)}

@@ -18,6 +18,7 @@ All use betas (0.9, 0.999) and eps 1e-6 (GaLore's defaults).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -146,7 +147,10 @@ def _peft_model(model: nn.Module, hp: Hyper, use_dora: bool) -> nn.Module:
         use_dora=use_dora,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT probes a transformers attribute deprecated in v5 (a FutureWarning); not ours.
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
     # PEFT freezes everything but the adapters. The projected methods train embeddings, lm_head
     # and norms in full; so do these, so that only the targeted matrices are treated differently.
     for name, param in peft_model.named_parameters():

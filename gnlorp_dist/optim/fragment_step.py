@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import wait_all
+from gnlorp_dist.optim.fragment_state import STATE_PREFIX, adopt_pending_state
 from gnlorp_dist.optim.fragments import (
     EngineLayout,
     Fragment,
@@ -56,10 +57,9 @@ from gnlorp_dist.projection import (
 if TYPE_CHECKING:
     from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
 
-STATE_PREFIX = "zero/"
-"""Optimizer-state keys of flattened parameters: ``zero/<name>`` (names, not tensors, because
-the engine owns the tensors; ``torch.Optimizer.state_dict`` keeps string keys as they are)."""
-LAYOUT_KEY = "zero/__layout__"
+LAYOUT_KEY = STATE_PREFIX + "__layout__"
+"""Flattened parameters' state is keyed ``zero/<name>`` (names, not tensors: the engine owns the
+tensors; ``torch.Optimizer.state_dict`` keeps string keys as they are)."""
 
 
 def fragment_state(optimizer: GradNormLoRPAdamW, name: str) -> dict[str, Any]:
@@ -138,10 +138,12 @@ def step_flattened_group(
     if "rank" in group:
         plan = flattened_owners(optimizer, layout)
         owners = [plan[p.name] for p in params]
+        adopt_pending_state(optimizer, group, params, fragments, owners)
         _refresh_due(optimizer, group, params, fragments, owners)
         directions = _low_rank_directions(optimizer, group, params, fragments, owners)
         _apply_directions(optimizer, group, params, fragments, directions)
     else:
+        adopt_pending_state(optimizer, group, params, fragments, None)
         for param, fragment in zip(params, fragments):
             if fragment is not None:
                 _update_dense_fragment(optimizer, group, param, fragment)
@@ -280,6 +282,7 @@ def _update_dense_fragment(
     moments = MomentStore(state, group["bits"])
     if "exp_avg" not in state:
         state["step"] = 0
+        state["run"] = [fragment.start, fragment.numel]  # where these moments sit in the matrix
         moments.initialise(master)
     state["step"] += 1
     beta1, beta2 = group["betas"]

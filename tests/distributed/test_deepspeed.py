@@ -27,6 +27,7 @@ deepspeed = pytest.importorskip("deepspeed")
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 STEPS, GAP, GLOBAL_BATCH, WORLD = 20, 5, 4, 2
+CLIP = 0.5  # below the gradient norms of this run, so every step is clipped
 NUM_PROJECTED = 21
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 FP32_TOLERANCE = 1e-4
@@ -68,7 +69,7 @@ def _batch(step):
     return (start + stride * torch.arange(16)) % 128
 
 
-def _config(stage, *, bf16=False, offload=False, sub_group_size=10**9):
+def _config(stage, *, bf16=False, offload=False, sub_group_size=10**9, clip=0.0):
     zero = {"stage": stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -78,7 +79,7 @@ def _config(stage, *, bf16=False, offload=False, sub_group_size=10**9):
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD,
         "gradient_accumulation_steps": 1,
         "train_batch_size": GLOBAL_BATCH,
-        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told
+        "gradient_clipping": clip,  # DeepSpeed clips at 1.0 unless told
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
     }
@@ -160,6 +161,9 @@ def _scenarios(rank, world_size, out_dir):
     for stage in (0, 1, 2, 3):
         results[f"zero{stage}"] = _run(_config(stage), rank)
     results["zero0-bf16"] = _run(_config(0, bf16=True), rank)
+    for stage in (0, 1, 2, 3):  # DeepSpeed clips the global norm before our step
+        results[f"zero{stage}-clip"] = _run(_config(stage, clip=CLIP), rank)
+    results["zero3-offload-clip"] = _run(_config(3, offload=True, clip=CLIP), rank)
     for stage in (2, 3):
         results[f"zero{stage}-offload"] = _run(_config(stage, offload=True), rank)
         results[f"zero{stage}-bf16"] = _run(_config(stage, bf16=True), rank)
@@ -201,7 +205,7 @@ def _scenarios(rank, world_size, out_dir):
     torch.save(results, out / f"result-{rank}.pt")
 
 
-def _reference(steps=range(STEPS)):
+def _reference(steps=range(STEPS), clip=0.0):
     model = _model()
     optimizer = _optimizer(model)
     losses = []
@@ -210,6 +214,8 @@ def _reference(steps=range(STEPS)):
         ids = _batch(step)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         losses.append(float(loss))
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -222,7 +228,12 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
     run_ranks(WORLD, _scenarios, str(out))
     results = [torch.load(out / f"result-{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"results": results, "reference": _reference(), "short": _reference(range(8))}
+    return {
+        "results": results,
+        "reference": _reference(),
+        "short": _reference(range(8)),
+        "clipped": _reference(clip=CLIP),
+    }
 
 
 def _rel(a, b):
@@ -252,6 +263,16 @@ def test_each_subspace_is_computed_once_per_refresh_in_the_whole_job(runs, name)
         == runs["reference"]["optimizer"].refresh_count
     )
     assert all(c > 0 for c in counts), counts
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3-offload"])
+def test_deepspeed_gradient_clipping_matches_torch_clipping(runs, name):
+    rank0, rank1 = (r[f"{name}-clip"] for r in runs["results"])
+    error = _rel(rank0["weights"], runs["clipped"]["weights"])
+    print(f"{name} clipped at {CLIP}: {error:.2e} relative to one process")
+    assert error < FP32_TOLERANCE
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    assert _rel(runs["clipped"]["weights"], runs["reference"]["weights"]) > 1e-2
 
 
 def test_zero_stages_cut_matrices_inside_rows(runs):

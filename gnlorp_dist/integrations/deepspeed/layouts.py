@@ -15,6 +15,8 @@ Nothing here patches DeepSpeed; the optimizer asks :func:`detect_deepspeed_layou
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from gnlorp_dist.optim.fragments import EngineLayout, Fragment, ModelParameter
@@ -100,12 +102,30 @@ class Zero3Layout:
                 Fragment(
                     start=start,
                     numel=numel,
-                    grad=safe_get_local_grad(tensor),
+                    grad=_clipped_local_grad(tensor, master, flat, safe_get_local_grad),
                     master=master,
                     write_back=write_back,
                 )
             )
         return fragments
+
+
+def _clipped_local_grad(
+    tensor: Tensor, master: Tensor, flat: Tensor, get_local_grad: Any
+) -> Tensor:
+    """This rank's gradient of ``tensor`` as the engine left it for the step: unscaled and clipped.
+
+    Without offload, ``safe_get_local_grad`` (0.19.8) returns the reduced partition from before
+    DeepSpeed's clipping, which the engine applies to the flat partition's ``.grad`` only; so the
+    run is read from there, where ``safe_get_local_fp32_param``'s view says it sits. With offload
+    that view is a copy on another device, and ``safe_get_local_grad`` reads the clipped flat
+    gradient itself.
+    """
+    same_storage = master.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    if flat.grad is not None and same_storage:
+        offset = master.storage_offset() - flat.storage_offset()
+        return flat.grad.narrow(0, offset, master.numel())
+    return get_local_grad(tensor)
 
 
 def detect_deepspeed_layout(

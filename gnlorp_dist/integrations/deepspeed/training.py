@@ -10,7 +10,6 @@ and our data position, schedule and run config as client state), in
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gnlorp_dist.integrations.deepspeed.checkpoint import (
+    CLIENT_STATE_FILE,
+    initialize_from_checkpoint,
+    read_layout,
+    save_checkpoint,
+)
 from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
     fill_auto_values,
@@ -28,7 +33,6 @@ if TYPE_CHECKING:
     from gnlorp_dist.train import Run
 
 CHECKPOINT_DIR = "ds_checkpoints"
-LAYOUT_FILE = "gnlorp_layout.json"
 
 
 def accelerate_config_file() -> str | None:
@@ -64,18 +68,23 @@ def engine_config(run: Run) -> dict[str, Any]:
     return check_deepspeed_config(filled)
 
 
-def start_engine(run: Run) -> Any:
-    """``deepspeed.initialize`` over the run's model and optimizer; the engine."""
+def start_engine(run: Run, checkpoint: Path | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """``deepspeed.initialize`` over the run's model and optimizer, resumed from ``checkpoint``
+    (on any number of ranks) when given; the engine and the checkpoint's client state."""
     import deepspeed  # noqa: PLC0415  (5 s import; only for --deepspeed runs)
 
     if not torch.cuda.is_available():
         # DeepSpeed's CPU shared-memory all-reduce JIT-compiles for minutes on first use;
         # the gloo group the job already has gives the same sums.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, *_ = deepspeed.initialize(
-        model=run.model, optimizer=run.optimizer, config=engine_config(run)
+    if checkpoint is None:
+        engine, *_ = deepspeed.initialize(
+            model=run.model, optimizer=run.optimizer, config=engine_config(run)
+        )
+        return engine, None
+    return initialize_from_checkpoint(
+        model=run.model, optimizer=run.optimizer, config=engine_config(run), checkpoint=checkpoint
     )
-    return engine
 
 
 def describe(engine: Any, world_size: int) -> str:
@@ -112,21 +121,16 @@ def train_step(engine: Any, scheduler: Any, micro_batches: list[torch.Tensor]) -
 
 
 def save(run: Run, step: int, client_state: dict[str, Any]) -> Path:
-    """``engine.save_checkpoint`` at ``step`` (every rank), keeping the newest checkpoints."""
+    """A reshardable DeepSpeed checkpoint at ``step`` (every rank), keeping the newest ones."""
     c = run.config
     root = Path(c.output_dir) / CHECKPOINT_DIR
-    tag = f"step-{step:08d}"
-    run.engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    run.context.barrier()
-    if run.context.is_main:  # read before loading: DeepSpeed's own files need the same ranks
-        layout = {"world_size": run.context.world_size, "step": step}
-        (root / tag / LAYOUT_FILE).write_text(json.dumps(layout))
+    folder = save_checkpoint(run.engine, run.optimizer, root, f"step-{step:08d}", client_state)
     if run.context.is_main and c.keep_checkpoints:
         tags = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in tags[: -c.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     run.context.barrier()
-    return root / tag
+    return folder
 
 
 def latest(output_dir: str) -> Path | None:
@@ -137,23 +141,36 @@ def latest(output_dir: str) -> Path | None:
     return marker.parent / marker.read_text().strip()
 
 
-def load(run: Run, checkpoint: Path) -> dict[str, Any]:
-    """Load a DeepSpeed checkpoint into the engine; its client state."""
-    layout_file = checkpoint / LAYOUT_FILE
-    if layout_file.is_file():
-        saved = json.loads(layout_file.read_text())["world_size"]
-        if saved != run.context.world_size:
-            raise ValueError(
-                f"{checkpoint} was saved on {saved} ranks and this job has "
-                f"{run.context.world_size}: DeepSpeed's ZeRO partitions and GradNormLoRP's "
-                f"low-rank states belong to the ranks that saved them. Resume with {saved} "
-                "processes (the global batch may stay the same with another --batch-size), or "
-                f"start afresh from the merged model of a finished run"
-            )
-    path, client_state = run.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    if path is None:
-        raise ValueError(f"DeepSpeed could not load a checkpoint from {checkpoint}")
-    return client_state
+def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint ``--resume`` names (auto: DeepSpeed's ``latest``) and its client state,
+    checked against the run's settings before anything is loaded."""
+    from gnlorp_dist.checkpoint import check_compatible  # noqa: PLC0415
+    from gnlorp_dist.run_config import RESUME_MUST_MATCH, config_record  # noqa: PLC0415
+
+    c = run.config
+    if c.resume == "never":
+        if latest(c.output_dir) is not None:
+            raise ValueError(f"--resume never, but {c.output_dir!r} already holds checkpoints")
+        return None, None
+    checkpoint = latest(c.output_dir) if c.resume == "auto" else latest(c.resume) or Path(c.resume)
+    if checkpoint is None:
+        return None, None
+    read_layout(checkpoint)
+    state = torch.load(checkpoint / CLIENT_STATE_FILE, weights_only=False)
+    check_compatible(
+        state["run_config"], config_record(c, run.llama), RESUME_MUST_MATCH, str(checkpoint)
+    )
+    return checkpoint, state
+
+
+def restore_client_state(run: Run, state: dict[str, Any], checkpoint: Path) -> None:
+    run.scheduler.load_state_dict(state["scheduler"])
+    # On another number of ranks the optimizer is new (DeepSpeed did not load its groups): the
+    # learning rate the next step uses is the schedule's, as it would have been.
+    for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr()):
+        group["lr"] = lr
+    run.data.train.load_state_dict(state["data_state"])
+    run.start_step, run.resumed_from = state["step"], checkpoint
 
 
 def consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -171,28 +188,3 @@ def consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 full = param.data.float().clone()
         state[name] = (full if full is not None else param.detach().float()).cpu()
     return state
-
-
-def resume(run: Run) -> None:
-    """Continue from the checkpoint ``--resume`` names (auto: DeepSpeed's ``latest``), if any."""
-    from gnlorp_dist.checkpoint import check_compatible  # noqa: PLC0415
-    from gnlorp_dist.run_config import RESUME_MUST_MATCH, config_record  # noqa: PLC0415
-
-    c = run.config
-    if c.resume == "never":
-        checkpoint = None
-        if latest(c.output_dir) is not None:
-            raise ValueError(f"--resume never, but {c.output_dir!r} already holds checkpoints")
-    elif c.resume == "auto":
-        checkpoint = latest(c.output_dir)
-    else:
-        checkpoint = latest(c.resume) or Path(c.resume)
-    if checkpoint is None:
-        return
-    state = load(run, checkpoint)
-    check_compatible(
-        state["run_config"], config_record(c, run.llama), RESUME_MUST_MATCH, str(checkpoint)
-    )
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.data.train.load_state_dict(state["data_state"])
-    run.start_step, run.resumed_from = state["step"], checkpoint
