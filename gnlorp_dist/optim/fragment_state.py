@@ -10,6 +10,7 @@ then hands each rank, at its first step, exactly what its new runs and ownership
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -100,7 +101,7 @@ def adopt_pending_state(
             device = fragment.master.device
             exp_avg = entry["dense_exp_avg"][fragment.start : stop].to(device)
             exp_avg_sq = entry["dense_exp_avg_sq"][fragment.start : stop].to(device)
-            moments = MomentStore(state, group["bits"])
+            moments = MomentStore(state, group["bits"], param_numel=math.prod(param.shape))
             moments.initialise(exp_avg)
             loaded_m, loaded_v = moments.load()
             loaded_m.copy_(exp_avg)

@@ -24,6 +24,7 @@ Phases of a step, for the group the engine is stepping:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -279,7 +280,7 @@ def _update_dense_fragment(
 ) -> None:
     state = fragment_state(optimizer, param.name)
     master = fragment.master[: fragment.numel]
-    moments = MomentStore(state, group["bits"])
+    moments = MomentStore(state, group["bits"], param_numel=math.prod(param.shape))
     if "exp_avg" not in state:
         state["step"] = 0
         state["run"] = [fragment.start, fragment.numel]  # where these moments sit in the matrix

@@ -58,10 +58,13 @@ class MomentStore:
     for float state, a re-quantisation for 8-bit state).
     """
 
-    def __init__(self, state: dict[str, Any], bits: int) -> None:
+    def __init__(self, state: dict[str, Any], bits: int, param_numel: int | None = None) -> None:
         assert bits in (8, 32), bits
         self.state = state
         self.bits = bits
+        self.param_numel = param_numel
+        """The whole parameter's size when these moments are a run of it (ZeRO): whether they
+        are 8-bit is decided by the parameter, as on one process, not by the run."""
 
     def initialise(self, like: Tensor) -> None:
         for key in MOMENT_KEYS:
@@ -93,7 +96,8 @@ class MomentStore:
                 self.state[f"{key}_absmax"].copy_(absmax)
 
     def _quantised(self, like: Tensor) -> bool:
-        return self.bits == 8 and like.numel() >= MIN_8BIT_NUMEL
+        numel = self.param_numel if self.param_numel is not None else like.numel()
+        return self.bits == 8 and numel >= MIN_8BIT_NUMEL
 
 
 def state_bytes(state: dict[str, Any]) -> int:
