@@ -112,7 +112,7 @@ def check_deepspeed_config(
         raise ValueError(
             "zero_optimization.elastic_checkpoint assumes optimizer states shaped like the flat "
             "partition, which low-rank states are not; remove it and resume at another world "
-            "size with gnlorp_dist.integrations.deepspeed.load_checkpoint"
+            "size with gnlorp_dist.integrations.deepspeed.checkpoint.initialize_from_checkpoint"
         )
     if not allow_auto:
         auto = unresolved_auto(config)
