@@ -156,7 +156,8 @@ def test_accelerate_launch_with_the_deepspeed_plugin(setting):
     del args[args.index("--deepspeed") : args.index("--deepspeed") + 2]  # from the plugin
     command = [
         str(BIN / "accelerate"), "launch", "--config_file",
-        str(REPO / "launch" / "accelerate_deepspeed.yaml"), "--main_process_ip", "127.0.0.1",
+        str(REPO / "launch" / "accelerate_deepspeed.yaml"), "--use_deepspeed",
+        "--num_processes", "2", "--main_process_ip", "127.0.0.1",
         "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.train", *args,
     ]  # fmt: skip
     _assert_trained(*_run(command, env), out, 2)

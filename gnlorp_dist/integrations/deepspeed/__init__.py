@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from gnlorp_dist.integrations.deepspeed.checkpoint import (
+    initialize_from_checkpoint,
+    save_checkpoint,
+)
 from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
     fill_auto_values,
@@ -46,5 +50,7 @@ __all__ = [
     "detect_deepspeed_layout",
     "fill_auto_values",
     "initialize",
+    "initialize_from_checkpoint",
+    "save_checkpoint",
     "load_deepspeed_config",
 ]

@@ -15,6 +15,9 @@ Nothing here patches DeepSpeed; the optimizer asks :func:`detect_deepspeed_layou
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -128,13 +131,33 @@ def _clipped_local_grad(
     return get_local_grad(tensor)
 
 
+TESTED_DEEPSPEED = ("0.19.8",)
+"""DeepSpeed versions the layouts were tested with (pyproject pins ``>=0.19.8,<0.20``): they
+read per-parameter mappings whose behaviour inside ``step()`` is not a documented contract."""
+
+
+@functools.cache
+def check_deepspeed_version() -> None:
+    version = importlib.metadata.version("deepspeed")
+    if version not in TESTED_DEEPSPEED:
+        warnings.warn(
+            f"DeepSpeed {version} is not one of the versions GradNormLoRPAdamW's ZeRO layouts were "
+            f"tested with ({', '.join(TESTED_DEEPSPEED)}); run tests/distributed/test_deepspeed.py "
+            "with it before training, or install deepspeed==0.19.8",
+            stacklevel=2,
+        )
+
+
 def detect_deepspeed_layout(
     model_params: list[Tensor], engine_params: list[Tensor]
 ) -> EngineLayout | None:
     """The ZeRO layout of a group whose parameters DeepSpeed replaced, or None."""
+    layout: EngineLayout | None = None
     if any(hasattr(p, "ds_id") for p in model_params):
-        return Zero3Layout()
-    flat = len(engine_params) == 1 and engine_params[0].dim() == 1
-    if flat and any(hasattr(p, "_hp_mapping") for p in model_params):
-        return Zero12Layout()
-    return None
+        layout = Zero3Layout()
+    elif len(engine_params) == 1 and engine_params[0].dim() == 1:
+        if any(hasattr(p, "_hp_mapping") for p in model_params):
+            layout = Zero12Layout()
+    if layout is not None:
+        check_deepspeed_version()
+    return layout
