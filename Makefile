@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 NPROC ?= 2
 TRAIN_ARGS ?=
 
-.PHONY: setup train test test-fast lint format bench clean
+.PHONY: setup train test test-fast lint format bench finetune clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,13 @@ bench: setup
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/memory_estimator.py
+	$(BIN)/python benchmarks/deepspeed_zero.py
+	$(BIN)/python benchmarks/compare.py
+
+# Fine-tune the small local example (sequence classification) and save a merged model.
+finetune: setup
+	$(BIN)/gnlorp-finetune --train-file examples/finetune/sentiment_train.csv \
+		--validation-file examples/finetune/sentiment_validation.csv --model tiny-roberta
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache runs benchmarks/results

@@ -78,10 +78,17 @@ def find_flattened_groups(
     """
     found = []
     for group in optimizer.param_groups:
-        index = next(i for i, g in enumerate(optimizer.groups_at_construction) if g is group)
         engine_params = list(group["params"])
         if not engine_params:
             continue
+        matches = [i for i, g in enumerate(optimizer.groups_at_construction) if g is group]
+        if not matches:
+            raise ValueError(
+                "a param group reached GradNormLoRPAdamW.step() that this optimizer did not "
+                "build (an engine replaced the group dicts); add every group before "
+                "deepspeed.initialize and load state with optimizer.load_state_dict"
+            )
+        index = matches[0]
         layout = detect_engine_layout(optimizer.model_params[index], engine_params)
         if layout is not None:
             found.append((index, layout, engine_params))
