@@ -84,7 +84,7 @@ class RunLogger:
         loss = sum(losses[-window:]) / window
         per_step = sum(seconds[-window:]) / window
         self.line(
-            f"step {step:>5}/{total} | {label:<18} | loss {loss:.4f} (mean of last {window}) | "
+            f"step {step:>5}/{total} | {label:<20} | loss {loss:.4f} (mean of last {window}) | "
             f"lr {lr:.2e} | {per_step:.3f} s/step | {sum(seconds):.1f} s"
         )
 

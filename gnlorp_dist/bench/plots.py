@@ -19,7 +19,7 @@ MEMORY_SEGMENTS: dict[str, tuple[str, ...]] = {
     "weights": ("weights",),
     "gradients": ("gradients",),
     "optimizer states": ("optimizer_states", "projection", "accumulation_buffers"),
-    "other (activations, logits, temporaries, batch)": ("activations", "temporaries", "inputs"),
+    "other (activations, logits,\ntemporaries, batch)": ("activations", "temporaries", "inputs"),
 }
 _STYLES = ["-", "--", "-.", ":"]
 
@@ -61,7 +61,7 @@ def loss_curves(
 def memory_bars(results: dict[str, dict[str, Any]], title: str, path: Path) -> Path:
     """Stacked bars of the live bytes at each method's measured peak, by component (MiB)."""
     labels = [k for k, r in results.items() if r.get("memory")]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     bottoms = [0.0] * len(labels)
     for index, (segment, components) in enumerate(MEMORY_SEGMENTS.items()):
         heights = [
@@ -74,7 +74,8 @@ def memory_bars(results: dict[str, dict[str, Any]], title: str, path: Path) -> P
     ax.set_xlabel("method")
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=30)
-    ax.legend(fontsize=8)
+    # Outside the axes: the stacks reach the top, a legend inside would cover them.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
