@@ -14,12 +14,13 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import Communicator, default_communicator, wait_all
+from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragment_step import (
     LAYOUT_KEY,
     find_flattened_groups,
     step_flattened_group,
 )
-from gnlorp_dist.optim.functional import clip_by_norm_, dense_adamw_step, projected_adamw_step
+from gnlorp_dist.optim.functional import clip_by_norm_, projected_adamw_step
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.optim.validation import (
@@ -347,26 +348,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         param_rows = param if block.whole else param.data[rows]
         grad_rows = param.grad if block.whole else param.grad[rows]
         state = self.state[param]
-        moments = MomentStore(state, group["bits"])
-        if "exp_avg" not in state:
-            state["step"] = 0
-            moments.initialise(param_rows)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = moments.load()
-        dense_adamw_step(
-            param_rows,
-            grad_rows,
-            exp_avg,
-            exp_avg_sq,
-            step=state["step"],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
-        moments.store(exp_avg, exp_avg_sq)
+        update_dense_block(state, group, param_rows, grad_rows)
 
     @torch.no_grad()
     def step_parameter(

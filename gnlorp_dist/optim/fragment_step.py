@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import wait_all
+from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragment_state import STATE_PREFIX, adopt_pending_state
 from gnlorp_dist.optim.fragments import (
     EngineLayout,
@@ -42,7 +43,6 @@ from gnlorp_dist.optim.fragments import (
 )
 from gnlorp_dist.optim.functional import (
     apply_projected_update_,
-    dense_adamw_step,
     normalized_low_rank_update,
     update_moments_,
 )
@@ -286,27 +286,14 @@ def _update_dense_fragment(
     optimizer: GradNormLoRPAdamW, group: dict[str, Any], param: ModelParameter, fragment: Fragment
 ) -> None:
     state = fragment_state(optimizer, param.name)
-    master = fragment.master[: fragment.numel]
-    moments = MomentStore(state, group["bits"], param_numel=math.prod(param.shape))
     if "exp_avg" not in state:
-        state["step"] = 0
         state["run"] = [fragment.start, fragment.numel]  # where these moments sit in the matrix
-        moments.initialise(master)
-    state["step"] += 1
-    beta1, beta2 = group["betas"]
-    exp_avg, exp_avg_sq = moments.load()
-    dense_adamw_step(
-        master,
+    update_dense_block(
+        state,
+        group,
+        fragment.master[: fragment.numel],
         fragment.grad[: fragment.numel],
-        exp_avg,
-        exp_avg_sq,
-        step=state["step"],
-        lr=group["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
+        param_numel=math.prod(param.shape),
     )
-    moments.store(exp_avg, exp_avg_sq)
     if fragment.write_back is not None:
         fragment.write_back()
