@@ -137,7 +137,7 @@ def _train(engine, steps, rank):
         loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -220,7 +220,7 @@ def _reference(steps=range(STEPS), clip=0.0, bits=32):
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return {"weights": flat, "optimizer": optimizer, "losses": losses}
 
