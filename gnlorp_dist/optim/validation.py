@@ -65,18 +65,18 @@ def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
     names = group.get("param_names")
     for index, param in enumerate(group["params"]):
         name = names[index] if names else f"{where}['params'][{index}]"
-        if hasattr(param, "ds_shape") or param.dim() != 2:
+        # A ZeRO-3 partitioned parameter (built under deepspeed.zero.Init) is empty here; its
+        # true shape is ds_shape, and the DeepSpeed layout finds its runs at the first step.
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        if len(shape) != 2:
             raise ValueError(
-                f"{name}: shape {tuple(param.shape)} cannot be projected; a projected group takes "
-                "2-D matrices only. Put 1-D tensors (biases, norms, magnitudes) in a group "
-                "without 'rank'. A flattened or sharded parameter (DeepSpeed ZeRO) must go through "
-                "gnlorp_dist's DeepSpeed integration."
+                f"{name}: shape {shape} cannot be projected; a projected group takes 2-D matrices "
+                "only. Put 1-D tensors (biases, norms, magnitudes) in a group without 'rank'."
             )
-        if rank > min(param.shape):
+        if rank > min(shape):
             raise ValueError(
-                f"{name}: rank={rank} exceeds min(shape)={min(param.shape)} of shape "
-                f"{tuple(param.shape)}; use rank <= {min(param.shape)} or leave this matrix out "
-                "of the projected group"
+                f"{name}: rank={rank} exceeds min(shape)={min(shape)} of shape {shape}; use "
+                f"rank <= {min(shape)} or leave this matrix out of the projected group"
             )
 
 

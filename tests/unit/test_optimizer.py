@@ -197,13 +197,17 @@ def test_missing_group_keys_are_named():
         GradNormLoRPAdamW([{"params": [p], "rank": 4}])
 
 
-def test_one_d_and_flattened_parameters_are_refused_with_their_name():
+def test_one_d_parameters_are_refused_and_zero3_partitions_judged_by_true_shape():
     bias = torch.nn.Parameter(torch.randn(32))
     with pytest.raises(ValueError, match="model.bias: shape \\(32,\\) cannot be projected"):
         GradNormLoRPAdamW([{**_group(bias), "param_names": ["model.bias"]}])
     flat = torch.nn.Parameter(torch.randn(0))
     flat.ds_shape = (16, 32)  # what a ZeRO-3 partitioned parameter looks like
-    with pytest.raises(ValueError, match="DeepSpeed"):
+    GradNormLoRPAdamW([_group(flat)])  # accepted: a 16 x 32 matrix, projected at the first step
+    with pytest.raises(ValueError, match="rank=20 exceeds min\\(shape\\)=16 of shape \\(16, 32\\)"):
+        GradNormLoRPAdamW([_group(flat, rank=20)])
+    flat.ds_shape = (512,)
+    with pytest.raises(ValueError, match="shape \\(512,\\) cannot be projected"):
         GradNormLoRPAdamW([_group(flat)])
 
 
