@@ -91,6 +91,13 @@ def apply_weight_norm(
                 f"module {qualified!r} matched target_modules but is a {type(child).__name__}, "
                 "not an nn.Linear; remove its name from target_modules."
             )
+        if hasattr(child.weight, "ds_shape"):
+            raise ValueError(
+                f"module {qualified!r} is partitioned by DeepSpeed ZeRO-3 (built under "
+                "deepspeed.zero.Init): weight normalisation needs whole weights. Build or load the "
+                "model without zero.Init, call apply_weight_norm, then deepspeed.initialize (it "
+                "partitions the result), or train GaLore (no weight norm) on the partitioned model."
+            )
     if lora_rank is None and lora_alpha is not None:
         raise ValueError(f"lora_alpha={lora_alpha!r} given without lora_rank; set lora_rank.")
     if lora_rank is not None:

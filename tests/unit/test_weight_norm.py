@@ -461,3 +461,11 @@ def test_autograd_saves_no_weight_sized_copy(lora_rank, dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(torch.randn(2, IN, dtype=dtype))
     assert copies == []
+
+
+def test_zero3_partitioned_weights_are_refused_with_the_order_to_use():
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(8, 8))
+    model.q_proj.weight.ds_shape = (8, 8)  # what deepspeed.zero.Init leaves on a weight
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3.*call apply_weight_norm"):
+        apply_weight_norm(model, target_modules=("q_proj",))
