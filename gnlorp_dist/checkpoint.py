@@ -36,9 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LambdaLR
 
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
 from gnlorp_dist.optim import GradNormLoRPAdamW
+from gnlorp_dist.schedule import sync_lr_to_schedule
 
 FORMAT_VERSION = 1
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -292,6 +294,8 @@ def load_checkpoint(
     model.load_state_dict(load_file(str(path / MODEL_FILE)), strict=True)
     _load_optimizer(optimizer, path)
     scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    if isinstance(scheduler, LambdaLR):
+        sync_lr_to_schedule(scheduler)
     if restore_rng:
         restore_rng_state(torch.load(path / RNG_FILE, weights_only=True))
     return TrainerState(step=state["step"], data_state=state["data_state"], extra=state["extra"])

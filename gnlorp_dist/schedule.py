@@ -40,3 +40,19 @@ def warmup_cosine_schedule(
         return warmup_cosine_factor(step, warmup_steps, total_steps, min_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+def sync_lr_to_schedule(scheduler: LambdaLR) -> None:
+    """Set each group's lr to what the schedule gives at its current step.
+
+    After ``scheduler.load_state_dict`` the groups keep the lr saved with the optimizer (or, for
+    a new optimizer, the peak lr); a resumed run whose ``total_steps`` changed, or whose optimizer
+    state was rebuilt, would take its first step at that lr instead of the schedule's.
+    """
+    lrs = [
+        base * factor(scheduler.last_epoch)
+        for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports; LambdaLR has no public setter

@@ -168,3 +168,23 @@ def test_merged_model_reloads_in_stock_transformers_with_the_same_logits(tmp_pat
         ours = model(input_ids=ids).logits
         theirs = reloaded(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_resume_with_more_steps_takes_the_new_schedules_lr_at_once():
+    from gnlorp_dist.schedule import sync_lr_to_schedule, warmup_cosine_factor
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    old_opt = torch.optim.SGD([param], lr=1.0)
+    old = warmup_cosine_schedule(old_opt, warmup_steps=0, total_steps=4, min_ratio=0.1)
+    for _ in range(4):
+        old_opt.step()
+        old.step()
+    assert old_opt.param_groups[0]["lr"] == pytest.approx(0.1)  # the end of a 4-step schedule
+    new_opt = torch.optim.SGD([param], lr=1.0)
+    new = warmup_cosine_schedule(new_opt, warmup_steps=0, total_steps=8, min_ratio=0.1)
+    new_opt.load_state_dict(old_opt.state_dict())  # carries lr 0.1 over
+    new.load_state_dict(old.state_dict())
+    sync_lr_to_schedule(new)
+    expected = warmup_cosine_factor(4, 0, 8, 0.1)
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(expected) and expected > 0.5
+    assert new.get_last_lr() == [pytest.approx(expected)]

@@ -27,6 +27,7 @@ from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
     fill_auto_values,
 )
+from gnlorp_dist.schedule import sync_lr_to_schedule
 from gnlorp_dist.steps import StepStats
 
 if TYPE_CHECKING:
@@ -165,10 +166,8 @@ def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
 
 def restore_client_state(run: Run, state: dict[str, Any], checkpoint: Path) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
-    # On another number of ranks the optimizer is new (DeepSpeed did not load its groups): the
-    # learning rate the next step uses is the schedule's, as it would have been.
-    for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr()):
-        group["lr"] = lr
+    # On another number of ranks the optimizer is new (DeepSpeed did not load its groups).
+    sync_lr_to_schedule(run.scheduler)
     run.data.train.load_state_dict(state["data_state"])
     run.start_step, run.resumed_from = state["step"], checkpoint
 
