@@ -234,7 +234,9 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, rank: int) -
         _torch_save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def _load_optimizer(
+    optimizer: torch.optim.Optimizer, folder: Path, device: torch.device | str = "cpu"
+) -> None:
     if isinstance(optimizer, GradNormLoRPAdamW):
         if not any(folder.glob("optimizer-shard-*")):
             raise ValueError(
@@ -243,7 +245,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             )
         load_sharded_optimizer(optimizer, folder)
     else:
-        optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
+        optimizer.load_state_dict(
+            torch.load(folder / OPTIMIZER_FILE, weights_only=True, map_location=device)
+        )
 
 
 # ----------------------------------------------------------------------------------------- read
@@ -280,8 +284,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     restore_rng: bool = True,
+    device: torch.device | str = "cpu",
 ) -> TrainerState:
-    """Load model, optimizer, scheduler (and RNG) state in place; return the loop's state."""
+    """Load model, optimizer, scheduler (and RNG) state in place; return the loop's state.
+
+    Tensors are read onto ``device`` (the run's), whatever device wrote them: a checkpoint
+    saved on a GPU resumes on a CPU-only machine and the other way round."""
     path = Path(checkpoint)
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"{str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
@@ -291,13 +299,16 @@ def load_checkpoint(
             f"checkpoint {path} has format version {state.get('format_version')!r}; "
             f"this gnlorp_dist reads version {FORMAT_VERSION}"
         )
-    model.load_state_dict(load_file(str(path / MODEL_FILE)), strict=True)
-    _load_optimizer(optimizer, path)
-    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    model.load_state_dict(load_file(str(path / MODEL_FILE), device=str(device)), strict=True)
+    _load_optimizer(optimizer, path, device)
+    scheduler.load_state_dict(
+        torch.load(path / SCHEDULER_FILE, weights_only=True, map_location="cpu")
+    )
     if isinstance(scheduler, LambdaLR):
         sync_lr_to_schedule(scheduler)
     if restore_rng:
-        restore_rng_state(torch.load(path / RNG_FILE, weights_only=True))
+        # RNG states are host byte tensors, whatever device the run computes on.
+        restore_rng_state(torch.load(path / RNG_FILE, weights_only=True, map_location="cpu"))
     return TrainerState(step=state["step"], data_state=state["data_state"], extra=state["extra"])
 
 

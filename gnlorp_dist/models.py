@@ -238,10 +238,29 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 
 def build_model(
-    config: LlamaConfig, dtype: torch.dtype = torch.float32, seed: int = 0
+    config: LlamaConfig,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> LlamaForCausalLM:
-    """A freshly initialised model on the CPU, the same weights for the same seed."""
-    with torch.random.fork_rng(devices=[]):
+    """A freshly initialised model on ``device``, the same weights for the same seed and device.
+
+    On the CPU the model is initialised in fp32 and cast. Elsewhere it is created on the device
+    in ``dtype`` directly, so a 7B model never exists in fp32 (27 GB) on the host or the GPU.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        return model.to(dtype)
+    previous_dtype = torch.get_default_dtype()
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.device(device):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous_dtype)
     return model.to(dtype)

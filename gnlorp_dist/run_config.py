@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gnlorp_dist.device import AUTOCAST_DTYPES, DEVICES, check_autocast
 from gnlorp_dist.models import known_model_names, llama_config, recipe_for_config
 from gnlorp_dist.projection import PROJ_TYPES
 
@@ -76,7 +77,16 @@ class RunConfig:
     seq_len: int = 256
     """Tokens per sequence."""
     dtype: str = "fp32"
-    """fp32, or bf16 (pure bf16 weights and states, GaLore's single-GPU recipe)."""
+    """fp32, or bf16 (pure bf16 weights and states, GaLore's single-GPU recipe). fp16 is
+    refused: it needs loss scaling, which the projected update does not do."""
+    autocast: str = "none"
+    """none, or bf16: fp32 master weights and optimizer states, matmuls in bf16 under
+    torch.autocast (needs --dtype fp32)."""
+    device: str = "auto"
+    """auto (cuda:<LOCAL_RANK> when torch sees a GPU, else the CPU), cpu, or cuda (this
+    process's GPU). Several processes on GPUs talk over NCCL, on CPUs over gloo."""
+    tf32: bool = True
+    """TF32 matmuls on Ampere and newer GPUs (--no-tf32 keeps full fp32 matmuls)."""
     bits: int = 32
     """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments)."""
     per_layer: bool = False
@@ -151,7 +161,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 _CHOICES = {
     "optimizer": OPTIMIZERS,
-    "dtype": DTYPES,
+    "autocast": AUTOCAST_DTYPES,
+    "device": DEVICES,
     "proj_type": PROJ_TYPES,
     "bits": (32, 8),
     "grad_reduction": GRAD_REDUCTIONS,
@@ -161,7 +172,7 @@ _METAVARS = {"int": "N", "float": "X", "str": "STR"}
 _NAMED_METAVARS = {
     "model": "NAME", "model_config": "PATH", "data": "NAME|PATH", "tokenizer": "PATH",
     "output_dir": "PATH", "resume": "auto|never|PATH", "data_config": "NAME",
-    "text_field": "FIELD",
+    "text_field": "FIELD", "dtype": "fp32|bf16",
 }  # fmt: skip
 
 
@@ -179,12 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
             help_text += f" (default: {f.default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         flag = f"--{f.name.replace('_', '-')}"
-        if f.name == "progress":
+        if f.type == "bool" and f.default is True:
             parser.add_argument(
-                "--no-progress",
-                dest="progress",
+                f"--no-{f.name.replace('_', '-')}",
+                dest=f.name,
                 action="store_false",
-                help="Hide the progress bar.",
+                help=help_text,
             )
         elif f.type == "bool":
             parser.add_argument(flag, action="store_true", help=help_text)
@@ -236,8 +247,17 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
     """
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+    if config.dtype == "fp16":
+        raise ValueError(
+            "--dtype fp16 is not supported: fp16 needs dynamic loss scaling, which neither the "
+            "projected update nor its SVD refresh does, and GaLore's recipes train in bf16; use "
+            "--dtype bf16, or --dtype fp32 --autocast bf16"
+        )
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {DTYPES}")
+    if config.device not in DEVICES and not config.device.startswith("cuda:"):
+        raise ValueError(f"--device {config.device!r}: use one of {', '.join(DEVICES)} or cuda:N")
+    check_autocast(config.autocast, config.dtype)
     if config.proj_type not in PROJ_TYPES:
         raise ValueError(f"unknown proj_type {config.proj_type!r}; choose one of {PROJ_TYPES}")
     if config.optimizer != "gradnormlorp" and (config.lora_rank is not None or config.detach_norm):
@@ -257,6 +277,12 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             f"unknown grad_reduction {config.grad_reduction!r}; choose one of {GRAD_REDUCTIONS}"
         )
     if config.deepspeed is not None:
+        if config.autocast != "none":
+            raise ValueError(
+                f"--autocast {config.autocast} with --deepspeed: DeepSpeed casts the model "
+                "itself; use --dtype bf16 (DeepSpeed's bf16 mode keeps fp32 masters) and "
+                "--autocast none"
+            )
         if config.per_layer or config.grad_reduction != "ddp":
             raise ValueError(
                 "--deepspeed steps the optimizer through DeepSpeed's engine, which reduces "

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gnlorp_dist.device import autocast_context
+
 
 @dataclass(kw_only=True)
 class StepStats:
@@ -30,23 +32,29 @@ def train_step(
     micro_batches: list[torch.Tensor],
     grad_clip: float,
     per_layer: bool = False,
+    autocast: str = "none",
 ) -> StepStats:
     """One optimizer step over ``micro_batches`` (gradient accumulation, equal-sized blocks, so
     the mean of the micro-batch means is the batch mean).
 
     ``per_layer``: the backward pass itself updates every parameter (the optimizer's hooks clip
     each parameter's update input), so there is no global clip and no ``optimizer.step()``.
-    Under DDP the gradient all-reduce runs only on the last micro-batch."""
+    Under DDP the gradient all-reduce runs only on the last micro-batch. ``autocast="bf16"``
+    runs the forward pass (and so the matching backward kernels) in bf16 over fp32 weights.
+
+    The micro-batches are already on the model's device; the loss is summed there and read
+    once, after the optimizer step (one host sync per step)."""
     model.train()
     if not per_layer:
         optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].device)
     for index, ids in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         no_sync = getattr(model, "no_sync", None)
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            with autocast_context(ids.device, autocast):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             (loss / len(micro_batches)).backward()
         total += loss.detach().float()
     grad_norm = None

@@ -34,6 +34,13 @@ from gnlorp_dist.checkpoint import (
     save_merged_model,
 )
 from gnlorp_dist.data import TrainData, build_data
+from gnlorp_dist.device import (
+    activate_device,
+    describe_memory,
+    memory_stats,
+    resolve_device,
+    to_device,
+)
 from gnlorp_dist.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
@@ -92,11 +99,16 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------------- building
 
 
-def build_training_model(config: RunConfig, llama: LlamaConfig) -> nn.Module:
-    """The model as it trains: weight-normalised targets for gradnormlorp, plain otherwise."""
-    # Under DeepSpeed the model starts in fp32: its bf16 mode casts it and keeps fp32 masters.
+def build_training_model(
+    config: RunConfig, llama: LlamaConfig, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The model as it trains, on ``device``: weight-normalised targets for gradnormlorp,
+    plain otherwise."""
+    # Under DeepSpeed the model starts in fp32 on the host: the engine moves it to its device,
+    # and its bf16 mode casts it and keeps fp32 masters.
     dtype = torch.float32 if config.deepspeed else _DTYPES[config.dtype]
-    model = build_model(llama, dtype=dtype, seed=config.seed)
+    device = "cpu" if config.deepspeed else device
+    model = build_model(llama, dtype=dtype, seed=config.seed, device=device)
     if config.optimizer == "gradnormlorp":
         apply_weight_norm(model, lora_rank=config.lora_rank, detach_norm=config.detach_norm)
     if config.activation_checkpointing:
@@ -162,6 +174,9 @@ class Run:
     data: TrainData
     context: DistributedContext = SINGLE_PROCESS
     """This process's place in the job."""
+    device: torch.device = torch.device("cpu")
+    """Where the model, the batches and the optimizer state live (the engine's under
+    DeepSpeed)."""
     per_layer: PerLayerUpdates | None = None
     """Set when --per-layer: the backward pass steps the optimizer."""
     engine: Any = None
@@ -195,6 +210,15 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
     if config.deepspeed is None:
         config = dataclasses.replace(config, deepspeed=ds_training.accelerate_config_file())
     config, llama = resolve(config)
+    device = resolve_device(config.device, context.local_rank)
+    if context.world_size > 1 and device != context.device:
+        raise ValueError(
+            f"--device {config.device} means {device} for local rank {context.local_rank}, but "
+            f"the job's process group was set up for {context.device}; pass the same --device "
+            "to init_distributed"
+        )
+    # Before anything allocates on the GPU: otherwise every rank leaves a context on GPU 0.
+    activate_device(device, tf32=config.tf32)
     if context.world_size > 1 and config.per_layer and config.grad_reduction != "owners":
         raise ValueError(
             f"--per-layer with {context.world_size} processes needs --grad-reduction owners: the "
@@ -215,7 +239,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
             f"tokenizer {config.tokenizer or 'default'!r} has {len(data.tokenizer)} tokens but the "
             f"model's vocab_size is {llama.vocab_size}; use --model-config with a larger vocab_size"
         )
-    model = build_training_model(config, llama)
+    model = build_training_model(config, llama, device)
     optimizer = build_optimizer(config, model, context)
     scheduler = warmup_cosine_schedule(
         optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
@@ -229,11 +253,13 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         scheduler=scheduler,
         data=data,
         context=context,
+        device=device,
     )
     if config.deepspeed:
         checkpoint, client_state = ds_training.resume_point(run)
         run.engine, _ = ds_training.start_engine(run, checkpoint)
         run.forward_model = run.engine
+        run.device = torch.device(run.engine.device)
         log(ds_training.describe(run.engine, context.world_size))
         if checkpoint is not None:
             ds_training.restore_client_state(run, client_state, checkpoint)
@@ -244,7 +270,9 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         check_compatible(
             saved_config, config_record(config, llama), RESUME_MUST_MATCH, str(checkpoint)
         )
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, device=device
+        )
         data.train.load_state_dict(state.data_state)
         run.start_step, run.resumed_from = state.step, checkpoint
     run.forward_model = wrap_for_data_parallel(model, context, config.grad_reduction)
@@ -277,13 +305,22 @@ class TrainResult:
     elapsed_s: float = 0.0
     tokens_per_s: float = 0.0
     """Training throughput of this call (evaluation and saving excluded)."""
+    memory: dict[str, int] = field(default_factory=dict)
+    """On a GPU: ``max_memory_allocated`` / ``max_memory_reserved`` bytes of the training
+    steps (evaluation and saving excluded); empty on the CPU."""
+    estimated_peak_bytes: int | None = None
+    """On a GPU: the ``gnlorp-memory`` estimate of the same setup, to set beside the measure."""
 
 
 def _describe(run: Run) -> None:
     c = run.config
     total, trainable = count_parameters(run.model), count_parameters(run.model, True)
+    precision = c.dtype + (f", autocast {c.autocast}" if c.autocast != "none" else "")
+    if run.device.type == "cuda":
+        precision += f", TF32 {'on' if c.tf32 else 'off'}"
     log(
-        f"model {c.model_config or c.model}: {total:,} parameters ({trainable:,} trainable), {c.dtype}"
+        f"model {c.model_config or c.model}: {total:,} parameters ({trainable:,} trainable), "
+        f"{precision}, on {run.device}"
     )
     recipe = ""
     if c.optimizer != "adamw":
@@ -298,6 +335,34 @@ def _describe(run: Run) -> None:
         log(f"resumed from {run.resumed_from} (step {run.start_step})")
         if run.start_step >= c.max_steps:
             log(f"already at --max-steps {c.max_steps}: nothing to train (raise it to continue)")
+
+
+def estimated_peak_bytes(run: Run) -> int | None:
+    """What ``gnlorp-memory`` estimates for this run's setup, or None where it models none
+    (DeepSpeed, LoRA mode, autocast)."""
+    c = run.config
+    if c.deepspeed or c.lora_rank is not None or c.autocast != "none":
+        return None
+    from gnlorp_dist.memory.estimator import MemoryConfig, estimate_memory  # noqa: PLC0415
+
+    estimate = estimate_memory(
+        MemoryConfig(
+            model=c.model_config or c.model,
+            optimizer=c.optimizer,
+            bits=c.bits,
+            rank=c.rank if c.optimizer != "adamw" else None,
+            proj_type=c.proj_type,
+            per_layer=c.per_layer,
+            accumulation_steps=c.grad_accum,
+            tokens=c.batch_size * c.seq_len,
+            seq_len=c.seq_len,
+            dtype=c.dtype,
+            activation_checkpointing=c.activation_checkpointing,
+            world_size=run.context.world_size,
+            shard_states=run.context.world_size > 1 and c.optimizer != "adamw",
+        )
+    )
+    return estimate.total_bytes
 
 
 def save_training_state(run: Run, step: int, loss: float) -> Path:
@@ -347,12 +412,14 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
         dynamic_ncols=True,
         file=sys.stderr,
     )
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     started = time.perf_counter()
     train_time = window_time = 0.0
     window_steps = 0
     for done in range(run.start_step + 1, c.max_steps + 1):
         step_start = time.perf_counter()
-        batch = run.data.train.next_batch()
+        batch = to_device(run.data.train.next_batch(), run.device)
         micro = list(batch.view(c.grad_accum, c.batch_size, c.seq_len))
         if run.engine is not None:
             stats = ds_training.train_step(run.engine, run.scheduler, micro)
@@ -364,6 +431,7 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
                 micro,
                 c.grad_clip,
                 per_layer=run.per_layer is not None,
+                autocast=c.autocast,
             )
         if not math.isfinite(stats.loss):
             raise FloatingPointError(f"loss is {stats.loss} at step {done}; lower --lr")
@@ -381,13 +449,16 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
         if done % c.log_every == 0 or done == c.max_steps:
             rate = window_steps * tokens_per_step / window_time
             gnorm = "" if stats.grad_norm is None else f" | grad norm {stats.grad_norm:.3f}"
+            memory = describe_memory(memory_stats(run.device))
             log(
                 f"step {done:>6}/{c.max_steps} | loss {stats.loss:.4f} | lr {stats.lr:.3e}"
-                f"{gnorm} | {rate:,.0f} tok/s"
+                f"{gnorm} | {rate:,.0f} tok/s" + (f" | {memory}" if memory else "")
             )
             window_time, window_steps = 0.0, 0
         if c.eval_every and done % c.eval_every == 0 and done != c.max_steps:
-            loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches)
+            loss, ppl = evaluate(
+                run.model, run.data.eval_blocks, c.batch_size, c.eval_batches, c.autocast
+            )
             log(f"eval @ step {done} | loss {loss:.4f} | perplexity {ppl:.2f}")
         saved = None
         if (c.save_every and done % c.save_every == 0) or done == c.max_steps:
@@ -397,6 +468,20 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
     bar.close()
     steps_run = result.final_step - run.start_step
     result.tokens_per_s = steps_run * tokens_per_step / train_time if train_time else 0.0
+    # Read before evaluation and saving, which are not what the memory estimate describes.
+    result.memory = memory_stats(run.device)
+    if result.memory:
+        result.estimated_peak_bytes = estimated_peak_bytes(run)
+        estimate = result.estimated_peak_bytes
+        log(
+            f"GPU memory of the training steps: {describe_memory(result.memory)}; gnlorp-memory "
+            "estimates "
+            + (
+                "(no estimate for this setup)"
+                if estimate is None
+                else f"{estimate / 2**30:.2f} GiB"
+            )
+        )
     _finish(run, result)
     result.elapsed_s = time.perf_counter() - started
     losses = f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "n/a"
@@ -413,11 +498,11 @@ def _finish(run: Run, result: TrainResult) -> None:
     c = run.config
     if run.engine is not None:  # whole fp32 weights on every rank, in a plain model
         state = ds_training.consolidated_state_dict(run.model)
-        run.model = build_training_model(c, run.llama)
+        run.model = build_training_model(c, run.llama).to(run.device)
         loaded = run.model.load_state_dict(state, strict=False)
         params = dict(run.model.named_parameters())
         assert not loaded.unexpected_keys and not set(loaded.missing_keys) & set(params), loaded
-    loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches)
+    loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches, c.autocast)
     result.eval_loss, result.eval_perplexity = loss, ppl
     log(f"eval @ step {result.final_step} | loss {loss:.4f} | perplexity {ppl:.2f}")
     if not run.context.is_main:  # every rank holds the same weights; rank 0 saves them
@@ -459,13 +544,16 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe (imported by
-        # transformers' save_pretrained) when there is no GPU to find
     parser = build_parser()
     config = config_from_namespace(parser.parse_args(argv))
     try:
-        context = init_distributed(config.world_size)
+        device = resolve_device(config.device)
+        if device.type == "cpu":
+            # DeepSpeed (also imported by transformers' save_pretrained) then takes its CPU
+            # accelerator and gloo, and does not probe for a GPU.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        activate_device(device, tf32=config.tf32)
+        context = init_distributed(config.world_size, device)
         _LOG_RANK[0] = context.rank
         if context.world_size > 1:
             log(f"distributed: {context.world_size} processes ({config.grad_reduction})")

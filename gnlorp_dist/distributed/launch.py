@@ -13,6 +13,7 @@ The launcher's request is read from the parent process's command line (Linux ``/
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -45,6 +46,8 @@ class DistributedContext:
     """Rank on this machine (picks the GPU)."""
     communicator: ProcessGroupCommunicator | None
     """The optimizer's communicator; None on one process."""
+    device: torch.device = torch.device("cpu")
+    """Where this process computes (its GPU, or the CPU); NCCL groups live on GPUs only."""
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +70,10 @@ def wrap_for_data_parallel(
         return model
     assert context.communicator is not None
     if grad_reduction == "ddp":
-        device_ids = [context.local_rank] if torch.cuda.is_available() else None
+        # DDP puts its buckets where the module is: the module must be on the device already.
+        device = next(model.parameters()).device
+        assert device == context.device, (device, context.device)
+        device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     broadcast_parameters(model, context.communicator)
     return model
@@ -155,25 +161,37 @@ def discover_mpi_environment() -> bool:
     return True
 
 
-def init_distributed(expected_world_size: int | None = None) -> DistributedContext:
-    """Join the launcher's process group (gloo on CPU, nccl on CUDA) or run alone.
+def init_distributed(
+    expected_world_size: int | None = None, device: torch.device | str = "cpu"
+) -> DistributedContext:
+    """Join the launcher's process group or run alone, computing on ``device``.
 
-    torchrun, accelerate and the deepspeed launcher export the job's variables; under mpirun
-    they are discovered through MPI (:func:`discover_mpi_environment`)."""
+    The backend follows the device: nccl when this process computes on a GPU (made current
+    first, so NCCL's communicator lands on it and not on GPU 0), gloo on the CPU. torchrun,
+    accelerate and the deepspeed launcher export the job's variables; under mpirun they are
+    discovered through MPI (:func:`discover_mpi_environment`)."""
+    device = torch.device(device)
     discover_mpi_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_world_size(world_size, expected_world_size, _parent_command_line())
     if world_size == 1:
-        return SINGLE_PROCESS
+        return dataclasses.replace(SINGLE_PROCESS, device=device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    elif dist.get_backend() != backend:
+        raise ValueError(
+            f"the process group is {dist.get_backend()}, but this run computes on {device} "
+            f"(which needs {backend}); use --device {'cpu' if backend == 'gloo' else 'cuda'} "
+            "or let the launcher create the group"
+        )
     return DistributedContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
         communicator=ProcessGroupCommunicator(),
+        device=device,
     )

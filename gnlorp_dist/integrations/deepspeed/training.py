@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gnlorp_dist.device import to_device
 from gnlorp_dist.integrations.deepspeed.checkpoint import (
     CLIENT_STATE_FILE,
     initialize_from_checkpoint,
@@ -105,13 +106,13 @@ def train_step(engine: Any, scheduler: Any, micro_batches: list[torch.Tensor]) -
 
     engine.train()
     lr = engine.optimizer.param_groups[0]["lr"]
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=engine.device)
     for ids in micro_batches:
-        ids = ids.to(engine.device)
+        ids = to_device(ids, torch.device(engine.device))
         loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
         engine.backward(loss)
         engine.step()
-        total += loss.detach().float().cpu()
+        total += loss.detach().float()
     scheduler.step()
     norm = engine.get_global_grad_norm()
     return StepStats(
@@ -157,7 +158,7 @@ def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
     if checkpoint is None:
         return None, None
     read_layout(checkpoint)
-    state = torch.load(checkpoint / CLIENT_STATE_FILE, weights_only=False)
+    state = torch.load(checkpoint / CLIENT_STATE_FILE, weights_only=False, map_location="cpu")
     check_compatible(
         state["run_config"], config_record(c, run.llama), RESUME_MUST_MATCH, str(checkpoint)
     )
