@@ -25,6 +25,7 @@ DATA=${DATA:-allenai/c4}
 DATA_CONFIG=${DATA_CONFIG:-en}
 TOKENIZER=${TOKENIZER-}             # a LLaMA tokenizer folder; empty: the package default
 OUTPUT_DIR=${OUTPUT_DIR:-runs/llama_7b-gradnormlorp-8bit}
+DEVICE=${DEVICE:-cuda}              # this process's GPU (cuda:N picks another); refused without CUDA
 BUDGET_GIB=${BUDGET_GIB:-22.5}      # 24 GiB card minus CUDA context, cuBLAS/cuSOLVER workspace
 
 TOKENS=$((BATCH_SIZE * SEQ_LEN))
@@ -54,7 +55,7 @@ TRAIN_ARGS=(--model "$MODEL" --optimizer gradnormlorp --bits 8 --per-layer
     --lr "$LR" --grad-clip "$GRAD_CLIP" --dtype bf16 --activation-checkpointing
     --batch-size "$BATCH_SIZE" --grad-accum "$GRAD_ACCUM" --seq-len "$SEQ_LEN"
     --max-steps "$MAX_STEPS" --warmup-steps "$WARMUP_STEPS"
-    --data "$DATA" --output-dir "$OUTPUT_DIR")
+    --data "$DATA" --output-dir "$OUTPUT_DIR" --device "$DEVICE")
 if [[ "$DATA" == */* ]]; then
     TRAIN_ARGS+=(--data-config "$DATA_CONFIG")
 fi
