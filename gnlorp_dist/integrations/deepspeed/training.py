@@ -75,7 +75,7 @@ def start_engine(run: Run, checkpoint: Path | None = None) -> tuple[Any, dict[st
     (on any number of ranks) when given; the engine and the checkpoint's client state."""
     import deepspeed  # noqa: PLC0415  (5 s import; only for --deepspeed runs)
 
-    if not torch.cuda.is_available():
+    if run.device.type == "cpu":
         # DeepSpeed's CPU shared-memory all-reduce JIT-compiles for minutes on first use;
         # the gloo group the job already has gives the same sums.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
