@@ -13,6 +13,10 @@ class ProcessGroupCommunicator:
     Create it after ``torch.distributed.init_process_group`` (torchrun, Accelerate and DeepSpeed
     all do that) and pass it to ``GradNormLoRPAdamW(..., communicator=...)``. Collectives run
     asynchronously; the optimizer waits on their handles at the end of each phase.
+
+    ``device`` is where its collectives take tensors: this rank's current GPU for NCCL, the CPU
+    for gloo (which also takes CUDA tensors). A tensor elsewhere is refused with a ValueError
+    before it reaches the process group (a device comparison, no host sync).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
@@ -35,15 +39,30 @@ class ProcessGroupCommunicator:
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
+    def _check_device(self, tensor: Tensor, op: str) -> None:
+        # NCCL fails obscurely (or hangs a peer) on a host tensor; name the tensor here instead.
+        if tensor.device == self.device:
+            return
+        if self.device.type == "cpu" and tensor.device.type == "cuda":
+            return  # gloo moves CUDA tensors itself
+        raise ValueError(
+            f"{op}: a tensor of shape {tuple(tensor.shape)} on {tensor.device}, but this "
+            f"communicator's collectives ({dist.get_backend(self.group)}) take tensors on "
+            f"{self.device}; allocate collective buffers on communicator.device"
+        )
+
     def broadcast(self, tensor: Tensor, src: int) -> dist.Work | None:
         assert tensor.is_contiguous(), "broadcast needs a contiguous block"
+        self._check_device(tensor, "broadcast")
         return dist.broadcast(tensor, src=self._global(src), group=self.group, async_op=True)
 
     def all_reduce_sum(self, tensor: Tensor) -> dist.Work | None:
+        self._check_device(tensor, "all_reduce_sum")
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
     def reduce_sum(self, tensor: Tensor, dst: int) -> dist.Work | None:
         assert tensor.is_contiguous(), "reduce needs a contiguous block"
+        self._check_device(tensor, "reduce_sum")
         return dist.reduce(
             tensor, dst=self._global(dst), op=dist.ReduceOp.SUM, group=self.group, async_op=True
         )

@@ -8,7 +8,8 @@ tensor's row blocks are concatenated and cut again. Same world size: the states 
 (bitwise, 8-bit codes included). Another world size: fp32 states are exact; 8-bit dense blocks
 are dequantised, re-cut and quantised again (block scales follow the new rows).
 
-Files load with ``torch.load(weights_only=True)``.
+Files load with ``torch.load(weights_only=True)``, onto the CPU (the saving rank's GPU may not
+exist here); each tensor then moves to its parameter's device when its rank adopts it.
 """
 
 from __future__ import annotations
@@ -150,7 +151,9 @@ def _read_shards(directory: Path) -> list[dict[str, Any]]:
         )
     payloads = []
     for rank in range(saved_world):
-        payload = torch.load(shard_path(directory, rank, saved_world), weights_only=True)
+        payload = torch.load(
+            shard_path(directory, rank, saved_world), map_location="cpu", weights_only=True
+        )
         if payload.get("format") != FORMAT_VERSION:
             raise ValueError(f"shard {rank} in {directory} has format {payload.get('format')!r}")
         payloads.append(payload)

@@ -13,7 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import Communicator, default_communicator, wait_all
+from gnlorp_dist.optim.comm import (
+    Communicator,
+    default_communicator,
+    non_finite_on_any_rank,
+    wait_all,
+)
 from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragment_step import (
     LAYOUT_KEY,
@@ -94,6 +99,22 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     The state holds tensors and Python numbers only, so ``torch.load(weights_only=True)`` reads a
     saved ``state_dict()``; loading it into a fresh optimizer continues the run exactly (state
     tensors keep their saved dtypes: codes stay uint8, block scales float32).
+
+    Devices: every tensor the optimizer allocates is on its parameter's device, and every tensor
+    it hands to a collective on the communicator's ``device`` (NCCL: this rank's GPU); nothing is
+    built on the default device. A loaded state lands on each parameter's device.
+
+    Synchronisation with the host: updates never wait for the device (step counters are Python
+    numbers, clipping stays on the device); the host reads only the non-finite verdict (a count
+    made on the device), which must be known before anything changes:
+
+    - ``step()``, one process: one ``.item()`` at a step that refreshes a subspace, none else;
+    - ``step()``, several ranks: one scalar all-reduce and one ``.item()`` every step (a rank
+      does not know whether another rank's matrices are due, so every rank joins the verdict);
+    - ZeRO (flattened groups): one all-reduce and ``.item()`` per projected group at a refresh
+      step only (every rank counts every matrix's steps there);
+    - per-layer mode: one process, one sync per projected matrix at its refresh; several ranks,
+      one scalar all-reduce and ``.item()`` per projected matrix per step (first micro-batch).
     """
 
     def __init__(
@@ -272,15 +293,19 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             for group, param, name in work
             if "rank" in group and self._refresh_due(group, param)
         ]
-        bad = [name for _group, param, name in due if not bool(torch.isfinite(param.grad).all())]
-        verdict = torch.tensor([float(len(bad))])
-        wait_all([self.comm.all_reduce_sum(verdict)])
-        if verdict.item() > 0:
+        if self.comm.world_size == 1 and not due:
+            return  # nothing to verify: no host sync on the steps between refreshes
+        grads = [param.grad for _group, param, _name in due]
+        like = work[0][1].device if work else torch.device("cpu")
+        if non_finite_on_any_rank(self.comm, grads, like):
+            # The error path only: name the offenders (one host read each).
+            bad = [name for _g, param, name in due if not bool(torch.isfinite(param.grad).all())]
             raise non_finite_error(bad or ["a parameter owned by another rank"], self.state, due)
         for group, param, _name in due:
             self._refresh(group, param)
 
     def _check_refresh_gradient(self, param: Tensor, name: str) -> None:
+        # Host sync: once per matrix at its refresh (per-layer mode, one process).
         if not bool(torch.isfinite(param.grad).all()):
             raise non_finite_error([name], self.state, [(None, param, name)])
 
@@ -390,6 +415,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             self._reduce_gradients_to_owners([(group, param, name)])
             if not self.owns(param):
                 param.grad = None
+        if distributed and projected and first_micro_batch:
+            # Before anything changes: a refresh with a non-finite gradient raises on every rank.
+            self._agree_on_refresh_verdict(group, param, name)
         if param.grad is not None:
             if projected:
                 self._consume_projected(
@@ -399,8 +427,6 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 clip_by_norm_(param.grad, max_grad_norm)
                 self._update_dense(group, param, self.owned_block(param))
                 param.grad = None
-        if distributed and projected and first_micro_batch:
-            self._agree_on_refresh_verdict(param, name)
         if distributed and last_micro_batch:
             wait_all(self._broadcast_blocks(param))
 
@@ -417,11 +443,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if first and self._refresh_due(group, param):
             if self.comm.world_size == 1:
                 self._check_refresh_gradient(param, name)
-            elif not bool(torch.isfinite(param.grad).all()):
-                # Raised on every rank together, by _agree_on_refresh_verdict.
-                state["non_finite_refresh"] = True
-                param.grad = None
-                return
+            # Over several ranks _agree_on_refresh_verdict has checked it already.
             self._refresh(group, param)
         side = projection_side(param.shape, group["proj_type"])
         low_rank_grad = project(param.grad, state["proj"], side)
@@ -434,11 +456,11 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         clip_by_norm_(low_rank_grad, max_grad_norm)
         self._update_projected(group, param, low_rank_grad)
 
-    def _agree_on_refresh_verdict(self, param: Tensor, name: str) -> None:
-        """Every rank raises if the owner met a non-finite gradient at a refresh (one scalar)."""
-        flag = torch.tensor([float(self.state.get(param, {}).pop("non_finite_refresh", False))])
-        wait_all([self.comm.all_reduce_sum(flag)])
-        if flag.item() > 0:
+    def _agree_on_refresh_verdict(self, group: dict[str, Any], param: Tensor, name: str) -> None:
+        """Every rank raises if the owner has a non-finite gradient due for a refresh (only the
+        owner knows whether it is due, so every rank joins this one-scalar verdict)."""
+        due = param.grad is not None and self._refresh_due(group, param)
+        if non_finite_on_any_rank(self.comm, [param.grad] if due else [], param.device):
             raise non_finite_error([name], self.state, [(None, param, name)])
 
     def group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:

@@ -76,8 +76,13 @@ def adopt_pending_state(
     params: list[ModelParameter],
     fragments: list[Fragment | None],
     owners: list[int] | None,
+    device: torch.device | None,
 ) -> None:
-    """Move loaded state for ``params`` into this rank's runs and ownership (first step only)."""
+    """Move loaded state for ``params`` into this rank's runs and ownership (first step only).
+
+    Loaded tensors (read onto the CPU) move to where they are used: a projected matrix's basis
+    and moments to ``device`` (the group's work device), a dense run's moments to its master's.
+    """
     pending = getattr(optimizer, "pending_flattened_state", None)
     if not pending:
         return
@@ -90,12 +95,13 @@ def adopt_pending_state(
         state.clear()
         state["step"] = entry["step"]
         if owners is not None:  # projected
+            assert device is not None, "a projected group adopts its state on its work device"
             if "proj" in entry and fragment is not None:
-                state["proj"] = entry["proj"].to(optimizer.comm.device)
+                state["proj"] = entry["proj"].to(device)
             if owners[index] == rank and "exp_avg" in entry:
                 for key, value in entry.items():
                     if key in MOMENT_KEYS or "absmax" in key:
-                        state[key] = value.to(optimizer.comm.device)
+                        state[key] = value.to(device)
         elif fragment is not None and "dense_exp_avg" in entry:
             stop = fragment.start + fragment.numel
             device = fragment.master.device

@@ -20,6 +20,13 @@ Phases of a step, for the group the engine is stepping:
    direction; meanwhile every rank updates its dense runs;
 4. apply: every rank projects the direction back onto its runs and updates its master weights.
    The engine then casts and gathers the weights as it does for any optimizer.
+
+Devices: the buffers of phases 1-3 (zero-padded full gradients, partial low-rank sums, bases,
+directions) travel in collectives, so they live on the communicator's device
+(:func:`work_device`); on one process, where nothing travels, on the fragments' device. Bases and
+low-rank moments stay there between steps; dense moments live with their runs. Host sync: one
+``.item()`` (the non-finite verdict) per projected group at a refresh step only: every rank counts
+every matrix's steps, so all ranks agree on when a refresh is due.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import wait_all
+from gnlorp_dist.optim.comm import buffer_device, non_finite_on_any_rank, wait_all
 from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragment_state import STATE_PREFIX, adopt_pending_state
 from gnlorp_dist.optim.fragments import (
@@ -127,8 +134,13 @@ def flattened_owners(optimizer: GradNormLoRPAdamW, layout: EngineLayout) -> dict
     return optimizer.flattened_plan
 
 
-def comm_device(optimizer: GradNormLoRPAdamW) -> torch.device:
-    return torch.device(getattr(optimizer.comm, "device", "cpu"))
+def work_device(
+    optimizer: GradNormLoRPAdamW, params: list[ModelParameter], fragments: list[Fragment | None]
+) -> torch.device:
+    """Where this group's low-rank work happens: the communicator's device (its buffers travel),
+    or, on one process, the device of the fragments' gradients."""
+    held = [f.grad.device for f in fragments if f is not None]
+    return buffer_device(optimizer.comm, held[0] if held else params[0].tensor.device)
 
 
 def step_flattened_group(
@@ -146,12 +158,13 @@ def step_flattened_group(
     if "rank" in group:
         plan = flattened_owners(optimizer, layout)
         owners = [plan[p.name] for p in params]
-        adopt_pending_state(optimizer, group, params, fragments, owners)
-        _refresh_due(optimizer, group, params, fragments, owners)
-        directions = _low_rank_directions(optimizer, group, params, fragments, owners)
+        device = work_device(optimizer, params, fragments)
+        adopt_pending_state(optimizer, group, params, fragments, owners, device)
+        _refresh_due(optimizer, group, params, fragments, owners, device)
+        directions = _low_rank_directions(optimizer, group, params, fragments, owners, device)
         _apply_directions(optimizer, group, params, fragments, directions)
     else:
-        adopt_pending_state(optimizer, group, params, fragments, None)
+        adopt_pending_state(optimizer, group, params, fragments, None, None)
         for param, fragment in zip(params, fragments):
             if fragment is not None:
                 _update_dense_fragment(optimizer, group, param, fragment)
@@ -167,11 +180,12 @@ def _refresh_due(
     params: list[ModelParameter],
     fragments: list[Fragment | None],
     owners: list[int],
+    device: torch.device,
 ) -> None:
-    comm, device = optimizer.comm, comm_device(optimizer)
+    comm = optimizer.comm
     due = [i for i, p in enumerate(params) if _is_due(group, fragment_state(optimizer, p.name))]
     if not due:
-        return
+        return  # every rank agrees: steps are counted for every matrix on every rank
     full_grads: dict[int, Tensor] = {}
     handles = []
     for i in due:
@@ -184,10 +198,9 @@ def _refresh_due(
         if owners[i] == comm.rank:
             full_grads[i] = full
     wait_all(handles)
-    bad = [params[i].name for i, g in full_grads.items() if not bool(torch.isfinite(g).all())]
-    verdict = torch.tensor([float(len(bad))])
-    wait_all([comm.all_reduce_sum(verdict)])
-    if verdict.item() > 0:
+    if non_finite_on_any_rank(comm, list(full_grads.values()), device):
+        # The error path only: name the offenders (one host read each).
+        bad = [params[i].name for i, g in full_grads.items() if not bool(torch.isfinite(g).all())]
         step = min(int(fragment_state(optimizer, params[i].name).get("step", 0)) for i in due)
         raise non_finite_refresh_error(bad or ["a matrix owned by another rank"], step)
     bases: dict[int, Tensor] = {}
@@ -218,9 +231,10 @@ def _low_rank_directions(
     params: list[ModelParameter],
     fragments: list[Fragment | None],
     owners: list[int],
+    device: torch.device,
 ) -> list[Tensor]:
     """Phases 2 and 3: each matrix's normalised low-rank Adam direction, on every rank."""
-    comm, device = optimizer.comm, comm_device(optimizer)
+    comm = optimizer.comm
     sums, handles = [], []
     for param, fragment, owner in zip(params, fragments, owners):
         shape = param.shape

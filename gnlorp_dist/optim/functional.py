@@ -124,10 +124,11 @@ def clip_by_norm_(tensor: Tensor, max_norm: float) -> None:
     """Scale ``tensor`` in place so its L2 norm is at most ``max_norm`` (no-op when 0).
 
     Same coefficient as ``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)``,
-    applied only when it is below 1.
+    applied only when it is below 1. Computed on the tensor's device (no host sync): in float64,
+    then rounded to float32, which is the value a Python-float coefficient had, so the result is
+    bitwise that of a host-side computation; a coefficient clamped to 1 leaves values unchanged.
     """
     if max_norm <= 0.0:
         return
-    coefficient = max_norm / (float(tensor.norm()) + 1e-6)
-    if coefficient < 1.0:
-        tensor.mul_(coefficient)
+    coefficient = max_norm / (tensor.norm().double() + 1e-6)
+    tensor.mul_(coefficient.clamp(max=1.0).float())

@@ -29,7 +29,11 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 def _dynamic_map(signed: bool, device: str) -> Tensor:
     import bitsandbytes.functional as bnbf  # noqa: PLC0415  (4 s import; only for 8-bit runs)
 
-    return bnbf.create_dynamic_map(signed=signed).to(device)
+    # bitsandbytes builds the map on the default device; build it on the host (256 values, once
+    # per device) and move it where the moments live.
+    with torch.device("cpu"):
+        dynamic_map = bnbf.create_dynamic_map(signed=signed)
+    return dynamic_map.to(device)
 
 
 def quantize_8bit(value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:

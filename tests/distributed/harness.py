@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -45,3 +46,64 @@ def run_ranks(world_size: int, fn: Callable, *args: object) -> None:
         )
         while not context.join(timeout=300):
             pass
+
+
+def run_ranks_within(seconds: float, world_size: int, fn: Callable, *args: object) -> None:
+    """:func:`run_ranks` that stops every rank and raises TimeoutError after ``seconds``.
+
+    For scenarios that may fail on one rank only: the other rank would then wait forever in a
+    collective its peer never joins.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = str(Path(tmp) / "rendezvous")
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, init_file, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="fork",
+        )
+        deadline = time.monotonic() + seconds
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{world_size} ranks still running after {seconds} s")
+
+
+class StrictDeviceCommunicator:
+    """A ProcessGroupCommunicator that refuses, like NCCL, any tensor not on its own device.
+
+    Over gloo its device is the CPU; a collective handed a tensor elsewhere (``meta`` under a
+    meta default device) raises at once instead of reaching the process group.
+    """
+
+    def __init__(self) -> None:
+        from gnlorp_dist.distributed import ProcessGroupCommunicator  # noqa: PLC0415
+
+        self.inner = ProcessGroupCommunicator()
+        self.rank, self.world_size = self.inner.rank, self.inner.world_size
+        self.device = self.inner.device
+        self.collectives = 0
+
+    def _check(self, tensor: torch.Tensor, op: str) -> None:
+        if tensor.device != self.device:
+            raise RuntimeError(
+                f"{op}: tensor on {tensor.device}, this communicator takes {self.device} only"
+            )
+        self.collectives += 1
+
+    def broadcast(self, tensor: torch.Tensor, src: int):
+        self._check(tensor, "broadcast")
+        return self.inner.broadcast(tensor, src)
+
+    def all_reduce_sum(self, tensor: torch.Tensor):
+        self._check(tensor, "all_reduce_sum")
+        return self.inner.all_reduce_sum(tensor)
+
+    def reduce_sum(self, tensor: torch.Tensor, dst: int):
+        self._check(tensor, "reduce_sum")
+        return self.inner.reduce_sum(tensor, dst)
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        return self.inner.all_gather_object(obj)

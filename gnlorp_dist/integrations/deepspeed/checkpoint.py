@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
-from gnlorp_dist.optim.comm import wait_all
+from gnlorp_dist.optim.comm import buffer_device, wait_all
 from gnlorp_dist.optim.fragment_state import export_flattened_state, merge_flattened_states
 from gnlorp_dist.optim.fragment_step import LAYOUT_KEY
 
@@ -32,7 +32,9 @@ FLAT_SHARD = "gnlorp-flat-optimizer-{rank:05d}-of-{world:05d}.pt"
 
 
 def _barrier(optimizer: Any) -> None:
-    wait_all([optimizer.comm.all_reduce_sum(torch.zeros(1))])
+    # The token travels: on the communicator's device (NCCL takes GPU tensors only).
+    device = buffer_device(optimizer.comm, torch.device("cpu"))
+    wait_all([optimizer.comm.all_reduce_sum(torch.zeros(1, device=device))])
 
 
 def save_checkpoint(
@@ -90,7 +92,9 @@ def _fp32_weights(folder: Path, layout: dict[str, Any]) -> dict[str, torch.Tenso
             "ranks; resume it on its own number of ranks "
             f"({layout['world_size']}), or train with ZeRO 1-3 to resume anywhere"
         )
-    module = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = torch.load(
+        folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
     return {name: tensor.float() for name, tensor in module.items()}
 
 
@@ -103,7 +107,8 @@ def _load_optimizer_shards(optimizer: Any, folder: Path, layout: dict[str, Any])
     missing = [r for r, p in zip(range(world), paths) if not p.is_file()]
     if missing:
         raise ValueError(f"{folder}: optimizer shards of ranks {missing} are missing")
-    shards = [torch.load(p, weights_only=True)["state"] for p in paths]
+    # Onto the CPU; adopt_pending_state moves each tensor to its fragment's device at step 1.
+    shards = [torch.load(p, map_location="cpu", weights_only=True)["state"] for p in paths]
     optimizer.pending_flattened_state = merge_flattened_states(shards)
 
 
@@ -159,5 +164,5 @@ def initialize_from_checkpoint(
             if param.requires_grad and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
                 safe_set_full_fp32_param(param, weights[name].to(param.device))
     _load_optimizer_shards(optimizer, folder, layout)
-    client_state = torch.load(folder / CLIENT_STATE_FILE, weights_only=False)
+    client_state = torch.load(folder / CLIENT_STATE_FILE, map_location="cpu", weights_only=False)
     return engine, client_state
