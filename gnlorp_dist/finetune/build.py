@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from gnlorp_dist.device import activate_device, resolve_device
 from gnlorp_dist.finetune.config import FinetuneConfig, resolve, split_names
 from gnlorp_dist.finetune.data import (
     GLUE_TASKS,
@@ -105,12 +106,6 @@ def check_tensorboard() -> None:
             "pip install tensorboard (or pip install 'gnlorp-dist[tensorboard]'), or drop "
             "--tensorboard"
         )
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _tokenizer_for(
@@ -214,7 +209,8 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         lora_alpha=config.lora_alpha,
         detach_norm=config.detach_norm,
     )
-    device = _device(config.device)
+    device = resolve_device(config.device)
+    activate_device(device, tf32=config.tf32)  # set_device before the first GPU allocation
     model.to(device)
     optimizer = build_optimizer(
         model,

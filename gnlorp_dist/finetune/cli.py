@@ -13,20 +13,20 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
+from gnlorp_dist.device import resolve_device
 from gnlorp_dist.finetune.build import prepare
 from gnlorp_dist.finetune.config import FinetuneConfig, build_parser
 from gnlorp_dist.finetune.loop import run_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not torch.cuda.is_available():
-        # Quiets DeepSpeed's accelerator probe (imported by save_pretrained) on CPU machines.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     parser = build_parser()
     config = FinetuneConfig(**vars(parser.parse_args(argv)))
     try:
+        if resolve_device(config.device).type == "cpu":
+            # DeepSpeed (imported by save_pretrained) then takes its CPU accelerator without
+            # probing for a GPU, also on a GPU host run with --device cpu.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         run = prepare(config)
     except (ValueError, ModuleNotFoundError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from gnlorp_dist.device import DEVICES, resolve_device
 from gnlorp_dist.finetune.data import GLUE_TASKS
 from gnlorp_dist.finetune.metrics import METRIC_NAMES
 from gnlorp_dist.finetune.models import TINY_MODELS
@@ -27,7 +28,6 @@ from gnlorp_dist.run_config import field_docs
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
 PROBLEM_TYPES = ("auto", "classification", "regression")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +134,11 @@ class FinetuneConfig:
     """Also write TensorBoard scalars to <output-dir>/tensorboard (needs the tensorboard
     package)."""
     device: str = "auto"
-    """auto (cuda when available), cpu or cuda."""
+    """auto (the GPU when torch sees one, else the CPU), cpu, or cuda (an error when torch
+    sees no GPU)."""
+    tf32: bool = True
+    """TF32 matmuls on Ampere and newer GPUs (--no-tf32 keeps full fp32 matmuls); no effect on
+    the CPU."""
     threads: int | None = None
     """CPU threads torch uses during the run (default: 1 for models of hidden size < 256, whose
     matrices are too small to split and which slow down badly on a busy machine with more;
@@ -175,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
             help_text += f" (default: {f.default})"
         help_text = help_text.replace("%", "%%")
         flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        if f.type == "bool" and f.default is True:
+            # A flag that could only set True again would be useless: offer the way out.
+            flag = f"--no-{f.name.replace('_', '-')}"
+            parser.add_argument(flag, dest=f.name, action="store_false", help=help_text)
+            continue
         if f.type == "bool":
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
             continue
@@ -220,6 +229,7 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
     _check_choice(config.bits, (32, 8), "--bits")
     _check_choice(config.problem_type, PROBLEM_TYPES, "--problem-type")
     _check_choice(config.device, DEVICES, "--device")
+    resolve_device(config.device)  # --device cuda on a host without one fails before any work
     if config.task is not None:
         _check_choice(config.task, tuple(GLUE_TASKS), "--task")
     if config.optimizer != "gradnormlorp" and (
@@ -277,11 +287,6 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
             raise ValueError(
                 f"--metric {unknown[0]!r} is unknown; choose from {', '.join(METRIC_NAMES)}"
             )
-    if config.device == "cuda":
-        import torch  # noqa: PLC0415
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
     recipe = FROM_SCRATCH_RECIPE if is_from_scratch(config) else PRETRAINED_RECIPE
     rank = config.rank if config.rank is not None else recipe.rank
     if config.lora_rank is not None:

@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from gnlorp_dist.checkpoint import save_merged_model
+from gnlorp_dist.device import describe_memory, memory_stats, to_device
 from gnlorp_dist.finetune.build import FinetuneRun
 from gnlorp_dist.finetune.data import EncodedSplit, collate
 from gnlorp_dist.finetune.metrics import compute_metrics
@@ -46,6 +47,9 @@ class FinetuneResult:
     elapsed_s: float = 0.0
     """Wall time of the whole run (training, evaluation, saving, reload check)."""
     train_samples_per_s: float = 0.0
+    memory: dict[str, int] = field(default_factory=dict)
+    """Peak GPU memory of the training steps (:func:`gnlorp_dist.device.memory_stats`; empty
+    on the CPU)."""
     merged_max_abs_logit_diff: float = math.nan
     """Trained model vs the merged model reloaded with stock transformers (its own tokenizer)."""
     reloaded_tokenizer_matches: bool = False
@@ -71,7 +75,7 @@ def _batches(run: FinetuneRun) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}
 
 
 def _predictions(logits: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -179,6 +183,7 @@ def _describe(run: FinetuneRun) -> None:
         f"training {run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.1f} epochs of "
         f"{run.steps_per_epoch}), batch {c.batch_size}, device {run.device}"
         + (f", {c.threads} CPU thread(s)" if run.device.type == "cpu" and c.threads else "")
+        + (f", TF32 {'on' if c.tf32 else 'off'}" if run.device.type == "cuda" else "")
     )
 
 
@@ -219,6 +224,8 @@ def _run(run: FinetuneRun) -> FinetuneResult:
     train_time = window_time = 0.0
     window_losses: list[float] = []
     window_samples = samples = 0
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     try:
         model.train()
         for step in range(1, run.total_steps + 1):
@@ -246,10 +253,12 @@ def _run(run: FinetuneRun) -> FinetuneResult:
             if step % c.log_every == 0 or step == run.total_steps:
                 mean_loss = sum(window_losses) / len(window_losses)
                 gnorm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
+                memory = describe_memory(memory_stats(run.device))
                 log(
                     f"step {step:>5}/{run.total_steps} | epoch {step / run.steps_per_epoch:5.2f} "
                     f"| loss {mean_loss:.4f} | lr {lr:.3e}{gnorm} | "
                     f"{window_samples / window_time:,.0f} samples/s"
+                    + (f" | {memory}" if memory else "")
                 )
                 stats = {"loss": mean_loss, "lr": lr}
                 if grad_norm is not None:
@@ -267,13 +276,16 @@ def _run(run: FinetuneRun) -> FinetuneResult:
     finally:
         writer.close()
     result.train_samples_per_s = samples / train_time if train_time else 0.0
+    # Read before the save and reload check, whose extra model copy is not training's peak.
+    result.memory = memory_stats(run.device)
     _save_and_verify(run, result)
     result.elapsed_s = time.perf_counter() - started
     result.metrics_file = _write_metrics(run, result)
     first, last = result.train_losses[0], result.train_losses[-1]
+    memory = f", GPU {describe_memory(result.memory)}" if result.memory else ""
     log(
         f"done: {result.steps} steps in {result.elapsed_s:.1f} s ({result.train_samples_per_s:,.0f} "
-        f"samples/s training); train loss {first:.4f} -> {last:.4f}; "
+        f"samples/s training{memory}); train loss {first:.4f} -> {last:.4f}; "
         f"{_format(result.metrics)}; metrics in {result.metrics_file}"
     )
     return result
@@ -346,6 +358,7 @@ def _write_metrics(run: FinetuneRun, result: FinetuneResult) -> Path:
         "train_loss_last_epoch_mean": float(np.mean(losses[-run.steps_per_epoch :])),
         "elapsed_s": result.elapsed_s,
         "train_samples_per_s": result.train_samples_per_s,
+        **({"device": str(run.device), "gpu_memory": result.memory} if result.memory else {}),
         "merged_max_abs_logit_diff": result.merged_max_abs_logit_diff,
         "reloaded_tokenizer_matches": result.reloaded_tokenizer_matches,
         "reloaded_predictions_agree": result.reloaded_predictions_agree,

@@ -2,9 +2,10 @@
 
 One launch of 2 CPU ranks (gloo) runs every scenario: each ZeRO stage in fp32 against the
 single-process GradNormLoRPAdamW on the same global batch (20 steps, refreshes at 0/5/10/15),
-CPU optimizer offload at stages 2 and 3, bf16 at stages 2 and 3, DeepSpeed checkpoints saved at
-step 10 and resumed, every file of ds_configs/, and a ZeRO-3 sub-group split that must be
-refused. The model's odd sizes make DeepSpeed cut matrices in the middle of a row.
+CPU optimizer offload at stages 2 and 3, bf16 and 8-bit states at stages 2 and 3 (8-bit: 20
+steps judged by loss, one step from fresh state by weights and codes), DeepSpeed checkpoints
+saved at step 10 and resumed, every file of ds_configs/, and a ZeRO-3 sub-group split that must
+be refused. The model's odd sizes make DeepSpeed cut matrices in the middle of a row.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 STEPS, GAP, GLOBAL_BATCH, WORLD = 20, 5, 4, 2
 CLIP = 0.5  # below the gradient norms of this run, so every step is clipped
-EIGHT_BIT_TOLERANCE = 1e-3  # measured 8.8e-5 (ZeRO-2), 1.4e-4 (ZeRO-3)
+EIGHT_BIT_LOSS_TOLERANCE = 0.01
+"""The 20-step 8-bit runs are judged by their loss (see test_8bit_trains_like_one_process_8bit):
+the mean global-batch loss of the last 5 steps within 1% of one-process 8-bit's and fp32's.
+Measured: ZeRO 2 and 3 within 0.002% of one-process 8-bit and 0.04% of fp32 (2.93767, 2.93769
+vs 2.93771 and 2.93861), with final weights 4.5e-3 (ZeRO 2) and 5.6e-4 (ZeRO 3) apart; 1% leaves
+25x room for another CPU's rounding to pick other codes and subspaces, and is still a small
+fraction of the 40% the loss falls in these 20 steps (4.87 -> 2.94)."""
+ONE_STEP_TOLERANCE = 1e-5
+"""One step from fresh state: summation order alone (measured 1.5e-7 to 1.9e-7 relative)."""
 NUM_PROJECTED = 21
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 FP32_TOLERANCE = 1e-4
@@ -145,12 +154,12 @@ def _train(engine, steps, rank):
     return losses
 
 
-def _run(config, rank, steps=range(STEPS), bits=32):
+def _run(config, rank, steps=range(STEPS), bits=32, keep_state=False):
     model = _model()
     optimizer = _optimizer(model, bits)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     losses = _train(engine, steps, rank)
-    return {
+    result = {
         "weights": _full_weights(model),
         "losses": losses,
         "refreshes": optimizer.refresh_count,
@@ -158,6 +167,15 @@ def _run(config, rank, steps=range(STEPS), bits=32):
         "mid_row_cuts": _mid_row_cuts(model, rank),
         "engine_optimizer": type(engine.optimizer).__name__,
     }
+    if keep_state:  # this rank's raw state by name: 8-bit codes, block scales, runs
+        result["state"] = {
+            key.removeprefix("zero/"): {
+                k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()
+            }
+            for key, state in optimizer.state.items()
+            if isinstance(key, str) and key.startswith("zero/") and not key.endswith("__")
+        }
+    return result
 
 
 def _scenarios(rank, world_size, out_dir):
@@ -171,6 +189,9 @@ def _scenarios(rank, world_size, out_dir):
     results["zero3-offload-clip"] = _run(_config(3, offload=True, clip=CLIP), rank)
     for stage in (2, 3):
         results[f"zero{stage}-8bit"] = _run(_config(stage), rank, bits=8)
+        results[f"zero{stage}-8bit-step1"] = _run(
+            _config(stage), rank, range(1), bits=8, keep_state=True
+        )
     for stage in (2, 3):
         results[f"zero{stage}-offload"] = _run(_config(stage, offload=True), rank)
         results[f"zero{stage}-bf16"] = _run(_config(stage, bf16=True), rank)
@@ -243,6 +264,14 @@ def _reference(steps=range(STEPS), clip=0.0, bits=32, weight_norm=True):
     return {"weights": flat, "optimizer": optimizer, "losses": losses}
 
 
+def _named_state(optimizer):
+    return {
+        name: optimizer.state[param]
+        for group in optimizer.param_groups
+        for name, param in zip(group["param_names"], group["params"])
+    }
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -255,6 +284,8 @@ def runs(tmp_path_factory):
         "short": _reference(range(8)),
         "clipped": _reference(clip=CLIP),
         "8bit": _reference(bits=8),
+        "8bit-step1": _reference(range(1), bits=8),
+        "step1": _reference(range(1)),
         "galore": _reference(weight_norm=False),
     }
 
@@ -298,20 +329,117 @@ def test_deepspeed_gradient_clipping_matches_torch_clipping(runs, name):
     assert _rel(runs["clipped"]["weights"], runs["reference"]["weights"]) > 1e-2
 
 
+def _global_tail(rank_results):
+    """Mean loss of the last 5 steps over the global batch: each rank's loss is the mean over its
+    half (equal token counts), so their mean is the one-process loss of the same batch."""
+    per_step = [sum(losses) / len(losses) for losses in zip(*(r["losses"] for r in rank_results))]
+    return sum(per_step[-5:]) / 5, per_step[0]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_8bit_states_under_zero(runs, stage):
-    """Projected moments live whole on their owner (the one-process 8-bit blocks); a dense run is
-    quantised in blocks from the run's start, so codes differ slightly where a run does not start
-    on a block boundary of the whole tensor."""
+def test_8bit_trains_like_one_process_8bit(runs, stage):
+    """20 steps are judged by the loss they reach, not by the weights: the weights are chaotic.
+
+    Each 8-bit store rounds to the nearest code, so a summation-order difference of 1e-7 between
+    the ZeRO and one-process runs flips a code wherever a moment sits on a code boundary (one
+    code step, up to 1.4% of the block's absmax), and the grid of a dense run's blocks differs
+    from one process's (see the one-step test). A refresh then takes the SVD of gradients that
+    went through different codes; where two singular values nearly coincide (sigma6/sigma7 =
+    1.02 in layer 1 gate_proj at step 15) the basis swings to another subspace. The final
+    weights' distance from one process was measured 8.8e-5 on one CPU and 4.46e-3 on another:
+    no tolerance on it is honest. The training is what must hold, as for bf16.
+    """
     rank0, rank1 = (r[f"zero{stage}-8bit"] for r in runs["results"])
+    tail, first = _global_tail([rank0, rank1])
+    one_process = _global_tail([runs["8bit"]])[0]
+    fp32 = _global_tail([runs["reference"]])[0]
     error = _rel(rank0["weights"], runs["8bit"]["weights"])
-    print(f"zero{stage} 8-bit: {error:.2e} relative to one process 8-bit")
-    assert error < EIGHT_BIT_TOLERANCE
+    print(
+        f"zero{stage} 8-bit: last-5 loss {tail:.5f} (first {first:.4f}), one process 8-bit "
+        f"{one_process:.5f}, fp32 {fp32:.5f}; weights {error:.2e} from one process 8-bit"
+    )
+    assert abs(tail - one_process) < EIGHT_BIT_LOSS_TOLERANCE * one_process
+    assert abs(tail - fp32) < EIGHT_BIT_LOSS_TOLERANCE * fp32
+    assert tail < 0.8 * first
+    # Ranks apply the same all-gathered weights: any difference is a bug, not rounding.
     assert torch.equal(rank0["weights"], rank1["weights"])
-    fp32 = max(r[f"zero{stage}"]["state_bytes"] for r in runs["results"])
+    fp32_bytes = max(r[f"zero{stage}"]["state_bytes"] for r in runs["results"])
     eight = max(r["state_bytes"] for r in (rank0, rank1))
-    print(f"zero{stage}: per-rank state bytes fp32 {fp32:,} -> 8-bit {eight:,}")
-    assert eight < 0.75 * fp32
+    print(f"zero{stage}: per-rank state bytes fp32 {fp32_bytes:,} -> 8-bit {eight:,}")
+    assert eight < 0.75 * fp32_bytes
+
+
+def _code_positions(signed):
+    """Each code's place among the dynamic map's values in increasing order."""
+    import bitsandbytes.functional as bnbf
+
+    values = bnbf.create_dynamic_map(signed=signed)
+    return torch.searchsorted(values.unique(), values)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_first_8bit_step_matches_one_process(runs, stage):
+    """One step from fresh state, where agreement is principled rather than chaotic.
+
+    Step 1 starts from zero moments (zero codes dequantise to exactly 0) and the update is
+    computed from the float moments before they are stored as codes, so the step-1 weights
+    never see a code: ZeRO, one-process 8-bit and one-process fp32 must agree to summation
+    order (fp32 level; the 20-step fp32 runs stay within 1e-4).
+
+    The stored codes are then checked against the one-process fp32 moments of that same step
+    (the exact values the codes quantise) re-quantised on the run's own block grid. A dense
+    run's blocks start at the run's first element, not on the whole tensor's 256-element grid
+    (another issue moves them), so the run's grid is the only one its codes can be held to;
+    projected moments live whole on their owner, on one process's grid. On its own grid each
+    code may differ only where the value sits within summation noise of a code boundary, and
+    then by one code: a tolerance of one code step, and never more. In this model the 8-bit
+    moments are those of the embedding and lm_head runs (the low-rank moments, 6 x 91 at most,
+    stay float below MIN_8BIT_NUMEL) and their runs happen to start on block boundaries; the
+    check does not rely on either.
+    """
+    weights = [r[f"zero{stage}-8bit-step1"]["weights"] for r in runs["results"]]
+    eight, fp32 = runs["8bit-step1"]["weights"], runs["step1"]["weights"]
+    error = _rel(weights[0], eight)
+    print(f"zero{stage} 8-bit step 1: weights {error:.2e} from one process 8-bit")
+    assert error < ONE_STEP_TOLERANCE
+    assert _rel(eight, fp32) < ONE_STEP_TOLERANCE
+    assert torch.equal(weights[0], weights[1])
+    moved = _rel(eight, torch.cat([p.reshape(-1) for p in _model().parameters()]))
+    assert moved > 100 * ONE_STEP_TOLERANCE  # the step is big enough for the bound to bite
+
+    from gnlorp_dist.optim.quantized import BLOCK_SIZE, MOMENT_KEYS, quantize_8bit
+
+    reference = _named_state(runs["step1"]["optimizer"])
+    one_process_8bit = _named_state(runs["8bit-step1"]["optimizer"])
+    checked = {"dense": 0, "projected": 0, "off-grid runs": 0}
+    elements = flipped = 0
+    for result in runs["results"]:
+        for name, state in result[f"zero{stage}-8bit-step1"]["state"].items():
+            for key in MOMENT_KEYS:
+                if f"{key}_absmax" not in state:
+                    continue  # float moments (small tensors), or held by the other rank
+                signed = key == "exp_avg"
+                if "run" in state:  # on the run's grid: the exact moments, quantised there
+                    start, numel = state["run"]
+                    exact = reference[name][key].reshape(-1)[start : start + numel]
+                    codes, absmax = quantize_8bit(exact, signed=signed)
+                    checked["dense"] += 1
+                    checked["off-grid runs"] += start % BLOCK_SIZE != 0
+                else:  # same grid as one process: its codes as they are
+                    codes = one_process_8bit[name][key]
+                    absmax = one_process_8bit[name][f"{key}_absmax"]
+                    checked["projected"] += 1
+                torch.testing.assert_close(
+                    state[f"{key}_absmax"], absmax, rtol=ONE_STEP_TOLERANCE, atol=0
+                )
+                positions = _code_positions(signed)
+                steps = (positions[state[key].long()] - positions[codes.long()]).abs()
+                assert int(steps.max()) <= 1, (name, key)
+                elements += steps.numel()
+                flipped += int((steps > 0).sum())
+    print(f"zero{stage} 8-bit step 1: {checked}; {flipped} of {elements:,} codes one step off")
+    assert checked["dense"] > 0, checked
+    assert flipped <= elements // 1000  # boundary ties are rare; a systematic shift is not
 
 
 def test_zero_stages_cut_matrices_inside_rows(runs):

@@ -413,3 +413,48 @@ def test_cli_reports_user_errors_with_exit_status_2(capsys):
     )
     assert resolve(FinetuneConfig(model="roberta-base")).lr == 3e-5  # pre-trained recipe
     assert resolve(FinetuneConfig()).update_proj_gap == 50  # from-scratch recipe
+
+
+# ---------------------------------------------------------------------------------- device
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error_before_any_work(tmp_path, monkeypatch, capsys):
+    # Also on a GPU host: what is under test is the answer to torch seeing no CUDA device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "o"
+    with pytest.raises(
+        ValueError, match=r"--device cuda, but torch sees no CUDA device.*--device cpu"
+    ):
+        prepare(FinetuneConfig(**SENTIMENT, device="cuda", output_dir=str(out)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["--train-file", SENTIMENT["train_file"], "--device", "cuda", "--output-dir", str(out)]
+        )
+    assert exit_info.value.code == 2
+    assert (
+        "gnlorp-finetune: error: --device cuda, but torch sees no CUDA" in capsys.readouterr().err
+    )
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_device_cpu_trains_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "cpu"
+    args = ["--train-file", SENTIMENT["train_file"], "--validation-file"]
+    args += [SENTIMENT["validation_file"], "--device", "cpu", "--max-steps", "2"]
+    args += ["--max-train-samples", "32", "--max-eval-samples", "16", "--output-dir", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "batch 16, device cpu" in printed and "TF32" not in printed
+    done = next(line for line in printed.splitlines() if line.startswith("done:"))
+    assert "samples/s training)" in done and "GPU" not in done
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["steps"] == 2 and record["config"]["device"] == "cpu"
+    assert "gpu_memory" not in record  # peak memory is a GPU figure
+    assert record["merged_max_abs_logit_diff"] < 1e-4  # the reload check ran on the CPU too
+
+
+def test_no_tf32_flag():
+    from gnlorp_dist.finetune.config import config_from_args
+
+    assert config_from_args([]).tf32 is True
+    assert config_from_args(["--no-tf32"]).tf32 is False
