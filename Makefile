@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 NPROC ?= 2
 TRAIN_ARGS ?=
 
-.PHONY: setup train test test-fast lint format bench finetune clean
+.PHONY: setup train test test-fast lint format bench gpu-check finetune clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ bench: setup
 	$(BIN)/python benchmarks/memory_estimator.py
 	$(BIN)/python benchmarks/deepspeed_zero.py
 	$(BIN)/python benchmarks/compare.py
+
+# On a machine with one CUDA GPU: GPU tests, GPU benchmarks, the 7B recipe, DeepSpeed (< 8 min).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 # Fine-tune the small local example (sequence classification) and save a merged model.
 finetune: setup

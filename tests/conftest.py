@@ -17,3 +17,17 @@ def offline_shared_cache(tmp_path_factory):
         mp.setenv("GNLORP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gnlorp-cache"))
         mp.setattr(socket.socket, "connect", refuse)
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``gpu``-marked tests where torch sees no CUDA device (torch imported only then)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)

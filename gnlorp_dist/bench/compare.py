@@ -23,12 +23,14 @@ from gnlorp_dist.bench.report import (
 )
 from gnlorp_dist.bench.runner import (
     MethodRun,
+    measure_cuda_memory,
     measure_memory,
     start_run,
     summarize,
     train_interleaved,
 )
 from gnlorp_dist.data import TrainData, build_data
+from gnlorp_dist.device import activate_device, to_device
 from gnlorp_dist.models import build_model_on_meta, count_parameters
 
 _SWEEP_KEYS = {"rank": "rank", "gap": "update_proj_gap"}
@@ -48,7 +50,8 @@ def _check_dependencies(methods: tuple[str, ...], tensorboard: bool) -> None:
         tensorboard_writer_class()
 
 
-def _data(config: BenchConfig) -> tuple[TrainData, list[Tensor]]:
+def _data(config: BenchConfig) -> tuple[TrainData, list[Tensor], Tensor]:
+    """The data, the batches of every step and the held-out blocks, on the run's device."""
     data = build_data(
         data=config.data,
         tokenizer=config.tokenizer,
@@ -56,8 +59,11 @@ def _data(config: BenchConfig) -> tuple[TrainData, list[Tensor]]:
         global_batch=config.batch_size,
         seed=config.seed,
     )
-    # Drawn once: every method trains on exactly these batches, in this order.
-    return data, [data.train.next_batch() for _ in range(config.steps)]
+    device = torch.device(config.device)
+    # Drawn once: every method trains on exactly these batches, in this order. Moved to the
+    # device up front, so no step's time includes a host-to-device copy.
+    batches = [to_device(data.train.next_batch(), device) for _ in range(config.steps)]
+    return data, batches, to_device(data.eval_blocks, device)
 
 
 def _logger(config: BenchConfig, stem: str) -> RunLogger:
@@ -67,12 +73,19 @@ def _logger(config: BenchConfig, stem: str) -> RunLogger:
 
 
 def _settings(config: BenchConfig, llama: Any, data: TrainData) -> dict[str, Any]:
-    return {
+    settings = {
         **dataclasses.asdict(config),
         "num_parameters": count_parameters(build_model_on_meta(llama)),
         "data_description": data.description,
         "tokens_per_step": config.batch_size * config.seq_len,
     }
+    if _on_cuda(config):
+        settings["gpu"] = torch.cuda.get_device_name(torch.device(config.device))
+    return settings
+
+
+def _on_cuda(config: BenchConfig) -> bool:
+    return torch.device(config.device).type == "cuda"
 
 
 def _start(config: BenchConfig, llama: Any, label: str, method: str, **override: int) -> MethodRun:
@@ -85,6 +98,7 @@ def _start(config: BenchConfig, llama: Any, label: str, method: str, **override:
         warmup_steps=int(config.warmup_steps or 0),
         steps=config.steps,
         min_lr_ratio=config.min_lr_ratio,
+        device=config.device,
     )
 
 
@@ -95,6 +109,11 @@ def _header(config: BenchConfig, llama: Any, data: TrainData, logger: RunLogger)
         f"({count_parameters(build_model_on_meta(llama)):,} parameters), {config.steps} steps of "
         f"{config.batch_size} x {config.seq_len} tokens, seed {config.seed}, "
         f"{torch.get_num_threads()} threads"
+        + (
+            f", on {config.device} ({torch.cuda.get_device_name(config.device)})"
+            if _on_cuda(config)
+            else ""
+        )
     )
     logger.line(f"data: {data.description}")
     logger.line(
@@ -110,7 +129,7 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
     """Train every method of ``config``, measure them, write table, JSON, log and plots."""
     out = Path(config.output_dir)
     started = time.perf_counter()
-    data, batches = _data(config)
+    data, batches, eval_blocks = _data(config)
     logger = _logger(config, "compare")
     try:
         _header(config, llama, data, logger)
@@ -123,10 +142,20 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
         results = {}
         for run in runs:
             result = summarize(
-                run, data.eval_blocks, config.batch_size, config.eval_batches, config.loss_window
+                run, eval_blocks, config.batch_size, config.eval_batches, config.loss_window
             )
             del run.setup.model, run.setup.optimizer  # free before the next memory probe
-            if config.measure_memory:
+            if config.measure_memory and _on_cuda(config):
+                result["memory"] = measure_cuda_memory(
+                    result["method"],
+                    llama,
+                    run.hp,
+                    seed=config.seed,
+                    batch=batches[0],
+                    grad_clip=config.grad_clip,
+                    device=torch.device(config.device),
+                )
+            elif config.measure_memory:
                 result["memory"] = measure_memory(
                     result["method"],
                     llama,
@@ -142,7 +171,7 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
             f"{time.perf_counter() - started:.1f} s"
         )
         payload = _comparison_payload(config, llama, data, results)
-        table = comparison_table(results, config.loss_window)
+        table = comparison_table(results, config.loss_window, cuda=_on_cuda(config))
         summary = _comparison_notes(payload)
         logger.line("\n" + table + ("\n\n" + "\n".join(summary) if summary else ""))
     finally:
@@ -160,7 +189,11 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
             results, f"Train loss vs time: {title}", out / "loss_vs_time.png", wall_time=True
         ),
     }
-    if config.measure_memory:
+    if config.measure_memory and _on_cuda(config):
+        files["memory"] = plots.cuda_memory_bars(
+            results, f"Peak GPU memory ({config.device}): {title}", out / "memory.png"
+        )
+    elif config.measure_memory:
         files["memory"] = plots.memory_bars(
             results, f"Peak live memory of one step: {title}", out / "memory.png"
         )
@@ -188,6 +221,8 @@ def _comparison_payload(
             result["time_ratio_to_adamw"] = (
                 result["step_time"]["mean_s"] / base["step_time"]["mean_s"]
             )
+    if _on_cuda(config):
+        _add_gpu_ratios(results, config.batch_size * config.seq_len)
     checks: dict[str, Any] = {}
     if "galore" in results and "galore-torch" in results:
         checks["galore_vs_galore_torch_max_rel_loss_diff"] = max_relative_difference(
@@ -212,6 +247,21 @@ def _comparison_payload(
         "checks": checks,
         "methods": results,
     }
+
+
+def _add_gpu_ratios(results: dict[str, dict[str, Any]], tokens_per_step: int) -> None:
+    """Tokens/s (mean step time, first step excluded) and peak GPU memory of every method, and
+    both as ratios to adamw's in the same run (absent without an adamw row)."""
+    for result in results.values():
+        result["tokens_per_s"] = tokens_per_step / result["step_time"]["mean_s"]
+    base = results.get("adamw")
+    if base is None:
+        return
+    for result in results.values():
+        result["tokens_per_s_ratio_to_adamw"] = result["tokens_per_s"] / base["tokens_per_s"]
+        memory, base_memory = result.get("memory"), base.get("memory")
+        if memory and base_memory:
+            result["peak_memory_ratio_to_adamw"] = memory["peak_bytes"] / base_memory["peak_bytes"]
 
 
 def _comparison_notes(payload: dict[str, Any]) -> list[str]:
@@ -239,7 +289,7 @@ def run_sweep(config: BenchConfig, llama: Any) -> dict[str, Any]:
     assert config.sweep is not None and config.sweep_values is not None
     out, name = Path(config.output_dir), config.sweep
     stem = f"sweep_{name}"
-    data, batches = _data(config)
+    data, batches, eval_blocks = _data(config)
     logger = _logger(config, stem)
     try:
         _header(config, llama, data, logger)
@@ -254,7 +304,7 @@ def run_sweep(config: BenchConfig, llama: Any) -> dict[str, Any]:
         results = {}
         for run in runs:
             result = summarize(
-                run, data.eval_blocks, config.batch_size, config.eval_batches, config.loss_window
+                run, eval_blocks, config.batch_size, config.eval_batches, config.loss_window
             )
             result["sweep_value"] = values[run.label]
             results[run.label] = result
@@ -295,6 +345,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
     _check_dependencies(
         config.sweep_methods if config.sweep else config.methods, config.tensorboard
     )
+    activate_device(torch.device(config.device))  # before the first allocation on a GPU
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:

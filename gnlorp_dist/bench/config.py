@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig
 
+from gnlorp_dist.device import resolve_device
 from gnlorp_dist.models import ModelSpec, known_model_names, llama_config, recipe_for_config
 
 METHODS: tuple[str, ...] = (
@@ -116,6 +117,11 @@ class BenchConfig:
     """Also write TensorBoard events under OUTPUT_DIR/tensorboard/ (needs tensorboard)."""
     log_every: int = 10
     """Write one log line per method every this many steps."""
+    device: str = "auto"
+    """Where every method trains: auto (cuda:<LOCAL_RANK> when torch sees a GPU, else the CPU),
+    cpu, or cuda (an error without a GPU). On a GPU the report adds each method's peak GPU
+    memory (torch.cuda.max_memory_allocated over two fresh steps) and tokens/s, both as ratios
+    to adamw."""
     threads: int = 1
     """torch intra-op threads. One by default: on a machine whose cores other processes share,
     OpenMP threads spin-wait for each other and a 2-thread step was measured up to 6x slower
@@ -231,6 +237,9 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
         )
     recipe = recipe_for_config(llama)
     _check_ranks(config, llama)
+    # Last, so that a bad --device is reported after the other mistakes, and resolved once: the
+    # run then holds a concrete device ("cpu", "cuda:0"), recorded as such in the JSON.
+    device = resolve_device(config.device)
     resolved = dataclasses.replace(
         config,
         methods=tuple(config.methods),
@@ -248,6 +257,7 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
             config.warmup_steps if config.warmup_steps is not None else config.steps // 10
         ),
         output_dir=str(Path(config.output_dir)),
+        device=str(device),
     )
     return resolved, llama, recipe
 

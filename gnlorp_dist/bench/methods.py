@@ -207,11 +207,20 @@ BUILDERS = {
 assert tuple(BUILDERS) == METHODS
 
 
-def build_method(method: str, llama: LlamaConfig, hp: Hyper, seed: int) -> MethodSetup:
-    """``method``'s model (fresh from ``seed``) and optimizer; ValueError for an unknown name."""
+def build_method(
+    method: str,
+    llama: LlamaConfig,
+    hp: Hyper,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> MethodSetup:
+    """``method``'s model (fresh from ``seed``) and optimizer on ``device``; ValueError for an
+    unknown name."""
     if method not in BUILDERS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    model = build_model(llama, dtype=torch.float32, seed=seed)
+    # Initialised on the CPU, then moved: the same weights on every device for the same seed,
+    # and the optimizer (built next) sees the parameters where they train.
+    model = build_model(llama, dtype=torch.float32, seed=seed).to(device)
     # Adapter initialisation (LoRA's A) draws from the global generator: same seed, same draw.
     torch.manual_seed(seed)
     model, optimizer, peak_lr = BUILDERS[method](model, hp)

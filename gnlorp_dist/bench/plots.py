@@ -80,6 +80,19 @@ def memory_bars(results: dict[str, dict[str, Any]], title: str, path: Path) -> P
     return _save(fig, path)
 
 
+def cuda_memory_bars(results: dict[str, dict[str, Any]], title: str, path: Path) -> Path:
+    """One bar per method: its peak GPU memory (``torch.cuda.max_memory_allocated``, MiB)."""
+    labels = [k for k, r in results.items() if r.get("memory")]
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    ax.bar(labels, [results[k]["memory"]["peak_bytes"] / MIB for k in labels], color="C0")
+    ax.set_ylabel("peak GPU memory allocated (MiB)")
+    ax.set_xlabel("method")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def sweep_plot(
     points: dict[str, list[tuple[int, float]]], setting: str, title: str, path: Path
 ) -> Path:

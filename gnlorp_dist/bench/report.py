@@ -42,39 +42,46 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, fmt)
 
 
-def comparison_table(results: dict[str, dict[str, Any]], loss_window: int) -> str:
-    """One row per method: final loss, perplexity, state bytes, peak memory, time vs AdamW."""
+def comparison_table(
+    results: dict[str, dict[str, Any]], loss_window: int, cuda: bool = False
+) -> str:
+    """One row per method: final loss, perplexity, state bytes, peak memory, time vs AdamW;
+    with ``cuda`` the peak is the GPU's (allocated) and tokens/s and peak memory are also given
+    as ratios to AdamW."""
     base = results.get("adamw")
     rows = []
     for label, r in results.items():
         memory = r.get("memory")
         states = r["optimizer_state_bytes"]
         ratio = r.get("time_ratio_to_adamw")
-        rows.append(
-            [
-                label,
-                _num(r["final_train_loss"], ".4f"),
-                _num(r["eval_perplexity"], ".2f"),
-                f"{states / MIB:.2f}",
-                f"{states / base['optimizer_state_bytes']:.3f}" if base else "-",
-                f"{r['target_state_bytes'] / MIB:.3f}",
-                "-" if not memory else f"{memory['peak_bytes'] / MIB:.1f}",
-                _num(ratio, ".3f"),
+        row = [
+            label,
+            _num(r["final_train_loss"], ".4f"),
+            _num(r["eval_perplexity"], ".2f"),
+            f"{states / MIB:.2f}",
+            f"{states / base['optimizer_state_bytes']:.3f}" if base else "-",
+            f"{r['target_state_bytes'] / MIB:.3f}",
+            "-" if not memory else f"{memory['peak_bytes'] / MIB:.1f}",
+        ]
+        if cuda:
+            row += [
+                _num(r.get("peak_memory_ratio_to_adamw"), ".3f"),
+                _num(r.get("tokens_per_s"), ",.0f"),
+                _num(r.get("tokens_per_s_ratio_to_adamw"), ".3f"),
             ]
-        )
-    return format_table(
-        [
-            "method",
-            f"train loss (last {loss_window})",
-            "eval ppl",
-            "opt. state MiB",
-            "x adamw",
-            "targets' state MiB",
-            "peak MiB",
-            "time/step x adamw",
-        ],
-        rows,
-    )
+        rows.append(row + [_num(ratio, ".3f")])
+    headers = [
+        "method",
+        f"train loss (last {loss_window})",
+        "eval ppl",
+        "opt. state MiB",
+        "x adamw",
+        "targets' state MiB",
+        "peak GPU MiB" if cuda else "peak MiB",
+    ]
+    if cuda:
+        headers += ["peak x adamw", "tokens/s", "tokens/s x adamw"]
+    return format_table(headers + ["time/step x adamw"], rows)
 
 
 def sweep_table(results: dict[str, dict[str, Any]], setting: str, loss_window: int) -> str:

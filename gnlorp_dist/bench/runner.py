@@ -7,6 +7,7 @@ taken in the same conditions. Each method sees exactly the same batches, in the 
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -27,6 +28,7 @@ from gnlorp_dist.bench.methods import (
     state_bytes,
     target_state_bytes,
 )
+from gnlorp_dist.device import memory_stats
 from gnlorp_dist.evaluation import evaluate
 from gnlorp_dist.memory import measure_training_step
 from gnlorp_dist.schedule import warmup_cosine_schedule
@@ -59,9 +61,11 @@ def start_run(
     warmup_steps: int,
     steps: int,
     min_lr_ratio: float,
+    device: torch.device | str = "cpu",
 ) -> MethodRun:
-    """A fresh model and optimizer for ``method`` with the shared warmup + cosine schedule."""
-    setup = build_method(method, llama, hp, seed)
+    """A fresh model and optimizer for ``method`` on ``device`` with the shared warmup + cosine
+    schedule."""
+    setup = build_method(method, llama, hp, seed, device)
     scheduler = warmup_cosine_schedule(setup.optimizer, warmup_steps, steps, min_lr_ratio)
     return MethodRun(label=label, setup=setup, hp=hp, scheduler=scheduler)
 
@@ -69,17 +73,22 @@ def start_run(
 def train_interleaved(
     runs: list[MethodRun], batches: list[Tensor], grad_clip: float, logger: RunLogger
 ) -> None:
-    """One optimizer step per batch for every run, the runs taking turns, the order rotating."""
+    """One optimizer step per batch for every run, the runs taking turns, the order rotating.
+
+    On a GPU each step is timed between two synchronisations: kernels run asynchronously, and
+    without them a step's time would land on whichever later call waits for the GPU."""
     total = len(batches)
     for index, batch in enumerate(batches):
         shift = index % len(runs)
         for run in runs[shift:] + runs[:shift]:
             if run.diverged_at is not None:
                 continue
+            _synchronize(batch.device)
             started = time.perf_counter()
             stats = train_step(
                 run.setup.model, run.setup.optimizer, run.scheduler, [batch], grad_clip
             )
+            _synchronize(batch.device)
             run.step_s.append(time.perf_counter() - started)
             run.losses.append(stats.loss)
             run.lrs.append(stats.lr)
@@ -89,6 +98,11 @@ def train_interleaved(
         for run in runs:
             if run.diverged_at is None:
                 logger.step(run.label, index + 1, total, run.losses, run.step_s, run.lrs[-1])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _mean(values: list[float]) -> float:
@@ -154,6 +168,48 @@ def measure_memory(
             setup.model, setup.optimizer, batch, warmup_steps=0, max_grad_norm=grad_clip
         )
     return measured.as_dict()
+
+
+CUDA_PROBE_STEPS = 2
+"""Steps of the GPU memory probe: step 0 creates the states and refreshes every subspace (the
+SVD workspace), step 1 is a steady step; a run's peak is the larger of the two."""
+
+
+def measure_cuda_memory(
+    method: str,
+    llama: LlamaConfig,
+    hp: Hyper,
+    *,
+    seed: int,
+    batch: Tensor,
+    grad_clip: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Peak GPU bytes of ``method`` training: a fresh copy on ``device``, built and stepped
+    :data:`CUDA_PROBE_STEPS` times after ``torch.cuda.reset_peak_memory_stats``.
+
+    ``peak_bytes`` is ``max_memory_allocated`` minus what was allocated before the probe (other
+    methods' models, the batches), so each method is charged for its own model, gradients,
+    optimizer states and activations only; ``max_memory_allocated``/``max_memory_reserved`` are
+    the allocator's raw figures.
+    """
+    gc.collect()  # the previous probe's model and optimizer, freed before the baseline
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    setup = build_method(method, llama, hp, seed, device)
+    for _ in range(CUDA_PROBE_STEPS):
+        train_step(setup.model, setup.optimizer, _NoSchedule(), [batch], grad_clip)
+    torch.cuda.synchronize(device)
+    stats = memory_stats(device)
+    del setup
+    return {
+        "peak_bytes": stats["max_memory_allocated"] - baseline,
+        "baseline_bytes": baseline,
+        **stats,
+        "probe_steps": CUDA_PROBE_STEPS,
+    }
 
 
 class _NoSchedule:

@@ -43,7 +43,8 @@ def tiny_args(tiny, out, *extra):
         "--model-config", str(tiny / "tiny.json"), "--data", str(tiny / "text.txt"),
         "--seq-len", "32", "--batch-size", "2", "--steps", str(STEPS), "--rank", "4",
         "--update-proj-gap", "2", "--eval-batches", "1", "--loss-window", "2",
-        "--log-every", "2", "--threads", "1", "--output-dir", str(out), *extra,
+        "--log-every", "2", "--threads", "1", "--output-dir", str(out), "--device", "cpu",
+        *extra,
     ]  # fmt: skip
 
 
@@ -92,6 +93,8 @@ def test_table_json_log_and_pngs_are_written(comparison):
             memory["peak_bytes"] > 0 and sum(memory["breakdown"].values()) == memory["peak_bytes"]
         )
     assert payload["methods"]["adamw"]["time_ratio_to_adamw"] == 1.0
+    assert payload["settings"]["device"] == "cpu" and "gpu" not in payload["settings"]
+    assert "tokens_per_s" not in payload["methods"]["adamw"]  # GPU-only columns stay off
     assert table.splitlines()[0] in stdout  # the table is printed
     # one log line per method per interval (steps 2, 4 and the last step 5)
     log = (out / "compare.log").read_text().splitlines()
@@ -157,6 +160,24 @@ def test_bad_input_is_a_clear_error_naming_the_value(tmp_path, capsys, argv, nam
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_device_cuda_without_a_gpu_exits_2_naming_the_flag(tmp_path, capsys, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU host, even on a GPU one
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", device, "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}, but torch sees no CUDA device" in err and "--device cpu" in err
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_device_is_resolved_and_recorded():
+    config, _, _ = resolve(BenchConfig(device="cpu"))
+    assert config.device == "cpu"
+    with pytest.raises(ValueError, match="--device 'tpu'"):
+        resolve(BenchConfig(device="tpu"))
 
 
 def test_bad_config_raises_value_error_naming_the_value():
