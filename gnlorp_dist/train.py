@@ -10,30 +10,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
-from transformers import LlamaConfig
 from transformers.utils import logging as hf_logging
 
 from gnlorp_dist.checkpoint import (
-    check_compatible,
-    latest_checkpoint,
-    load_checkpoint,
-    read_run_config,
     save_checkpoint,
     save_merged_model,
 )
-from gnlorp_dist.data import TrainData, build_data
 from gnlorp_dist.device import (
     activate_device,
     describe_memory,
@@ -45,26 +35,37 @@ from gnlorp_dist.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
     init_distributed,
-    wrap_for_data_parallel,
 )
 from gnlorp_dist.evaluation import evaluate, merged_logit_difference
 from gnlorp_dist.integrations.deepspeed import training as ds_training
-from gnlorp_dist.models import build_model, count_parameters
-from gnlorp_dist.nn import apply_weight_norm, merge_weight_norm
-from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
+from gnlorp_dist.models import count_parameters
+from gnlorp_dist.nn import merge_weight_norm
 from gnlorp_dist.run_config import (
-    RESUME_MUST_MATCH,
     RunConfig,
     build_parser,
     config_from_namespace,
     config_record,
-    resolve,
 )
-from gnlorp_dist.schedule import warmup_cosine_schedule
+from gnlorp_dist.run_setup import (
+    Run,
+    build_optimizer,
+    build_train_data,
+    build_training_model,
+    find_resume_checkpoint,
+    log,
+    prepare,
+    seed_everything,
+    set_log_rank,
+)
 from gnlorp_dist.steps import StepStats, train_step
 
 __all__ = [
     "Run",
+    "build_optimizer",
+    "build_train_data",
+    "build_training_model",
+    "find_resume_checkpoint",
+    "seed_everything",
     "StepStats",
     "TrainResult",
     "main",
@@ -74,213 +75,8 @@ __all__ = [
     "train_step",
 ]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Called after every optimizer step with (step, checkpoint folder saved at that step or None).
 StepCallback = Callable[[int, Path | None], None]
-
-
-_LOG_RANK = [0]
-
-
-def log(message: str) -> None:
-    """A plain log line on stdout (rank 0 only) that does not break the progress bar."""
-    if _LOG_RANK[0] != 0:
-        return
-    tqdm.write(message, file=sys.stdout)
-    sys.stdout.flush()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------- building
-
-
-def build_training_model(
-    config: RunConfig, llama: LlamaConfig, device: torch.device | str = "cpu"
-) -> nn.Module:
-    """The model as it trains, on ``device``: weight-normalised targets for gradnormlorp,
-    plain otherwise."""
-    # Under DeepSpeed the model starts in fp32 on the host: the engine moves it to its device,
-    # and its bf16 mode casts it and keeps fp32 masters.
-    dtype = torch.float32 if config.deepspeed else _DTYPES[config.dtype]
-    device = "cpu" if config.deepspeed else device
-    model = build_model(llama, dtype=dtype, seed=config.seed, device=device)
-    if config.optimizer == "gradnormlorp":
-        apply_weight_norm(model, lora_rank=config.lora_rank, detach_norm=config.detach_norm)
-    if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-def build_optimizer(
-    config: RunConfig, model: nn.Module, context: DistributedContext = SINGLE_PROCESS
-) -> torch.optim.Optimizer:
-    """Projected AdamW (gradnormlorp, galore) or torch's AdamW over every trainable parameter.
-
-    With several processes the projected optimizer shards its state over them; torch's AdamW
-    (the baseline) is replicated, as under plain DDP."""
-    if config.optimizer == "adamw":
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(
-            params, lr=config.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=config.weight_decay
-        )
-    groups = projected_param_groups(
-        model, config.rank, config.update_proj_gap, config.scale, config.proj_type
-    )
-    return GradNormLoRPAdamW(
-        groups,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        bits=config.bits,
-        communicator=context.communicator,
-        reduce_gradients=context.world_size > 1 and config.grad_reduction == "owners",
-    )
-
-
-def build_train_data(config: RunConfig, rank: int = 0, world_size: int = 1) -> TrainData:
-    return build_data(
-        data=config.data,
-        data_config=config.data_config,
-        text_field=config.text_field,
-        tokenizer=config.tokenizer,
-        seq_len=config.seq_len,
-        eval_fraction=config.eval_fraction,
-        global_batch=config.batch_size * config.grad_accum * world_size,
-        seed=config.seed,
-        rank=rank,
-        world_size=world_size,
-        stream_eval_blocks=(config.eval_batches or 16) * config.batch_size,
-    )
-
-
-@dataclass(kw_only=True)
-class Run:
-    """Everything a training loop holds, built (and resumed) by :func:`prepare`."""
-
-    config: RunConfig
-    """The resolved configuration (recipe defaults filled in)."""
-    llama: LlamaConfig
-    """The model's transformers config."""
-    model: nn.Module
-    """The model itself (evaluated, saved and merged)."""
-    forward_model: nn.Module
-    """What the training step calls: ``model``, or its DDP wrapper."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    data: TrainData
-    context: DistributedContext = SINGLE_PROCESS
-    """This process's place in the job."""
-    device: torch.device = torch.device("cpu")
-    """Where the model, the batches and the optimizer state live (the engine's under
-    DeepSpeed)."""
-    per_layer: PerLayerUpdates | None = None
-    """Set when --per-layer: the backward pass steps the optimizer."""
-    engine: Any = None
-    """The DeepSpeed engine when --deepspeed (it steps the optimizer and saves checkpoints)."""
-    start_step: int = 0
-    """Optimizer steps already done (from the checkpoint resumed, else 0)."""
-    resumed_from: Path | None = None
-
-
-def find_resume_checkpoint(config: RunConfig) -> Path | None:
-    newest = latest_checkpoint(config.output_dir)
-    if config.resume == "auto":
-        return newest
-    if config.resume == "never":
-        if newest is not None:
-            raise ValueError(
-                f"--resume never, but {config.output_dir!r} already holds checkpoints "
-                f"(newest {newest.name}); use --resume auto or another --output-dir"
-            )
-        return None
-    path = Path(config.resume)
-    # A run's output folder stands for its newest checkpoint.
-    return latest_checkpoint(path) or path
-
-
-def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> Run:
-    """Resolve ``config``, build model, optimizer, schedule and data, and resume if asked.
-
-    User mistakes raise ValueError before any training happens.
-    """
-    if config.deepspeed is None:
-        config = dataclasses.replace(config, deepspeed=ds_training.accelerate_config_file())
-    config, llama = resolve(config)
-    device = resolve_device(config.device, context.local_rank)
-    if context.world_size > 1 and device != context.device:
-        raise ValueError(
-            f"--device {config.device} means {device} for local rank {context.local_rank}, but "
-            f"the job's process group was set up for {context.device}; pass the same --device "
-            "to init_distributed"
-        )
-    # Before anything allocates on the GPU: otherwise every rank leaves a context on GPU 0.
-    activate_device(device, tf32=config.tf32)
-    if context.world_size > 1 and config.per_layer and config.grad_reduction != "owners":
-        raise ValueError(
-            f"--per-layer with {context.world_size} processes needs --grad-reduction owners: the "
-            "hooks reduce each gradient to its owner themselves, and DDP would reduce it again"
-        )
-    if context.world_size > 1 and config.grad_reduction == "owners":
-        if config.optimizer == "adamw" or config.grad_clip > 0:
-            raise ValueError(
-                "--grad-reduction owners needs a projected optimizer and --grad-clip 0 (the "
-                "gradients are only complete on their owners, after the optimizer reduced them; "
-                f"got --optimizer {config.optimizer}, --grad-clip {config.grad_clip}); use "
-                "--grad-reduction ddp"
-            )
-    seed_everything(config.seed)
-    data = build_train_data(config, context.rank, context.world_size)
-    if len(data.tokenizer) > llama.vocab_size:
-        raise ValueError(
-            f"tokenizer {config.tokenizer or 'default'!r} has {len(data.tokenizer)} tokens but the "
-            f"model's vocab_size is {llama.vocab_size}; use --model-config with a larger vocab_size"
-        )
-    model = build_training_model(config, llama, device)
-    optimizer = build_optimizer(config, model, context)
-    scheduler = warmup_cosine_schedule(
-        optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
-    )
-    run = Run(
-        config=config,
-        llama=llama,
-        model=model,
-        forward_model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        data=data,
-        context=context,
-        device=device,
-    )
-    if config.deepspeed:
-        checkpoint, client_state = ds_training.resume_point(run)
-        run.engine, _ = ds_training.start_engine(run, checkpoint)
-        run.forward_model = run.engine
-        run.device = torch.device(run.engine.device)
-        log(ds_training.describe(run.engine, context.world_size))
-        if checkpoint is not None:
-            ds_training.restore_client_state(run, client_state, checkpoint)
-        return run
-    checkpoint = find_resume_checkpoint(config)
-    if checkpoint is not None:
-        saved_config = read_run_config(checkpoint)
-        check_compatible(
-            saved_config, config_record(config, llama), RESUME_MUST_MATCH, str(checkpoint)
-        )
-        state = load_checkpoint(
-            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, device=device
-        )
-        data.train.load_state_dict(state.data_state)
-        run.start_step, run.resumed_from = state.step, checkpoint
-    run.forward_model = wrap_for_data_parallel(model, context, config.grad_reduction)
-    if config.per_layer:
-        run.per_layer = PerLayerUpdates(
-            optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip
-        )
-    return run
 
 
 # -------------------------------------------------------------------------------------- steps
@@ -554,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         activate_device(device, tf32=config.tf32)
         context = init_distributed(config.world_size, device)
-        _LOG_RANK[0] = context.rank
+        set_log_rank(context.rank)
         if context.world_size > 1:
             log(f"distributed: {context.world_size} processes ({config.grad_reduction})")
         run = prepare(config, context)

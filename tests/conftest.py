@@ -1,8 +1,11 @@
 """Fixtures shared by several test modules."""
 
+import json
 import socket
 
 import pytest
+
+from tests.tiny_llama import TINY_JSON
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +34,11 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    """Path of the tiny LLaMA's config JSON (:mod:`tests.tiny_llama`)."""
+    path = tmp_path_factory.mktemp("configs") / "tiny.json"
+    path.write_text(json.dumps(TINY_JSON))
+    return str(path)

@@ -145,24 +145,17 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
                 run, eval_blocks, config.batch_size, config.eval_batches, config.loss_window
             )
             del run.setup.model, run.setup.optimizer  # free before the next memory probe
-            if config.measure_memory and _on_cuda(config):
-                result["memory"] = measure_cuda_memory(
+            if config.measure_memory:
+                on_device = {"device": torch.device(config.device)} if _on_cuda(config) else {}
+                measure = measure_cuda_memory if on_device else measure_memory
+                result["memory"] = measure(
                     result["method"],
                     llama,
                     run.hp,
                     seed=config.seed,
                     batch=batches[0],
                     grad_clip=config.grad_clip,
-                    device=torch.device(config.device),
-                )
-            elif config.measure_memory:
-                result["memory"] = measure_memory(
-                    result["method"],
-                    llama,
-                    run.hp,
-                    seed=config.seed,
-                    batch=batches[0],
-                    grad_clip=config.grad_clip,
+                    **on_device,
                 )
             results[run.label] = result
             logger.final(run.label, _final_metrics(result))

@@ -6,6 +6,7 @@ world size runs inside ONE launch to keep the suite fast.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -35,17 +36,7 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
 
 def run_ranks(world_size: int, fn: Callable, *args: object) -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` forked ranks; raise if any fails."""
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = str(Path(tmp) / "rendezvous")
-        context = mp.start_processes(
-            _worker,
-            args=(world_size, init_file, fn, args),
-            nprocs=world_size,
-            join=False,
-            start_method="fork",
-        )
-        while not context.join(timeout=300):
-            pass
+    run_ranks_within(math.inf, world_size, fn, *args)
 
 
 def run_ranks_within(seconds: float, world_size: int, fn: Callable, *args: object) -> None:

@@ -19,29 +19,9 @@ from gnlorp_dist.nn import WeightNormLinear
 from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.run_config import RunConfig, config_from_args, resolve
 from gnlorp_dist.train import build_training_model, main, prepare, run_training, train
-
-TINY_JSON = {
-    "model_type": "llama", "vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
-}  # fmt: skip
-
+from tests.tiny_llama import tiny_args
 
 pytestmark = pytest.mark.usefixtures("offline_shared_cache")
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("configs") / "tiny.json"
-    path.write_text(json.dumps(TINY_JSON))
-    return str(path)
-
-
-def tiny_args(tiny_config, out, *extra):
-    return [
-        "--model-config", tiny_config, "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
-        "--eval-batches", "1", "--output-dir", str(out), "--no-progress", "--log-every", "1",
-        *extra,
-    ]  # fmt: skip
 
 
 def test_default_style_run_lowers_loss_and_saves_a_reloadable_merged_model(tmp_path, capsys):

@@ -32,7 +32,7 @@ from gnlorp_dist.schedule import sync_lr_to_schedule
 from gnlorp_dist.steps import StepStats
 
 if TYPE_CHECKING:
-    from gnlorp_dist.train import Run
+    from gnlorp_dist.run_setup import Run
 
 CHECKPOINT_DIR = "ds_checkpoints"
 
