@@ -141,8 +141,9 @@ def estimated_peak_bytes(run: Run) -> int | None:
         return None
     from gnlorp_dist.memory.estimator import MemoryConfig, estimate_memory  # noqa: PLC0415
 
-    estimate = estimate_memory(
-        MemoryConfig(
+    # A report line must never cost the run its final save: no estimate rather than an error.
+    try:
+        config = MemoryConfig(
             model=c.model_config or c.model,
             optimizer=c.optimizer,
             bits=c.bits,
@@ -157,8 +158,10 @@ def estimated_peak_bytes(run: Run) -> int | None:
             world_size=run.context.world_size,
             shard_states=run.context.world_size > 1 and c.optimizer != "adamw",
         )
-    )
-    return estimate.total_bytes
+        return estimate_memory(config).total_bytes
+    except ValueError as err:
+        log(f"no memory estimate for this setup: {err}")
+        return None
 
 
 def save_training_state(run: Run, step: int, loss: float) -> Path:
