@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 from gnlorp_dist.nn.weight_norm import WeightNormLinear
 
@@ -21,6 +22,17 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 """Attention and MLP projections of LLaMA-style models; lm_head and embeddings are left alone."""
 
 _MAX_NAMES_LISTED = 12
+
+_MERGED_AWAY: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+"""Parameters of layers that :func:`merge_weight_norm` took out of a model (V, m, LoRA factors):
+an optimizer still holding them would step tensors the model no longer uses."""
+
+
+def was_merged_away(param: Tensor) -> bool:
+    """Whether ``param`` belonged to a :class:`WeightNormLinear` that :func:`merge_weight_norm`
+    replaced by a plain ``nn.Linear`` (the model no longer computes with it)."""
+    # Keyed by identity: tensors compare element-wise, so a set of them cannot be searched.
+    return _MERGED_AWAY.get(id(param)) is param
 
 
 def _targeted_children(
@@ -138,7 +150,7 @@ def merge_weight_norm(model: nn.Module) -> nn.Module:
     ``nn.Linear`` (it cannot be replaced in place). A model without ``WeightNormLinear`` layers is returned as is.
     """
     if isinstance(model, WeightNormLinear):
-        return model.to_linear()
+        return model.to_linear()  # the caller still holds the layer: its parameters stay live
     to_merge = [
         (parent, name, child)
         for _, parent in model.named_modules()
@@ -149,5 +161,6 @@ def merge_weight_norm(model: nn.Module) -> nn.Module:
     for parent, name, child in to_merge:
         if id(child) not in merged:
             merged[id(child)] = child.to_linear()
+            _MERGED_AWAY.update({id(p): p for p in child.parameters()})
         setattr(parent, name, merged[id(child)])
     return model
