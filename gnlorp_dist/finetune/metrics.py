@@ -1,23 +1,27 @@
-"""GLUE metrics as pure functions of predictions and labels (no sklearn, no scipy).
+"""GLUE metrics: a thin mapping from metric name to scikit-learn / scipy, which GLUE's reference
+numbers were computed with.
 
-Conventions follow sklearn / scipy, which GLUE's reference numbers were computed with:
+- ``accuracy``: ``sklearn.metrics.accuracy_score``.
+- ``f1``: F1 of the positive class (label id 1), ``sklearn.metrics.f1_score``; 0.0 when there
+  are no true, predicted or actual positives (``zero_division=0``).
+- ``matthews``: ``sklearn.metrics.matthews_corrcoef`` (multi-class R_K; the phi coefficient for
+  two classes); 0.0 when undefined (a constant prediction or a constant truth).
+- ``pearson`` / ``spearman``: ``scipy.stats.pearsonr`` / ``spearmanr`` (average ranks for ties);
+  NaN when undefined (a constant input, fewer than two examples).
 
-- ``f1``: binary F1 of the positive class (label id 1); 0.0 when there are no true, predicted
-  or actual positives (sklearn's ``zero_division=0``).
-- ``matthews``: the multi-class Matthews correlation (Gorodkin's R_K, sklearn's
-  ``matthews_corrcoef``); equal to the binary phi coefficient for two classes; 0.0 when
-  undefined (a constant prediction or a constant truth).
-- ``pearson`` / ``spearman``: product-moment correlation; Spearman's is Pearson's on average
-  ranks (ties share the mean of the positions they occupy, scipy's ``rankdata("average")``).
-  NaN when undefined (a constant input), as scipy returns.
+Undefined cases return those values without the libraries' warnings: an evaluation on a tiny or
+degenerate split is reported in the metrics, not as a warning on every evaluation.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sk_metrics
 
 METRIC_NAMES = ("accuracy", "f1", "matthews", "pearson", "spearman")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
@@ -38,73 +42,61 @@ def _pair(
     return pred, true
 
 
+def _quietly(metric: Callable[..., float], *args: object, **kwargs: object) -> float:
+    # sklearn's UndefinedMetricWarning and scipy's ConstantInputWarning announce the 0.0 / NaN
+    # that the module docstring promises; the caller gets the value, not the warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(metric(*args, **kwargs))
+
+
 def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     """Fraction of predictions equal to their label."""
     pred, true = _pair(predictions, labels, np.int64)
-    return float(np.mean(pred == true))
+    return float(sk_metrics.accuracy_score(true, pred))
 
 
 def f1_binary(predictions: Sequence[int], labels: Sequence[int], positive: int = 1) -> float:
-    """Binary F1 of class ``positive``: ``2 TP / (2 TP + FP + FN)``."""
+    """F1 of class ``positive``: ``2 TP / (2 TP + FP + FN)``, 0.0 when that is 0 / 0."""
     pred, true = _pair(predictions, labels, np.int64)
-    tp = int(np.sum((pred == positive) & (true == positive)))
-    fp = int(np.sum((pred == positive) & (true != positive)))
-    fn = int(np.sum((pred != positive) & (true == positive)))
-    denominator = 2 * tp + fp + fn
-    return 2.0 * tp / denominator if denominator else 0.0
+    # labels=[positive] with micro averaging is the one-class F1 whatever other label ids occur;
+    # average="binary" would refuse labels with more than two classes, or without `positive`.
+    return _quietly(
+        sk_metrics.f1_score, true, pred, labels=[positive], average="micro", zero_division=0
+    )
 
 
 def matthews_corrcoef(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    """Multi-class Matthews correlation from the confusion matrix ``C`` (rows: truth)::
-
-        (c·s - Σ_k p_k t_k) / sqrt((s² - Σ_k p_k²) (s² - Σ_k t_k²))
-
-    with ``c`` correct predictions, ``s`` examples, ``p_k``/``t_k`` predicted/true counts of k.
-    """
+    """Multi-class Matthews correlation; 0.0 for a constant prediction or truth."""
     pred, true = _pair(predictions, labels, np.int64)
-    classes, encoded = np.unique(np.concatenate([true, pred]), return_inverse=True)
-    k = classes.size
-    confusion = np.zeros((k, k), dtype=np.float64)
-    np.add.at(confusion, (encoded[: true.size], encoded[true.size :]), 1.0)
-    t_k, p_k = confusion.sum(axis=1), confusion.sum(axis=0)
-    c, s = np.trace(confusion), confusion.sum()
-    cov_pred_true = c * s - p_k @ t_k
-    cov_pred = s * s - p_k @ p_k
-    cov_true = s * s - t_k @ t_k
-    if cov_pred == 0.0 or cov_true == 0.0:
-        return 0.0
-    return float(cov_pred_true / math.sqrt(cov_pred * cov_true))
+    value = _quietly(sk_metrics.matthews_corrcoef, true, pred)
+    # Older sklearn returned NaN instead of 0.0 for a constant prediction or truth.
+    return 0.0 if math.isnan(value) else value
 
 
 def pearson(predictions: Sequence[float], labels: Sequence[float]) -> float:
-    """Pearson's product-moment correlation (float64, centred first for accuracy)."""
+    """Pearson's product-moment correlation; NaN for a constant input."""
     x, y = _pair(predictions, labels, np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float(x @ x) * float(y @ y))
-    if denominator == 0.0:
+    if x.size < 2:  # scipy refuses one example; the correlation is undefined, as for constants
         return math.nan
-    # Rounding can push |r| a hair past 1 for perfectly (anti-)correlated inputs.
-    return float(np.clip((x @ y) / denominator, -1.0, 1.0))
+    value = _quietly(lambda a, b: stats.pearsonr(a, b).statistic, x, y)
+    # pearsonr normalises before its dot product, which leaves an exact linear relation a few
+    # ulps short of +-1 (0.9999999999999998); 15 decimals restore 1.0 and change no real digit.
+    return value if math.isnan(value) else round(value, 15)
 
 
 def average_ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
     """1-based ranks; tied values all get the mean of the positions they span."""
     data = np.asarray(values, dtype=np.float64).reshape(-1)
-    order = np.argsort(data, kind="stable")
-    sorted_values = data[order]
-    # A run of ties occupies positions [start, end); its members all get (start + 1 + end) / 2.
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], data.size]
-    run_ranks = (starts + 1 + ends) / 2.0
-    ranks = np.empty(data.size, dtype=np.float64)
-    ranks[order] = np.repeat(run_ranks, ends - starts)
-    return ranks
+    return stats.rankdata(data, method="average").astype(np.float64)
 
 
 def spearman(predictions: Sequence[float], labels: Sequence[float]) -> float:
-    """Spearman's rank correlation: Pearson's on tie-averaged ranks."""
+    """Spearman's rank correlation (Pearson's on tie-averaged ranks); NaN for a constant input."""
     x, y = _pair(predictions, labels, np.float64)
-    return pearson(average_ranks(x), average_ranks(y))
+    if x.size < 2:
+        return math.nan
+    return _quietly(lambda a, b: stats.spearmanr(a, b).statistic, x, y)
 
 
 METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 import weakref
 from collections.abc import Iterable
 
@@ -33,6 +34,33 @@ def was_merged_away(param: Tensor) -> bool:
     replaced by a plain ``nn.Linear`` (the model no longer computes with it)."""
     # Keyed by identity: tensors compare element-wise, so a set of them cannot be searched.
     return _MERGED_AWAY.get(id(param)) is param
+
+
+def is_peft_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT LoRA/DoRA layer (``peft.tuners.lora.LoraLayer``).
+
+    Recognised by its ``lora_A``/``lora_B`` ``nn.ModuleDict`` (one entry per adapter), so peft need
+    not be installed or imported; our own :class:`WeightNormLinear` holds its LoRA factors as
+    plain parameters and is not one."""
+    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
+        getattr(module, "lora_B", None), nn.ModuleDict
+    )
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """``model`` is a ``peft.PeftModel`` or contains PEFT LoRA layers."""
+    # A PeftModel can only exist if peft was imported, so sys.modules is enough to ask.
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, getattr(peft, "PeftModel", ())):
+        return True
+    return any(is_peft_lora_layer(m) for m in model.modules())
+
+
+PEFT_ROUTE = (
+    "GradNormLoRP's LoRA mode is apply_weight_norm(base_model, lora_rank=r) on the plain model; "
+    "for PEFT LoRA/DoRA adapters use projected_param_groups(peft_model) with GradNormLoRPAdamW "
+    "(DoRA = weight-normalised LoRA)"
+)
 
 
 def _targeted_children(
@@ -77,13 +105,23 @@ def apply_weight_norm(
 
     Raises ``ValueError`` if nothing matches, if a matched module is not a dense ``nn.Linear``,
     if ``lora_rank`` is not in ``[1, min(out, in)]`` for every matched layer, or if the model
-    already holds ``WeightNormLinear`` layers. All checks run before any layer is replaced.
+    already holds ``WeightNormLinear`` layers, or if ``model`` is (or contains) a PEFT model: PEFT
+    LoRA/DoRA adapters are trained through ``projected_param_groups(peft_model)`` instead. All
+    checks run before any layer is replaced.
     """
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     targets = frozenset(target_modules)
     if not targets:
         raise ValueError("target_modules=() is empty; name the layers to normalise, e.g. 'q_proj'.")
+    if is_peft_model(model):
+        # PEFT's LoRA layers wrap the nn.Linear (base_layer + lora_A/lora_B dicts): swapping them
+        # would drop the adapters, and weight-normalising the base under them is not DoRA.
+        peft_layers = [n for n, m in model.named_modules() if is_peft_lora_layer(m)][:3]
+        raise ValueError(
+            f"apply_weight_norm got a PEFT model ({type(model).__name__}; PEFT LoRA layers "
+            f"{peft_layers}). {PEFT_ROUTE}."
+        )
     already = [name for name, m in model.named_modules() if isinstance(m, WeightNormLinear)]
     if already:
         raise ValueError(

@@ -114,6 +114,182 @@ def test_metrics_undefined_cases_and_errors():
         accuracy([1, 0, 1], [1, 0])
 
 
+class OldMetrics:
+    """The hand-written metrics that gnlorp-finetune shipped before it used sklearn/scipy (numpy
+    only), kept verbatim as the reference the library's values must still agree with."""
+
+    @staticmethod
+    def _pair(predictions, labels, dtype):
+        pred = np.asarray(predictions, dtype=dtype).reshape(-1)
+        true = np.asarray(labels, dtype=dtype).reshape(-1)
+        return pred, true
+
+    @classmethod
+    def accuracy(cls, predictions, labels):
+        pred, true = cls._pair(predictions, labels, np.int64)
+        return float(np.mean(pred == true))
+
+    @classmethod
+    def f1_binary(cls, predictions, labels, positive=1):
+        pred, true = cls._pair(predictions, labels, np.int64)
+        tp = int(np.sum((pred == positive) & (true == positive)))
+        fp = int(np.sum((pred == positive) & (true != positive)))
+        fn = int(np.sum((pred != positive) & (true == positive)))
+        denominator = 2 * tp + fp + fn
+        return 2.0 * tp / denominator if denominator else 0.0
+
+    @classmethod
+    def matthews_corrcoef(cls, predictions, labels):
+        pred, true = cls._pair(predictions, labels, np.int64)
+        classes, encoded = np.unique(np.concatenate([true, pred]), return_inverse=True)
+        k = classes.size
+        confusion = np.zeros((k, k), dtype=np.float64)
+        np.add.at(confusion, (encoded[: true.size], encoded[true.size :]), 1.0)
+        t_k, p_k = confusion.sum(axis=1), confusion.sum(axis=0)
+        c, s = np.trace(confusion), confusion.sum()
+        cov_pred_true = c * s - p_k @ t_k
+        cov_pred = s * s - p_k @ p_k
+        cov_true = s * s - t_k @ t_k
+        if cov_pred == 0.0 or cov_true == 0.0:
+            return 0.0
+        return float(cov_pred_true / math.sqrt(cov_pred * cov_true))
+
+    @classmethod
+    def pearson(cls, predictions, labels):
+        x, y = cls._pair(predictions, labels, np.float64)
+        x, y = x - x.mean(), y - y.mean()
+        denominator = math.sqrt(float(x @ x) * float(y @ y))
+        if denominator == 0.0:
+            return math.nan
+        return float(np.clip((x @ y) / denominator, -1.0, 1.0))
+
+    @staticmethod
+    def average_ranks(values):
+        data = np.asarray(values, dtype=np.float64).reshape(-1)
+        order = np.argsort(data, kind="stable")
+        sorted_values = data[order]
+        starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+        ends = np.r_[starts[1:], data.size]
+        run_ranks = (starts + 1 + ends) / 2.0
+        ranks = np.empty(data.size, dtype=np.float64)
+        ranks[order] = np.repeat(run_ranks, ends - starts)
+        return ranks
+
+    @classmethod
+    def spearman(cls, predictions, labels):
+        x, y = cls._pair(predictions, labels, np.float64)
+        return cls.pearson(cls.average_ranks(x), cls.average_ranks(y))
+
+
+NEW_METRICS = {
+    "accuracy": accuracy,
+    "f1_binary": f1_binary,
+    "matthews_corrcoef": matthews_corrcoef,
+    "pearson": pearson,
+    "spearman": spearman,
+}
+
+
+def _assert_agree_with_old(name, pred, true):
+    new, old = NEW_METRICS[name](pred, true), getattr(OldMetrics, name)(pred, true)
+    assert type(new) is float
+    if math.isnan(old):
+        assert math.isnan(new), (name, pred, true, new)
+    else:
+        assert new == pytest.approx(old, rel=1e-12, abs=1e-12), (name, pred, true, new, old)
+
+
+def _classification_cases(rng):
+    """(pred, true) pairs: binary and 3/5-class, balanced and skewed, constant, no positives,
+    one example, labels that skip ids."""
+    cases = []
+    for n in (1, 2, 3, 7, 50, 500):
+        for k in (2, 3, 5):
+            true = rng.integers(0, k, n)
+            pred = np.where(rng.random(n) < rng.random(), true, rng.integers(0, k, n))
+            cases.append((pred, true))
+        cases.append((np.zeros(n, int), rng.integers(0, 2, n)))  # constant prediction
+        cases.append((rng.integers(0, 2, n), np.ones(n, int)))  # constant truth
+        cases.append((np.zeros(n, int), np.zeros(n, int)))  # no positives anywhere
+        cases.append((rng.choice([0, 2, 7], n), rng.choice([0, 2, 7], n)))  # ids 1 absent
+    return cases
+
+
+def _regression_cases(rng):
+    """(pred, true) pairs: continuous, heavily tied, constant, perfectly (anti-)correlated,
+    one and two examples."""
+    cases = [([1.0], [2.0]), ([1.0, 2.0], [3.0, 1.0]), ([1, 1, 1], [1, 2, 3])]
+    for n in (3, 10, 100, 1000):
+        x = rng.normal(size=n)
+        cases += [
+            (x, x + rng.normal(scale=rng.random() * 2, size=n)),
+            (np.round(x, 1), np.round(x + rng.normal(size=n), 0)),  # many ties
+            (x, 2 * x + 1),
+            (x, -3 * x),
+            (np.full(n, 0.5), x),
+            (rng.integers(0, 3, n).astype(float), rng.integers(0, 3, n).astype(float)),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_agree_with_the_previous_hand_written_ones_on_random_inputs(seed):
+    rng = np.random.default_rng(seed)
+    for pred, true in _classification_cases(rng):
+        for name in ("accuracy", "f1_binary", "matthews_corrcoef"):
+            _assert_agree_with_old(name, pred, true)
+    for pred, true in _regression_cases(rng):
+        for name in ("pearson", "spearman"):
+            _assert_agree_with_old(name, pred, true)
+        np.testing.assert_array_equal(average_ranks(pred), OldMetrics.average_ranks(pred))
+
+
+def test_metrics_agree_with_the_previous_ones_on_the_fixtures():
+    # The hand-checked inputs of the tests above.
+    fixed = [
+        ([1, 0, 1, 1], [1, 1, 1, 0]),
+        ([1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]),
+        ([1, 1, 1], [0, 1, 0]),
+        ([0, 0], [0, 0]),
+    ]
+    for pred, true in fixed:
+        for name in ("accuracy", "f1_binary", "matthews_corrcoef"):
+            _assert_agree_with_old(name, pred, true)
+    for pred, true in [
+        ([10, 9, 2.5, 6, 4], [1, 2, 3, 4, 5]),
+        ([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]),
+        ([1, 1, 1], [1, 2, 3]),
+        ([1, 2, 3], [4, 4, 4]),
+        ([1, 2, 3], [2, 4, 6]),
+    ]:
+        for name in ("pearson", "spearman"):
+            _assert_agree_with_old(name, pred, true)
+    # The example datasets' validation labels against a noisy and a constant predictor.
+    rng = np.random.default_rng(0)
+    labels = np.asarray(read_table(SENTIMENT["validation_file"])["label"], dtype=int)
+    for pred in (np.where(rng.random(labels.size) < 0.8, labels, 1 - labels), labels * 0):
+        for name in ("accuracy", "f1_binary", "matthews_corrcoef"):
+            _assert_agree_with_old(name, pred, labels)
+    scores = np.asarray(read_table(SIMILARITY["validation_file"])["score"], dtype=float)
+    for pred in (scores + rng.normal(size=scores.size), np.round(scores)):
+        for name in ("pearson", "spearman"):
+            _assert_agree_with_old(name, pred, scores)
+
+
+def test_undefined_metrics_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert matthews_corrcoef([1, 1, 1], [0, 1, 0]) == 0.0
+        assert matthews_corrcoef([0, 0, 0], [0, 0, 0]) == 0.0
+        assert f1_binary([0, 0], [0, 0]) == 0.0
+        assert f1_binary([0, 2, 0], [2, 2, 0]) == 0.0
+        assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+        assert math.isnan(spearman([1, 2, 3], [4, 4, 4]))
+        assert math.isnan(pearson([1.0], [2.0])) and math.isnan(spearman([1.0], [2.0]))
+
+
 def test_metric_choice_follows_glue_and_the_labels():
     official = {name: task.metrics for name, task in GLUE_TASKS.items()}
     assert official["cola"] == ("matthews",) and official["sst2"] == ("accuracy",)

@@ -136,3 +136,49 @@ def test_training_lowers_the_loss(use_weight_norm):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _projected_names(model, targets):
+    groups = projected_param_groups(model, 4, 5, 1.0, target_modules=targets)
+    return groups[0]["param_names"]
+
+
+def test_default_targets_are_todays_leaf_name_rule_on_a_plain_model():
+    from gnlorp_dist.nn import DEFAULT_TARGET_MODULES
+
+    model = tiny_llama()
+    leaf_rule = [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in DEFAULT_TARGET_MODULES
+    ]
+    default = projected_param_groups(model, rank=8, update_proj_gap=10, scale=0.25)
+    assert default[0]["param_names"] == leaf_rule
+    assert _projected_names(model, DEFAULT_TARGET_MODULES) == leaf_rule
+
+
+def test_targets_match_qualified_names_components_and_globs_on_a_plain_model():
+    model = tiny_llama()
+    assert _projected_names(model, ("model.layers.0.self_attn.q_proj",)) == [
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
+    # A qualified suffix, and a dotted run in the middle of the name.
+    assert _projected_names(model, ("0.self_attn.q_proj",)) == [
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
+    assert _projected_names(model, ("layers.*.q_proj",)) == [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ]
+    # A component names every Linear inside it: the 4 attention projections of both blocks.
+    attention = _projected_names(model, ("self_attn",))
+    assert len(attention) == 8 and all(".self_attn." in n for n in attention)
+    assert len(_projected_names(model, ("*_proj",))) == 14
+    assert _projected_names(model, ("layers.1.mlp",)) == [
+        f"model.layers.1.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+    # A plain string is one target, not its characters; the head is projected only if named.
+    assert _projected_names(model, "lm_head") == ["lm_head.weight"]
+    for near_miss in ("attn", "q_pro", "layers.*.q"):
+        with pytest.raises(ValueError, match="no parameter matched target_modules"):
+            _projected_names(model, (near_miss,))
