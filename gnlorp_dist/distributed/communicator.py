@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -71,6 +73,38 @@ class ProcessGroupCommunicator:
         gathered: list[object] = [None] * self.world_size
         dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
+
+    def all_ranks_arrive(self, tag: str, timeout_s: float) -> bool:
+        """Whether every rank of the group makes this call within ``timeout_s`` seconds.
+
+        Through the default group's key-value store (the rendezvous store), not a collective,
+        so a rank that calls alone gets False after ``timeout_s`` instead of hanging. Arrivals
+        are counted in the store: the ``world_size`` calls numbered ``g * world_size + 1`` to
+        ``(g + 1) * world_size`` form generation ``g``, whose last arrival releases the others.
+        A rank that times out withdraws its count, so the ranks' next calls still pair up.
+        """
+        members = ",".join(str(self._global(r)) for r in range(self.world_size))
+        scope = f"gnlorp/arrive/{tag}/{members}"
+        store = dist.distributed_c10d._get_default_store()
+        count = store.add(f"{scope}/count", 1)
+        generation = (count - 1) // self.world_size
+        released = f"{scope}/released/{generation}"
+        full = (generation + 1) * self.world_size
+        if count == full:
+            store.set(released, "1")
+            return True
+        try:
+            store.wait([released], timedelta(seconds=timeout_s))
+            return True
+        except (RuntimeError, dist.DistError):  # the store's timeout
+            pass
+        if store.add(f"{scope}/count", -1) == full - 1:
+            # The last peer arrived between the timeout and the withdrawal and is already on its
+            # way into the collective: join it after all.
+            store.add(f"{scope}/count", 1)
+            store.wait([released])
+            return True
+        return False
 
 
 def broadcast_parameters(module: torch.nn.Module, communicator: ProcessGroupCommunicator) -> None:

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 
 from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
-from gnlorp_dist.optim.quantized import MomentStore
+from gnlorp_dist.optim.reshard import join_row_blocks, moments_state, saved_state
 
 FORMAT_VERSION = 1
 _SHARD = re.compile(r"optimizer-shard-(\d+)-of-(\d+)\.pt$")
-_TRANSIENT_KEYS = ("low_rank_grad_sum",)
 
 
 def shard_path(directory: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -49,7 +48,7 @@ def save_sharded_optimizer(optimizer: GradNormLoRPAdamW, directory: str | os.Pat
             "row_start": block.row_start,
             "row_stop": block.row_stop,
             "whole": block.whole,
-            "state": {k: v for k, v in state.items() if k not in _TRANSIENT_KEYS},
+            "state": saved_state(state),
         }
     payload = {
         "format": FORMAT_VERSION,
@@ -101,31 +100,21 @@ def load_sharded_optimizer(optimizer: GradNormLoRPAdamW, directory: str | os.Pat
 
 
 def _state_for_block(pieces: list[dict[str, Any]], block: Any, param: torch.Tensor, bits: int):
-    pieces = sorted(pieces, key=lambda piece: piece["row_start"])
     for piece in pieces:
         if (piece["row_start"], piece["row_stop"]) == (block.row_start, block.row_stop):
+            # The same block as saved: its state unchanged (bitwise, 8-bit codes included).
             return {
                 k: v.to(param.device) if torch.is_tensor(v) else v
                 for k, v in piece["state"].items()
             }
     assert all(not piece["whole"] for piece in pieces), "a whole block always matches"
-    covered = [(piece["row_start"], piece["row_stop"]) for piece in pieces]
-    if covered[0][0] != 0 or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
-        raise ValueError(f"checkpoint row blocks {covered} do not tile the parameter's rows")
-    steps = {int(piece["state"]["step"]) for piece in pieces}
-    assert len(steps) == 1, f"row blocks of one parameter at different steps: {steps}"
-    moments = [MomentStore(dict(piece["state"]), bits).load() for piece in pieces]
-    exp_avg = torch.cat([m for m, _ in moments])[block.row_start : block.row_stop]
-    exp_avg_sq = torch.cat([v for _, v in moments])[block.row_start : block.row_stop]
-    state: dict[str, Any] = {"step": steps.pop()}
-    store = MomentStore(state, bits)
-    store.initialise(exp_avg.to(param.device, param.dtype))
-    if "exp_avg_absmax" in state:
-        store.store(exp_avg, exp_avg_sq)
-    else:
-        state["exp_avg"].copy_(exp_avg)
-        state["exp_avg_sq"].copy_(exp_avg_sq)
-    return state
+    step, exp_avg, exp_avg_sq = join_row_blocks(
+        [(piece["row_start"], piece["row_stop"], piece["state"]) for piece in pieces], bits
+    )
+    rows = slice(block.row_start, block.row_stop)
+    return moments_state(
+        step, exp_avg[rows].to(param.device), exp_avg_sq[rows].to(param.device), bits, param.dtype
+    )
 
 
 def _read_shards(directory: Path) -> list[dict[str, Any]]:

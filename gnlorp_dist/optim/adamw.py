@@ -13,27 +13,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gnlorp_dist.nn.surgery import was_merged_away
+from gnlorp_dist.optim import state_dict as state_io
 from gnlorp_dist.optim.comm import (
     Communicator,
     default_communicator,
-    non_finite_on_any_rank,
+    step_verdict,
     wait_all,
 )
 from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragment_step import (
-    LAYOUT_KEY,
     find_flattened_groups,
     step_flattened_group,
 )
-from gnlorp_dist.optim.functional import clip_by_norm_, projected_adamw_step
+from gnlorp_dist.optim.functional import projected_adamw_step
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
+from gnlorp_dist.optim.per_layer_step import PerLayerStep
 from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.optim.validation import (
     flat_gradient_error,
-    layout_world_size_error,
+    gradients_differ_error,
+    merged_away_error,
     missing_communicator_error,
     non_finite_error,
     validate_projected_group,
+    warn_if_nothing_is_projected,
 )
 from gnlorp_dist.projection import (
     compute_projection,
@@ -43,7 +47,7 @@ from gnlorp_dist.projection import (
 )
 
 
-class GradNormLoRPAdamW(torch.optim.Optimizer):
+class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
     """AdamW with GaLore-style low-rank projection of 2-D gradients.
 
     A drop-in for ``galore_torch.GaLoreAdamW``: parameter groups that carry ``rank`` (with
@@ -96,9 +100,12 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     :mod:`gnlorp_dist.optim.quantized`; the update math is unchanged, it reads and writes the
     moments through a :class:`MomentStore`). A group may override ``bits``.
 
-    The state holds tensors and Python numbers only, so ``torch.load(weights_only=True)`` reads a
-    saved ``state_dict()``; loading it into a fresh optimizer continues the run exactly (state
-    tensors keep their saved dtypes: codes stay uint8, block scales float32).
+    ``state_dict()`` is the whole job's state on any number of ranks (see :meth:`state_dict`
+    and :mod:`gnlorp_dist.optim.state_dict`); tensors and Python numbers only, so
+    ``torch.load(weights_only=True)`` reads it; loading it into a fresh optimizer on any number
+    of ranks continues the run exactly (state tensors keep their saved dtypes: codes stay uint8,
+    block scales float32). For states too large to gather on one rank,
+    :func:`gnlorp_dist.distributed.save_sharded_optimizer` writes one file per rank instead.
 
     Devices: every tensor the optimizer allocates is on its parameter's device, and every tensor
     it hands to a collective on the communicator's ``device`` (NCCL: this rank's GPU); nothing is
@@ -154,6 +161,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         """Subspaces this rank has computed (each refresh happens on one rank only)."""
         self.flattened_plan: dict[str, int] | None = None
         """Owner rank of each projected matrix by name, when an engine flattened them."""
+        self._consolidated: dict[str, Any] | None = None
+        self._groups_checked = False
 
     @property
     def comm(self) -> Communicator:
@@ -193,6 +202,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 "already updated every parameter. Drop optimizer.step() (and zero_grad()) from the "
                 "loop, or call per_layer.remove() first."
             )
+        self._consolidated = None
+        if not self._groups_checked:
+            self._groups_checked = warn_if_nothing_is_projected(self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -206,7 +218,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         work = self._collect()
         if self.reduce_gradients:
             self._reduce_gradients_to_owners(work)
-        self._refresh_subspaces([w for w in work if self.owns(w[1])])
+        self._refresh_subspaces(work)
         handles = []
         for group, param, _name in work:
             if self.owns(param):
@@ -276,38 +288,44 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         for group_index, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for index, param in enumerate(group["params"]):
+                name = names[index] if names else f"param_groups[{group_index}][{index}]"
+                if was_merged_away(param):
+                    raise merged_away_error(name)
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
-                name = names[index] if names else f"param_groups[{group_index}][{index}]"
                 if "rank" in group and param.grad.dim() != 2:
                     raise flat_gradient_error(name, param.grad)
                 work.append((group, param, name))
         return work
 
     def _refresh_subspaces(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
-        """Phase 2: new projection matrices for the parameters whose refresh is due."""
+        """Phase 2: new projection matrices for the owned parameters whose refresh is due.
+
+        Over several ranks with DDP-averaged gradients (``reduce_gradients=False``) the same
+        all-reduce also compares the ranks' gradient checksums: un-averaged gradients would
+        make each owner update from its own rank's data alone."""
         due = [
             (group, param, name)
             for group, param, name in work
-            if "rank" in group and self._refresh_due(group, param)
+            if "rank" in group and self.owns(param) and self._refresh_due(group, param)
         ]
         if self.comm.world_size == 1 and not due:
             return  # nothing to verify: no host sync on the steps between refreshes
         grads = [param.grad for _group, param, _name in due]
         like = work[0][1].device if work else torch.device("cpu")
-        if non_finite_on_any_rank(self.comm, grads, like):
+        compare = self.comm.world_size > 1 and not self.reduce_gradients
+        checked = [param.grad for _group, param, _name in work] if compare else None
+        non_finite, differ = step_verdict(self.comm, grads, like, checked)
+        if differ:
+            raise gradients_differ_error(self.comm.world_size)
+        if non_finite:
             # The error path only: name the offenders (one host read each).
             bad = [name for _g, param, name in due if not bool(torch.isfinite(param.grad).all())]
             raise non_finite_error(bad or ["a parameter owned by another rank"], self.state, due)
         for group, param, _name in due:
             self._refresh(group, param)
-
-    def _check_refresh_gradient(self, param: Tensor, name: str) -> None:
-        # Host sync: once per matrix at its refresh (per-layer mode, one process).
-        if not bool(torch.isfinite(param.grad).all()):
-            raise non_finite_error([name], self.state, [(None, param, name)])
 
     def _refresh(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]
@@ -375,94 +393,6 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         state = self.state[param]
         update_dense_block(state, group, param_rows, grad_rows)
 
-    @torch.no_grad()
-    def step_parameter(
-        self,
-        param: Tensor,
-        *,
-        first_micro_batch: bool = True,
-        last_micro_batch: bool = True,
-        max_grad_norm: float = 0.0,
-    ) -> None:
-        """Per-layer mode: consume one micro-batch's ``param.grad`` and free it when possible.
-
-        Called from a post-accumulate-grad hook (see :class:`PerLayerUpdates`). A projected
-        parameter's gradient is projected at once and summed in a low-rank buffer (projection is
-        linear, so the sum is exact); at a refresh step the subspace comes from the FIRST
-        micro-batch's gradient, so no full-size gradient outlives its hook. A dense parameter
-        lets autograd accumulate ``param.grad`` until the last micro-batch. At the last
-        micro-batch the parameter is updated with exactly the math of :meth:`step`.
-
-        ``max_grad_norm > 0`` clips, per parameter, the tensor Adam consumes (the summed
-        low-rank gradient of a projected parameter, the full gradient of a dense one) to that
-        norm: with updates inside the backward pass there is no global gradient norm.
-
-        Over several ranks (the model NOT wrapped in DDP), each gradient is reduced to the rank
-        that owns its state, the owner updates, and the updated blocks are broadcast before the
-        hook returns, so every rank leaves the backward pass with the same weights.
-        """
-        group, name = self.group_and_name(param)
-        if param.grad is None:
-            return
-        projected = "rank" in group
-        if projected and param.grad.dim() != 2:
-            raise flat_gradient_error(name, param.grad)
-        distributed = self.comm.world_size > 1
-        if distributed and (projected or last_micro_batch):
-            # A projected gradient is reduced every micro-batch (its owner sums it in low rank,
-            # so no full gradient waits for the next one); a dense one accumulates locally and
-            # is reduced once, at the last micro-batch.
-            self._reduce_gradients_to_owners([(group, param, name)])
-            if not self.owns(param):
-                param.grad = None
-        if distributed and projected and first_micro_batch:
-            # Before anything changes: a refresh with a non-finite gradient raises on every rank.
-            self._agree_on_refresh_verdict(group, param, name)
-        if param.grad is not None:
-            if projected:
-                self._consume_projected(
-                    group, param, name, first_micro_batch, last_micro_batch, max_grad_norm
-                )
-            elif last_micro_batch:
-                clip_by_norm_(param.grad, max_grad_norm)
-                self._update_dense(group, param, self.owned_block(param))
-                param.grad = None
-        if distributed and last_micro_batch:
-            wait_all(self._broadcast_blocks(param))
-
-    def _consume_projected(
-        self,
-        group: dict[str, Any],
-        param: Tensor,
-        name: str,
-        first: bool,
-        last: bool,
-        max_grad_norm: float,
-    ) -> None:
-        state = self.state[param]
-        if first and self._refresh_due(group, param):
-            if self.comm.world_size == 1:
-                self._check_refresh_gradient(param, name)
-            # Over several ranks _agree_on_refresh_verdict has checked it already.
-            self._refresh(group, param)
-        side = projection_side(param.shape, group["proj_type"])
-        low_rank_grad = project(param.grad, state["proj"], side)
-        param.grad = None
-        if not first:
-            low_rank_grad = state.pop("low_rank_grad_sum").add_(low_rank_grad)
-        if not last:
-            state["low_rank_grad_sum"] = low_rank_grad
-            return
-        clip_by_norm_(low_rank_grad, max_grad_norm)
-        self._update_projected(group, param, low_rank_grad)
-
-    def _agree_on_refresh_verdict(self, group: dict[str, Any], param: Tensor, name: str) -> None:
-        """Every rank raises if the owner has a non-finite gradient due for a refresh (only the
-        owner knows whether it is due, so every rank joins this one-scalar verdict)."""
-        due = param.grad is not None and self._refresh_due(group, param)
-        if non_finite_on_any_rank(self.comm, [param.grad] if due else [], param.device):
-            raise non_finite_error([name], self.state, [(None, param, name)])
-
     def group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
         """``param``'s group and its name (from ``param_names``, else its position)."""
         if self._lookup is None:
@@ -476,22 +406,54 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             raise ValueError(f"parameter of shape {tuple(param.shape)} is not in this optimizer")
         return self._lookup[param]
 
+    # -- saving and loading (the formats: gnlorp_dist.optim.state_dict) ------------------
+
+    def consolidate_state_dict(self) -> dict[str, Any]:
+        """Gather the whole job's state (a collective: EVERY rank calls it), cache and return it.
+
+        :meth:`state_dict` then returns it on any rank without communicating, until the next
+        ``step()``, ``step_parameter()`` or ``load_state_dict()``: call this on every rank before
+        a rank-0-only save (``transformers.Trainer``). Cost: one ``all_gather_object`` of every
+        rank's state (CPU tensors); each rank holds the full state in host memory while cached.
+        A rank whose peers do not join within ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default
+        60) raises a ValueError naming the fix instead of hanging.
+        """
+        state_io.wait_for_every_rank(self.comm)
+        self._consolidated = state_io.consolidate(self, super().state_dict())
+        return self._consolidated
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole job's optimizer state, the same on every rank and for any world size.
+
+        Torch's format plus ``"gnlorp": {"format": 1, "consolidated": True, "world_size": N}``;
+        tensors and plain values only (``torch.load(weights_only=True)``). One process: torch's
+        ``state_dict()``. Several ranks: the state cached by :meth:`consolidate_state_dict`
+        since the last step, else this call consolidates, which needs EVERY rank to call it
+        (``accelerate``'s ``save_state`` does); called on one rank alone it raises a ValueError
+        after ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default 60) instead of hanging. Under
+        DeepSpeed ZeRO (flattened groups; the engine saves one per rank): this rank's shard,
+        marked ``"consolidated": False`` with its rank and world size.
+        """
+        if self.comm.world_size == 1 or state_io.is_flattened(self):
+            return state_io.with_marker(self, super().state_dict())
+        if self._consolidated is None:
+            self.consolidate_state_dict()
+        assert self._consolidated is not None
+        return self._consolidated
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_layout = state_dict["state"].get(LAYOUT_KEY)
-        if saved_layout is not None and saved_layout["world_size"] != self.comm.world_size:
-            raise layout_world_size_error(saved_layout, self.comm.rank, self.comm.world_size)
-        super().load_state_dict(state_dict)
+        """Load a :meth:`state_dict` saved on any number of ranks, keeping this rank's shard.
+
+        A state dict holding one rank's shard only (a ZeRO rank's, or one saved by an older
+        gnlorp_dist) is refused with a ValueError unless it belongs to this rank and world size.
+        """
+        loaded = state_io.prepare_to_load(self, state_dict)
+        self._consolidated = None
+        super().load_state_dict(loaded)
         # torch rebuilt the group dicts; the new ones are what engines step from now on.
         self.groups_at_construction = list(self.param_groups)
         self._lookup = None
-        # torch casts every loaded state tensor to its parameter's dtype; ours were saved in the
-        # dtype they must keep (uint8 codes, float32 block scales), so restore those.
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, param in zip(saved_ids, params, strict=True):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if torch.is_tensor(value) and self.state[param][key].dtype != value.dtype:
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+        state_io.restore_saved_dtypes(self, loaded)
 
 
 class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):

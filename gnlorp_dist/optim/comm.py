@@ -53,6 +53,12 @@ class Communicator(Protocol):
         """Every rank's ``obj``, in rank order (blocking; small metadata only)."""
         ...
 
+    def all_ranks_arrive(self, tag: str, timeout_s: float) -> bool:
+        """Whether every rank reaches this call (same ``tag``, same call order) within
+        ``timeout_s`` seconds. Never hangs: a rank that waits alone gets False, so a collective
+        that only some ranks would join can be refused instead of entered."""
+        ...
+
 
 class LocalCommunicator:
     """One process: every collective is the identity and returns no handle.
@@ -76,6 +82,9 @@ class LocalCommunicator:
 
     def all_gather_object(self, obj: object) -> list[object]:
         return [obj]
+
+    def all_ranks_arrive(self, tag: str, timeout_s: float) -> bool:
+        return True
 
 
 def wait_all(handles: list[Handle | None]) -> None:
@@ -106,6 +115,57 @@ def non_finite_on_any_rank(comm: Communicator, tensors: list[Tensor], like: torc
         verdict = torch.zeros(1, device=device)
     wait_all([comm.all_reduce_sum(verdict)])
     return verdict.item() > 0  # host sync (documented in GradNormLoRPAdamW)
+
+
+GRADIENTS_DIFFER_RTOL = 1e-9
+"""Relative spread of the ranks' gradient checksums above which their gradients differ: DDP's
+averaged gradients are bitwise equal on every rank, un-averaged ones differ by O(1)."""
+
+
+def gradient_checksum(grads: list[Tensor], device: torch.device) -> Tensor:
+    """Two float64 checksums of ``grads`` on ``device``: the sum and the sum of squares of the
+    first row of each (the whole of a 1-D one). Rows, not whole tensors: one small gather per
+    step tells averaged gradients (bitwise equal on every rank) from un-averaged ones."""
+    if not grads:
+        return torch.zeros(2, dtype=torch.float64, device=device)
+    rows = torch.cat([(g[0] if g.dim() >= 2 else g).reshape(-1).to(device) for g in grads])
+    rows = rows.double()
+    return torch.stack([rows.sum(), rows.square().sum()])
+
+
+def ranks_disagree(totals: list[float], totals_sq: list[float], world_size: int) -> bool:
+    """Whether per-rank values, given by their sums and sums of squares over ranks, differ."""
+    for total, total_sq in zip(totals, totals_sq):
+        mean_sq = total_sq / world_size
+        spread = mean_sq - (total / world_size) ** 2
+        if spread > GRADIENTS_DIFFER_RTOL * mean_sq:
+            return True
+    return False
+
+
+def step_verdict(
+    comm: Communicator, due: list[Tensor], like: torch.device, checked: list[Tensor] | None
+) -> tuple[bool, bool]:
+    """``(any rank's due gradients are non-finite, the ranks' ``checked`` gradients differ)``.
+
+    :func:`non_finite_on_any_rank` in the same one all-reduce and one host read, carrying also
+    each rank's :func:`gradient_checksum` of ``checked`` and its square (so the sum over ranks
+    gives their spread). ``checked`` None: no comparison (the second answer is False).
+    """
+    device = buffer_device(comm, due[0].device if due else like)
+    verdict = torch.zeros(5, dtype=torch.float64, device=device)
+    if due:
+        first = due[0].device
+        flags = torch.stack([torch.isfinite(t).logical_not().any().to(first) for t in due])
+        verdict[0] = flags.sum(dtype=torch.float64).to(device)
+    if checked is not None:
+        checksum = gradient_checksum(checked, device)
+        verdict[1:3] = checksum
+        verdict[3:5] = checksum.square()
+    wait_all([comm.all_reduce_sum(verdict)])
+    values = verdict.tolist()  # host sync (documented in GradNormLoRPAdamW)
+    differ = checked is not None and ranks_disagree(values[1:3], values[3:5], comm.world_size)
+    return values[0] > 0, differ
 
 
 _default_factory: Callable[[], Communicator | None] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -98,4 +99,85 @@ def layout_world_size_error(saved: dict[str, Any], rank: int, world_size: int) -
         "belong to the ranks that owned them. Resume on the same number of ranks, or load the "
         "module weights only (engine.load_checkpoint(..., load_optimizer_states=False)) and "
         "start the optimizer afresh."
+    )
+
+
+CONSOLIDATE_FIX = (
+    "call optimizer.consolidate_state_dict() on every rank before a rank-0-only save; "
+    "transformers.Trainer: use gnlorp_dist.integrations.transformers.GradNormLoRPTrainer or add "
+    "its callback"
+)
+
+
+def ranks_missing_error(what: str, rank: int, world_size: int, timeout_s: float) -> ValueError:
+    return ValueError(
+        f"{what} was called on rank {rank} of {world_size}, but not every rank joined within "
+        f"{timeout_s:g} s: the optimizer state is sharded over the ranks, so the whole state can "
+        f"only be gathered when every rank calls it. Fix: {CONSOLIDATE_FIX}. (The wait is "
+        "GNLORP_STATE_DICT_TIMEOUT_S seconds, default 60.)"
+    )
+
+
+def shard_state_dict_error(
+    saved_rank: int, saved_world_size: int, rank: int, world_size: int
+) -> ValueError:
+    return ValueError(
+        f"this optimizer state dict holds only rank {saved_rank}'s shard of a "
+        f"{saved_world_size}-rank job and cannot be loaded into rank {rank} of {world_size}: the "
+        "other ranks' states would silently restart from zero. Load each rank's own file on the "
+        "same number of ranks, or save the whole state instead (optimizer.state_dict() called on "
+        f"every rank, or {CONSOLIDATE_FIX})."
+    )
+
+
+def unmarked_state_dict_error(world_size: int, shapes: tuple[Any, Any] | None) -> ValueError:
+    found = (
+        f"a dense moment of shape {shapes[0]} for a parameter of shape {shapes[1]}"
+        if shapes
+        else f"loading it on {world_size} ranks"
+    )
+    return ValueError(
+        "this optimizer state dict has no 'gnlorp' entry: an older gnlorp_dist saved it, and "
+        f"then state_dict() held one rank's shard only ({found}); the other ranks' states would "
+        "silently restart from zero. Resume from gnlorp_dist.distributed.save_sharded_optimizer "
+        "files, or from a state dict saved by this version (whole state, any world size)."
+    )
+
+
+def warn_if_nothing_is_projected(groups: list[dict[str, Any]]) -> bool:
+    """A UserWarning if no group carries ``rank`` (checked once, at the first step); True.
+
+    ``stacklevel`` 4: past this function, ``step()`` and its ``torch.no_grad`` wrapper."""
+    if not any("rank" in group for group in groups):
+        warnings.warn(rankless_groups_warning(), UserWarning, stacklevel=4)
+    return True
+
+
+def rankless_groups_warning() -> str:
+    return (
+        "GradNormLoRPAdamW: no parameter group carries 'rank', so nothing is projected and this "
+        "is plain AdamW. transformers.Trainer(optimizer_cls_and_kwargs=(GradNormLoRPAdamW, "
+        "{'lr': ...})) passes every parameter in one group without 'rank'. Build the groups with "
+        "gnlorp_dist.projected_param_groups(model, rank=..., update_proj_gap=..., scale=...) "
+        "(Trainer: optimizer_cls_and_kwargs=(GradNormLoRPAdamW, {'params': groups, 'lr': ...})) "
+        "or use gnlorp_dist.integrations.transformers.GradNormLoRPTrainer."
+    )
+
+
+def gradients_differ_error(world_size: int) -> ValueError:
+    return ValueError(
+        f"the {world_size} ranks' gradients differ: they were not averaged across ranks, but "
+        "the optimizer state is sharded (each matrix is updated by its owner from the owner's "
+        "gradient and broadcast), so the other ranks' data would be silently ignored. Nothing "
+        "was updated. Fix: wrap the model in DDP (torch.nn.parallel.DistributedDataParallel, or "
+        "Accelerator.prepare); on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch "
+        "--multi_gpu or torchrun. Without DDP, pass reduce_gradients=True."
+    )
+
+
+def merged_away_error(name: str) -> ValueError:
+    return ValueError(
+        f"{name} was removed from the model by gnlorp_dist.merge_weight_norm: the model no "
+        "longer computes with it, so this optimizer would step a tensor nobody uses. Build the "
+        "optimizer again over the merged model's parameters (or merge after training)."
     )

@@ -98,3 +98,6 @@ class StrictDeviceCommunicator:
 
     def all_gather_object(self, obj: object) -> list[object]:
         return self.inner.all_gather_object(obj)
+
+    def all_ranks_arrive(self, tag: str, timeout_s: float) -> bool:
+        return self.inner.all_ranks_arrive(tag, timeout_s)

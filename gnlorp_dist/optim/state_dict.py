@@ -1,0 +1,216 @@
+"""GradNormLoRPAdamW's ``state_dict()`` across ranks: one world-size-independent format.
+
+Savers such as ``transformers.Trainer`` and ``accelerate``'s ``save_state`` write ONE
+``optimizer.state_dict()`` (rank 0's) and load it back on every rank. A sharded optimizer's
+state dict therefore holds the whole job's state, as one process would have it:
+
+``{"state": {param index: state}, "param_groups": [...], "gnlorp": {"format": 1,
+"consolidated": True, "world_size": N}}``: torch's own format (``Optimizer.load_state_dict``
+ignores the extra top-level key), projected matrices' states from their owners, dense row
+blocks joined in row order (:mod:`gnlorp_dist.optim.reshard`), tensors on the CPU and plain
+values only (``torch.load(weights_only=True)`` reads it). Loading it on any number of ranks
+keeps this rank's shard: the matrices it owns now, its row blocks cut again.
+
+Under an engine that flattens parameters (DeepSpeed ZeRO) the state dict stays per rank (the
+engine saves and loads one per rank) and its marker names the rank (``"consolidated": False``):
+it loads only into that rank of that world size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gnlorp_dist.optim.fragment_step import LAYOUT_KEY, find_flattened_groups
+from gnlorp_dist.optim.reshard import join_row_blocks, moments_state, rows_of_state, saved_state
+from gnlorp_dist.optim.validation import (
+    layout_world_size_error,
+    ranks_missing_error,
+    shard_state_dict_error,
+    unmarked_state_dict_error,
+)
+
+if TYPE_CHECKING:
+    from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
+
+FORMAT_KEY = "gnlorp"
+FORMAT_VERSION = 1
+TIMEOUT_ENV = "GNLORP_STATE_DICT_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def arrival_timeout_s() -> float:
+    """Seconds a rank waits for its peers to join a consolidation (``$GNLORP_STATE_DICT_TIMEOUT_S``,
+    default 60)."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        timeout = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds") from None
+    if not timeout > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds > 0")
+    return timeout
+
+
+def marker(*, consolidated: bool, rank: int | None, world_size: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "consolidated": consolidated,
+        "world_size": world_size,
+    }
+    if rank is not None:
+        entry["rank"] = rank
+    return entry
+
+
+def wait_for_every_rank(comm: Any) -> None:
+    """Return once every rank has arrived here; a ValueError naming the fix if they do not
+    within :func:`arrival_timeout_s` (a rank-0-only save without consolidation)."""
+    if comm.world_size > 1:
+        timeout = arrival_timeout_s()
+        if not comm.all_ranks_arrive("state_dict", timeout):
+            raise ranks_missing_error(
+                "optimizer.state_dict() / consolidate_state_dict()",
+                comm.rank,
+                comm.world_size,
+                timeout,
+            )
+
+
+def is_flattened(optimizer: GradNormLoRPAdamW) -> bool:
+    """Whether an engine (DeepSpeed ZeRO) flattened the groups: then the state stays per rank."""
+    return LAYOUT_KEY in optimizer.state or bool(find_flattened_groups(optimizer))
+
+
+def with_marker(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str, Any]:
+    """``local`` (torch's ``state_dict()`` of this rank) marked: the whole state on one process,
+    this rank's shard of flattened groups."""
+    comm = optimizer.comm
+    if comm.world_size == 1:
+        return {**local, FORMAT_KEY: marker(consolidated=True, rank=None, world_size=1)}
+    return {
+        **local,
+        FORMAT_KEY: marker(consolidated=False, rank=comm.rank, world_size=comm.world_size),
+    }
+
+
+def _flat_params(optimizer: GradNormLoRPAdamW) -> list[torch.Tensor]:
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+def _bits(groups: list[dict[str, Any]]) -> list[int]:
+    return [group["bits"] for group in groups for _param in group["params"]]
+
+
+def consolidate(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str, Any]:
+    """The whole job's state dict from this rank's ``local`` (torch's ``state_dict()`` of it).
+
+    A collective: every rank gathers every rank's blocks (all_gather_object of CPU tensors), so
+    each holds the full state for a moment.
+    """
+    params = _flat_params(optimizer)
+    pieces = []
+    for index, state in local["state"].items():
+        block = optimizer.owned_block(params[index])
+        pieces.append((index, block.row_start, block.row_stop, block.whole, saved_state(state)))
+    by_index: dict[int, list[tuple[int, int, bool, dict[str, Any]]]] = {}
+    for rank_pieces in optimizer.comm.all_gather_object(pieces):
+        for index, start, stop, whole, state in rank_pieces:  # type: ignore[attr-defined]
+            by_index.setdefault(index, []).append((start, stop, whole, state))
+    bits = _bits(optimizer.param_groups)
+    merged: dict[int, dict[str, Any]] = {}
+    for index in sorted(by_index):
+        found = by_index[index]
+        if len(found) == 1 and found[0][2]:
+            merged[index] = found[0][3]  # a whole block: bitwise, 8-bit codes included
+            continue
+        step, exp_avg, exp_avg_sq = join_row_blocks(
+            [(a, b, s) for a, b, _w, s in found], bits[index]
+        )
+        merged[index] = moments_state(step, exp_avg, exp_avg_sq, bits[index], params[index].dtype)
+    return {
+        "state": merged,
+        "param_groups": local["param_groups"],
+        FORMAT_KEY: marker(consolidated=True, rank=None, world_size=optimizer.comm.world_size),
+    }
+
+
+def prepare_to_load(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """What ``torch.optim.Optimizer.load_state_dict`` must load on this rank, or a ValueError
+    when ``state_dict`` is one rank's shard that does not belong here."""
+    rank, world_size = optimizer.comm.rank, optimizer.comm.world_size
+    meta = state_dict.get(FORMAT_KEY)
+    body = {k: v for k, v in state_dict.items() if k != FORMAT_KEY}
+    layout = state_dict["state"].get(LAYOUT_KEY)
+    if layout is not None:  # an engine's per-rank flattened state
+        if layout["world_size"] != world_size:
+            raise layout_world_size_error(layout, rank, world_size)
+        if meta is not None and meta.get("rank", rank) != rank:
+            raise shard_state_dict_error(meta["rank"], meta["world_size"], rank, world_size)
+        return body
+    if meta is None:
+        _check_unmarked(optimizer, state_dict)
+        return body
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"optimizer state dict format {meta.get('format')!r} is not {FORMAT_VERSION}: it was "
+            "saved by another version of gnlorp_dist; save it again with this version"
+        )
+    if not meta["consolidated"]:
+        if (meta["rank"], meta["world_size"]) != (rank, world_size):
+            raise shard_state_dict_error(meta["rank"], meta["world_size"], rank, world_size)
+        return body
+    if world_size == 1:
+        return body
+    return _this_ranks_shard(optimizer, body)
+
+
+def _check_unmarked(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> None:
+    """A state dict without our marker (older versions): one rank's shard, whose rank and world
+    size are unknown. Accepted on one process only, where a dense tensor's moments must cover
+    all its rows (a row block betrays a shard of a several-rank save)."""
+    world_size = optimizer.comm.world_size
+    if world_size > 1:
+        raise unmarked_state_dict_error(world_size, None)
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    for saved_id, param in zip(saved_ids, _flat_params(optimizer)):
+        entry = state_dict["state"].get(saved_id, {})
+        moment = entry.get("exp_avg")
+        if "proj" not in entry and torch.is_tensor(moment) and moment.shape != param.shape:
+            raise unmarked_state_dict_error(world_size, (tuple(moment.shape), tuple(param.shape)))
+
+
+def _this_ranks_shard(optimizer: GradNormLoRPAdamW, body: dict[str, Any]) -> dict[str, Any]:
+    """A consolidated state dict cut to the blocks this rank owns."""
+    params = _flat_params(optimizer)
+    saved_ids = [i for group in body["param_groups"] for i in group["params"]]
+    if len(saved_ids) != len(params):
+        raise ValueError(
+            f"the optimizer state dict holds {len(saved_ids)} parameters, this optimizer "
+            f"{len(params)}: it was saved for another model or other parameter groups"
+        )
+    shard: dict[Any, dict[str, Any]] = {}
+    for saved_id, param, bits in zip(saved_ids, params, _bits(body["param_groups"])):
+        entry = body["state"].get(saved_id)
+        if entry is None or not optimizer.owns(param):
+            continue
+        block = optimizer.owned_block(param)
+        if block.whole:
+            shard[saved_id] = entry
+        else:
+            shard[saved_id] = rows_of_state(
+                entry, block.row_start, block.row_stop, bits, param.dtype
+            )
+    return {**body, "state": shard}
+
+
+def restore_saved_dtypes(optimizer: GradNormLoRPAdamW, loaded: dict[str, Any]) -> None:
+    """Undo torch's cast of every loaded state tensor to its parameter's dtype: ours keep the
+    dtype they were saved in (uint8 codes, float32 block scales)."""
+    saved_ids = [i for group in loaded["param_groups"] for i in group["params"]]
+    for saved_id, param in zip(saved_ids, _flat_params(optimizer), strict=True):
+        for key, value in loaded["state"].get(saved_id, {}).items():
+            if torch.is_tensor(value) and optimizer.state[param][key].dtype != value.dtype:
+                optimizer.state[param][key] = value.to(device=param.device, copy=True)
