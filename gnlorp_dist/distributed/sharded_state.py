@@ -1,5 +1,9 @@
 """Sharded optimizer checkpoints: save on N ranks, load on M (resharding).
 
+The scalable path for very large optimizer states: no rank ever holds more than its own shard,
+whereas ``optimizer.state_dict()`` (what ``transformers.Trainer`` and ``accelerate`` save)
+gathers the whole state on every rank (:mod:`gnlorp_dist.optim.state_dict`).
+
 Each rank writes one file, ``optimizer-shard-<r>-of-<N>.pt``, with the state of the blocks it
 owns (:mod:`gnlorp_dist.optim.ownership`), each tagged with its parameter index, shape and rows.
 Loading reads every shard, re-plans ownership for the current world size and gives each rank the
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
-from gnlorp_dist.optim.reshard import join_row_blocks, moments_state, saved_state
+from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
 
 FORMAT_VERSION = 1
 _SHARD = re.compile(r"optimizer-shard-(\d+)-of-(\d+)\.pt$")
@@ -82,6 +86,7 @@ def load_sharded_optimizer(optimizer: GradNormLoRPAdamW, directory: str | os.Pat
         )
     for group, saved_group in zip(optimizer.param_groups, payloads[0]["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "param_names"})
+    optimizer.drop_consolidated_state()  # a consolidation made before this load is stale
     optimizer.state.clear()
     for index, param in enumerate(params):
         pieces = [p["entries"][index] for p in payloads if index in p["entries"]]
@@ -108,13 +113,13 @@ def _state_for_block(pieces: list[dict[str, Any]], block: Any, param: torch.Tens
                 for k, v in piece["state"].items()
             }
     assert all(not piece["whole"] for piece in pieces), "a whole block always matches"
-    step, exp_avg, exp_avg_sq = join_row_blocks(
-        [(piece["row_start"], piece["row_stop"], piece["state"]) for piece in pieces], bits
+    whole = join_states(
+        [(piece["row_start"], piece["row_stop"], piece["state"]) for piece in pieces],
+        bits,
+        param.dtype,
     )
-    rows = slice(block.row_start, block.row_stop)
-    return moments_state(
-        step, exp_avg[rows].to(param.device), exp_avg_sq[rows].to(param.device), bits, param.dtype
-    )
+    block_state = rows_of_state(whole, block.row_start, block.row_stop, bits, param.dtype)
+    return {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in block_state.items()}
 
 
 def _read_shards(directory: Path) -> list[dict[str, Any]]:

@@ -74,8 +74,9 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
     1. collect the parameters that have gradients, and check their layout;
     2. refresh, on its owner only, every subspace that is due (the SVD is computed once in the
        whole job), after checking every due gradient is finite; the verdict is summed over
-       ranks (one scalar all-reduce) so all ranks raise together, before any weight or
-       projector changes;
+       ranks (one small all-reduce) so all ranks raise together, before any weight or
+       projector changes; with DDP-averaged gradients it also carries a checksum of every
+       gradient's first row, and ranks whose gradients differ (not averaged) raise together;
     3. update the blocks this rank owns (projected or dense);
     4. broadcast every updated block from its owner, asynchronously as soon as it is updated
        (overlapping the updates still to come), then wait: all ranks hold bitwise identical
@@ -116,8 +117,10 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
     made on the device), which must be known before anything changes:
 
     - ``step()``, one process: one ``.item()`` at a step that refreshes a subspace, none else;
-    - ``step()``, several ranks: one scalar all-reduce and one ``.item()`` every step (a rank
-      does not know whether another rank's matrices are due, so every rank joins the verdict);
+    - ``step()``, several ranks: one 5-element all-reduce and one host read every step (a rank
+      does not know whether another rank's matrices are due, so every rank joins the verdict;
+      for the same reason the gradient checksums cover every gradient's first row every step,
+      not the due gradients: the ranks must checksum the same tensors);
     - ZeRO (flattened groups): one all-reduce and ``.item()`` per projected group at a refresh
       step only (every rank counts every matrix's steps there);
     - per-layer mode: one process, one sync per projected matrix at its refresh; several ranks,
@@ -421,6 +424,10 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
         state_io.wait_for_every_rank(self.comm)
         self._consolidated = state_io.consolidate(self, super().state_dict())
         return self._consolidated
+
+    def drop_consolidated_state(self) -> None:
+        """Free the state cached by :meth:`consolidate_state_dict` (after the save)."""
+        self._consolidated = None
 
     def state_dict(self) -> dict[str, Any]:
         """The whole job's optimizer state, the same on every rank and for any world size.

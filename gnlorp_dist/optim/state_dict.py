@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gnlorp_dist.optim.fragment_step import LAYOUT_KEY, find_flattened_groups
-from gnlorp_dist.optim.reshard import join_row_blocks, moments_state, rows_of_state, saved_state
+from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
 from gnlorp_dist.optim.validation import (
     layout_world_size_error,
     ranks_missing_error,
@@ -126,10 +126,8 @@ def consolidate(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str
         if len(found) == 1 and found[0][2]:
             merged[index] = found[0][3]  # a whole block: bitwise, 8-bit codes included
             continue
-        step, exp_avg, exp_avg_sq = join_row_blocks(
-            [(a, b, s) for a, b, _w, s in found], bits[index]
-        )
-        merged[index] = moments_state(step, exp_avg, exp_avg_sq, bits[index], params[index].dtype)
+        pieces = [(start, stop, state) for start, stop, _whole, state in found]
+        merged[index] = join_states(pieces, bits[index], params[index].dtype)
     return {
         "state": merged,
         "param_groups": local["param_groups"],

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
@@ -145,12 +148,22 @@ def unmarked_state_dict_error(world_size: int, shapes: tuple[Any, Any] | None) -
 
 
 def warn_if_nothing_is_projected(groups: list[dict[str, Any]]) -> bool:
-    """A UserWarning if no group carries ``rank`` (checked once, at the first step); True.
-
-    ``stacklevel`` 4: past this function, ``step()`` and its ``torch.no_grad`` wrapper."""
+    """A UserWarning if no group carries ``rank`` (checked once, at the first step); True."""
     if not any("rank" in group for group in groups):
-        warnings.warn(rankless_groups_warning(), UserWarning, stacklevel=4)
+        warnings.warn(rankless_groups_warning(), UserWarning, stacklevel=_user_stacklevel())
     return True
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside torch and gnlorp_dist (for the function
+    that calls this one): ``step()`` is wrapped by a varying number of torch and scheduler
+    frames, so a fixed level would point into them."""
+    packages = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    internal = tuple(package + os.sep for package in packages)
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def rankless_groups_warning() -> str:
