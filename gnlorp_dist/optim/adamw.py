@@ -419,8 +419,11 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
         a rank-0-only save (``transformers.Trainer``). Cost: one ``all_gather_object`` of every
         rank's state (CPU tensors); each rank holds the full state in host memory while cached.
         A rank whose peers do not join within ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default
-        60) raises a ValueError naming the fix instead of hanging.
+        60) raises a ValueError naming the fix instead of hanging. Under DeepSpeed ZeRO
+        (flattened groups) nothing is gathered: this rank's shard is returned, as state_dict().
         """
+        if self.comm.world_size > 1 and state_io.is_flattened(self):
+            return self.state_dict()  # ZeRO: the engine saves every rank's own shard
         state_io.wait_for_every_rank(self.comm)
         self._consolidated = state_io.consolidate(self, super().state_dict())
         return self._consolidated
