@@ -13,3 +13,25 @@ def tiny_args(tiny_config: str, out, *extra: str) -> list[str]:
         "--eval-batches", "1", "--output-dir", str(out), "--no-progress", "--log-every", "1",
         *extra,
     ]  # fmt: skip
+
+
+def small_llama(
+    *, vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int, **extra
+):
+    """A randomly initialised LLaMA (4 heads, untied head, no pad token) of the given sizes, built
+    under the current torch seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        **extra,
+    )
+    return LlamaForCausalLM(config)

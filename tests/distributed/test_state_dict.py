@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
 from gnlorp_dist.distributed import (
@@ -27,6 +26,7 @@ from gnlorp_dist.distributed import (
 from gnlorp_dist.optim import state_dict as state_io
 from gnlorp_dist.optim.comm import LocalCommunicator
 from gnlorp_dist.optim.ownership import SPLIT_MIN_NUMEL
+from tests.tiny_llama import small_llama
 
 from .harness import run_ranks_within
 
@@ -36,18 +36,9 @@ TIMEOUT_S = 2  # the rank-0-only save's wait, short for the test
 
 def _model():
     torch.manual_seed(5)
-    config = LlamaConfig(
-        vocab_size=VOCAB,  # embedding and head 2048 x 32 = SPLIT_MIN_NUMEL: split in row blocks
-        hidden_size=32,
-        intermediate_size=88,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=None,
-    )
-    return apply_weight_norm(LlamaForCausalLM(config))
+    # Embedding and head 2048 x 32 = SPLIT_MIN_NUMEL: split in row blocks.
+    model = small_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=88, num_hidden_layers=1)
+    return apply_weight_norm(model)
 
 
 def _optimizer(model, communicator, **kwargs):

@@ -7,9 +7,10 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from tests.tiny_llama import small_llama
 
 peft = pytest.importorskip("peft")
 
@@ -19,20 +20,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config)
+    return small_llama(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
 
 
 def peft_llama(use_dora: bool, seed: int = 0, init_lora_weights: bool = True):
