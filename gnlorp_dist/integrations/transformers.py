@@ -40,7 +40,7 @@ _PER_LAYER_REFUSAL = (
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class GradNormLoRPConfig:
     """The GradNormLoRP options a Trainer run adds to its ``TrainingArguments``.
 
@@ -51,12 +51,21 @@ class GradNormLoRPConfig:
     """
 
     rank: int = 128
+    """Projection rank r of every targeted matrix."""
     update_proj_gap: int = 200
+    """Subspace refresh gap T, in optimizer steps."""
     scale: float = 0.25
+    """Scale alpha of the projected update."""
     proj_type: str = "std"
+    """Which side to project: std (GaLore's rule), reverse_std, left, right."""
     bits: int = 32
+    """Optimizer-state bits: 32, or 8 (block-wise 8-bit moments)."""
     per_layer: bool = False
+    """Refused in a Trainer (it steps, clips and accumulates itself); kept so the refusal is
+    explicit rather than an unknown-option error."""
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    """Modules whose weights are projected: names, qualified names or globs (see
+    projected_param_groups)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
