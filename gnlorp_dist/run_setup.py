@@ -33,6 +33,7 @@ from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
+from gnlorp_dist.preflight import check_output_dir, checkpoint_bytes_estimate
 from gnlorp_dist.run_config import RESUME_MUST_MATCH, RunConfig, config_record, resolve
 from gnlorp_dist.schedule import warmup_cosine_schedule
 
@@ -205,6 +206,8 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         )
     model = build_training_model(config, llama, device)
     optimizer = build_optimizer(config, model, context)
+    # Somewhere to save, before any step (every rank: all write shards, all fail together).
+    check_output_dir(config.output_dir, checkpoint_bytes_estimate(model, optimizer))
     scheduler = warmup_cosine_schedule(
         optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
     )

@@ -1,0 +1,135 @@
+"""Checks before the first training step: is there somewhere to write the checkpoints?
+
+A run that cannot save should fail before it computes, not at its first save ``--save-every``
+steps later. :func:`check_output_dir` creates the output folder, proves it writable with a probe
+file and compares its free space with :func:`checkpoint_bytes_estimate`.
+
+Every rank runs the checks (``gnlorp-train`` calls them from
+:func:`gnlorp_dist.run_setup.prepare`): every rank writes its optimizer shard into the same
+checkpoint folder, and all ranks compute the same estimate and see the same file system, so
+they fail together instead of one rank raising while the others wait in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gnlorp_dist.optim import GradNormLoRPAdamW
+from gnlorp_dist.optim.ownership import state_elements
+from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL
+from gnlorp_dist.projection import projection_shape, projection_side
+
+SPACE_MARGIN = 0.10
+"""Extra free space asked for beyond the estimate (a fraction of it)..."""
+SPACE_MARGIN_BYTES = 16 << 20
+"""... plus this many bytes (metadata, the scheduler, RNG states, the JSON files)."""
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_output_dir(path: str | os.PathLike, needed_bytes: int) -> Path:
+    """``path`` created if missing (with its parents), checked writable by creating and removing
+    a probe file, and checked to have ``needed_bytes`` free plus a margin
+    (:data:`SPACE_MARGIN`, :data:`SPACE_MARGIN_BYTES`). Returns the folder.
+
+    Raises ValueError naming the path, the numbers and the fix: a path that is a file, a parent
+    that is a file or cannot be created, a folder that cannot be written, too little space.
+    """
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"--output-dir {str(path)!r} is a file, not a folder; pass a folder (it is created "
+            "if missing)"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"--output-dir {str(path)!r} cannot be created ({err.strerror or err}): a parent is "
+            "a file or not writable; pass a folder you can write to"
+        ) from None
+    probe = folder / f".gnlorp-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"gnlorp")
+    except OSError as err:
+        raise ValueError(
+            f"--output-dir {str(path)!r} is not writable ({err.strerror or err}); checkpoints "
+            "could not be saved. Fix its permissions or pass another --output-dir"
+        ) from None
+    finally:
+        probe.unlink(missing_ok=True)
+    wanted = int(needed_bytes * (1 + SPACE_MARGIN)) + SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < wanted:
+        raise ValueError(
+            f"--output-dir {str(path)!r} has {_size(free)} free but one checkpoint needs about "
+            f"{_size(needed_bytes)} (estimated from the model and optimizer state; "
+            f"{_size(wanted)} with the margin). Free space there or pass an --output-dir on a "
+            "larger disk"
+        )
+    return folder
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _moment_bytes(numel: int, bits: int, element_size: int) -> int:
+    """Bytes of Adam's two moments of ``numel`` elements (8-bit codes and block scales, or
+    floats of ``element_size``), as :class:`gnlorp_dist.optim.quantized.MomentStore` keeps
+    them."""
+    if bits == 8 and numel >= MIN_8BIT_NUMEL:
+        return 2 * (numel + 4 * -(-numel // BLOCK_SIZE))
+    return 2 * numel * element_size
+
+
+def _gnlorp_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    total = 0
+    for group in optimizer.param_groups:
+        rank, proj_type, bits = group.get("rank"), group.get("proj_type"), group.get("bits", 32)
+        for param in group["params"]:
+            size = param.element_size()
+            if rank is None or param.dim() != 2:
+                total += _moment_bytes(param.numel(), bits, size)
+                continue
+            low_rank = state_elements(tuple(param.shape), rank, proj_type) // 2
+            total += _moment_bytes(low_rank, bits, size)
+            side = projection_side(param.shape, proj_type)
+            rows, cols = projection_shape(param.shape, min(rank, min(param.shape)), side)
+            total += rows * cols * size  # the projection basis
+    return total
+
+
+def checkpoint_bytes_estimate(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """An ESTIMATE of the bytes one checkpoint of ``model`` and ``optimizer`` takes on disk, all
+    ranks' shards together: the model's state dict plus the optimizer state.
+
+    The optimizer state is computed from the parameter groups, not read from the state (which is
+    empty before the first step): for GradNormLoRPAdamW the two Adam moments of each parameter
+    (low-rank for a projected one, 8-bit codes and block scales when ``bits=8``) and each
+    projection basis; for any other optimizer two moments the size of every parameter (Adam).
+    Scalars, JSON files and the file formats' headers are left to the caller's margin.
+    """
+    model_bytes = sum(_tensor_bytes(t) for t in model.state_dict().values() if torch.is_tensor(t))
+    if isinstance(optimizer, GradNormLoRPAdamW):
+        state = _gnlorp_state_bytes(optimizer)
+    else:
+        state = sum(
+            2 * _tensor_bytes(param)
+            for group in optimizer.param_groups
+            for param in group["params"]
+        )
+    return model_bytes + state
