@@ -112,7 +112,9 @@ def _state_for_block(pieces: list[dict[str, Any]], block: Any, param: torch.Tens
                 k: v.to(param.device) if torch.is_tensor(v) else v
                 for k, v in piece["state"].items()
             }
-    assert all(not piece["whole"] for piece in pieces), "a whole block always matches"
+    # A dense tensor saved whole (one rank, or too small to split there) and now cut in row
+    # blocks, or saved in row blocks and now owned whole or cut otherwise: join, then cut. A
+    # projected matrix is always owned whole, so its block always matches above.
     whole = join_states(
         [(piece["row_start"], piece["row_stop"], piece["state"]) for piece in pieces],
         bits,
@@ -145,11 +147,17 @@ def _read_shards(directory: Path) -> list[dict[str, Any]]:
         )
     payloads = []
     for rank in range(saved_world):
-        payload = torch.load(
-            shard_path(directory, rank, saved_world), map_location="cpu", weights_only=True
-        )
-        if payload.get("format") != FORMAT_VERSION:
-            raise ValueError(f"shard {rank} in {directory} has format {payload.get('format')!r}")
+        path = shard_path(directory, rank, saved_world)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign file: name it
+            raise ValueError(
+                f"optimizer shard {path} cannot be read ({type(err).__name__}: {err}); it is "
+                "truncated or not a gnlorp_dist shard: resume from an older complete checkpoint"
+            ) from err
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise ValueError(f"optimizer shard {path} has format {found!r}, not {FORMAT_VERSION}")
         payloads.append(payload)
     return payloads
 
