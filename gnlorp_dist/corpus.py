@@ -111,19 +111,37 @@ def local_documents(path: str | os.PathLike, text_field: str = "text") -> Iterat
     else:
         raise ValueError(f"data file {str(path)!r} is neither .txt nor .jsonl")
     for file in files:
+        text = read_utf8(file)
         if file.suffix == ".txt":
-            yield file.read_text(encoding="utf-8")
+            yield text
             continue
-        with file.open(encoding="utf-8") as lines:
-            for lineno, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                if not isinstance(row, dict) or text_field not in row:
-                    raise ValueError(
-                        f"{file}:{lineno} has no field {text_field!r} (set --text-field)"
-                    )
-                yield str(row[text_field])
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{file}:{lineno} is not valid JSON ({err.msg} at column {err.colno}); a "
+                    ".jsonl file holds one JSON object per line"
+                ) from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise ValueError(f"{file}:{lineno} has no field {text_field!r} (set --text-field)")
+            yield str(row[text_field])
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file, newlines translated as ``Path.read_text`` does; a ValueError
+    naming the file, the offending byte's position and the fix when it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line "
+            f"{line}) {err.reason}; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ tokenizer

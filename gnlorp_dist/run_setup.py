@@ -175,6 +175,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
     if config.deepspeed is None:
         config = dataclasses.replace(config, deepspeed=ds_training.accelerate_config_file())
     config, llama = resolve(config)
+    check_output_dir(config.output_dir, 0)  # a writable folder (space: once the model is built)
     device = resolve_device(config.device, context.local_rank)
     if context.world_size > 1 and device != context.device:
         raise ValueError(

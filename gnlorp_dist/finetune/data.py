@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from gnlorp_dist.corpus import read_utf8
+
 Columns = dict[str, list[Any]]
 
 GLUE_HUB_DATASET = "nyu-mll/glue"
@@ -98,7 +100,7 @@ def read_table(path: str | Path) -> Columns:
         raise ValueError(
             f"data file {str(path)!r}: unknown format {suffix!r}; use one of {LOCAL_SUFFIXES}"
         )
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if suffix in (".csv", ".tsv"):
         # GLUE's TSVs contain bare quotes inside sentences: read them literally.
         quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
@@ -134,7 +136,10 @@ def read_table(path: str | Path) -> Columns:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+                raise ValueError(
+                    f"{path}: line {number} is not valid JSON ({err.msg}); a JSON-lines file "
+                    "holds one JSON object per line"
+                ) from None
     return _rows_to_columns(rows, path)
 
 

@@ -31,6 +31,7 @@ from gnlorp_dist.optim.validation import (
     shard_state_dict_error,
     unmarked_state_dict_error,
 )
+from gnlorp_dist.projection import low_rank_shape, projection_shape, projection_side
 
 if TYPE_CHECKING:
     from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
@@ -137,7 +138,15 @@ def consolidate(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str
 
 def prepare_to_load(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
     """What ``torch.optim.Optimizer.load_state_dict`` must load on this rank, or a ValueError
-    when ``state_dict`` is one rank's shard that does not belong here."""
+    when ``state_dict`` is one rank's shard that does not belong here, or holds states that do
+    not fit this optimizer's parameters (:func:`check_state_fits`)."""
+    loaded = _prepare_to_load(optimizer, state_dict)
+    if LAYOUT_KEY not in loaded["state"]:
+        check_state_fits(optimizer, loaded, whole=False)
+    return loaded
+
+
+def _prepare_to_load(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = optimizer.comm.rank, optimizer.comm.world_size
     meta = state_dict.get(FORMAT_KEY)
     body = {k: v for k, v in state_dict.items() if k != FORMAT_KEY}
@@ -162,7 +171,85 @@ def prepare_to_load(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) ->
         return body
     if world_size == 1:
         return body
+    check_state_fits(optimizer, body, whole=True)  # before cutting rows out of it
     return _this_ranks_shard(optimizer, body)
+
+
+def _param_names(optimizer: GradNormLoRPAdamW) -> list[str]:
+    names = []
+    for group_index, group in enumerate(optimizer.param_groups):
+        given = group.get("param_names")
+        for index in range(len(group["params"])):
+            names.append(given[index] if given else f"param_groups[{group_index}][{index}]")
+    return names
+
+
+def check_state_fits(optimizer: GradNormLoRPAdamW, body: dict[str, Any], *, whole: bool) -> None:
+    """A ValueError, naming the parameter and both shapes, when ``body`` (torch's state dict
+    format) was saved for other parameters: another number of groups or of parameters in a
+    group, projected moments or a projection basis of another shape, dense moments of another
+    shape. ``whole``: the dense moments are the whole parameter's (a consolidated state dict),
+    else this rank's row block. The shapes follow the saved groups' ``rank`` and ``proj_type``
+    (what the optimizer steps with once loaded)."""
+    saved_groups, groups = body["param_groups"], optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"the optimizer state dict has {len(saved_groups)} parameter groups, this optimizer "
+            f"{len(groups)}: it was saved for another model or other parameter groups"
+        )
+    names = iter(_param_names(optimizer))
+    for group_index, (saved, group) in enumerate(zip(saved_groups, groups)):
+        if len(saved["params"]) != len(group["params"]):
+            group_names = group.get("param_names")
+            which = f" ({group_names[0]} ... {group_names[-1]})" if group_names else ""
+            raise ValueError(
+                f"param_groups[{group_index}]{which}: the optimizer state dict holds "
+                f"{len(saved['params'])} parameters for this group, this optimizer "
+                f"{len(group['params'])}: it was saved for another model or other parameter groups"
+            )
+        for saved_id, param in zip(saved["params"], group["params"]):
+            name = next(names)
+            entry = body["state"].get(saved_id)
+            if not entry:
+                continue
+            for key, expected in _expected_shapes(optimizer, saved, param, entry, whole).items():
+                value = entry.get(key)
+                if torch.is_tensor(value) and tuple(value.shape) != expected:
+                    raise ValueError(
+                        f"{name}: the optimizer state dict's {key!r} has shape "
+                        f"{tuple(value.shape)} but this optimizer's parameter of shape "
+                        f"{tuple(param.shape)} needs {expected}: it was saved for another model "
+                        "(or another rank / projection type); load it into the model it was "
+                        "saved from"
+                    )
+
+
+def _expected_shapes(
+    optimizer: GradNormLoRPAdamW,
+    saved_group: dict[str, Any],
+    param: torch.Tensor,
+    entry: dict[str, Any],
+    whole: bool,
+) -> dict[str, tuple[int, ...]]:
+    """The shapes ``entry``'s tensors must have for ``param`` under ``saved_group``."""
+    rank = saved_group.get("rank")
+    if rank is not None:
+        if "proj" not in entry:
+            return {}  # no subspace yet: nothing to compare
+        if param.dim() != 2:
+            return {"proj": ()}  # a projected state for a parameter that is not a matrix
+        side = projection_side(param.shape, saved_group.get("proj_type", "std"))
+        moments = low_rank_shape(param.shape, rank, side)
+        basis = projection_shape(param.shape, min(rank, *param.shape), side)
+        return {"proj": basis, "exp_avg": moments, "exp_avg_sq": moments}
+    shape = tuple(param.shape)
+    if not whole and optimizer.comm.world_size > 1:
+        if not optimizer.owns(param):
+            return {}
+        block = optimizer.owned_block(param)
+        if not block.whole:
+            shape = (block.row_stop - block.row_start, *shape[1:])
+    return {"exp_avg": shape, "exp_avg_sq": shape}
 
 
 def _check_unmarked(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> None:

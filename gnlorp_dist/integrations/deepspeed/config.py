@@ -8,12 +8,60 @@ instead; it fills in the two switches DeepSpeed needs for a client optimizer.
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import json
 import os
 from typing import Any
 
 SUPPORTED_STAGES = (0, 1, 2, 3)
 OFFLOAD_STAGES = (2, 3)
+
+# The top-level keys DeepSpeed 0.19 reads, used when DeepSpeed is not installed and added to
+# those read off the installed DeepSpeed (some sections are read only on some paths).
+_STATIC_TOP_LEVEL_KEYS = frozenset(
+    {
+        "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint",
+        "comet", "comms_logger", "communication_data_type", "compile", "compression_training",
+        "csv_monitor", "curriculum_learning", "data_efficiency", "data_types",
+        "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc",
+        "dump_state", "eigenvalue", "elasticity", "expert_parallel", "flops_profiler", "fp16",
+        "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+        "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
+        "managed_gradient_accumulation", "memory_breakdown", "monitor_config", "nebula",
+        "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop",
+        "quantize_training", "scheduler", "seq_parallel_communication_data_type",
+        "sequence_parallel_size", "sparse_attention", "sparse_gradients", "steps_per_print",
+        "tensor_parallel", "tensorboard", "timers", "torch_autocast", "train_batch_size",
+        "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+        "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
+        "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
+    }
+)  # fmt: skip
+# zero_optimization keys of DeepSpeed 0.19's DeepSpeedZeroConfig (field names and aliases).
+_STATIC_ZERO_KEYS = frozenset(
+    {
+        "allgather_bucket_size", "allgather_partitions", "allgather_sequential",
+        "contiguous_gradients", "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory",
+        "elastic_checkpoint", "enable_sanity_checks", "gather_16bit_weights_on_model_save",
+        "ignore_unused_parameters", "leaf_module", "legacy_stage1", "load_from_fp32_weights",
+        "log_trace_cache_warnings", "max_live_parameters", "max_reuse_distance",
+        "memory_efficient_linear", "mics_hierarchical_params_gather", "mics_shard_size",
+        "model_persistence_threshold", "module_granularity_threshold", "offload_optimizer",
+        "offload_param", "overlap_comm", "override_module_apply", "param_persistence_threshold",
+        "parameter_alignment", "pipeline_loading_checkpoint", "prefetch_bucket_size",
+        "reduce_bucket_size", "reduce_scatter", "round_robin_gradients",
+        "save_muon_momentum_buffer_in_memory", "stage", "stage3_allgather_sequential",
+        "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+        "stage3_max_live_parameters", "stage3_max_reuse_distance",
+        "stage3_model_persistence_threshold", "stage3_module_granularity_threshold",
+        "stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
+        "stage3_use_all_reduce_for_fetch_params", "sub_group_size", "use_all_reduce_for_fetch_params",
+        "use_multi_rank_bucket_allreduce", "zenflow", "zero_hpz_partition_size",
+        "zero_quantized_gradients", "zero_quantized_nontrainable_weights",
+        "zero_quantized_weights", "zeropp_loco_param",
+    }
+)  # fmt: skip
 
 
 def load_deepspeed_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +76,84 @@ def load_deepspeed_config(config: str | os.PathLike | dict[str, Any]) -> dict[st
             return json.load(handle)
         except json.JSONDecodeError as err:
             raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {err}") from err
+
+
+class _KeyRecorder(dict):
+    """A dict that remembers every key looked up in it."""
+
+    def __init__(self, *args: Any, seen: set[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = seen
+
+    def __getitem__(self, key: Any) -> Any:
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def __copy__(self) -> _KeyRecorder:
+        return _KeyRecorder(self, seen=self.seen)
+
+
+@functools.cache
+def known_top_level_keys() -> frozenset[str]:
+    """The top-level keys DeepSpeed knows: those the installed DeepSpeed's ``DeepSpeedConfig``
+    looks up while reading a config (recorded), with a static list of DeepSpeed 0.19's keys
+    (also the whole answer when DeepSpeed is not installed)."""
+    seen: set[str] = set()
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig  # noqa: PLC0415  (slow import)
+
+        reader = object.__new__(DeepSpeedConfig)  # no __init__: no process group, no world size
+        reader.global_rank, reader.world_size = 0, 1
+        minimal = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+        reader._initialize_params(_KeyRecorder(minimal, seen=seen))
+    except Exception:  # noqa: BLE001, S110 - any failure: the keys seen so far and the static list
+        pass
+    return _STATIC_TOP_LEVEL_KEYS | {key for key in seen if isinstance(key, str)}
+
+
+@functools.cache
+def known_zero_keys() -> frozenset[str]:
+    """The ``zero_optimization`` keys DeepSpeed knows: the field names and aliases of the
+    installed DeepSpeed's ``DeepSpeedZeroConfig``, with a static list of DeepSpeed 0.19's."""
+    keys: set[str] = set()
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # noqa: PLC0415
+
+        for name, field in DeepSpeedZeroConfig.model_fields.items():
+            keys.add(name)
+            if field.alias:
+                keys.add(field.alias)
+    except Exception:  # noqa: BLE001, S110 - not installed or another version: the static list
+        pass
+    return _STATIC_ZERO_KEYS | keys
+
+
+def check_known_keys(config: dict[str, Any]) -> None:
+    """A ValueError for a top-level or ``zero_optimization`` key DeepSpeed does not know (it
+    would ignore a misspelled section and train without it), with the nearest known key."""
+    sections = [("", config, known_top_level_keys())]
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict):
+        sections.append(("zero_optimization.", zero, known_zero_keys()))
+    for prefix, section, known in sections:
+        for key in section:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"the DeepSpeed config has the key '{prefix}{key}', which DeepSpeed does not know "
+                f"(it would ignore it silently); {hint}fix or remove it (see ds_configs/ for "
+                "examples)"
+            )
 
 
 def _enabled(section: Any) -> bool:
@@ -58,7 +184,9 @@ def check_deepspeed_config(
 ) -> dict[str, Any]:
     """``config`` checked for GradNormLoRPAdamW as DeepSpeed's client optimizer, filled in.
 
-    Raises ValueError, naming the setting and what to use instead, for: an ``optimizer`` block
+    Raises ValueError, naming the setting and what to use instead, for: a top-level or
+    ``zero_optimization`` key DeepSpeed does not know (with the nearest known key), an
+    ``optimizer`` block
     (ours is the client optimizer), fp16 loss scaling (use bf16), a ZeRO stage outside 0-3,
     optimizer offload at stage 0/1 or to NVMe, ZeRO++ hierarchical partitioning, MiCS and
     elastic ZeRO checkpoints (they assume optimizer states shaped like the flat partition), and,
@@ -69,6 +197,7 @@ def check_deepspeed_config(
     optimizer.
     """
     config = load_deepspeed_config(config)
+    check_known_keys(config)
     if "optimizer" in config:
         kind = config["optimizer"].get("type") if isinstance(config["optimizer"], dict) else None
         raise ValueError(
