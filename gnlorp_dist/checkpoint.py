@@ -10,8 +10,26 @@ Layout under ``output_dir``::
                                  scheduler.pt        LambdaLR state_dict
                                  rng_state.pt        torch / python / numpy (/ cuda) RNG states
                                  run_config.json     the run's configuration
-                                 trainer_state.json  step, data position, counters; written last
+                                 trainer_state.json  step, data position, branch, counters
+                                 manifest.json       every file's size + sha256 and
+                                                     "all_finite": true; written last
+    checkpoints/step-00000040-b1a2b3c4/  a checkpoint of branch b1a2b3c4 (see below)
+    checkpoints/branch.json      the current branch and the checkpoint it started from
     final/                       merged model (save_pretrained, safetensors) + tokenizer
+    .lock                        pid, host and start time of the run using the folder
+
+Branches: a run that resumes from a checkpoint other than its branch's newest (an older one
+named by --resume, or the previous one when the newest fails verification) starts a new branch
+(``branch.json``); its checkpoints carry the branch id in their folder name, pruning by
+--keep-checkpoints only counts the current branch's, and ``--resume auto`` only looks at the
+current branch (then at the checkpoint it started from). The first branch ("main") keeps the
+plain ``step-XXXXXXXX`` names.
+
+Verification (:mod:`gnlorp_dist.checkpoint_manifest`): before a checkpoint is used, every file
+is checked against the manifest; ``--resume auto`` skips one that fails with a warning naming
+the file and takes the previous one. Checkpoints of format 1 (no manifest) load with a warning
+that they are unverified. A save that finds a NaN or infinity in the model or the optimizer
+state writes nothing and raises ValueError (the previous checkpoints stay).
 
 A checkpoint is written into a sibling ``step-XXXXXXXX.tmp-<pid>`` folder (``.tmp-job`` when
 several ranks write into it, rank 0 renaming it after a barrier), every file fsynced, then
@@ -24,9 +42,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import random
 import re
+import secrets
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,11 +58,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 
+from gnlorp_dist.checkpoint_manifest import (
+    MANIFEST_FILE,
+    model_and_optimizer_nonfinite,
+    read_json,
+    verify_manifest,
+    warn,
+    write_manifest,
+)
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
 from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.schedule import sync_lr_to_schedule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: manifest.json and branches. Version 1 checkpoints (no manifest) still load, unverified."""
+READABLE_VERSIONS = (1, 2)
+MAIN_BRANCH = "main"
+BRANCH_FILE = "branch.json"
 CHECKPOINTS_SUBDIR = "checkpoints"
 FINAL_SUBDIR = "final"
 MODEL_FILE = "model.safetensors"
@@ -51,7 +83,8 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 CONFIG_FILE = "run_config.json"
 STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_STEP_DIR = re.compile(r"^step-(\d{8})(?:-(b[0-9a-f]+))?$")
+_NONFINITE_MARK = "nonfinite-rank-{rank}.json"
 
 
 @dataclass(kw_only=True)
@@ -66,31 +99,128 @@ class TrainerState:
     """Counters for the log (tokens seen, last loss); not needed to continue exactly."""
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
+def step_dir_name(step: int, branch: str = MAIN_BRANCH) -> str:
+    return f"step-{step:08d}" + ("" if branch == MAIN_BRANCH else f"-{branch}")
 
 
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS_SUBDIR
 
 
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``output_dir``, oldest first; ``*.tmp*`` folders never count."""
+def current_branch(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """``{"branch": id, "parent": checkpoint path or None}`` from ``checkpoints/branch.json``
+    (the first branch, "main", without parent, when there is none)."""
+    path = checkpoints_root(output_dir) / BRANCH_FILE
+    if not path.is_file():
+        return {"branch": MAIN_BRANCH, "parent": None}
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("branch"), str):
+        raise ValueError(f"{path} is not a branch record; delete it to continue the main branch")
+    return record
+
+
+def all_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str, Path]]:
+    """``(step, branch, folder)`` of every complete checkpoint of every branch, by step."""
     root = checkpoints_root(output_dir)
     if not root.is_dir():
         return []
-    found = [
-        (int(match.group(1)), path)
+    return sorted(
+        (int(match.group(1)), match.group(2) or MAIN_BRANCH, path)
         for path in root.iterdir()
         if (match := _STEP_DIR.match(path.name)) and (path / STATE_FILE).is_file()
-    ]
-    return [path for _, path in sorted(found)]
+    )
+
+
+def complete_checkpoints(output_dir: str | os.PathLike, branch: str | None = None) -> list[Path]:
+    """Complete checkpoints of ``branch`` (default: the current one), oldest first; ``*.tmp*``
+    folders never count."""
+    branch = branch or current_branch(output_dir)["branch"]
+    return [path for _step, b, path in all_checkpoints(output_dir) if b == branch]
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint, or None."""
+    """The current branch's newest complete checkpoint (unverified), or None."""
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def check_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state of ``folder`` once every file matches its manifest, or a ValueError
+    naming the file at fault. A format-1 checkpoint (no manifest) passes with a warning."""
+    folder = Path(folder)
+    state_path = folder / STATE_FILE
+    if not folder.is_dir() or not state_path.is_file():
+        raise ValueError(
+            f"{str(folder)!r} is not a complete gnlorp_dist checkpoint (no {STATE_FILE}); name "
+            "a checkpoints/step-XXXXXXXX folder or a run's --output-dir"
+        )
+    manifest = verify_manifest(folder)
+    state = read_json(state_path)
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise ValueError(
+            f"checkpoint {folder} has format version {version!r} ({state_path}); this "
+            f"gnlorp_dist reads versions {list(READABLE_VERSIONS)}"
+        )
+    if manifest is None:
+        if version != 1:
+            raise ValueError(
+                f"checkpoint {folder} has no {MANIFEST_FILE}: it was not written completely by "
+                "gnlorp_dist's save_checkpoint; resume from an older checkpoint"
+            )
+        warn(f"checkpoint {folder} has format version 1 (no {MANIFEST_FILE}): used unverified")
+    return state
+
+
+def resume_candidates(output_dir: str | os.PathLike) -> list[Path]:
+    """Where ``--resume auto`` looks, in order: the current branch's checkpoints, newest first,
+    then the checkpoint the branch started from."""
+    found = complete_checkpoints(output_dir)[::-1]
+    parent = current_branch(output_dir).get("parent")
+    if parent and Path(parent).is_dir() and Path(parent) not in found:
+        found.append(Path(parent))
+    return found
+
+
+def select_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of the current branch that verifies (None when there is none);
+    each one skipped is a warning naming its fault; a ValueError when none verifies."""
+    candidates = resume_candidates(output_dir)
+    faults = []
+    for folder in candidates:
+        try:
+            check_checkpoint(folder)
+        except ValueError as err:
+            faults.append(str(err))
+            warn(f"skipping checkpoint {folder}: {err}")
+            continue
+        return folder
+    if faults:
+        raise ValueError(
+            f"no checkpoint in {output_dir} verifies ({'; '.join(faults)}); resume a verified "
+            "checkpoint with --resume PATH, or start afresh with another --output-dir"
+        )
+    return None
+
+
+def begin_branch_if_needed(output_dir: str | os.PathLike, resumed: Path) -> str | None:
+    """After resuming ``resumed`` into ``output_dir`` (rank 0): start a new branch unless it is
+    the current branch's head (its newest checkpoint, or the one it started from). The new
+    branch id, or None when the current branch continues."""
+    found = complete_checkpoints(output_dir)
+    head = found[-1] if found else current_branch(output_dir).get("parent")
+    if head is None and not all_checkpoints(output_dir):
+        return None  # a fresh folder: its first branch starts here
+    if head is not None and Path(head).resolve() == Path(resumed).resolve():
+        return None
+    branch = f"b{secrets.token_hex(4)}"
+    root = checkpoints_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    temporary = root / f"{BRANCH_FILE}.tmp-{os.getpid()}"
+    _json_save({"branch": branch, "parent": str(Path(resumed).resolve())}, temporary)
+    os.replace(temporary, root / BRANCH_FILE)
+    _fsync_dir(root)
+    return branch
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -143,6 +273,10 @@ def _torch_save(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
 def _json_save(obj: Any, path: Path) -> None:
     with path.open("w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -165,7 +299,8 @@ def remove_stale_tmp_dirs(root: Path) -> None:
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (``keep <= 0``: keep all)."""
+    """Delete all but the newest ``keep`` complete checkpoints of the current branch (``keep <=
+    0``: keep all); other branches' checkpoints are never touched."""
     found = complete_checkpoints(output_dir)
     doomed = found[:-keep] if keep > 0 else []
     for path in doomed:
@@ -194,13 +329,15 @@ def save_checkpoint(
     and rank 0 renames the folder into place once ``barrier`` says every shard is on disk.
     """
     root = checkpoints_root(output_dir)
-    final = root / step_dir_name(step)
+    branch = current_branch(output_dir)["branch"]
+    final = root / step_dir_name(step, branch)
     tmp = root / f"{final.name}.tmp-{os.getpid() if world_size == 1 else 'job'}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp_dirs(root)
         tmp.mkdir()
     barrier()
+    _refuse_nonfinite(tmp, step, model if rank == 0 else None, optimizer, rank, barrier)
     _save_optimizer(optimizer, tmp, rank)
     if rank == 0:
         _save_model(model, tmp / MODEL_FILE)
@@ -212,11 +349,13 @@ def save_checkpoint(
         state = {
             "format_version": FORMAT_VERSION,
             "step": step,
+            "branch": branch,
             "world_size": world_size,
             "data_state": data_state,
             "extra": extra or {},
         }
-        _json_save(state, tmp / STATE_FILE)  # last: its presence marks the folder complete
+        _json_save(state, tmp / STATE_FILE)
+        write_manifest(tmp, step=step, branch=branch)  # last: it covers every other file
         _fsync_dir(tmp)
         if final.exists():  # only when a step is saved twice (a resumed run at its last step)
             shutil.rmtree(final)
@@ -225,6 +364,37 @@ def save_checkpoint(
         prune_checkpoints(output_dir, keep)
     barrier()
     return final
+
+
+def _refuse_nonfinite(
+    tmp: Path,
+    step: int,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    barrier: Callable[[], None],
+) -> None:
+    """Every rank checks its tensors; if any rank found a NaN or infinity, nothing is written,
+    the previous checkpoints stay, and every rank raises the same ValueError (the ranks agree
+    through marker files in the shared temporary folder)."""
+    bad = model_and_optimizer_nonfinite(model, optimizer)
+    if bad:
+        _json_save(bad, tmp / _NONFINITE_MARK.format(rank=rank))
+    barrier()
+    marks = sorted(tmp.glob(_NONFINITE_MARK.format(rank="*")))
+    if not marks:
+        return
+    found = [name for mark in marks for name in read_json(mark)]
+    barrier()  # every rank has read the marks before rank 0 deletes them
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    message = (
+        f"refusing to write the checkpoint of step {step}: non-finite values in "
+        f"{', '.join(found[:8])}{' ...' if len(found) > 8 else ''}. Training diverged; the "
+        "previous checkpoints are kept: resume from them with a lower --lr or with --grad-clip"
+    )
+    logging.getLogger(__name__).error(message)
+    raise ValueError(message)
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, rank: int) -> None:
@@ -245,8 +415,9 @@ def _load_optimizer(
             )
         load_sharded_optimizer(optimizer, folder)
     else:
+        file = folder / OPTIMIZER_FILE
         optimizer.load_state_dict(
-            torch.load(folder / OPTIMIZER_FILE, weights_only=True, map_location=device)
+            _read(file, lambda p: torch.load(p, weights_only=True, map_location=device))
         )
 
 
@@ -254,7 +425,19 @@ def _load_optimizer(
 
 
 def read_run_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / CONFIG_FILE).read_text())
+    return read_json(Path(checkpoint) / CONFIG_FILE)
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    try:
+        return reader(path)
+    except ValueError:
+        raise
+    except Exception as err:  # truncated safetensors, unpickling errors, missing files
+        raise ValueError(
+            f"checkpoint file {path} cannot be read ({type(err).__name__}: {err}); resume "
+            "from an older complete checkpoint"
+        ) from err
 
 
 def check_compatible(
@@ -285,30 +468,25 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     restore_rng: bool = True,
     device: torch.device | str = "cpu",
+    verify: bool = True,
 ) -> TrainerState:
     """Load model, optimizer, scheduler (and RNG) state in place; return the loop's state.
 
     Tensors are read onto ``device`` (the run's), whatever device wrote them: a checkpoint
-    saved on a GPU resumes on a CPU-only machine and the other way round."""
+    saved on a GPU resumes on a CPU-only machine and the other way round. The files are first
+    checked against the manifest (``verify=False``: the caller just did)."""
     path = Path(checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(f"{str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
-    state = json.loads((path / STATE_FILE).read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"checkpoint {path} has format version {state.get('format_version')!r}; "
-            f"this gnlorp_dist reads version {FORMAT_VERSION}"
-        )
-    model.load_state_dict(load_file(str(path / MODEL_FILE), device=str(device)), strict=True)
-    _load_optimizer(optimizer, path, device)
-    scheduler.load_state_dict(
-        torch.load(path / SCHEDULER_FILE, weights_only=True, map_location="cpu")
+    state = check_checkpoint(path) if verify else read_json(path / STATE_FILE)
+    model.load_state_dict(
+        _read(path / MODEL_FILE, lambda p: load_file(str(p), device=str(device))), strict=True
     )
+    _load_optimizer(optimizer, path, device)
+    scheduler.load_state_dict(_read(path / SCHEDULER_FILE, _torch_load))
     if isinstance(scheduler, LambdaLR):
         sync_lr_to_schedule(scheduler)
     if restore_rng:
         # RNG states are host byte tensors, whatever device the run computes on.
-        restore_rng_state(torch.load(path / RNG_FILE, weights_only=True, map_location="cpu"))
+        restore_rng_state(_read(path / RNG_FILE, _torch_load))
     return TrainerState(step=state["step"], data_state=state["data_state"], extra=state["extra"])
 
 

@@ -21,11 +21,16 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
 from gnlorp_dist.checkpoint import (
+    all_checkpoints,
+    begin_branch_if_needed,
+    check_checkpoint,
     check_compatible,
-    latest_checkpoint,
+    checkpoints_root,
     load_checkpoint,
     read_run_config,
+    select_checkpoint,
 )
+from gnlorp_dist.checkpoint_manifest import acquire_lock
 from gnlorp_dist.data import TrainData, build_data
 from gnlorp_dist.device import activate_device, resolve_device
 from gnlorp_dist.distributed import SINGLE_PROCESS, DistributedContext, wrap_for_data_parallel
@@ -152,19 +157,29 @@ class Run:
 
 
 def find_resume_checkpoint(config: RunConfig) -> Path | None:
-    newest = latest_checkpoint(config.output_dir)
+    """The checkpoint to resume, verified against its manifest.
+
+    ``auto``: the current branch's newest checkpoint that verifies (each one skipped is a
+    warning naming the file at fault; a ValueError when none verifies); ``never``: None, or a
+    ValueError when the folder already holds checkpoints; a path: that checkpoint, or, for a
+    run's output folder, its newest verified one."""
     if config.resume == "auto":
-        return newest
+        return select_checkpoint(config.output_dir)
     if config.resume == "never":
-        if newest is not None:
+        found = all_checkpoints(config.output_dir)
+        if found:
             raise ValueError(
                 f"--resume never, but {config.output_dir!r} already holds checkpoints "
-                f"(newest {newest.name}); use --resume auto or another --output-dir"
+                f"(newest {found[-1][2].name}); use --resume auto or another --output-dir"
             )
         return None
     path = Path(config.resume)
-    # A run's output folder stands for its newest checkpoint.
-    return latest_checkpoint(path) or path
+    if checkpoints_root(path).is_dir():  # a run's output folder stands for its newest checkpoint
+        chosen = select_checkpoint(path)
+        if chosen is not None:
+            return chosen
+    check_checkpoint(path)
+    return path
 
 
 def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> Run:
@@ -176,6 +191,8 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         config = dataclasses.replace(config, deepspeed=ds_training.accelerate_config_file())
     config, llama = resolve(config)
     check_output_dir(config.output_dir, 0)  # a writable folder (space: once the model is built)
+    if context.is_main:  # before anything reads or writes the folder; released at exit
+        acquire_lock(config.output_dir)
     device = resolve_device(config.device, context.local_rank)
     if context.world_size > 1 and device != context.device:
         raise ValueError(
@@ -239,10 +256,23 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
             saved_config, config_record(config, llama), RESUME_MUST_MATCH, str(checkpoint)
         )
         state = load_checkpoint(
-            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, device=device
+            checkpoint,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            device=device,
+            verify=False,  # find_resume_checkpoint verified it
         )
         data.train.load_state_dict(state.data_state)
         run.start_step, run.resumed_from = state.step, checkpoint
+        context.barrier()  # every rank chose its checkpoint before the branch may change
+        if context.is_main:
+            branch = begin_branch_if_needed(config.output_dir, checkpoint)
+            if branch is not None:
+                log(
+                    f"resumed from {checkpoint}, which is not the newest checkpoint of "
+                    f"{config.output_dir}: new branch {branch} (older branches are kept)"
+                )
     run.forward_model = wrap_for_data_parallel(model, context, config.grad_reduction)
     if config.per_layer:
         run.per_layer = PerLayerUpdates(

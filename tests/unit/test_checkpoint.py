@@ -82,8 +82,13 @@ def test_layout_and_weights_only_loading(tmp_path):
     assert path == tmp_path / "checkpoints" / "step-00000001"
     assert sorted(p.name for p in path.iterdir()) == sorted(
         ["model.safetensors", "optimizer-shard-00000-of-00001.pt", "scheduler.pt",
-         "rng_state.pt", "run_config.json", "trainer_state.json"]
+         "rng_state.pt", "run_config.json", "trainer_state.json", "manifest.json"]
     )  # fmt: skip
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["all_finite"] is True and manifest["step"] == 1
+    assert sorted(manifest["files"]) == sorted(p.name for p in path.iterdir())[1:]  # all but it
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == (path / name).stat().st_size and len(entry["sha256"]) == 64
     for name in ("optimizer-shard-00000-of-00001.pt", "scheduler.pt", "rng_state.pt"):
         torch.load(path / name, weights_only=True)
     shard = torch.load(path / "optimizer-shard-00000-of-00001.pt", weights_only=True)

@@ -37,6 +37,17 @@ def _barrier(optimizer: Any) -> None:
     wait_all([optimizer.comm.all_reduce_sum(torch.zeros(1, device=device))])
 
 
+def any_rank(optimizer: Any, flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective: every rank calls it)."""
+    comm = optimizer.comm
+    if comm.world_size == 1:
+        return flag
+    device = buffer_device(comm, torch.device("cpu"))
+    total = torch.tensor([float(flag)], device=device)
+    wait_all([comm.all_reduce_sum(total)])
+    return bool(total.item() > 0)
+
+
 def save_checkpoint(
     engine: Any,
     optimizer: Any,
@@ -72,11 +83,14 @@ def read_layout(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / LAYOUT_FILE
     if not path.is_file():
         raise ValueError(
-            f"{folder} has no {LAYOUT_FILE}: it was not written by gnlorp_dist's save_checkpoint "
-            "(engine.save_checkpoint alone resumes only on the same number of ranks, with "
-            "engine.load_checkpoint)"
+            f"{folder} has no {LAYOUT_FILE}: its save did not finish (DeepSpeed's files are "
+            "written before ours), or it was written by engine.save_checkpoint alone, which "
+            "resumes only on the same number of ranks, with engine.load_checkpoint"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
 
 
 def _fp32_weights(folder: Path, layout: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -5,11 +5,16 @@ The model and the optimizer are built exactly as without DeepSpeed (the model in
 them, with the JSON's ``"auto"`` values filled from the run's flags. Checkpoints are DeepSpeed's
 own (``engine.save_checkpoint``: module, per-rank ZeRO partitions holding our low-rank states,
 and our data position, schedule and run config as client state), in
-``<output-dir>/ds_checkpoints/step-XXXXXXXX`` with DeepSpeed's ``latest`` file.
+``<output-dir>/ds_checkpoints/step-XXXXXXXX``, each ending with our ``manifest.json`` (every
+file's size and sha256, written by rank 0 after every rank's files are on disk). DeepSpeed
+updates its ``latest`` file before our files are written, so ``--resume auto`` ignores it: it
+takes the newest tag folder whose manifest verifies, skipping others with a warning. A save that
+finds a non-finite tensor on any rank writes nothing and raises ValueError on every rank.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,9 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gnlorp_dist.checkpoint_manifest import (
+    MANIFEST_FILE,
+    model_and_optimizer_nonfinite,
+    verify_manifest,
+    warn,
+    write_manifest,
+)
 from gnlorp_dist.device import to_device
 from gnlorp_dist.integrations.deepspeed.checkpoint import (
     CLIENT_STATE_FILE,
+    any_rank,
     initialize_from_checkpoint,
     read_layout,
     save_checkpoint,
@@ -126,11 +139,23 @@ def save(run: Run, step: int, client_state: dict[str, Any]) -> Path:
     """A reshardable DeepSpeed checkpoint at ``step`` (every rank), keeping the newest ones."""
     c = run.config
     root = Path(c.output_dir) / CHECKPOINT_DIR
+    bad = model_and_optimizer_nonfinite(run.model, run.optimizer)
+    if any_rank(run.optimizer, bool(bad)):
+        message = (
+            f"refusing to write the checkpoint of step {step}: non-finite values"
+            f"{' in ' + ', '.join(bad[:8]) if bad else ' on another rank'}. Training diverged; "
+            "the previous checkpoints are kept: resume from them with a lower --lr or with "
+            "--grad-clip"
+        )
+        logging.getLogger(__name__).error(message)
+        raise ValueError(message)
     folder = save_checkpoint(run.engine, run.optimizer, root, f"step-{step:08d}", client_state)
-    if run.context.is_main and c.keep_checkpoints:
-        tags = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in tags[: -c.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+    if run.context.is_main:
+        write_manifest(folder, step=step)  # last: every rank's files are on disk
+        if c.keep_checkpoints:
+            tags = sorted(p for p in root.glob("step-*") if p.is_dir())
+            for old in tags[: -c.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
     run.context.barrier()
     return folder
 
@@ -143,22 +168,71 @@ def latest(output_dir: str) -> Path | None:
     return marker.parent / marker.read_text().strip()
 
 
+def check_tag(folder: Path) -> dict[str, Any]:
+    """``folder``'s client state once its files match its manifest, or a ValueError naming the
+    file at fault. A folder saved before manifests (layout and client state, no manifest) is
+    used with a warning that it is unverified."""
+    if verify_manifest(folder) is None:
+        read_layout(folder)
+        if not (folder / CLIENT_STATE_FILE).is_file():
+            raise ValueError(f"{folder} has no {CLIENT_STATE_FILE}: its save did not finish")
+        warn(f"DeepSpeed checkpoint {folder} has no {MANIFEST_FILE}: used unverified")
+    path = folder / CLIENT_STATE_FILE
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
+
+
+def tag_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``step-*`` tag folders under ``output_dir/ds_checkpoints``, newest first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+
+
+def select_tag(output_dir: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest tag folder that verifies, and its client state (DeepSpeed's ``latest`` is
+    ignored: it is written before our files); each one skipped is a warning naming the fault."""
+    faults = []
+    for folder in tag_folders(output_dir):
+        try:
+            return folder, check_tag(folder)
+        except ValueError as err:
+            faults.append(str(err))
+            warn(f"skipping DeepSpeed checkpoint {folder}: {err}")
+    if faults:
+        raise ValueError(
+            f"no DeepSpeed checkpoint in {output_dir} verifies ({'; '.join(faults)}); resume a "
+            "verified one with --resume PATH, or start afresh with another --output-dir"
+        )
+    return None, None
+
+
 def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint ``--resume`` names (auto: DeepSpeed's ``latest``) and its client state,
-    checked against the run's settings before anything is loaded."""
+    """The checkpoint ``--resume`` names (auto: the newest verified tag folder) and its client
+    state, checked against the run's settings before anything is loaded."""
     from gnlorp_dist.checkpoint import check_compatible  # noqa: PLC0415
     from gnlorp_dist.run_config import RESUME_MUST_MATCH, config_record  # noqa: PLC0415
 
     c = run.config
     if c.resume == "never":
-        if latest(c.output_dir) is not None:
-            raise ValueError(f"--resume never, but {c.output_dir!r} already holds checkpoints")
+        if tag_folders(c.output_dir):
+            raise ValueError(
+                f"--resume never, but {c.output_dir!r} already holds checkpoints; use --resume "
+                "auto or another --output-dir"
+            )
         return None, None
-    checkpoint = latest(c.output_dir) if c.resume == "auto" else latest(c.resume) or Path(c.resume)
-    if checkpoint is None:
-        return None, None
-    read_layout(checkpoint)
-    state = torch.load(checkpoint / CLIENT_STATE_FILE, weights_only=False, map_location="cpu")
+    source = c.output_dir if c.resume == "auto" else c.resume
+    if c.resume == "auto" or (Path(c.resume) / CHECKPOINT_DIR).is_dir():
+        checkpoint, state = select_tag(source)
+        if checkpoint is None:
+            return None, None
+    else:
+        checkpoint = Path(c.resume)
+        state = check_tag(checkpoint)
+    assert state is not None
     check_compatible(
         state["run_config"], config_record(c, run.llama), RESUME_MUST_MATCH, str(checkpoint)
     )
