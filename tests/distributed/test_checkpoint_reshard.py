@@ -83,3 +83,47 @@ def test_one_process_checkpoint_resumes_on_n_ranks(resumed, world_size):
     assert _rel(ranks[0][8], references[8]) < 5e-2
     for other in ranks[1:]:
         assert torch.equal(other[32], ranks[0][32]) and torch.equal(other[8], ranks[0][8])
+
+
+def _save_on_ranks(rank, world_size, out_dir):
+    """save_checkpoint on every rank: a verified checkpoint, then a refused one when only
+    rank 1's optimizer shard holds an infinity (every rank raises; nothing is written)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from gnlorp_dist.checkpoint import all_checkpoints, check_checkpoint, save_checkpoint  # noqa: PLC0415
+    from gnlorp_dist.schedule import warmup_cosine_schedule  # noqa: PLC0415
+
+    out = Path(out_dir)
+    model = DistributedDataParallel(_model())
+    optimizer = _optimizer(model.module, ProcessGroupCommunicator())
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps=1, total_steps=10, min_ratio=0.1)
+    _train(model, optimizer, range(2), rank, world_size)
+
+    def save(step_no):
+        return save_checkpoint(
+            out, step=step_no, model=model.module, optimizer=optimizer, scheduler=scheduler,
+            data_state={}, run_config={}, rank=rank, world_size=world_size, barrier=dist.barrier,
+        )  # fmt: skip
+
+    good = save(2)
+    if rank == 0:
+        check_checkpoint(good)  # both shards are in the manifest and verify
+    if rank == 1:
+        state = next(s for s in optimizer.state.values() if "exp_avg" in s)
+        state["exp_avg"].view(-1)[0] = float("inf")
+    try:
+        save(3)
+    except ValueError as err:
+        assert "non-finite" in str(err), err
+    else:
+        raise AssertionError(f"rank {rank}: a non-finite shard was written")
+    dist.barrier()
+    assert [p.name for _s, _b, p in all_checkpoints(out)] == ["step-00000002"]
+    (out / f"refused-{rank}").write_text("ok")
+
+
+def test_every_rank_refuses_a_checkpoint_when_one_shard_is_not_finite(tmp_path):
+    run_ranks_within(300, 2, _save_on_ranks, str(tmp_path))
+    assert (tmp_path / "refused-0").is_file() and (tmp_path / "refused-1").is_file()
+    manifest = (tmp_path / "checkpoints" / "step-00000002" / "manifest.json").read_text()
+    assert "optimizer-shard-00001-of-00002.pt" in manifest
