@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from gnlorp_dist.projection import PROJ_TYPES
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
 GRAD_REDUCTIONS = ("ddp", "owners")
+NON_FINITE_POLICIES = ("skip", "raise")
 DTYPES = ("fp32", "bf16")
 # GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
 ADAMW_DEFAULT_LR = 1e-3
@@ -70,6 +72,13 @@ class RunConfig:
     """The cosine decays to min_lr_ratio * lr."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this before the step; 0 disables."""
+    on_nonfinite: str = "skip"
+    """What a step with a NaN/inf gradient does: skip (weights, moments and step counters stay
+    unchanged; the batch is consumed and the lr schedule and step count advance, as DeepSpeed's
+    and AMP's skipped steps do; each skip is logged) or raise (stop with an error). With
+    --per-layer such a step always raises (the parameters update one by one inside backward)."""
+    max_consecutive_skips: int = 10
+    """Stop with an error after this many skipped steps in a row (--on-nonfinite skip)."""
     batch_size: int = 4
     """Micro-batch size in sequences (per process)."""
     grad_accum: int = 1
@@ -166,6 +175,7 @@ _CHOICES = {
     "proj_type": PROJ_TYPES,
     "bits": (32, 8),
     "grad_reduction": GRAD_REDUCTIONS,
+    "on_nonfinite": NON_FINITE_POLICIES,
 }
 _TYPES = {"int": int, "float": float, "str": str}
 _METAVARS = {"int": "N", "float": "X", "str": "STR"}
@@ -298,6 +308,15 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             f"unknown model {config.model!r}; known models: {', '.join(known_model_names())} "
             "(or pass a config JSON with --model-config)"
         )
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    if config.on_nonfinite not in NON_FINITE_POLICIES:
+        raise ValueError(
+            f"--on-nonfinite {config.on_nonfinite!r}: choose one of {NON_FINITE_POLICIES}"
+        )
+    _positive(config, "max_consecutive_skips")
     llama = llama_config(config.model_config or config.model)
     positive = ("rank", "update_proj_gap", "scale", "lr", "max_steps", "batch_size", "grad_accum")
     _positive(config, "world_size")

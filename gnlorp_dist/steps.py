@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 from gnlorp_dist.device import autocast_context
+from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
+from gnlorp_dist.optim.comm import non_finite_count
 
 
 @dataclass(kw_only=True)
@@ -23,6 +26,8 @@ class StepStats:
     """Learning rate the step used."""
     grad_norm: float | None
     """Gradient norm before clipping (None when clipping is off)."""
+    skipped: bool = False
+    """The optimizer step was skipped for a non-finite gradient (``on_nonfinite="skip"``)."""
 
 
 def train_step(
@@ -33,6 +38,7 @@ def train_step(
     grad_clip: float,
     per_layer: bool = False,
     autocast: str = "none",
+    on_nonfinite: str = "raise",
 ) -> StepStats:
     """One optimizer step over ``micro_batches`` (gradient accumulation, equal-sized blocks, so
     the mean of the micro-batch means is the batch mean).
@@ -41,6 +47,13 @@ def train_step(
     each parameter's update input), so there is no global clip and no ``optimizer.step()``.
     Under DDP the gradient all-reduce runs only on the last micro-batch. ``autocast="bf16"``
     runs the forward pass (and so the matching backward kernels) in bf16 over fp32 weights.
+
+    Non-finite gradients: a :class:`GradNormLoRPAdamW` applies its own ``on_nonfinite`` policy
+    (told by a finite clipping norm that the gradients are finite, so it does not check twice);
+    any other optimizer (torch's AdamW, replicated: DDP-averaged gradients are the same on every
+    rank) gets the same policy from ``on_nonfinite`` here: the clipping norm, or one fused count
+    and one ``.item()``, decides, and a non-finite step is skipped (``optimizer.step()`` not
+    called) or raises a ValueError. The scheduler steps either way.
 
     The micro-batches are already on the model's device; the loss is summed there and read
     once, after the optimizer step (one host sync per step)."""
@@ -58,13 +71,36 @@ def train_step(
             (loss / len(micro_batches)).backward()
         total += loss.detach().float()
     grad_norm = None
+    skipped = False
     if not per_layer:
+        params = [p for p in model.parameters() if p.grad is not None]
         if grad_clip > 0:
-            params = [p for p in model.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-        optimizer.step()
+        if isinstance(optimizer, GradNormLoRPAdamW):
+            if grad_norm is not None and math.isfinite(grad_norm):
+                optimizer.mark_gradients_finite()  # the norm was the check
+            optimizer.step()
+            skipped = optimizer.last_step_skipped
+        else:
+            finite = (
+                math.isfinite(grad_norm)
+                if grad_norm is not None
+                else not params or non_finite_count([p.grad for p in params]).item() == 0
+            )
+            if finite:
+                optimizer.step()
+            elif on_nonfinite == "skip":
+                skipped = True
+            else:
+                raise ValueError(
+                    "non-finite gradient: the optimizer step was not taken. Lower the learning "
+                    "rate, enable gradient clipping, or check the data (--on-nonfinite skip "
+                    "skips such steps)."
+                )
     with warnings.catch_warnings():
         # Per-layer mode steps inside backward, which torch's scheduler cannot see.
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         scheduler.step()
-    return StepStats(loss=float(total) / len(micro_batches), lr=lr, grad_norm=grad_norm)
+    return StepStats(
+        loss=float(total) / len(micro_batches), lr=lr, grad_norm=grad_norm, skipped=skipped
+    )

@@ -40,6 +40,7 @@ from gnlorp_dist.evaluation import evaluate, merged_logit_difference
 from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import count_parameters
 from gnlorp_dist.nn import merge_weight_norm
+from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
 from gnlorp_dist.run_config import (
     RunConfig,
     build_parser,
@@ -90,7 +91,9 @@ class TrainResult:
     final_step: int
     """Optimizer steps completed in total (resumed ones included)."""
     losses: list[float] = field(default_factory=list)
-    """Training loss of each step this call ran."""
+    """Training loss of each step this call ran (a skipped step's may be NaN)."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """Steps skipped for a non-finite gradient (``--on-nonfinite skip``)."""
     eval_loss: float = math.nan
     eval_perplexity: float = math.nan
     merged_max_abs_logit_diff: float = math.nan
@@ -195,10 +198,36 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
     )
 
 
+def too_many_skips_error(step: int, in_a_row: int, lr: float) -> FloatingPointError:
+    return FloatingPointError(
+        f"step {step}: {in_a_row} steps in a row skipped for a non-finite gradient "
+        f"(--max-consecutive-skips {in_a_row}); training stopped. The run diverged or the data "
+        f"is bad: lower --lr (now {lr:g}), enable or lower --grad-clip, or resume from an "
+        "earlier checkpoint."
+    )
+
+
+def _skips(engine: object, optimizer: GradNormLoRPAdamW | None) -> int:
+    """Steps skipped so far for a non-finite gradient, by the engine or by our optimizer."""
+    skipped = getattr(engine, "skipped_steps", 0)
+    ours = optimizer.skipped_steps if optimizer is not None else 0
+    return (skipped if isinstance(skipped, int) else 0) + ours
+
+
 def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResult:
     """Train from ``run.start_step`` to ``max_steps``, checkpointing, then evaluate and save the
-    merged model, checking it reloads in stock transformers with the same logits."""
+    merged model, checking it reloads in stock transformers with the same logits.
+
+    A step with a non-finite gradient follows ``--on-nonfinite``: skip (nothing in the model or
+    the optimizer changes; the step is logged and still consumes its batch and advances the
+    schedule and the step count, as DeepSpeed's and AMP's skipped steps do; a FloatingPointError
+    after ``--max-consecutive-skips`` in a row) or raise. A non-finite loss at a step that was
+    not skipped raises a FloatingPointError, as before."""
     c = run.config
+    optimizer = run.optimizer if isinstance(run.optimizer, GradNormLoRPAdamW) else None
+    if optimizer is not None:
+        optimizer.on_nonfinite = c.on_nonfinite
+    in_a_row = 0
     _describe(run)
     result = TrainResult(final_step=run.start_step)
     tokens_per_step = c.batch_size * c.grad_accum * c.seq_len * run.context.world_size
@@ -221,7 +250,12 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
         batch = to_device(run.data.train.next_batch(), run.device)
         micro = list(batch.view(c.grad_accum, c.batch_size, c.seq_len))
         if run.engine is not None:
+            # DeepSpeed's ZeRO optimizers skip a non-finite step themselves (engine.skipped_steps,
+            # fp32 and bf16 too) before calling ours; where they call it, ours skips.
+            skipped_before = _skips(run.engine, optimizer)
             stats = ds_training.train_step(run.engine, run.scheduler, micro)
+            if _skips(run.engine, optimizer) > skipped_before:
+                stats = dataclasses.replace(stats, skipped=True)
         else:
             stats = train_step(
                 run.forward_model,
@@ -231,9 +265,26 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
                 c.grad_clip,
                 per_layer=run.per_layer is not None,
                 autocast=c.autocast,
+                on_nonfinite=c.on_nonfinite,
             )
-        if not math.isfinite(stats.loss):
-            raise FloatingPointError(f"loss is {stats.loss} at step {done}; lower --lr")
+        if stats.skipped and c.on_nonfinite == "raise":  # an engine that skipped on its own
+            raise FloatingPointError(
+                f"step {done}: non-finite gradient (--on-nonfinite raise); the engine skipped "
+                "the step. Lower --lr or enable --grad-clip."
+            )
+        if stats.skipped:
+            in_a_row += 1
+            result.skipped_steps.append(done)
+            log(
+                f"step {done} skipped: non-finite gradient ({in_a_row} in a row, "
+                f"{len(result.skipped_steps)} in total)"
+            )
+            if in_a_row >= c.max_consecutive_skips:
+                raise too_many_skips_error(done, in_a_row, stats.lr)
+        else:
+            in_a_row = 0
+            if not math.isfinite(stats.loss):
+                raise FloatingPointError(f"loss is {stats.loss} at step {done}; lower --lr")
         step_time = time.perf_counter() - step_start
         train_time, window_time, window_steps = (
             train_time + step_time,
@@ -361,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if not context.is_main:
         run.config = dataclasses.replace(run.config, progress=False)
-    run_training(run)
+    try:
+        run_training(run)
+    except FloatingPointError as err:  # diverged: a clear message and exit status 1
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     return 0
 
 

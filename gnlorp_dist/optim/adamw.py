@@ -24,6 +24,7 @@ from gnlorp_dist.optim.comm import (
 from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragment_step import (
     find_flattened_groups,
+    flattened_gradients_finite,
     step_flattened_group,
 )
 from gnlorp_dist.optim.functional import projected_adamw_step
@@ -31,11 +32,14 @@ from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.per_layer_step import PerLayerStep
 from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.optim.validation import (
+    check_finite_hyperparameters,
+    check_non_finite_policy,
     flat_gradient_error,
     gradients_differ_error,
     merged_away_error,
     missing_communicator_error,
     non_finite_error,
+    non_finite_step_error,
     validate_projected_group,
     warn_if_nothing_is_projected,
 )
@@ -112,19 +116,33 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
     it hands to a collective on the communicator's ``device`` (NCCL: this rank's GPU); nothing is
     built on the default device. A loaded state lands on each parameter's device.
 
+    Non-finite gradients (``on_nonfinite``): every ``step()`` first checks every gradient it
+    is about to consume (this rank's owned blocks; one fused reduction,
+    :func:`gnlorp_dist.optim.comm.non_finite_count`, and one scalar verdict summed over ranks),
+    before any weight, moment, projector or step counter changes. ``"raise"`` (the default for
+    API users, who see the failure where it happens): a ValueError naming the parameters, on
+    every rank. ``"skip"`` (``gnlorp-train``'s default): ``step()`` returns having changed
+    nothing, on every rank together; :attr:`skipped_steps` counts such steps and
+    :attr:`last_step_skipped` says whether the latest ``step()`` was one. ``skipped_steps`` is a
+    plain attribute, not part of ``state_dict()`` (a resumed run counts from 0). Per-layer mode
+    can only raise (each parameter updates inside backward, so skipping one would leave the
+    others updated: see :meth:`step_parameter`). Under DeepSpeed ZeRO the engine calls
+    ``step()`` once per param group: the verdict covers the group(s) of that call.
+    A caller that already knows the gradients are finite (a finite total norm from
+    ``clip_grad_norm_``) calls :meth:`mark_gradients_finite` so one process does not check twice.
+
     Synchronisation with the host: updates never wait for the device (step counters are Python
     numbers, clipping stays on the device); the host reads only the non-finite verdict (a count
     made on the device), which must be known before anything changes:
 
-    - ``step()``, one process: one ``.item()`` at a step that refreshes a subspace, none else;
-    - ``step()``, several ranks: one 5-element all-reduce and one host read every step (a rank
-      does not know whether another rank's matrices are due, so every rank joins the verdict;
-      for the same reason the gradient checksums cover every gradient's first row every step,
-      not the due gradients: the ranks must checksum the same tensors);
-    - ZeRO (flattened groups): one all-reduce and ``.item()`` per projected group at a refresh
-      step only (every rank counts every matrix's steps there);
-    - per-layer mode: one process, one sync per projected matrix at its refresh; several ranks,
-      one scalar all-reduce and ``.item()`` per projected matrix per step (first micro-batch).
+    - ``step()``, one process: one ``.item()`` every step (none after
+      :meth:`mark_gradients_finite`);
+    - ``step()``, several ranks: one 5-element all-reduce and one host read every step (it
+      also carries the gradient checksums: every gradient's first row, on every rank);
+    - ZeRO (flattened groups): one scalar all-reduce and ``.item()`` per ``step()`` call (the
+      engine calls it per group), plus one per projected group at a refresh step;
+    - per-layer mode: one scalar verdict (an all-reduce over several ranks) and ``.item()`` per
+      projected matrix per micro-batch and per dense parameter per step.
     """
 
     def __init__(
@@ -137,11 +155,15 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
         bits: int = 32,
         communicator: Communicator | None = None,
         reduce_gradients: bool = False,
+        on_nonfinite: str = "raise",
     ) -> None:
         # None: the job's default (one process, or the torch.distributed group once an engine
         # such as deepspeed.initialize has created it), resolved at the latest at the first step.
         self._comm = communicator if communicator is not None else default_communicator()
         self.reduce_gradients = reduce_gradients
+        check_finite_hyperparameters(
+            "", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay
+        )
         if not (isinstance(lr, (int, float)) and lr >= 0.0):
             raise ValueError(f"lr={lr!r} must be a number >= 0")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -166,6 +188,29 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
         """Owner rank of each projected matrix by name, when an engine flattened them."""
         self._consolidated: dict[str, Any] | None = None
         self._groups_checked = False
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+        """Steps skipped for a non-finite gradient (``on_nonfinite="skip"``) since construction
+        (a plain attribute: not saved in ``state_dict()``)."""
+        self.last_step_skipped = False
+        """Whether the latest ``step()`` was skipped for a non-finite gradient."""
+        self._gradients_known_finite = False
+        self._check_non_finite = True  # private: benchmarks/nonfinite_check.py's baseline
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"raise"`` or ``"skip"``: what ``step()`` does with a non-finite gradient."""
+        return self._on_nonfinite
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, policy: str) -> None:
+        self._on_nonfinite = check_non_finite_policy(policy)
+
+    def mark_gradients_finite(self) -> None:
+        """The caller knows every gradient of the next ``step()`` is finite (e.g. the total norm
+        ``clip_grad_norm_`` returned is finite): on one process that step skips its own check
+        (and its host sync). Several ranks still run their verdict (it carries the checksums)."""
+        self._gradients_known_finite = True
 
     @property
     def comm(self) -> Communicator:
@@ -194,6 +239,10 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
             raise ValueError(f"bits={group['bits']!r} is not supported; use 32 or 8")
         if "rank" in group:
             validate_projected_group(group, len(self.param_groups) - 1)
+        where = f"param_groups[{len(self.param_groups) - 1}]: "
+        check_finite_hyperparameters(
+            where, **{k: group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in group}
+        )
 
     # -- the step ------------------------------------------------------------------------
 
@@ -213,14 +262,22 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        known_finite, self._gradients_known_finite = self._gradients_known_finite, False
+        self.last_step_skipped = False
         flattened = find_flattened_groups(self)
         if flattened:
+            if self._check_non_finite and not flattened_gradients_finite(self, flattened):
+                self._skip_step()
+                return loss
             for group_index, layout, engine_params in flattened:
                 step_flattened_group(self, group_index, layout, engine_params)
             return loss
         work = self._collect()
         if self.reduce_gradients:
             self._reduce_gradients_to_owners(work)
+        if not self._verify_gradients(work, known_finite):
+            self._skip_step()
+            return loss
         self._refresh_subspaces(work)
         handles = []
         for group, param, _name in work:
@@ -303,9 +360,33 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
                 work.append((group, param, name))
         return work
 
-    def _refresh_subspaces(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
-        """Phase 2: new projection matrices for the owned parameters whose refresh is due.
+    def _skip_step(self) -> None:
+        """``on_nonfinite="skip"``: nothing changed; count it (every rank reaches this together)."""
+        self.skipped_steps += 1
+        self.last_step_skipped = True
 
+    def _consumed_gradients(
+        self, work: list[tuple[dict[str, Any], Tensor, str]]
+    ) -> list[tuple[dict[str, Any], Tensor, str, Tensor]]:
+        """``(group, param, name, gradient rows)`` for every block this rank will update."""
+        consumed = []
+        for group, param, name in work:
+            assert param.grad is not None
+            for block in self.ownership()[param]:
+                if block.owner == self.comm.rank:
+                    rows = (
+                        param.grad if block.whole else param.grad[block.row_start : block.row_stop]
+                    )
+                    consumed.append((group, param, name, rows))
+        return consumed
+
+    def _verify_gradients(
+        self, work: list[tuple[dict[str, Any], Tensor, str]], known_finite: bool
+    ) -> bool:
+        """Phase 1c: whether the step may go on (False: skip it), before anything changes.
+
+        Every gradient block this rank updates is checked (one fused count), the verdict summed
+        over ranks (one small all-reduce, one host read) so every rank skips or raises together.
         Over several ranks with DDP-averaged gradients (``reduce_gradients=False``) the same
         all-reduce also compares the ranks' gradient checksums: un-averaged gradients would
         make each owner update from its own rank's data alone."""
@@ -314,21 +395,41 @@ class GradNormLoRPAdamW(PerLayerStep, torch.optim.Optimizer):
             for group, param, name in work
             if "rank" in group and self.owns(param) and self._refresh_due(group, param)
         ]
-        if self.comm.world_size == 1 and not due:
-            return  # nothing to verify: no host sync on the steps between refreshes
-        grads = [param.grad for _group, param, _name in due]
+        if self._check_non_finite:
+            consumed = self._consumed_gradients(work)
+        else:  # the benchmark's baseline: what was checked before the policy (refreshes only)
+            consumed = [(g, p, n, p.grad) for g, p, n in due]
+        if self.comm.world_size == 1 and (known_finite or not consumed):
+            return True  # nothing to verify: no host sync
         like = work[0][1].device if work else torch.device("cpu")
         compare = self.comm.world_size > 1 and not self.reduce_gradients
         checked = [param.grad for _group, param, _name in work] if compare else None
-        non_finite, differ = step_verdict(self.comm, grads, like, checked)
+        tensors = [rows for *_rest, rows in consumed]
+        non_finite, differ = step_verdict(self.comm, tensors, like, checked)
         if differ:
             raise gradients_differ_error(self.comm.world_size)
-        if non_finite:
-            # The error path only: name the offenders (one host read each).
-            bad = [name for _g, param, name in due if not bool(torch.isfinite(param.grad).all())]
-            raise non_finite_error(bad or ["a parameter owned by another rank"], self.state, due)
-        for group, param, _name in due:
-            self._refresh(group, param)
+        if not non_finite:
+            return True
+        if self.on_nonfinite == "skip":
+            return False
+        # The error path only: name the offenders (one host read each).
+        bad = [(p, n) for _g, p, n, rows in consumed if not bool(torch.isfinite(rows).all())]
+        names = list(dict.fromkeys(n for _p, n in bad))
+        due_params = {p for _g, p, _n in due}
+        if bad and all(p in due_params for p, _n in bad):
+            raise non_finite_error(names, self.state, [(None, p, n) for p, n in bad])
+        counted = [p for p, _n in bad] or [p for _g, p, _n, _rows in consumed]
+        steps = sorted({int(self.state[p].get("step", 0)) for p in counted if p in self.state})
+        raise non_finite_step_error(
+            names or ["a parameter owned by another rank"], steps[0] if steps else "?"
+        )
+
+    def _refresh_subspaces(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
+        """Phase 2: new projection matrices for the owned parameters whose refresh is due (their
+        gradients were verified by :meth:`_verify_gradients`)."""
+        for group, param, _name in work:
+            if "rank" in group and self.owns(param) and self._refresh_due(group, param):
+                self._refresh(group, param)
 
     def _refresh(self, group: dict[str, Any], param: Tensor) -> None:
         state = self.state[param]

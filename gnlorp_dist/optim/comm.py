@@ -99,20 +99,38 @@ def buffer_device(comm: Communicator, like: torch.device) -> torch.device:
     return like if comm.device is None else torch.device(comm.device)
 
 
-def non_finite_on_any_rank(comm: Communicator, tensors: list[Tensor], like: torch.device) -> bool:
-    """Whether any rank's ``tensors`` hold a NaN or an infinity.
+def non_finite_count(tensors: list[Tensor]) -> Tensor:
+    """How many of ``tensors`` are non-finite, as a 0-d float64 tensor on the first one's device.
 
-    Counted on the tensors' device (no host sync per tensor), summed over ranks in one scalar
-    all-reduce on ``comm``'s device, then read with ONE ``.item()``: the host sync that lets
-    every rank raise together. ``like``: the device to use when this rank has no tensors.
+    ONE fused reduction: ``torch._foreach_norm`` (one multi-tensor kernel on a GPU, vectorised
+    loops on a CPU; several times faster there than ``isfinite`` per tensor), then one
+    comparison of the stacked norms, with no host sync. A NaN or an infinity makes its tensor's
+    L2 norm non-finite, and a finite tensor's norm is finite unless its squared norm overflows
+    (above ~1e19 in float32, where Adam's second moment ``g * g`` would overflow as well): the
+    count is the number of tensors the update could not use.
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    first = tensors[0].device
+    norms = torch._foreach_norm(tensors)
+    stacked = torch.stack([n.to(first, torch.float32) for n in norms])
+    return torch.isfinite(stacked).logical_not().sum(dtype=torch.float64)
+
+
+def non_finite_on_any_rank(comm: Communicator, tensors: list[Tensor], like: torch.device) -> bool:
+    """Whether any rank's ``tensors`` hold a NaN or an infinity (see :func:`non_finite_count`).
+
+    Counted on the tensors' device (one fused reduction, no host sync per tensor), summed over
+    ranks in one scalar all-reduce on ``comm``'s device, then read with ONE ``.item()``: the host
+    sync that lets every rank skip or raise together. ``like``: the device to use when this rank
+    has no tensors.
     """
     device = buffer_device(comm, tensors[0].device if tensors else like)
     if tensors:
-        first = tensors[0].device
-        flags = torch.stack([torch.isfinite(t).logical_not().any().to(first) for t in tensors])
-        verdict = flags.sum(dtype=torch.float32).reshape(1).to(device)
+        verdict = non_finite_count(tensors).reshape(1).to(device)
     else:
-        verdict = torch.zeros(1, device=device)
+        verdict = torch.zeros(1, dtype=torch.float64, device=device)
     wait_all([comm.all_reduce_sum(verdict)])
     return verdict.item() > 0  # host sync (documented in GradNormLoRPAdamW)
 
@@ -146,7 +164,7 @@ def ranks_disagree(totals: list[float], totals_sq: list[float], world_size: int)
 def step_verdict(
     comm: Communicator, due: list[Tensor], like: torch.device, checked: list[Tensor] | None
 ) -> tuple[bool, bool]:
-    """``(any rank's due gradients are non-finite, the ranks' ``checked`` gradients differ)``.
+    """``(any rank's ``due`` tensors are non-finite, the ranks' ``checked`` gradients differ)``.
 
     :func:`non_finite_on_any_rank` in the same one all-reduce and one host read, carrying also
     each rank's :func:`gradient_checksum` of ``checked`` and its square (so the sum over ranks
@@ -155,9 +173,7 @@ def step_verdict(
     device = buffer_device(comm, due[0].device if due else like)
     verdict = torch.zeros(5, dtype=torch.float64, device=device)
     if due:
-        first = due[0].device
-        flags = torch.stack([torch.isfinite(t).logical_not().any().to(first) for t in due])
-        verdict[0] = flags.sum(dtype=torch.float64).to(device)
+        verdict[0] = non_finite_count(due).to(device)
     if checked is not None:
         checksum = gradient_checksum(checked, device)
         verdict[1:3] = checksum

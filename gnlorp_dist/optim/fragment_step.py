@@ -25,8 +25,15 @@ Devices: the buffers of phases 1-3 (zero-padded full gradients, partial low-rank
 directions) travel in collectives, so they live on the communicator's device
 (:func:`work_device`); on one process, where nothing travels, on the fragments' device. Bases and
 low-rank moments stay there between steps; dense moments live with their runs. Host sync: one
-``.item()`` (the non-finite verdict) per projected group at a refresh step only: every rank counts
+``.item()`` (the non-finite verdict) per projected group at a refresh step: every rank counts
 every matrix's steps, so all ranks agree on when a refresh is due.
+
+Non-finite gradients: before phase 1, :func:`flattened_gradients_finite` checks every run this
+rank holds in the groups of this ``step()`` call (one fused count, one scalar all-reduce, one
+``.item()`` per call), so every rank skips (``on_nonfinite="skip"``) or raises together before
+any master weight, moment, basis or step counter changes. DeepSpeed calls ``step()`` once per
+param group, so a skip covers the group(s) of that call; groups stepped earlier in the same
+engine step stay stepped (a NaN loss makes every group's gradient non-finite, so all skip).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from gnlorp_dist.optim.functional import (
 )
 from gnlorp_dist.optim.ownership import plan_ownership
 from gnlorp_dist.optim.quantized import MomentStore
-from gnlorp_dist.optim.validation import non_finite_refresh_error
+from gnlorp_dist.optim.validation import non_finite_refresh_error, non_finite_step_error
 from gnlorp_dist.projection import (
     low_rank_shape,
     projection_shape,
@@ -141,6 +148,36 @@ def work_device(
     or, on one process, the device of the fragments' gradients."""
     held = [f.grad.device for f in fragments if f is not None]
     return buffer_device(optimizer.comm, held[0] if held else params[0].tensor.device)
+
+
+def flattened_gradients_finite(
+    optimizer: GradNormLoRPAdamW, flattened: list[tuple[int, EngineLayout, list[Tensor]]]
+) -> bool:
+    """Whether every rank's runs in ``flattened`` have finite gradients; a ValueError naming them
+    on every rank instead when ``optimizer.on_nonfinite == "raise"`` (see the module docstring)."""
+    comm = optimizer.comm
+    named: list[tuple[str, Tensor]] = []
+    device = None
+    for group_index, layout, engine_params in flattened:
+        params = model_parameters(optimizer, group_index, layout)
+        fragments = layout.fragments(params, engine_params, comm.rank, comm.world_size)
+        device = device or work_device(optimizer, params, fragments)
+        named += [(p.name, f.grad[: f.numel]) for p, f in zip(params, fragments) if f is not None]
+    assert device is not None
+    if not non_finite_on_any_rank(comm, [grad for _name, grad in named], device):
+        return True
+    if optimizer.on_nonfinite == "skip":
+        return False
+    # The error path only: name the offenders (one host read each).
+    bad = [name for name, grad in named if not bool(torch.isfinite(grad).all())]
+    steps = sorted(
+        int(fragment_state(optimizer, name).get("step", 0))
+        for name in bad
+        if STATE_PREFIX + name in optimizer.state
+    )
+    raise non_finite_step_error(
+        bad or ["a matrix held by another rank"], steps[0] if steps else "?"
+    )
 
 
 def step_flattened_group(

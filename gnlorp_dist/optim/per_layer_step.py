@@ -14,7 +14,11 @@ from torch import Tensor
 
 from gnlorp_dist.optim.comm import non_finite_on_any_rank, wait_all
 from gnlorp_dist.optim.functional import clip_by_norm_
-from gnlorp_dist.optim.validation import flat_gradient_error, non_finite_error
+from gnlorp_dist.optim.validation import (
+    flat_gradient_error,
+    non_finite_error,
+    non_finite_step_error,
+)
 from gnlorp_dist.projection import project, projection_side
 
 
@@ -51,6 +55,15 @@ class PerLayerStep:
         Over several ranks (the model NOT wrapped in DDP), each gradient is reduced to the rank
         that owns its state, the owner updates, and the updated blocks are broadcast before the
         hook returns, so every rank leaves the backward pass with the same weights.
+
+        Non-finite gradients always raise here, whatever ``on_nonfinite`` says: the parameters
+        update one by one inside the backward pass, so skipping this one would leave those
+        already updated at this step changed and the rest not (a step that is neither taken nor
+        skipped). The check (one fused count, one scalar verdict over ranks, one ``.item()``)
+        runs on a projected parameter's gradient at every micro-batch before it is projected or
+        refreshes the subspace, on a dense parameter's accumulated gradient at the last
+        micro-batch before its update: the ValueError comes before this parameter changes, on
+        every rank.
         """
         self._consolidated = None
         group, name = self.group_and_name(param)
@@ -67,9 +80,9 @@ class PerLayerStep:
             self._reduce_gradients_to_owners([(group, param, name)])
             if not self.owns(param):
                 param.grad = None
-        if distributed and projected and first_micro_batch:
-            # Before anything changes: a refresh with a non-finite gradient raises on every rank.
-            self._agree_on_refresh_verdict(group, param, name)
+        if projected or last_micro_batch:
+            # Before anything changes: a non-finite gradient raises on every rank.
+            self._check_parameter_gradient(group, param, name, projected and first_micro_batch)
         if param.grad is not None:
             if projected:
                 self._consume_projected(
@@ -82,6 +95,23 @@ class PerLayerStep:
         if distributed and last_micro_batch:
             wait_all(self._broadcast_blocks(param))
 
+    def _check_parameter_gradient(
+        self, group: dict[str, Any], param: Tensor, name: str, may_refresh: bool
+    ) -> None:
+        """Every rank raises if the owner's gradient (this rank's block of it) is non-finite
+        (only the owner holds the reduced gradient, so every rank joins this one-scalar
+        verdict)."""
+        grad = param.grad
+        if grad is not None and "rank" not in group and self.comm.world_size > 1:
+            block = self.owned_block(param)
+            grad = grad if block.whole else grad[block.row_start : block.row_stop]
+        if not non_finite_on_any_rank(self.comm, [] if grad is None else [grad], param.device):
+            return
+        if may_refresh and param.grad is not None and self._refresh_due(group, param):
+            raise non_finite_error([name], self.state, [(None, param, name)])
+        step = int(self.state[param].get("step", 0)) if param in self.state else 0
+        raise non_finite_step_error([name], step)
+
     def _consume_projected(
         self,
         group: dict[str, Any],
@@ -93,10 +123,7 @@ class PerLayerStep:
     ) -> None:
         state = self.state[param]
         if first and self._refresh_due(group, param):
-            if self.comm.world_size == 1:
-                self._check_refresh_gradient(param, name)
-            # Over several ranks _agree_on_refresh_verdict has checked it already.
-            self._refresh(group, param)
+            self._refresh(group, param)  # its gradient was checked by _check_parameter_gradient
         side = projection_side(param.shape, group["proj_type"])
         low_rank_grad = project(param.grad, state["proj"], side)
         param.grad = None
@@ -107,15 +134,3 @@ class PerLayerStep:
             return
         clip_by_norm_(low_rank_grad, max_grad_norm)
         self._update_projected(group, param, low_rank_grad)
-
-    def _agree_on_refresh_verdict(self, group: dict[str, Any], param: Tensor, name: str) -> None:
-        """Every rank raises if the owner has a non-finite gradient due for a refresh (only the
-        owner knows whether it is due, so every rank joins this one-scalar verdict)."""
-        due = param.grad is not None and self._refresh_due(group, param)
-        if non_finite_on_any_rank(self.comm, [param.grad] if due else [], param.device):
-            raise non_finite_error([name], self.state, [(None, param, name)])
-
-    def _check_refresh_gradient(self, param: Tensor, name: str) -> None:
-        # Host sync: once per matrix at its refresh (per-layer mode, one process).
-        if not bool(torch.isfinite(param.grad).all()):
-            raise non_finite_error([name], self.state, [(None, param, name)])

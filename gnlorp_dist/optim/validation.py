@@ -29,6 +29,36 @@ def non_finite_refresh_error(names: list[str], step: int | str) -> ValueError:
     )
 
 
+NON_FINITE_POLICIES = ("raise", "skip")
+
+
+def check_non_finite_policy(policy: object) -> str:
+    if policy not in NON_FINITE_POLICIES:
+        raise ValueError(
+            f"on_nonfinite={policy!r}: use 'raise' (a non-finite gradient raises a ValueError) "
+            "or 'skip' (the step is skipped: weights, moments and step counters untouched)"
+        )
+    return str(policy)
+
+
+def check_finite_hyperparameters(where: str, **values: object) -> None:
+    """NaN or infinite lr / eps / weight_decay / betas would poison every weight at once."""
+    for name, value in values.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, (int, float)) and not math.isfinite(item):
+                raise ValueError(f"{where}{name}={value!r} must be finite")
+
+
+def non_finite_step_error(names: list[str], step: int | str) -> ValueError:
+    return ValueError(
+        f"{', '.join(names)}: non-finite gradient (step {step}); no parameter, moment, "
+        "projector or step counter was changed. Lower the learning rate, enable gradient "
+        "clipping, or check the data; on_nonfinite='skip' (gnlorp-train --on-nonfinite skip) "
+        "skips such steps instead."
+    )
+
+
 def flat_gradient_error(name: str, grad: Tensor) -> ValueError:
     return ValueError(
         f"{name}: a projected parameter reached the optimizer with a {grad.dim()}-D gradient of "

@@ -1,0 +1,143 @@
+"""Cost of GradNormLoRPAdamW's per-step non-finite check, as a ratio of the training step.
+
+One weight-normalised model (gradnormlorp, fp32, CPU) and one optimizer train on random-token
+batches in ONE process; the check is switched on and off on alternate steps (the private switch
+``optimizer._check_non_finite``; off is the behaviour before the policy: a check at refresh
+steps only), so both arms share the model, the batches and any drift in the machine's speed.
+The check never changes the numbers, so the two arms train the same run. No refresh happens in
+the timed steps (``update_proj_gap`` above the step count) and clipping is off (with clipping
+on, one process reuses the clip norm and the check costs nothing). Reported, in the same run:
+
+- the median whole step (forward, backward, ``optimizer.step()``) with and without the check,
+  and their ratio;
+- the median ``optimizer.step()`` with and without it;
+- the median over consecutive (check, no-check) step pairs of their ratio, and the ratio of
+  the two arms' fastest steps (on a shared machine the medians carry other jobs' load);
+- the check alone (the fused count over every gradient + its ``.item()``), timed on the live
+  gradients after each step, and its share of the fastest step: the precise and conservative
+  figure, since the step's own noise is larger than the check.
+
+    python benchmarks/nonfinite_check.py                  # llama_60m, 12 steps per arm
+    python benchmarks/nonfinite_check.py --model llama_nano --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks._common import (  # noqa: E402
+    add_output_args,
+    environment,
+    format_table,
+    median_mean,
+    prepare_model,
+    write_json,
+)
+from gnlorp_dist import GradNormLoRPAdamW, projected_param_groups  # noqa: E402
+from gnlorp_dist.models import build_model, llama_config, model_spec  # noqa: E402
+from gnlorp_dist.optim.comm import non_finite_count  # noqa: E402
+
+NAME = "nonfinite_check"
+
+
+def run(model_name: str, steps: int, warmup: int, seq_len: int, seed: int) -> dict[str, Any]:
+    config = llama_config(model_name)
+    spec = model_spec(model_name)
+    model = prepare_model(build_model(config, dtype=torch.float32, seed=seed), "gradnormlorp")
+    total_steps = warmup + 2 * steps
+    groups = projected_param_groups(
+        model, rank=spec.rank, update_proj_gap=total_steps + 1, scale=spec.scale
+    )
+    optimizer = GradNormLoRPAdamW(groups, lr=1e-3, eps=1e-6)
+    gen = torch.Generator().manual_seed(seed)
+    arms: dict[str, dict[str, list[float]]] = {
+        arm: {"step_s": [], "optimizer_step_s": []} for arm in ("check", "no_check")
+    }
+    check_alone: list[float] = []
+    for index in range(total_steps):
+        batch = torch.randint(0, config.vocab_size, (1, seq_len), generator=gen)
+        arm = "check" if index % 2 == 0 else "no_check"
+        optimizer._check_non_finite = arm == "check"
+        started = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        before_step = time.perf_counter()
+        optimizer.step()
+        ended = time.perf_counter()
+        assert torch.isfinite(loss) and not optimizer.last_step_skipped
+        if index >= warmup:
+            arms[arm]["step_s"].append(ended - started)
+            arms[arm]["optimizer_step_s"].append(ended - before_step)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            check_started = time.perf_counter()
+            non_finite_count(grads).item()
+            check_alone.append(time.perf_counter() - check_started)
+        optimizer.zero_grad(set_to_none=True)
+    step_with = statistics.median(arms["check"]["step_s"])
+    step_without = statistics.median(arms["no_check"]["step_s"])
+    check_s = statistics.median(check_alone)
+    fastest = min(arms["check"]["step_s"] + arms["no_check"]["step_s"])
+    pairs = [a / b for a, b in zip(arms["check"]["step_s"], arms["no_check"]["step_s"])]
+    return {
+        "model": model_name,
+        "tokens_per_step": seq_len,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "timed_steps_per_arm": steps,
+        "warmup_steps": warmup,
+        "check": {k: median_mean(v) for k, v in arms["check"].items()},
+        "no_check": {k: median_mean(v) for k, v in arms["no_check"].items()},
+        "check_alone_s": median_mean(check_alone),
+        "step_ratio_check_over_no_check": step_with / step_without,
+        "pair_ratio_median": statistics.median(pairs),
+        "fastest_step_ratio": min(arms["check"]["step_s"]) / min(arms["no_check"]["step_s"]),
+        "check_share_of_fastest_step": check_s / fastest,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama_60m")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per arm")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    add_output_args(parser, NAME)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.model, args.steps, args.warmup, args.seq_len, args.seed)
+    rows = [
+        (
+            arm,
+            f"{result[arm]['step_s']['median'] * 1e3:.1f}",
+            f"{result[arm]['step_s']['min'] * 1e3:.1f}",
+            f"{result[arm]['optimizer_step_s']['median'] * 1e3:.1f}",
+        )
+        for arm in ("no_check", "check")
+    ]
+    print(f"{args.model}, fp32, 1 x {args.seq_len} tokens, {args.steps} steps per arm (medians)")
+    print(format_table(("arm", "step ms", "fastest step ms", "optimizer.step() ms"), rows))
+    print(
+        f"check alone {result['check_alone_s']['median'] * 1e3:.2f} ms = "
+        f"{result['check_share_of_fastest_step'] * 100:.2f}% of the fastest step; step ratio "
+        f"check/no_check: medians {result['step_ratio_check_over_no_check']:.4f}, pairs "
+        f"{result['pair_ratio_median']:.4f}, fastest {result['fastest_step_ratio']:.4f}"
+    )
+    payload = {"benchmark": NAME, "environment": environment(), "result": result}
+    print(f"wrote {write_json(args.json, payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
