@@ -45,8 +45,6 @@ import json
 import logging
 import os
 import random
-import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -58,6 +56,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 
+from gnlorp_dist.checkpoint_branches import begin_branch_if_needed as begin_branch
+from gnlorp_dist.checkpoint_branches import (
+    branch_folders,
+    read_branch,
+    step_dir_name,
+    step_folders,
+)
+from gnlorp_dist.checkpoint_branches import resume_candidates as branch_candidates
 from gnlorp_dist.checkpoint_manifest import (
     MANIFEST_FILE,
     model_and_optimizer_nonfinite,
@@ -73,8 +79,6 @@ from gnlorp_dist.schedule import sync_lr_to_schedule
 FORMAT_VERSION = 2
 """2: manifest.json and branches. Version 1 checkpoints (no manifest) still load, unverified."""
 READABLE_VERSIONS = (1, 2)
-MAIN_BRANCH = "main"
-BRANCH_FILE = "branch.json"
 CHECKPOINTS_SUBDIR = "checkpoints"
 FINAL_SUBDIR = "final"
 MODEL_FILE = "model.safetensors"
@@ -83,7 +87,6 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 CONFIG_FILE = "run_config.json"
 STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d{8})(?:-(b[0-9a-f]+))?$")
 _NONFINITE_MARK = "nonfinite-rank-{rank}.json"
 
 
@@ -99,43 +102,29 @@ class TrainerState:
     """Counters for the log (tokens seen, last loss); not needed to continue exactly."""
 
 
-def step_dir_name(step: int, branch: str = MAIN_BRANCH) -> str:
-    return f"step-{step:08d}" + ("" if branch == MAIN_BRANCH else f"-{branch}")
-
-
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS_SUBDIR
+
+
+def _has_state(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file()
 
 
 def current_branch(output_dir: str | os.PathLike) -> dict[str, Any]:
     """``{"branch": id, "parent": checkpoint path or None}`` from ``checkpoints/branch.json``
     (the first branch, "main", without parent, when there is none)."""
-    path = checkpoints_root(output_dir) / BRANCH_FILE
-    if not path.is_file():
-        return {"branch": MAIN_BRANCH, "parent": None}
-    record = read_json(path)
-    if not isinstance(record, dict) or not isinstance(record.get("branch"), str):
-        raise ValueError(f"{path} is not a branch record; delete it to continue the main branch")
-    return record
+    return read_branch(checkpoints_root(output_dir))
 
 
 def all_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str, Path]]:
     """``(step, branch, folder)`` of every complete checkpoint of every branch, by step."""
-    root = checkpoints_root(output_dir)
-    if not root.is_dir():
-        return []
-    return sorted(
-        (int(match.group(1)), match.group(2) or MAIN_BRANCH, path)
-        for path in root.iterdir()
-        if (match := _STEP_DIR.match(path.name)) and (path / STATE_FILE).is_file()
-    )
+    return step_folders(checkpoints_root(output_dir), _has_state)
 
 
 def complete_checkpoints(output_dir: str | os.PathLike, branch: str | None = None) -> list[Path]:
     """Complete checkpoints of ``branch`` (default: the current one), oldest first; ``*.tmp*``
     folders never count."""
-    branch = branch or current_branch(output_dir)["branch"]
-    return [path for _step, b, path in all_checkpoints(output_dir) if b == branch]
+    return branch_folders(checkpoints_root(output_dir), _has_state, branch)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -175,11 +164,7 @@ def check_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
 def resume_candidates(output_dir: str | os.PathLike) -> list[Path]:
     """Where ``--resume auto`` looks, in order: the current branch's checkpoints, newest first,
     then the checkpoint the branch started from."""
-    found = complete_checkpoints(output_dir)[::-1]
-    parent = current_branch(output_dir).get("parent")
-    if parent and Path(parent).is_dir() and Path(parent) not in found:
-        found.append(Path(parent))
-    return found
+    return branch_candidates(checkpoints_root(output_dir), _has_state)
 
 
 def select_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -207,20 +192,7 @@ def begin_branch_if_needed(output_dir: str | os.PathLike, resumed: Path) -> str 
     """After resuming ``resumed`` into ``output_dir`` (rank 0): start a new branch unless it is
     the current branch's head (its newest checkpoint, or the one it started from). The new
     branch id, or None when the current branch continues."""
-    found = complete_checkpoints(output_dir)
-    head = found[-1] if found else current_branch(output_dir).get("parent")
-    if head is None and not all_checkpoints(output_dir):
-        return None  # a fresh folder: its first branch starts here
-    if head is not None and Path(head).resolve() == Path(resumed).resolve():
-        return None
-    branch = f"b{secrets.token_hex(4)}"
-    root = checkpoints_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    temporary = root / f"{BRANCH_FILE}.tmp-{os.getpid()}"
-    _json_save({"branch": branch, "parent": str(Path(resumed).resolve())}, temporary)
-    os.replace(temporary, root / BRANCH_FILE)
-    _fsync_dir(root)
-    return branch
+    return begin_branch(checkpoints_root(output_dir), Path(resumed), _has_state)
 
 
 # ------------------------------------------------------------------------------------------ RNG

@@ -20,6 +20,7 @@ from gnlorp_dist.checkpoint import (
     load_checkpoint,
     select_checkpoint,
 )
+from gnlorp_dist.checkpoint_branches import step_dir_name
 from gnlorp_dist.checkpoint_manifest import (
     LOCK_FILE,
     CheckpointWarning,
@@ -248,8 +249,8 @@ def test_a_manifest_not_recording_finite_tensors_is_skipped(tmp_path):
 # -------------------------------------------------------------------------------- DeepSpeed
 
 
-def _ds_tag(root, step_no, *, ours=True):
-    folder = root / f"step-{step_no:08d}"
+def _ds_tag(root, step_no, *, ours=True, branch="main"):
+    folder = root / step_dir_name(step_no, branch)
     folder.mkdir(parents=True)
     torch.save({"module": {}}, folder / "mp_rank_00_model_states.pt")  # DeepSpeed's own file
     if ours:
@@ -283,3 +284,21 @@ def test_kill_during_write_leaves_the_verified_checkpoints(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 3, run)
     assert select_checkpoint(tmp_path) == newest
+
+
+def test_deepspeed_branches(tmp_path):
+    from gnlorp_dist.checkpoint_branches import begin_branch_if_needed as begin  # noqa: PLC0415
+
+    root = tmp_path / ds_training.CHECKPOINT_DIR
+    first = _ds_tag(root, 2)
+    killed = _ds_tag(root, 4, ours=False)
+    # Resuming step 2 after a kill mid-save of step 4: the same branch continues.
+    assert begin(root, first, ds_training._is_finished) is None
+    killed.rename(root / "step-00000006")
+    _ds_tag(root, 4)  # a finished newer checkpoint: resuming step 2 now starts a branch
+    branch = begin(root, first, ds_training._is_finished)
+    assert branch is not None
+    assert ds_training.tag_folders(tmp_path) == [first]  # empty branch: where it started
+    mine = _ds_tag(root, 3, branch=branch)
+    assert ds_training.tag_folders(tmp_path) == [mine, first]
+    assert ds_training.select_tag(tmp_path) == (mine, {"step": 3})

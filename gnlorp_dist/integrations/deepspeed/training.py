@@ -22,6 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gnlorp_dist.checkpoint_branches import (
+    begin_branch_if_needed,
+    branch_folders,
+    read_branch,
+    resume_candidates,
+    step_dir_name,
+    step_folders,
+)
 from gnlorp_dist.checkpoint_manifest import (
     MANIFEST_FILE,
     model_and_optimizer_nonfinite,
@@ -32,6 +40,7 @@ from gnlorp_dist.checkpoint_manifest import (
 from gnlorp_dist.device import to_device
 from gnlorp_dist.integrations.deepspeed.checkpoint import (
     CLIENT_STATE_FILE,
+    LAYOUT_FILE,
     any_rank,
     initialize_from_checkpoint,
     read_layout,
@@ -149,11 +158,13 @@ def save(run: Run, step: int, client_state: dict[str, Any]) -> Path:
         )
         logging.getLogger(__name__).error(message)
         raise ValueError(message)
-    folder = save_checkpoint(run.engine, run.optimizer, root, f"step-{step:08d}", client_state)
+    branch = read_branch(root)["branch"]
+    tag = step_dir_name(step, branch)
+    folder = save_checkpoint(run.engine, run.optimizer, root, tag, client_state)
     if run.context.is_main:
-        write_manifest(folder, step=step)  # last: every rank's files are on disk
-        if c.keep_checkpoints:
-            tags = sorted(p for p in root.glob("step-*") if p.is_dir())
+        write_manifest(folder, step=step, branch=branch)  # last: every rank's files are on disk
+        if c.keep_checkpoints:  # the current branch's only: other branches are never pruned
+            tags = branch_folders(root, _is_tag, branch)
             for old in tags[: -c.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
     run.context.barrier()
@@ -184,12 +195,20 @@ def check_tag(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
 
 
+def _is_tag(folder: Path) -> bool:
+    return folder.is_dir()
+
+
+def _is_finished(folder: Path) -> bool:
+    """A tag folder whose save reached our files (a kill between DeepSpeed's files and ours
+    leaves one that is not: resuming the previous one then continues the same branch)."""
+    return (folder / MANIFEST_FILE).is_file() or (folder / LAYOUT_FILE).is_file()
+
+
 def tag_folders(output_dir: str | os.PathLike) -> list[Path]:
-    """The ``step-*`` tag folders under ``output_dir/ds_checkpoints``, newest first."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    """The current branch's tag folders under ``output_dir/ds_checkpoints``, newest first, then
+    the one the branch started from (see :mod:`gnlorp_dist.checkpoint_branches`)."""
+    return resume_candidates(Path(output_dir) / CHECKPOINT_DIR, _is_tag)
 
 
 def select_tag(output_dir: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None]:
@@ -218,7 +237,7 @@ def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
 
     c = run.config
     if c.resume == "never":
-        if tag_folders(c.output_dir):
+        if step_folders(Path(c.output_dir) / CHECKPOINT_DIR, _is_tag):
             raise ValueError(
                 f"--resume never, but {c.output_dir!r} already holds checkpoints; use --resume "
                 "auto or another --output-dir"
@@ -245,6 +264,17 @@ def restore_client_state(run: Run, state: dict[str, Any], checkpoint: Path) -> N
     sync_lr_to_schedule(run.scheduler)
     run.data.train.load_state_dict(state["data_state"])
     run.start_step, run.resumed_from = state["step"], checkpoint
+    run.context.barrier()  # every rank chose its checkpoint before the branch may change
+    if run.context.is_main:
+        root = Path(run.config.output_dir) / CHECKPOINT_DIR
+        branch = begin_branch_if_needed(root, checkpoint, _is_finished)
+        if branch is not None:
+            from gnlorp_dist.run_setup import log  # noqa: PLC0415
+
+            log(
+                f"resumed from {checkpoint}, which is not the newest checkpoint of "
+                f"{run.config.output_dir}: new branch {branch} (older branches are kept)"
+            )
 
 
 def consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
