@@ -73,6 +73,7 @@ from gnlorp_dist.checkpoint_manifest import (
     write_manifest,
 )
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
+from gnlorp_dist.faults import fault_point
 from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.schedule import sync_lr_to_schedule
 
@@ -311,8 +312,10 @@ def save_checkpoint(
     barrier()
     _refuse_nonfinite(tmp, step, model if rank == 0 else None, optimizer, rank, barrier)
     _save_optimizer(optimizer, tmp, rank)
+    fault_point("checkpoint.after_optimizer", step)
     if rank == 0:
         _save_model(model, tmp / MODEL_FILE)
+        fault_point("checkpoint.after_model", step)
         _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         _torch_save(capture_rng_state(), tmp / RNG_FILE)
         _json_save(run_config, tmp / CONFIG_FILE)
@@ -331,8 +334,10 @@ def save_checkpoint(
         _fsync_dir(tmp)
         if final.exists():  # only when a step is saved twice (a resumed run at its last step)
             shutil.rmtree(final)
+        fault_point("checkpoint.before_rename", step)
         os.replace(tmp, final)
         _fsync_dir(root)
+        fault_point("checkpoint.after_rename", step)
         prune_checkpoints(output_dir, keep)
     barrier()
     return final

@@ -37,6 +37,7 @@ from gnlorp_dist.distributed import (
     init_distributed,
 )
 from gnlorp_dist.evaluation import evaluate, merged_logit_difference
+from gnlorp_dist.faults import fault_point
 from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import count_parameters
 from gnlorp_dist.nn import merge_weight_norm
@@ -315,6 +316,7 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
             saved = result.last_checkpoint = save_training_state(run, done, stats.loss)
         if on_step_end is not None:
             on_step_end(done, saved)
+        fault_point("train.after_step", done)
     bar.close()
     steps_run = result.final_step - run.start_step
     result.tokens_per_s = steps_run * tokens_per_step / train_time if train_time else 0.0
