@@ -139,3 +139,31 @@ def test_accelerate_cpu_flag_starting_one_process_is_refused(setting):
     assert code != 0
     assert "asked for 2 processes" in output and "runs alone" in output
     assert not (root / "refused" / "checkpoints").exists()  # refused before any training
+
+
+def test_torchrun_killed_during_a_checkpoint_write_resumes_like_the_uninterrupted_run(setting):
+    """SIGKILL on both ranks between the optimizer shards and the model file of step 4's
+    checkpoint (GNLORP_FAULT); a new torchrun job resumes from step 2 and ends where the
+    uninterrupted 2-rank run of the first test ended (order of tests matters)."""
+    root, config, env = setting
+    out = root / "killed"
+
+    def torchrun(extra_env):
+        command = [
+            str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "gnlorp_dist.train", "--world-size", "2",
+            *_train_args(config, out),
+        ]  # fmt: skip
+        return _run(command, dict(env, **extra_env))
+
+    code, output = torchrun({"GNLORP_FAULT": "checkpoint.after_optimizer@4"})
+    assert code != 0 and "SIGKILL" in output, output[-3000:]
+    assert not (out / "checkpoints" / "step-00000004").exists()
+    code, output = torchrun({})
+    assert code == 0, output
+    assert "resumed from" in output and "(step 2)" in output
+    ours = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
+    theirs = load_file(root / "torchrun" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-8)
