@@ -109,10 +109,10 @@ def non_finite_count(tensors: list[Tensor]) -> Tensor:
     (above ~1e19 in float32, where Adam's second moment ``g * g`` would overflow as well): the
     count is the number of tensors the update could not use.
     """
+    first = tensors[0].device if tensors else torch.device("cpu")
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    first = tensors[0].device
+        return torch.zeros((), dtype=torch.float64, device=first)
     norms = torch._foreach_norm(tensors)
     stacked = torch.stack([n.to(first, torch.float32) for n in norms])
     return torch.isfinite(stacked).logical_not().sum(dtype=torch.float64)
