@@ -39,10 +39,10 @@ def _size(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_output_dir(path: str | os.PathLike, needed_bytes: int) -> Path:
+def check_output_dir(path: str | os.PathLike, needed_bytes: int = 0) -> Path:
     """``path`` created if missing (with its parents), checked writable by creating and removing
-    a probe file, and checked to have ``needed_bytes`` free plus a margin
-    (:data:`SPACE_MARGIN`, :data:`SPACE_MARGIN_BYTES`). Returns the folder.
+    a probe file and, when ``needed_bytes`` is given, by :func:`check_free_space`. Returns the
+    folder.
 
     Raises ValueError naming the path, the numbers and the fix: a path that is a file, a parent
     that is a file or cannot be created, a folder that cannot be written, too little space.
@@ -71,8 +71,16 @@ def check_output_dir(path: str | os.PathLike, needed_bytes: int) -> Path:
         ) from None
     finally:
         probe.unlink(missing_ok=True)
+    if needed_bytes:
+        check_free_space(folder, needed_bytes)
+    return folder
+
+
+def check_free_space(path: str | os.PathLike, needed_bytes: int) -> None:
+    """ValueError naming the numbers unless the existing folder ``path`` has ``needed_bytes``
+    free plus a margin (:data:`SPACE_MARGIN`, :data:`SPACE_MARGIN_BYTES`)."""
     wanted = int(needed_bytes * (1 + SPACE_MARGIN)) + SPACE_MARGIN_BYTES
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(path).free
     if free < wanted:
         raise ValueError(
             f"--output-dir {str(path)!r} has {_size(free)} free but one checkpoint needs about "
@@ -80,7 +88,6 @@ def check_output_dir(path: str | os.PathLike, needed_bytes: int) -> Path:
             f"{_size(wanted)} with the margin). Free space there or pass an --output-dir on a "
             "larger disk"
         )
-    return folder
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

@@ -38,7 +38,11 @@ from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
-from gnlorp_dist.preflight import check_output_dir, checkpoint_bytes_estimate
+from gnlorp_dist.preflight import (
+    check_free_space,
+    check_output_dir,
+    checkpoint_bytes_estimate,
+)
 from gnlorp_dist.run_config import RESUME_MUST_MATCH, RunConfig, config_record, resolve
 from gnlorp_dist.schedule import warmup_cosine_schedule
 
@@ -190,7 +194,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
     if config.deepspeed is None:
         config = dataclasses.replace(config, deepspeed=ds_training.accelerate_config_file())
     config, llama = resolve(config)
-    check_output_dir(config.output_dir, 0)  # a writable folder (space: once the model is built)
+    check_output_dir(config.output_dir)  # a writable folder (space: once the model is built)
     if context.is_main:  # before anything reads or writes the folder; released at exit
         acquire_lock(config.output_dir)
     device = resolve_device(config.device, context.local_rank)
@@ -225,7 +229,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
     model = build_training_model(config, llama, device)
     optimizer = build_optimizer(config, model, context)
     # Somewhere to save, before any step (every rank: all write shards, all fail together).
-    check_output_dir(config.output_dir, checkpoint_bytes_estimate(model, optimizer))
+    check_free_space(config.output_dir, checkpoint_bytes_estimate(model, optimizer))
     scheduler = warmup_cosine_schedule(
         optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
     )

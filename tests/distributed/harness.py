@@ -101,3 +101,29 @@ class StrictDeviceCommunicator:
 
     def all_ranks_arrive(self, tag: str, timeout_s: float) -> bool:
         return self.inner.all_ranks_arrive(tag, timeout_s)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (or ``model`` itself)."""
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter of ``model`` (unwrapped from DDP), flattened into one vector."""
+    return torch.cat([p.detach().reshape(-1) for p in unwrapped(model).parameters()])
+
+
+def train_on_global_batches(
+    model, optimizer, steps, global_batch, rank=0, world_size=1, on_step=None
+) -> None:
+    """One optimizer step per step of ``steps`` on this rank's slice of ``global_batch(step)``;
+    ``on_step(step + 1)`` after each."""
+    for step in steps:
+        ids = global_batch(step).chunk(world_size)[rank]
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step + 1)

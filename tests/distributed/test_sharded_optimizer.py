@@ -29,7 +29,7 @@ from gnlorp_dist.distributed import (
 from gnlorp_dist.optim.comm import LocalCommunicator
 
 from ..unit.test_groups import tiny_llama
-from .harness import run_ranks
+from .harness import flat_parameters, run_ranks, train_on_global_batches
 
 STEPS, SAVE_AT, GAP, GLOBAL_BATCH = 30, 15, 10, 6
 NUM_PROJECTED = 14  # 2 layers x 7 projections of the tiny LLaMA
@@ -52,18 +52,7 @@ def _global_batch(step):
 
 
 def _train(model, optimizer, steps, rank=0, world_size=1, on_step=None):
-    for step in steps:
-        ids = _global_batch(step).chunk(world_size)[rank]
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        if on_step is not None:
-            on_step(step + 1)
-
-
-def _flat(model):
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    train_on_global_batches(model, optimizer, steps, _global_batch, rank, world_size, on_step)
 
 
 def _save_point(directory, model, optimizer):
@@ -88,7 +77,7 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
         v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
     )
     result = {
-        "weights": _flat(model),
+        "weights": flat_parameters(model),
         "refreshes": optimizer.refresh_count,
         "state_bytes": state_bytes,
     }
@@ -100,7 +89,7 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
     broadcast_parameters(plain, comm)
     plain_opt = _optimizer(plain, comm, reduce_gradients=True)
     _train(plain, plain_opt, range(STEPS), rank, world_size)
-    result["reduced"] = _flat(plain)
+    result["reduced"] = flat_parameters(plain)
     result.update(_per_layer_scenario(rank, world_size, comm))
     if resume_from is not None:
         source = out / f"save-{resume_from}"
@@ -110,7 +99,7 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
         resumed_opt = _optimizer(resumed.module, comm)
         load_sharded_optimizer(resumed_opt, source)
         _train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world_size)
-        result["resumed"] = _flat(resumed)
+        result["resumed"] = flat_parameters(resumed)
     torch.save(result, out / f"result-{world_size}-{rank}.pt")
 
 
@@ -141,7 +130,7 @@ def _per_layer_scenario(rank, world_size, comm):
         groups_of(model), lr=1e-2, communicator=comm, reduce_gradients=True
     )
     _per_layer_train(model, optimizer, lambda s: _per_layer_micro_batches(s, rank, world_size))
-    out = {"per_layer": _flat(model)}
+    out = {"per_layer": flat_parameters(model)}
     if rank == 0:
         reference = _model()
         ref_opt = GradNormLoRPAdamW(groups_of(reference), lr=1e-2, communicator=LocalCommunicator())
@@ -151,7 +140,7 @@ def _per_layer_scenario(rank, world_size, comm):
             return [torch.cat([m[i] for m in per_rank]) for i in range(MICRO)]
 
         _per_layer_train(reference, ref_opt, joined)
-        out["per_layer_reference"] = _flat(reference)
+        out["per_layer_reference"] = flat_parameters(reference)
     return out
 
 
@@ -168,7 +157,12 @@ def runs(tmp_path_factory):
         for w in (2, 3)
         for r in range(w)
     }
-    return {"out": out, "reference": _flat(reference), "ref_opt": ref_opt, "results": results}
+    return {
+        "out": out,
+        "reference": flat_parameters(reference),
+        "ref_opt": ref_opt,
+        "results": results,
+    }
 
 
 def _rel(a, b):
@@ -181,7 +175,7 @@ def test_weights_match_one_process_and_are_identical_across_ranks(runs, world_si
     assert _rel(results[0]["weights"], runs["reference"]) < 1e-4
     for other in results[1:]:
         assert torch.equal(other["weights"], results[0]["weights"])
-    assert _rel(runs["reference"], _flat(_model())) > 1e-2  # the run moved the weights
+    assert _rel(runs["reference"], flat_parameters(_model())) > 1e-2  # the run moved the weights
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -214,7 +208,7 @@ def test_per_layer_updates_with_accumulation_across_ranks(runs, world_size):
     reference = runs["results"][(world_size, 0)]["per_layer_reference"]
     assert _rel(results[0], reference) < 1e-4
     assert all(torch.equal(r, results[0]) for r in results[1:])
-    assert _rel(reference, _flat(_model())) > 1e-2
+    assert _rel(reference, flat_parameters(_model())) > 1e-2
 
 
 def test_save_at_two_ranks_resume_at_three(runs):
@@ -230,7 +224,7 @@ def test_save_at_two_ranks_resume_at_one(runs):
     optimizer = _optimizer(model, LocalCommunicator())
     load_sharded_optimizer(optimizer, source)
     _train(model, optimizer, range(SAVE_AT, STEPS))
-    assert _rel(_flat(model), runs["reference"]) < 1e-4
+    assert _rel(flat_parameters(model), runs["reference"]) < 1e-4
 
 
 def test_missing_shard_is_refused_with_the_reason(runs, tmp_path):
@@ -250,7 +244,7 @@ def test_launch_without_process_group_is_refused_before_any_update(monkeypatch):
     optimizer = GradNormLoRPAdamW(projected_param_groups(model, 4, 5, 1.0))
     ids = _global_batch(0)
     model(input_ids=ids, labels=ids).loss.backward()
-    before = _flat(model)
+    before = flat_parameters(model)
     with pytest.raises(ValueError, match="WORLD_SIZE=4 but no communicator"):
         optimizer.step()
-    assert torch.equal(_flat(model), before)
+    assert torch.equal(flat_parameters(model), before)

@@ -28,7 +28,7 @@ from gnlorp_dist.optim.comm import LocalCommunicator
 from gnlorp_dist.optim.ownership import SPLIT_MIN_NUMEL
 from tests.tiny_llama import small_llama
 
-from .harness import run_ranks_within
+from .harness import flat_parameters, run_ranks_within, train_on_global_batches, unwrapped
 
 STEPS, SAVE_AT, GAP, GLOBAL_BATCH, VOCAB = 12, 6, 5, 6, 2048
 TIMEOUT_S = 2  # the rank-0-only save's wait, short for the test
@@ -54,21 +54,7 @@ def _global_batch(step):
 
 
 def _train(model, optimizer, steps, rank=0, world_size=1, on_step=None):
-    for step in steps:
-        ids = _global_batch(step).chunk(world_size)[rank]
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        if on_step is not None:
-            on_step(step + 1)
-
-
-def _module(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in _module(model).parameters()])
+    train_on_global_batches(model, optimizer, steps, _global_batch, rank, world_size, on_step)
 
 
 def _resume(source, comm, rank, world_size, sharded=False, bits=32):
@@ -79,13 +65,13 @@ def _resume(source, comm, rank, world_size, sharded=False, bits=32):
     model.load_state_dict(torch.load(source / f"model{tag}.pt", weights_only=True))
     if world_size > 1:
         model = DistributedDataParallel(model)
-    optimizer = _optimizer(_module(model), comm, bits=bits)
+    optimizer = _optimizer(unwrapped(model), comm, bits=bits)
     if sharded:
         load_sharded_optimizer(optimizer, source / "sharded")
     else:
         optimizer.load_state_dict(torch.load(source / f"optimizer{tag}.pt", weights_only=True))
     _train(model, optimizer, range(SAVE_AT, STEPS), rank, world_size)
-    return _flat(model)
+    return flat_parameters(model)
 
 
 def _two_ranks(rank, world_size, out_dir):
@@ -108,7 +94,7 @@ def _two_ranks(rank, world_size, out_dir):
         comm.all_gather_object(None)  # the files exist before any rank reads them
 
     _train(model, optimizer, range(STEPS), rank, world_size, save)
-    result["final"] = _flat(model)
+    result["final"] = flat_parameters(model)
     result["resumed"] = _resume(out, comm, rank, world_size)
 
     # 8-bit moments: the dense row blocks are dequantised, joined and quantised whole.
@@ -123,7 +109,7 @@ def _two_ranks(rank, world_size, out_dir):
         optimizer8.consolidate_state_dict()
     comm.all_gather_object(None)
     _train(model8, optimizer8, range(SAVE_AT, STEPS), rank, world_size)
-    result["final8"] = _flat(model8)
+    result["final8"] = flat_parameters(model8)
     result["resumed8"] = _resume(out, comm, rank, world_size, bits=8)
 
     # A rank-0-only state_dict() without consolidation: a clear error after the timeout.
@@ -147,12 +133,12 @@ def _two_ranks(rank, world_size, out_dir):
     plain_opt = _optimizer(plain, comm)
     ids = _global_batch(100 + rank)
     plain(input_ids=ids, labels=ids).loss.backward()
-    before = _flat(plain)
+    before = flat_parameters(plain)
     try:
         plain_opt.step()
     except ValueError as error:
         result["unaveraged_error"] = str(error)
-    result["unaveraged_untouched"] = torch.equal(before, _flat(plain))
+    result["unaveraged_untouched"] = torch.equal(before, flat_parameters(plain))
     torch.save(result, out / f"two-{rank}.pt")
 
 
@@ -184,7 +170,7 @@ def runs(tmp_path_factory):
     return {
         "out": out,
         "reference_state": saved["state"],
-        "reference": _flat(reference),
+        "reference": flat_parameters(reference),
         "two": [load(f"two-{r}.pt") for r in range(2)],
         "three": [load(f"three-{r}.pt") for r in range(3)],
     }
@@ -235,7 +221,7 @@ def test_resume_from_rank_0s_file_on_one_process(runs):
     resumed = _resume(runs["out"], LocalCommunicator(), 0, 1)
     assert torch.equal(resumed, _resume(runs["out"], LocalCommunicator(), 0, 1, sharded=True))
     assert _rel(resumed, runs["two"][0]["final"]) < 1e-5
-    assert _rel(runs["reference"], _flat(_model())) > 1e-2  # the run moved the weights
+    assert _rel(runs["reference"], flat_parameters(_model())) > 1e-2  # the run moved the weights
 
 
 def test_resume_from_rank_0s_file_on_three_ranks(runs):
