@@ -22,8 +22,8 @@ from gnlorp_dist.distributed import (
 from gnlorp_dist.optim import ownership
 from gnlorp_dist.optim.comm import LocalCommunicator
 
-from .harness import run_ranks_within
-from .test_sharded_optimizer import SAVE_AT, STEPS, _flat, _model, _optimizer, _rel, _train
+from .harness import flat_parameters, run_ranks_within
+from .test_sharded_optimizer import SAVE_AT, STEPS, _model, _optimizer, _rel, _train
 
 SMALL_SPLIT = 64
 
@@ -42,7 +42,7 @@ def _resume_on_ranks(rank, world_size, out_dir):
         split = [p for p in optimizer.state if not optimizer.owned_block(p).whole]
         assert split, "no dense tensor is cut in row blocks: the scenario tests nothing"
         _train(model, optimizer, range(SAVE_AT, STEPS), rank, world_size)
-        results[bits] = _flat(model)
+        results[bits] = flat_parameters(model)
         results[f"split-{bits}"] = torch.tensor(len(split))
     torch.save(results, out / f"resumed-{world_size}-{rank}.pt")
 
@@ -62,7 +62,7 @@ def resumed(tmp_path_factory):
                 torch.save(model.state_dict(), source / f"bits-{bits}" / "model.pt")
 
         _train(model, optimizer, range(STEPS), on_step=save)
-        references[bits] = _flat(model)
+        references[bits] = flat_parameters(model)
     for world_size in (2, 3):
         run_ranks_within(300, world_size, _resume_on_ranks, str(out))
     results = {

@@ -22,7 +22,7 @@ from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_gr
 from gnlorp_dist.distributed import ProcessGroupCommunicator
 
 from ..unit.test_groups import tiny_llama
-from .harness import run_ranks_within
+from .harness import flat_parameters, run_ranks_within
 
 STEPS, GAP, BAD, GLOBAL_BATCH, WORLD = 7, 3, 4, 4, 2  # refreshes at 0, 3, 6: step 4 is not one
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -40,10 +40,6 @@ def _optimizer(model, **kwargs):
 def _batch(step):
     gen = torch.Generator().manual_seed(1000 + step)
     return torch.randint(0, 128, (GLOBAL_BATCH, 16), generator=gen)
-
-
-def _flat(module):
-    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
 
 
 def _state(optimizer):
@@ -88,21 +84,21 @@ def _ddp_run(rank, world, *, poison=None, omit=False, policy="skip"):
         model(input_ids=ids, labels=ids).loss.backward()
         if step == BAD and poison is not None:
             poison(optimizer)
-            weights, state = _flat(model.module), _state(optimizer)
+            weights, state = flat_parameters(model.module), _state(optimizer)
             if policy == "raise":
                 with pytest.raises(ValueError, match="non-finite gradient") as error:
                     optimizer.step()
-                unchanged = torch.equal(weights, _flat(model.module))
+                unchanged = torch.equal(weights, flat_parameters(model.module))
                 unchanged = unchanged and _same_state(state, _state(optimizer))
                 return {"raised": str(error.value), "unchanged": unchanged}
             optimizer.step()
             assert optimizer.last_step_skipped
-            assert torch.equal(weights, _flat(model.module))
+            assert torch.equal(weights, flat_parameters(model.module))
             assert _same_state(state, _state(optimizer))
             continue
         optimizer.step()
         assert not optimizer.last_step_skipped
-    return {"weights": _flat(model.module), "skipped": optimizer.skipped_steps}
+    return {"weights": flat_parameters(model.module), "skipped": optimizer.skipped_steps}
 
 
 def _poison_projected(optimizer):
@@ -138,7 +134,7 @@ def _owners_run(rank, world, *, poison, omit=False):
             _poison_owned_by_0(optimizer)
         optimizer.step()
         assert optimizer.last_step_skipped == (step == BAD and poison)
-    return {"weights": _flat(model), "skipped": optimizer.skipped_steps}
+    return {"weights": flat_parameters(model), "skipped": optimizer.skipped_steps}
 
 
 def _zero2_run(rank, world, *, poison, omit=False):
