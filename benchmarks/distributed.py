@@ -14,30 +14,59 @@ for a few steps and report:
 
 On this 2-core machine 4 ranks oversubscribe the CPU: times at 4 ranks measure contention too.
 Usage: ``python benchmarks/distributed.py [--model llama_60m] [--worlds 1 2 4] [--json PATH]``.
+
+``--engines ddp zero2 fsdp2`` runs the engine comparison instead: the same weight-normalised
+model, the same ranks (``--worlds``, default 2) and the same global batches, with
+GradNormLoRPAdamW (the model's recipe: rank, T, alpha) stepping it under
+
+- ``ddp``: ``DistributedDataParallel`` + our sharded optimizer (``gnlorp-train``'s default);
+- ``zero2``: DeepSpeed ZeRO-2 with ours as the client optimizer (as ``deepspeed_zero.py``);
+- ``fsdp2``: FSDP2, ``fully_shard`` per decoder layer then the root, fp32 (``DTensor``
+  ``Shard(0)`` parameters; the optimizer is built after sharding from the sharded parameters).
+
+Each engine runs in its own forked launch (a fresh process group; a crash or hang there becomes
+that engine's error row and the others still run). Per engine it reports the optimizer-state
+bytes on each rank (every tensor in ``optimizer.state``; a DTensor counts its local shard), max
+and mean over ranks next to one process's total / N (measured here in one process), the local
+weight bytes and DeepSpeed's fp32 master partition per rank, and the median over timed steps of
+the whole training step (forward, backward, step; the slowest rank per step), each with its ratio
+to ``ddp`` measured in the same run. Usage:
+``python benchmarks/distributed.py --engines ddp zero2 fsdp2 [--model llama_60m] [--worlds 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
+if __package__ in (None, ""):  # run as a file: make the repository (benchmarks/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
-from gnlorp_dist.distributed import ProcessGroupCommunicator
-from gnlorp_dist.models import build_model, llama_config, model_spec
-from gnlorp_dist.optim.comm import LocalCommunicator
-from gnlorp_dist.optim.quantized import state_bytes as state_bytes_of
-from gnlorp_dist.projection import low_rank_shape, projection_side
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from benchmarks._common import environment, format_table  # noqa: E402
+from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
+from gnlorp_dist.distributed import ProcessGroupCommunicator  # noqa: E402
+from gnlorp_dist.models import build_model, llama_config, model_spec, recipe_for_config  # noqa: E402
+from gnlorp_dist.optim.comm import LocalCommunicator  # noqa: E402
+from gnlorp_dist.optim.quantized import state_bytes as state_bytes_of  # noqa: E402
+from gnlorp_dist.projection import low_rank_shape, projection_side  # noqa: E402
 
 STEPS = 4  # refreshes at steps 0 and 2
 GAP = 2
@@ -205,12 +234,446 @@ def print_table(rows: list[dict], model_name: str) -> None:
     )
 
 
+# -- engines: DDP, DeepSpeed ZeRO-2 and FSDP2 on the same model and ranks -----------------------
+
+ENGINES: tuple[str, ...] = ("ddp", "zero2", "fsdp2")
+"""The engines ``--engines`` knows, in table order; every ratio is against ``ddp``."""
+
+ENGINE_LR, ENGINE_BETAS, ENGINE_EPS = 1e-3, (0.9, 0.999), 1e-6  # as deepspeed_zero.py; no decay
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every engine of one comparison shares."""
+
+    model: str
+    world_size: int = 2
+    warmup: int = 2  # untimed; step 0 is the recipe's first subspace refresh (SVDs)
+    steps: int = 8  # timed
+    batch: int = 1  # micro batch per rank
+    seq: int = 64
+    seed: int = 0
+    timeout_s: float = 900.0  # per engine launch: a hung collective becomes an error row
+
+
+def local_nbytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` held by this rank: a DTensor counts its local shard
+    (``DTensor.nbytes`` would be the global tensor's), containers are walked, numbers count 0."""
+    if isinstance(value, DTensor):
+        return value.to_local().nbytes
+    if torch.is_tensor(value):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(local_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(local_nbytes(v) for v in value)
+    return 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """``state``: every tensor in ``optimizer.state`` on this rank; ``proj``: of those, the
+    projection bases (key ``proj``), apart because FSDP2 and ZeRO can duplicate them."""
+    state = proj = 0
+    for entry in optimizer.state.values():
+        state += local_nbytes(entry)
+        if isinstance(entry, dict):
+            proj += local_nbytes(entry.get("proj"))
+    return {"state": state, "proj": proj}
+
+
+def _engine_batch(step: int, rank: int, settings: EngineSettings, vocab: int) -> torch.Tensor:
+    """This rank's rows of the global batch of ``step``: the same data for every engine."""
+    gen = torch.Generator().manual_seed(settings.seed * 100_003 + step)
+    rows = settings.batch * settings.world_size
+    ids = torch.randint(0, vocab, (rows, settings.seq), generator=gen)
+    return ids.chunk(settings.world_size)[rank]
+
+
+def _projected_optimizer(model: torch.nn.Module) -> tuple[GradNormLoRPAdamW, int]:
+    """GradNormLoRPAdamW at the model's recipe over ``model``'s parameters as they are now (for
+    FSDP2: the sharded DTensors), and the number of projected matrices."""
+    spec = recipe_for_config(model.config)
+    groups = projected_param_groups(
+        model, rank=spec.rank, update_proj_gap=spec.update_proj_gap, scale=spec.scale
+    )
+    projected = sum(len(g["params"]) for g in groups if "rank" in g)
+    optimizer = GradNormLoRPAdamW(
+        groups, lr=ENGINE_LR, betas=ENGINE_BETAS, eps=ENGINE_EPS, weight_decay=0.0
+    )
+    return optimizer, projected
+
+
+def _fully_shard(model: torch.nn.Module) -> str:
+    """FSDP2 on ``model``: the library's helper when it is there, else the same recipe here
+    (each decoder layer, then the root, which keeps its parameters gathered after forward).
+    Returns which one was used, for the record."""
+    if importlib.util.find_spec("gnlorp_dist.integrations.fsdp2") is not None:
+        # The optimizer learns the DTensor layout through this module's registration.
+        importlib.import_module("gnlorp_dist.integrations.fsdp2")
+    try:
+        from gnlorp_dist.distributed import fully_shard_model  # noqa: PLC0415
+    except ImportError:
+        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model, reshard_after_forward=False)
+        return "torch fully_shard (per layer + root)"
+    fully_shard_model(model)
+    return "gnlorp_dist.distributed.fully_shard_model"
+
+
+def _run_engine(engine: str, settings: EngineSettings, rank: int) -> dict[str, Any]:
+    """Build ``engine`` on this rank (process group up), train warmup + steps steps, count."""
+    config = llama_config(settings.model)
+    model = apply_weight_norm(build_model(config, dtype=torch.float32, seed=settings.seed))
+    weights_full = sum(p.numel() * p.element_size() for p in model.parameters())
+    master_bytes = 0
+    how = ""
+    if engine == "ddp":
+        optimizer, projected = _projected_optimizer(model)
+        wrapped = DistributedDataParallel(model)
+        how = "DistributedDataParallel"
+
+        def train_step(ids: torch.Tensor) -> torch.Tensor:
+            loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+    elif engine == "zero2":
+        from benchmarks.deepspeed_zero import (  # noqa: PLC0415  (DeepSpeed only when asked)
+            OURS,
+            Case,
+            RunSettings,
+            deepspeed_config,
+            import_deepspeed,
+            master_partitions,
+        )
+
+        deepspeed = import_deepspeed("cpu")
+        optimizer, projected = _projected_optimizer(model)
+        ds_settings = RunSettings(config=config, batch=settings.batch, seq=settings.seq)
+        ds_config = deepspeed_config(Case(OURS, 2), ds_settings, settings.world_size)
+        ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        how = f"deepspeed {deepspeed.__version__} {type(ds_engine.optimizer).__name__}"
+
+        def train_step(ids: torch.Tensor) -> torch.Tensor:
+            loss = ds_engine(input_ids=ids, labels=ids, use_cache=False).loss
+            ds_engine.backward(loss)
+            ds_engine.step()
+            return loss
+
+    elif engine == "fsdp2":
+        how = _fully_shard(model)
+        optimizer, projected = _projected_optimizer(model)  # after sharding: the DTensors
+
+        def train_step(ids: torch.Tensor) -> torch.Tensor:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+    else:
+        raise ValueError(f"engine {engine!r} is not known; use one of {ENGINES}")
+
+    losses: list[float] = []
+    step_s: list[float] = []
+    for step in range(settings.warmup + settings.steps):
+        ids = _engine_batch(step, rank, settings, config.vocab_size)
+        dist.barrier()  # every rank starts the step together: the time is the step, not skew
+        start = time.perf_counter()
+        loss = train_step(ids)
+        elapsed = time.perf_counter() - start
+        losses.append(float(loss.detach()))
+        if step >= settings.warmup:
+            step_s.append(elapsed)
+    if engine == "zero2":
+        master_bytes = sum(
+            t.numel() * t.element_size() for t in master_partitions(ds_engine.optimizer)
+        )
+    counts = optimizer_state_bytes(optimizer)
+    return {
+        "engine": engine,
+        "rank": rank,
+        "how": how,
+        "state_bytes": counts["state"],
+        "proj_bytes": counts["proj"],
+        "weight_bytes": sum(local_nbytes(p) for p in model.parameters()),
+        "weight_bytes_full": weights_full,
+        "master_bytes": master_bytes,
+        "refreshes": optimizer.refresh_count,
+        "projected_matrices": projected,
+        "losses": losses,
+        "step_s": step_s,
+    }
+
+
+def _engine_rank(rank: int, engine: str, settings: EngineSettings, out_dir: str) -> None:
+    # The ranks share the cores: one slice of threads each keeps them from fighting over them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.world_size))
+    init_file = str(Path(out_dir) / "rendezvous")
+    if engine == "zero2":
+        from benchmarks.deepspeed_zero import distributed as deepspeed_group  # noqa: PLC0415
+
+        with deepspeed_group(rank, settings.world_size, init_file, "cpu"):
+            result = _run_engine(engine, settings, rank)
+    else:
+        # What torchrun exports: the optimizer's default communicator reads WORLD_SIZE to tell a
+        # job from one process (without it every rank would keep the whole, unsharded state).
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(settings.world_size), LOCAL_RANK=str(rank))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=settings.world_size,
+            timeout=datetime.timedelta(seconds=settings.timeout_s),
+        )
+        try:
+            result = _run_engine(engine, settings, rank)
+        finally:
+            dist.destroy_process_group()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _failure_summary(err: BaseException) -> str:
+    """The last line of a rank's traceback (what went wrong) and the deepest gnlorp_dist frame
+    (where); the whole traceback goes to the JSON."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    what = lines[-1] if lines else type(err).__name__
+    frames = [line for line in lines if line.startswith("File ") and "gnlorp_dist" in line]
+    if not frames:
+        return what
+    # 'File ".../gnlorp_dist/optim/comm.py", line 176, in step_verdict'
+    path, _, rest = frames[-1].removeprefix('File "').partition('", line ')
+    where = "gnlorp_dist" + path.rpartition("gnlorp_dist")[2] + ":" + rest.split(",")[0]
+    return f"{what} (at {where})"
+
+
+def launch_engine(engine: str, settings: EngineSettings) -> list[dict[str, Any]]:
+    """``engine`` on ``settings.world_size`` forked gloo ranks: one result per rank. A rank
+    that fails or a launch that outlives ``timeout_s`` raises RuntimeError with the reason."""
+    with tempfile.TemporaryDirectory() as tmp:
+        context = mp.start_processes(
+            _engine_rank,
+            args=(engine, settings, tmp),
+            nprocs=settings.world_size,
+            join=False,
+            start_method="fork",
+        )
+        deadline = time.monotonic() + settings.timeout_s
+        try:
+            while not context.join(timeout=2):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{engine} still running after {settings.timeout_s:.0f} s")
+        except Exception as err:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            raise RuntimeError(_failure_summary(err)) from err
+        return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(settings.world_size)]
+
+
+def one_process_state_bytes(settings: EngineSettings) -> int:
+    """Optimizer-state bytes of the same optimizer on the whole model in ONE process, after one
+    step (state size depends on shapes only, not on values or step count)."""
+    config = llama_config(settings.model)
+    model = apply_weight_norm(build_model(config, dtype=torch.float32, seed=settings.seed))
+    spec = recipe_for_config(config)
+    groups = projected_param_groups(
+        model, rank=spec.rank, update_proj_gap=spec.update_proj_gap, scale=spec.scale
+    )
+    optimizer = GradNormLoRPAdamW(
+        groups, lr=ENGINE_LR, betas=ENGINE_BETAS, eps=ENGINE_EPS, communicator=LocalCommunicator()
+    )
+    ids = _engine_batch(0, 0, settings, config.vocab_size)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+    return optimizer_state_bytes(optimizer)["state"]
+
+
+def summarise_engine(engine: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from every rank's result: per-rank lists, max/mean, the median step time."""
+    states = [r["state_bytes"] for r in per_rank]
+    # The slowest rank is the step's time (the next collective waits for it).
+    per_step = [max(times) for times in zip(*(r["step_s"] for r in per_rank))]
+    return {
+        "engine": engine,
+        "how": per_rank[0]["how"],
+        "state_bytes_per_rank": states,
+        "state_bytes_max": max(states),
+        "state_bytes_mean": statistics.fmean(states),
+        "proj_bytes_per_rank": [r["proj_bytes"] for r in per_rank],
+        "weight_bytes_per_rank": [r["weight_bytes"] for r in per_rank],
+        "weight_bytes_full": per_rank[0]["weight_bytes_full"],
+        "master_bytes_per_rank": [r["master_bytes"] for r in per_rank],
+        "refreshes_per_rank": [r["refreshes"] for r in per_rank],
+        "projected_matrices": per_rank[0]["projected_matrices"],
+        "losses_rank0": per_rank[0]["losses"],
+        "losses_per_rank": [r["losses"] for r in per_rank],
+        "step_s_per_rank": [r["step_s"] for r in per_rank],
+        "step_s_slowest_rank": per_step,
+        "step_s_median": statistics.median(per_step),
+        "error": None,
+    }
+
+
+def add_engine_ratios(rows: list[dict[str, Any]], one_process_bytes: int, world: int) -> None:
+    """Ratios against ``ddp`` of this run (None where ddp failed or was not asked for), and
+    the max per-rank state against one process's total / N."""
+    reference = one_process_bytes / world
+    ddp = next((r for r in rows if r["engine"] == "ddp" and r["error"] is None), None)
+    for row in rows:
+        row["one_process_state_bytes"] = one_process_bytes
+        row["one_process_state_bytes_over_n"] = reference
+        if row["error"] is not None:
+            continue
+        row["state_max_over_one_process_n"] = row["state_bytes_max"] / reference
+        row["state_max_over_ddp"] = row["state_bytes_max"] / ddp["state_bytes_max"] if ddp else None
+        row["step_median_over_ddp"] = row["step_s_median"] / ddp["step_s_median"] if ddp else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def engine_table(rows: list[dict[str, Any]]) -> str:
+    headers = [
+        "engine",
+        "state B/rank max",
+        "mean",
+        "1-proc/N",
+        "max x 1-proc/N",
+        "x ddp",
+        "proj B/rank max",
+        "weights B/rank",
+        "master B/rank",
+        "step ms",
+        "x ddp",
+        "SVDs/rank",
+        "last loss",
+    ]
+    body = []
+    for r in rows:
+        if r["error"] is not None:
+            body.append([r["engine"], "failed (below)"] + ["-"] * (len(headers) - 2))
+            continue
+        body.append(
+            [
+                r["engine"],
+                f"{r['state_bytes_max']:,}",
+                f"{r['state_bytes_mean']:,.0f}",
+                f"{r['one_process_state_bytes_over_n']:,.0f}",
+                f"{r['state_max_over_one_process_n']:.3f}",
+                _fmt(r["state_max_over_ddp"], ".3f"),
+                f"{max(r['proj_bytes_per_rank']):,}",
+                f"{max(r['weight_bytes_per_rank']):,}",
+                f"{max(r['master_bytes_per_rank']):,}",
+                f"{r['step_s_median'] * 1e3:.1f}",
+                _fmt(r["step_median_over_ddp"], ".3f"),
+                "/".join(str(n) for n in r["refreshes_per_rank"]),
+                f"{r['losses_rank0'][-1]:.4f}",
+            ]
+        )
+    return format_table(headers, body)
+
+
+def engines_mode(args: argparse.Namespace) -> dict[str, Any]:
+    world = args.worlds[0] if args.worlds else 2
+    settings = EngineSettings(
+        model=args.model,
+        world_size=world,
+        warmup=args.warmup,
+        steps=args.steps,
+        batch=args.batch,
+        seq=args.seq,
+        timeout_s=args.timeout,
+    )
+    if "zero2" in args.engines:
+        # Import DeepSpeed (5 s) once here so every forked rank inherits it.
+        from benchmarks.deepspeed_zero import import_deepspeed  # noqa: PLC0415
+
+        import_deepspeed("cpu")
+    rows: list[dict[str, Any]] = []
+    for engine in args.engines:
+        started = time.perf_counter()
+        try:
+            rows.append(summarise_engine(engine, launch_engine(engine, settings)))
+        except RuntimeError as err:
+            detail = "".join(traceback.format_exception(err.__cause__ or err))
+            rows.append({"engine": engine, "error": str(err), "error_detail": detail})
+        status = "failed: " + rows[-1]["error"] if rows[-1]["error"] else "ok"
+        print(f"{engine}: {time.perf_counter() - started:.0f} s, {status}", flush=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    one_process = one_process_state_bytes(settings)
+    add_engine_ratios(rows, one_process, world)
+    spec = recipe_for_config(llama_config(args.model))
+    ok = [r for r in rows if r["error"] is None]
+    first_losses = {r["engine"]: r["losses_rank0"][0] for r in ok}
+    print(
+        f"\n{args.model}, fp32, GradNormLoRPAdamW (rank {spec.rank}, T={spec.update_proj_gap}, "
+        f"alpha {spec.scale}) on {world} gloo ranks; {settings.batch} x {settings.seq} tokens per "
+        f"rank; step ms = median over {settings.steps} steps after {settings.warmup} warm-up "
+        "(step 0 refreshes), slowest rank per step; bytes exact, after the last step:"
+    )
+    print(engine_table(rows))
+    print(
+        f"1-proc/N: one process's optimizer state ({one_process:,} B) / {world}. proj: the "
+        "projection bases (inside state). weights: this rank's parameter bytes (FSDP2: its "
+        "shard). master: DeepSpeed's fp32 master partition (not in state)."
+    )
+    for row in rows:
+        if row["error"] is not None:
+            print(f"{row['engine']} failed: {row['error']} (traceback in the JSON)")
+    if len(set(first_losses.values())) > 1:
+        print(f"note: the first-step losses differ across engines: {first_losses}")
+    return {
+        "benchmark": "distributed_engines",
+        "model": args.model,
+        "settings": asdict(settings),
+        "recipe": asdict(spec),
+        "first_step_loss": first_losses,
+        "rows": rows,
+        "environment": environment(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama_60m")
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--json", default="benchmarks/results/distributed.json")
+    parser.add_argument(
+        "--worlds", type=int, nargs="+", default=None, help="default 1 2 4; with --engines: 2"
+    )
+    parser.add_argument("--json", default=None, help="default benchmarks/results/distributed.json")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=ENGINES,
+        default=None,
+        help="compare these engines on one world size instead (distributed_engines.json)",
+    )
+    engine_args = parser.add_argument_group("--engines options")
+    engine_args.add_argument("--steps", type=int, default=8, help="timed steps")
+    engine_args.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    engine_args.add_argument("--batch", type=int, default=1, help="micro batch per rank")
+    engine_args.add_argument("--seq", type=int, default=64)
+    engine_args.add_argument("--timeout", type=float, default=900.0, help="s per engine launch")
     args = parser.parse_args(argv)
+    if args.engines is not None:
+        if args.worlds is not None and len(args.worlds) != 1:
+            parser.error("--engines compares on ONE world size: give one --worlds value")
+        if args.steps < 1 or args.warmup < 0:
+            parser.error("--steps must be >= 1 and --warmup >= 0")
+        record = engines_mode(args)
+        path = Path(args.json or "benchmarks/results/distributed_engines.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"\nwrote {path}")
+        return 0
+    args.worlds = args.worlds or [1, 2, 4]
+    args.json = args.json or "benchmarks/results/distributed.json"
     rows = []
     for world_size in args.worlds:
         for mode in ("ddp", "reduce") if world_size > 1 else ("ddp",):
