@@ -112,6 +112,11 @@ class RunConfig:
     """A DeepSpeed JSON (see ds_configs/): train through deepspeed.initialize with ZeRO 0-3;
     its "auto" values are filled from these flags (batch, accumulation, clip, bf16). Under
     accelerate launch --use_deepspeed, the plugin's --deepspeed_config_file."""
+    fsdp: bool = False
+    """Shard the model with FSDP2 (torch's fully_shard per decoder layer, then the root) instead
+    of DDP: each rank keeps its rows of every weight, gradient and optimizer state, and
+    checkpoints are torch.distributed.checkpoint shards that resume on any number of processes.
+    Not with --deepspeed, --per-layer, --bits 8 or --grad-reduction owners."""
     grad_reduction: str = "ddp"
     """With several processes: ddp (DDP all-reduces gradients, owners broadcast updated weights)
     or owners (each gradient block reduced to the rank owning its optimizer state: the same
@@ -250,6 +255,33 @@ def _non_negative(config: RunConfig, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
+def check_fsdp_flags(config: RunConfig) -> None:
+    """ValueError naming the flags that cannot go with --fsdp, and why."""
+    clashes = []
+    if config.deepspeed is not None:
+        clashes.append(
+            f"--deepspeed {config.deepspeed} (DeepSpeed's engine shards and steps the model "
+            "itself; under accelerate launch --use_deepspeed it comes from the plugin)"
+        )
+    if config.per_layer:
+        clashes.append(
+            "--per-layer (FSDP2 reduce-scatters gradients after the backward of each layer, so "
+            "a hook inside backward never sees a finished gradient shard)"
+        )
+    if config.bits != 32:
+        clashes.append(f"--bits {config.bits} (8-bit moments are not sharded as DTensors)")
+    if config.grad_reduction != "ddp":
+        clashes.append(
+            f"--grad-reduction {config.grad_reduction} (FSDP2 reduce-scatters every gradient "
+            "to the rank holding its rows)"
+        )
+    if clashes:
+        raise ValueError(
+            "--fsdp cannot be combined with " + "; ".join(clashes) + ". Drop those flags, or "
+            "drop --fsdp (DDP supports them)"
+        )
+
+
 def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
     """Validate ``config`` and fill its recipe defaults; returns it with its ``LlamaConfig``.
 
@@ -303,6 +335,8 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             raise ValueError(
                 f"--deepspeed {config.deepspeed!r} does not exist; see ds_configs/ for configs"
             )
+    if config.fsdp:
+        check_fsdp_flags(config)
     if config.model_config is None and config.model not in known_model_names():
         raise ValueError(
             f"unknown model {config.model!r}; known models: {', '.join(known_model_names())} "

@@ -30,10 +30,17 @@ from gnlorp_dist.checkpoint import (
     read_run_config,
     select_checkpoint,
 )
+from gnlorp_dist.checkpoint_dcp import check_layout_matches, load_dcp_training_checkpoint
 from gnlorp_dist.checkpoint_manifest import acquire_lock
 from gnlorp_dist.data import TrainData, build_data
 from gnlorp_dist.device import activate_device, resolve_device
-from gnlorp_dist.distributed import SINGLE_PROCESS, DistributedContext, wrap_for_data_parallel
+from gnlorp_dist.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    fully_shard_model,
+    init_single_process_group,
+    wrap_for_data_parallel,
+)
 from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import apply_weight_norm
@@ -142,7 +149,8 @@ class Run:
     model: nn.Module
     """The model itself (evaluated, saved and merged)."""
     forward_model: nn.Module
-    """What the training step calls: ``model``, or its DDP wrapper."""
+    """What the training step calls: ``model`` (also when sharded by FSDP2), or its DDP
+    wrapper."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     data: TrainData
@@ -227,6 +235,11 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
             f"model's vocab_size is {llama.vocab_size}; use --model-config with a larger vocab_size"
         )
     model = build_training_model(config, llama, device)
+    if config.fsdp:
+        # Alone (e.g. resuming an N-rank checkpoint on one process) FSDP2 and DCP still need a
+        # process group. The optimizer is built after sharding: it must hold the DTensor shards.
+        init_single_process_group(device)
+        fully_shard_model(model)
     optimizer = build_optimizer(config, model, context)
     # Somewhere to save, before any step (every rank: all write shards, all fail together).
     check_free_space(config.output_dir, checkpoint_bytes_estimate(model, optimizer))
@@ -259,14 +272,20 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         check_compatible(
             saved_config, config_record(config, llama), RESUME_MUST_MATCH, str(checkpoint)
         )
-        state = load_checkpoint(
-            checkpoint,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            device=device,
-            verify=False,  # find_resume_checkpoint verified it
-        )
+        check_layout_matches(checkpoint, config.fsdp)
+        if config.fsdp:
+            state = load_dcp_training_checkpoint(
+                checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
+            )
+        else:
+            state = load_checkpoint(
+                checkpoint,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                device=device,
+                verify=False,  # find_resume_checkpoint verified it
+            )
         data.train.load_state_dict(state.data_state)
         run.start_step, run.resumed_from = state.step, checkpoint
         context.barrier()  # every rank chose its checkpoint before the branch may change
@@ -277,7 +296,8 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
                     f"resumed from {checkpoint}, which is not the newest checkpoint of "
                     f"{config.output_dir}: new branch {branch} (older branches are kept)"
                 )
-    run.forward_model = wrap_for_data_parallel(model, context, config.grad_reduction)
+    if not config.fsdp:  # an FSDP2 model is its own data-parallel wrapper
+        run.forward_model = wrap_for_data_parallel(model, context, config.grad_reduction)
     if config.per_layer:
         run.per_layer = PerLayerUpdates(
             optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip

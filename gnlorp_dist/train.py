@@ -24,6 +24,7 @@ from gnlorp_dist.checkpoint import (
     save_checkpoint,
     save_merged_model,
 )
+from gnlorp_dist.checkpoint_dcp import save_dcp_training_checkpoint
 from gnlorp_dist.device import (
     activate_device,
     describe_memory,
@@ -34,6 +35,7 @@ from gnlorp_dist.device import (
 from gnlorp_dist.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
+    full_model_state_dict,
     init_distributed,
 )
 from gnlorp_dist.evaluation import evaluate, merged_logit_difference
@@ -180,6 +182,23 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
             "run_config": config_record(c, run.llama),
         }
         return ds_training.save(run, step, client_state)
+    extra = {
+        "loss": loss,
+        "tokens_seen": step * c.batch_size * c.grad_accum * c.seq_len * run.context.world_size,
+    }
+    if c.fsdp:
+        return save_dcp_training_checkpoint(
+            c.output_dir,
+            step=step,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            data_state=run.data.train.state_dict(),
+            run_config=config_record(c, run.llama),
+            context=run.context,
+            keep=c.keep_checkpoints,
+            extra=extra,
+        )
     return save_checkpoint(
         c.output_dir,
         step=step,
@@ -189,10 +208,7 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
         data_state=run.data.train.state_dict(),
         run_config=config_record(c, run.llama),
         keep=c.keep_checkpoints,
-        extra={
-            "loss": loss,
-            "tokens_seen": step * c.batch_size * c.grad_accum * c.seq_len * run.context.world_size,
-        },
+        extra=extra,
         rank=run.context.rank,
         world_size=run.context.world_size,
         barrier=run.context.barrier,
@@ -348,8 +364,11 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
 
 def _finish(run: Run, result: TrainResult) -> None:
     c = run.config
-    if run.engine is not None:  # whole fp32 weights on every rank, in a plain model
-        state = ds_training.consolidated_state_dict(run.model)
+    if run.engine is not None or c.fsdp:  # whole weights on every rank, in a plain model
+        if c.fsdp:  # an all-gather of every shard: once, at the end
+            state = full_model_state_dict(run.model)
+        else:
+            state = ds_training.consolidated_state_dict(run.model)
         run.model = build_training_model(c, run.llama).to(run.device)
         loaded = run.model.load_state_dict(state, strict=False)
         params = dict(run.model.named_parameters())
@@ -408,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         context = init_distributed(config.world_size, device)
         set_log_rank(context.rank)
         if context.world_size > 1:
-            log(f"distributed: {context.world_size} processes ({config.grad_reduction})")
+            mode = "fsdp2" if config.fsdp else config.grad_reduction
+            log(f"distributed: {context.world_size} processes ({mode})")
         run = prepare(config, context)
     except (ValueError, ModuleNotFoundError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

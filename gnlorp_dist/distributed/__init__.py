@@ -8,6 +8,14 @@ from gnlorp_dist.distributed.communicator import (
     broadcast_parameters,
     communicator_for_current_process,
 )
+from gnlorp_dist.distributed.fsdp2 import (
+    full_model_state_dict,
+    fully_shard_model,
+    init_single_process_group,
+    is_fsdp2_model,
+    load_dcp_checkpoint,
+    save_dcp_checkpoint,
+)
 from gnlorp_dist.distributed.launch import (
     SINGLE_PROCESS,
     DistributedContext,
@@ -29,4 +37,10 @@ __all__ = [
     "communicator_for_current_process",
     "load_sharded_optimizer",
     "save_sharded_optimizer",
+    "full_model_state_dict",
+    "fully_shard_model",
+    "init_single_process_group",
+    "is_fsdp2_model",
+    "load_dcp_checkpoint",
+    "save_dcp_checkpoint",
 ]
