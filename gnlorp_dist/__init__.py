@@ -3,10 +3,11 @@
 The public API and nothing else; see README.md.
 """
 
-# Registers the default communicator and the DeepSpeed ZeRO layouts with the optimizer (cheap:
-# neither imports DeepSpeed, and torch.distributed is part of torch).
+# Registers the default communicator and the DeepSpeed ZeRO and FSDP2 layouts with the optimizer
+# (cheap: none imports DeepSpeed, and torch.distributed is part of torch).
 import gnlorp_dist.distributed  # noqa: E402, F401
 import gnlorp_dist.integrations.deepspeed  # noqa: E402, F401
+import gnlorp_dist.integrations.fsdp2  # noqa: E402, F401
 from gnlorp_dist.nn import (
     DEFAULT_TARGET_MODULES,
     WeightNormLinear,

@@ -13,38 +13,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.nn.surgery import was_merged_away
 from gnlorp_dist.optim import state_dict as state_io
 from gnlorp_dist.optim.comm import (
     Communicator,
+    buffer_device,
     default_communicator,
     wait_all,
 )
-from gnlorp_dist.optim.dense import update_dense_block
-from gnlorp_dist.optim.fragment_step import (
-    find_flattened_groups,
-    flattened_gradients_finite,
-    step_flattened_group,
+from gnlorp_dist.optim.driver import (
+    GroupStep,
+    check_replicated_gradients,
+    reduce_to_owners,
+    step_group,
 )
-from gnlorp_dist.optim.functional import projected_adamw_step
+from gnlorp_dist.optim.fragment_state import LAYOUT_KEY, STATE_PREFIX, adopt_loaded_state
+from gnlorp_dist.optim.fragments import ModelParameter
+from gnlorp_dist.optim.layouts import Layout, detect_layout
 from gnlorp_dist.optim.nonfinite_guard import NonFiniteGuard
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.per_layer_step import PerLayerStep
-from gnlorp_dist.optim.quantized import MomentStore
 from gnlorp_dist.optim.validation import (
     check_finite_hyperparameters,
-    flat_gradient_error,
-    merged_away_error,
     missing_communicator_error,
     validate_projected_group,
     warn_if_nothing_is_projected,
 )
-from gnlorp_dist.projection import (
-    compute_projection,
-    low_rank_shape,
-    project,
-    projection_side,
-)
+from gnlorp_dist.projection import compute_projection, projection_side
 
 
 class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
@@ -65,44 +59,37 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
     3. Adam on ``R`` (moments keep ``R``'s shape and survive refreshes);
     4. ``W -= lr * scale * back(m_hat / (sqrt(v_hat) + eps))`` then ``W -= lr * wd * W``.
 
-    One class for one process or many. With a ``communicator`` (see
-    :class:`gnlorp_dist.distributed.ProcessGroupCommunicator`) over ``N`` ranks whose gradients
-    are already averaged (DDP), the optimizer state is sharded: each projected matrix is owned
-    whole by one rank, big dense tensors are split in row blocks, one per rank
-    (:mod:`gnlorp_dist.optim.ownership`). ``step()`` runs in phases:
+    One class for one process or many, and for every engine: ``step()`` runs the phases of
+    :mod:`gnlorp_dist.optim.driver` (collect, verify, refresh due subspaces on their owners,
+    project, Adam where the moments are kept, back-project, write back or broadcast) over each
+    group's layout (:mod:`gnlorp_dist.optim.layouts`):
 
-    1. collect the parameters that have gradients, and check their layout;
-    2. refresh, on its owner only, every subspace that is due (the SVD is computed once in the
-       whole job), after checking every due gradient is finite; the verdict is summed over
-       ranks (one small all-reduce) so all ranks raise together, before any weight or
-       projector changes; with DDP-averaged gradients it also carries a checksum of every
-       gradient's first row, and ranks whose gradients differ (not averaged) raise together;
-    3. update the blocks this rank owns (projected or dense);
-    4. broadcast every updated block from its owner, asynchronously as soon as it is updated
-       (overlapping the updates still to come), then wait: all ranks hold bitwise identical
-       weights.
+    - one process, or DDP (a ``communicator`` over ``N`` ranks whose gradients are averaged):
+      the state is sharded by the ownership plan (:mod:`gnlorp_dist.optim.ownership`): each
+      projected matrix owned whole by one rank (its SVD, moments and update), big dense tensors
+      in row blocks; owners broadcast what they updated, so every rank holds bitwise identical
+      weights. With ``reduce_gradients=True`` (a model NOT wrapped in DDP) each block's gradient
+      is first reduced to its owner and averaged there: reduce plus broadcast move what one
+      all-reduce does;
+    - DeepSpeed ZeRO 1/2/3: the engine hands flat partitions; each rank projects its runs of
+      each matrix and the partial low-rank sums go to the owner, which alone keeps the moments
+      and computes the SVD and broadcasts the low-rank direction;
+    - FSDP2 (``fully_shard``; ``import gnlorp_dist`` registers the layout): each rank holds a
+      block of rows; right-projected matrices update their rows with no communication between
+      refreshes (moments sharded with the rows), left-projected ones reduce their ``r x n``
+      partial sums to the owner.
 
-    With ``reduce_gradients=True`` (a model NOT wrapped in DDP) phase 1 also reduces each block's
-    gradient to its owner and averages it there, instead of DDP's all-reduce to every rank: a
-    reduce plus a broadcast move the same bytes as one all-reduce, so sharded GradNormLoRP then
-    communicates what DDP + AdamW does.
-
-    On one process the communicator is a :class:`LocalCommunicator`: phases 2 and 4 skip their
-    communication and the code path is otherwise the same. Without a ``communicator`` the job's
-    default is used: one process, or the ``torch.distributed`` group once the launcher or engine
-    created it.
-
-    Under DeepSpeed ZeRO 1/2/3 the engine hands this optimizer flat partitions instead of its
-    matrices; ``step()`` then recognises the engine's layout and runs the same math on this
-    rank's runs of each matrix (:mod:`gnlorp_dist.optim.fragment_step`): low-rank partial sums go
-    to the matrix's owner, which alone holds its moments and computes its SVD.
+    The SVD of a due subspace runs once in the job, on the matrix's owner; its whole gradient is
+    assembled there only at a refresh. Without a ``communicator`` the job's default is used:
+    one process, or the ``torch.distributed`` group once the launcher or engine created it.
 
     ``bits=8`` keeps Adam's moments block-wise 8-bit quantised (see
     :mod:`gnlorp_dist.optim.quantized`; the update math is unchanged, it reads and writes the
     moments through a :class:`MomentStore`). A group may override ``bits``.
 
     ``state_dict()`` is the whole job's state on any number of ranks (see :meth:`state_dict`
-    and :mod:`gnlorp_dist.optim.state_dict`); tensors and Python numbers only, so
+    and :mod:`gnlorp_dist.optim.state_dict`; under FSDP2 the DTensor-sharded state that
+    ``torch.distributed.checkpoint`` saves and reshards); tensors and Python numbers only, so
     ``torch.load(weights_only=True)`` reads it; loading it into a fresh optimizer on any number
     of ranks continues the run exactly (state tensors keep their saved dtypes: codes stay uint8,
     block scales float32). For states too large to gather on one rank,
@@ -113,19 +100,14 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
     built on the default device. A loaded state lands on each parameter's device.
 
     Non-finite gradients (``on_nonfinite``): every ``step()`` first checks every gradient it
-    is about to consume (this rank's owned blocks; one fused reduction,
-    :func:`gnlorp_dist.optim.comm.non_finite_count`, and one scalar verdict summed over ranks),
-    before any weight, moment, projector or step counter changes. ``"raise"`` (the default for
-    API users, who see the failure where it happens): a ValueError naming the parameters, on
-    every rank. ``"skip"`` (``gnlorp-train``'s default): ``step()`` returns having changed
-    nothing, on every rank together; :attr:`skipped_steps` counts such steps and
-    :attr:`last_step_skipped` says whether the latest ``step()`` was one. ``skipped_steps`` is a
-    plain attribute, not part of ``state_dict()`` (a resumed run counts from 0). Per-layer mode
-    can only raise (each parameter updates inside backward, so skipping one would leave the
-    others updated: see :meth:`step_parameter`). Under DeepSpeed ZeRO the engine calls
-    ``step()`` once per param group: the verdict covers the group(s) of that call.
-    A caller that already knows the gradients are finite (a finite total norm from
-    ``clip_grad_norm_``) calls :meth:`mark_gradients_finite` so one process does not check twice.
+    is about to consume in one fused count and one verdict summed over ranks
+    (:mod:`gnlorp_dist.optim.nonfinite_guard`), before anything changes. ``"raise"`` (the API
+    default): a ValueError naming the parameters, on every rank. ``"skip"`` (``gnlorp-train``'s
+    default): ``step()`` changes nothing, on every rank; :attr:`skipped_steps` (not saved in
+    ``state_dict()``) counts such steps and :attr:`last_step_skipped` flags the latest one.
+    Per-layer mode can only raise (see :meth:`step_parameter`); under ZeRO the engine calls
+    ``step()`` per group, so the verdict covers that call's groups. A caller that knows the
+    gradients are finite (a finite ``clip_grad_norm_``) calls :meth:`mark_gradients_finite`.
 
     Synchronisation with the host: updates never wait for the device (step counters are Python
     numbers, clipping stays on the device); the host reads only the non-finite verdict (a count
@@ -135,8 +117,8 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
       :meth:`mark_gradients_finite`);
     - ``step()``, several ranks: one 5-element all-reduce and one host read every step (it
       also carries the gradient checksums: every gradient's first row, on every rank);
-    - ZeRO (flattened groups): one scalar all-reduce and ``.item()`` per ``step()`` call (the
-      engine calls it per group), plus one per projected group at a refresh step;
+    - ZeRO and FSDP2: one 5-element all-reduce and ``.item()`` per ``step()`` call (ZeRO calls
+      it per group);
     - per-layer mode: one scalar verdict (an all-reduce over several ranks) and ``.item()`` per
       projected matrix per micro-batch and per dense parameter per step.
     """
@@ -175,13 +157,11 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
             "weight_decay": weight_decay,
             "bits": bits,
         }
+        self._per_layer: Any = None
+        self._loaded_engine_state: dict[str, dict[str, Any]] | None = None
         super().__init__(params, defaults)
-        self.per_layer: Any = None
-        """The attached :class:`PerLayerUpdates`, if any (then ``step()`` is refused)."""
         self.refresh_count = 0
         """Subspaces this rank has computed (each refresh happens on one rank only)."""
-        self.flattened_plan: dict[str, int] | None = None
-        """Owner rank of each projected matrix by name, when an engine flattened them."""
         self._consolidated: dict[str, Any] | None = None
         self._groups_checked = False
         self.on_nonfinite = on_nonfinite
@@ -206,15 +186,21 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._lookup: dict[Tensor, tuple[dict[str, Any], str]] | None = None
-        self._blocks: dict[Tensor, list[OwnedBlock]] | None = None
+        self._blocks: list[list[OwnedBlock]] | None = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # Engines that flatten parameters (DeepSpeed ZeRO) replace group["params"]; the model's
-        # own tensors and the group dicts are what maps their flat runs back to matrices.
+        # own tensors, their shapes now and the group dicts map their flat runs back to matrices.
         if not hasattr(self, "model_params"):
             self.model_params: list[list[Tensor]] = []
+            self.true_shapes: list[list[tuple[int, ...]]] = []
             self.groups_at_construction: list[dict[str, Any]] = []
-        self.model_params.append(list(group["params"]))
+        params = list(group["params"])
+        # Refuses here, before any step, a layout an engine integration knows it cannot run.
+        layout = detect_layout(params, params)
+        layout.check_group(group, len(self.param_groups) - 1)
+        self.model_params.append(params)
+        self.true_shapes.append([layout.true_shape(p) for p in params])
         self.groups_at_construction.append(group)
         if group["bits"] not in (8, 32):
             raise ValueError(f"bits={group['bits']!r} is not supported; use 32 or 8")
@@ -229,7 +215,7 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        if self.per_layer is not None:
+        if self._per_layer is not None:
             raise ValueError(
                 "optimizer.step() called while per-layer updates are attached: the backward pass "
                 "already updated every parameter. Drop optimizer.step() (and zero_grad()) from the "
@@ -245,49 +231,124 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
 
         known_finite, self._gradients_known_finite = self._gradients_known_finite, False
         self.last_step_skipped = False
-        flattened = find_flattened_groups(self)
-        if flattened:
-            if self._check_non_finite and not flattened_gradients_finite(self, flattened):
-                self._skip_step()
-                return loss
-            for group_index, layout, engine_params in flattened:
-                step_flattened_group(self, group_index, layout, engine_params)
-            return loss
-        work = self._collect()
+        steps = self.group_steps()
         if self.reduce_gradients:
-            self._reduce_gradients_to_owners(work)
-        if not self._verify_gradients(work, known_finite):
+            self._reduce_gradients_to_owners(steps)
+        if not self._verify_gradients(steps, known_finite):
             self._skip_step()
             return loss
-        self._refresh_subspaces(work)
-        handles = []
-        for group, param, _name in work:
-            if self.owns(param):
-                if "rank" in group:
-                    self._update_projected(group, param)
-                else:
-                    self._update_dense(group, param, self.owned_block(param))
-            # Sent while the next parameters update: communication overlaps computation.
-            handles.extend(self._broadcast_blocks(param))
-        wait_all(handles)
+        for group_step in steps:
+            step_group(group_step, self)
         return loss
+
+    def group_steps(self) -> list[GroupStep]:
+        """One :class:`GroupStep` per param group an engine is stepping now (all of them,
+        outside engines), each with its layout, this rank's runs and states."""
+        steps = []
+        comm = self.comm
+        for group in self.param_groups:
+            engine_params = list(group["params"])
+            if not engine_params:
+                continue  # engines that step one group at a time empty the others
+            index = self._construction_index(group)
+            layout = detect_layout(self.model_params[index], engine_params)
+            params = self._model_parameters(index, None if layout.flattened else engine_params)
+            if layout.replicated:
+                check_replicated_gradients(group, params)
+            fragments = layout.fragments(params, engine_params, comm.rank, comm.world_size)
+            active = [layout.has_gradient(p.tensor) for p in params]
+            blocks = [self._plan()[self._position(index, i)] for i in range(len(params))]
+            if layout.flattened:
+                self.state[LAYOUT_KEY] = {"engine": layout.name, "world_size": comm.world_size}
+            states: list[dict[str, Any] | None] = []
+            for param, param_blocks, is_active in zip(params, blocks, active):
+                owned = any(b.owner == comm.rank for b in param_blocks)
+                keeps = (owned or not layout.replicated) and is_active
+                states.append(self.state[self._state_key(layout, param)] if keeps else None)
+            held = [f.grad.device for f in fragments if f is not None]
+            like = held[0] if held else params[0].tensor.device
+            group_step = GroupStep(
+                group=self.groups_at_construction[index],
+                layout=layout,
+                params=params,
+                fragments=fragments,
+                states=states,
+                active=active,
+                blocks=blocks,
+                comm=comm,
+                device=buffer_device(comm, like),
+            )
+            if self._loaded_engine_state:
+                adopt_loaded_state(group_step, self._loaded_engine_state)
+            steps.append(group_step)
+        return steps
+
+    def _construction_index(self, group: dict[str, Any]) -> int:
+        for index, candidate in enumerate(self.groups_at_construction):
+            if candidate is group:
+                return index
+        raise ValueError(
+            "a param group reached GradNormLoRPAdamW.step() that this optimizer did not "
+            "build (an engine replaced the group dicts); add every group before "
+            "deepspeed.initialize and load state with optimizer.load_state_dict"
+        )
+
+    def _model_parameters(
+        self, group_index: int, stepped: list[Tensor] | None = None
+    ) -> list[ModelParameter]:
+        """The group's parameters with their true shapes and names; their tensors are the ones
+        ``step()`` updates (``stepped``: an engine's same-shaped copies, as ZeRO-0 steps fp32
+        copies), else the model's own."""
+        group = self.groups_at_construction[group_index]
+        names = group.get("param_names")
+        tensors = stepped if stepped is not None else self.model_params[group_index]
+        return [
+            ModelParameter(
+                tensor=param,
+                shape=self.true_shapes[group_index][i],
+                name=names[i] if names else f"param_groups[{group_index}][{i}]",
+            )
+            for i, param in enumerate(tensors)
+        ]
+
+    def _state_key(self, layout: Layout, param: ModelParameter) -> Any:
+        """THE state keying: a parameter's own tensor, or its name where an engine replaced the
+        group's tensors (torch's ``state_dict()`` can only index the tensors it steps)."""
+        return STATE_PREFIX + param.name if layout.flattened else param.tensor
+
+    def load_engine_state(self, merged: dict[str, dict[str, Any]]) -> None:
+        """State of flattened groups read from an engine checkpoint saved on any number of ranks
+        (:func:`gnlorp_dist.optim.fragment_state.merge_flattened_states`), adopted by this
+        rank's runs and ownership at the first step."""
+        self._loaded_engine_state = merged
+
+    def _plan(self) -> list[list[OwnedBlock]]:
+        """THE ownership plan (one per optimizer, cached): the blocks of every parameter, by its
+        position over all groups, from the true shapes recorded at construction."""
+        if self._blocks is None:
+            shapes, ranks, proj_types = [], [], []
+            for index, group in enumerate(self.groups_at_construction):
+                for shape in self.true_shapes[index]:
+                    shapes.append(shape)
+                    ranks.append(group.get("rank"))
+                    proj_types.append(group.get("proj_type"))
+            plan = plan_ownership(shapes, ranks, proj_types, self.comm.world_size)
+            self._blocks = [[] for _ in shapes]
+            for block in plan:
+                self._blocks[block.param_index].append(block)
+        return self._blocks
+
+    def _position(self, group_index: int, index: int) -> int:
+        return sum(len(p) for p in self.model_params[:group_index]) + index
 
     def ownership(self) -> dict[Tensor, list[OwnedBlock]]:
         """The ownership plan: for each parameter, its blocks and their owners."""
-        if self._blocks is None:
-            params, ranks, proj_types = [], [], []
-            for group in self.param_groups:
-                for param in group["params"]:
-                    params.append(param)
-                    ranks.append(group.get("rank"))
-                    proj_types.append(group.get("proj_type"))
-            plan = plan_ownership(
-                [tuple(p.shape) for p in params], ranks, proj_types, self.comm.world_size
-            )
-            self._blocks = {param: [] for param in params}
-            for block in plan:
-                self._blocks[params[block.param_index]].append(block)
-        return self._blocks
+        params = []
+        for index, group in enumerate(self.groups_at_construction):
+            stepped = list(group["params"])  # an engine's same-shaped copies (ZeRO-0), if any
+            same = len(stepped) == len(self.model_params[index])
+            params += stepped if same else self.model_params[index]
+        return dict(zip(params, self._plan(), strict=True))
 
     def owns(self, param: Tensor) -> bool:
         """Whether this rank holds (part of) ``param``'s optimizer state."""
@@ -298,59 +359,23 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         (block,) = [b for b in self.ownership()[param] if b.owner == self.comm.rank]
         return block
 
-    def _reduce_gradients_to_owners(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
-        """Phase 1b: each block's gradient summed on its owner, then averaged there."""
+    def _reduce_gradients_to_owners(self, steps: list[GroupStep]) -> None:
+        """Replicated layouts without DDP: each block's gradient summed on its owner, then
+        averaged there, instead of DDP's all-reduce to every rank."""
         if self.comm.world_size == 1:
             return
         handles, owned = [], []
-        for _group, param, _name in work:
-            for block in self.ownership()[param]:
-                rows = param.grad if block.whole else param.grad[block.row_start : block.row_stop]
-                handles.append(self.comm.reduce_sum(rows, dst=block.owner))
-                if block.owner == self.comm.rank:
-                    owned.append(rows)
+        for group_step in steps:
+            if not group_step.layout.replicated:
+                continue
+            for i, param in enumerate(group_step.params):
+                if group_step.active[i]:
+                    owned += reduce_to_owners(
+                        self.comm, param.tensor, group_step.blocks[i], handles
+                    )
         wait_all(handles)
         for rows in owned:
             rows.div_(self.comm.world_size)
-
-    def _broadcast_blocks(self, param: Tensor) -> list[Any]:
-        """Phase 4 for one parameter: each of its blocks from its owner to every rank."""
-        if self.comm.world_size == 1:
-            return []
-        handles = []
-        for block in self.ownership()[param]:
-            rows = param.data if block.whole else param.data[block.row_start : block.row_stop]
-            handles.append(self.comm.broadcast(rows, src=block.owner))
-        return handles
-
-    def _collect(self) -> list[tuple[dict[str, Any], Tensor, str]]:
-        """Phase 1: (group, param, name) for every parameter that has a gradient."""
-        work = []
-        for group_index, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for index, param in enumerate(group["params"]):
-                name = names[index] if names else f"param_groups[{group_index}][{index}]"
-                if was_merged_away(param):
-                    raise merged_away_error(name)
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
-                if "rank" in group and param.grad.dim() != 2:
-                    raise flat_gradient_error(name, param.grad)
-                work.append((group, param, name))
-        return work
-
-    def _refresh_subspaces(self, work: list[tuple[dict[str, Any], Tensor, str]]) -> None:
-        """Phase 2: new projection matrices for the owned parameters whose refresh is due (their
-        gradients were verified by :meth:`_verify_gradients`)."""
-        for group, param, _name in work:
-            if "rank" in group and self.owns(param) and self._refresh_due(group, param):
-                self._refresh(group, param)
-
-    def _refresh(self, group: dict[str, Any], param: Tensor) -> None:
-        state = self.state[param]
-        state["proj"] = self.compute_basis(group, param.grad, state)
 
     def compute_basis(
         self, group: dict[str, Any], grad_MN: Tensor, state: dict[str, Any]
@@ -369,50 +394,6 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
             method=group.get("svd_method", "svd"),
             generator=generator,
         )
-
-    def _refresh_due(self, group: dict[str, Any], param: Tensor) -> bool:
-        state = self.state[param]
-        return "proj" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
-
-    def _update_projected(
-        self, group: dict[str, Any], param: Tensor, low_rank_grad: Tensor | None = None
-    ) -> None:
-        state = self.state[param]
-        side = projection_side(param.shape, group["proj_type"])
-        if low_rank_grad is None:
-            low_rank_grad = project(param.grad, state["proj"], side)
-        moments = MomentStore(state, group["bits"])
-        if "exp_avg" not in state:
-            state["step"] = state.get("step", 0)
-            moments.initialise(low_rank_grad)
-        assert state["exp_avg"].shape == low_rank_shape(param.shape, group["rank"], side)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = moments.load()
-        projected_adamw_step(
-            param,
-            low_rank_grad,
-            exp_avg,
-            exp_avg_sq,
-            state["proj"],
-            side,
-            step=state["step"],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            scale=group["scale"],
-        )
-        moments.store(exp_avg, exp_avg_sq)
-
-    def _update_dense(self, group: dict[str, Any], param: Tensor, block: OwnedBlock) -> None:
-        assert param.grad is not None
-        rows = slice(block.row_start, block.row_stop)
-        param_rows = param if block.whole else param.data[rows]
-        grad_rows = param.grad if block.whole else param.grad[rows]
-        state = self.state[param]
-        update_dense_block(state, group, param_rows, grad_rows)
 
     def group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
         """``param``'s group and its name (from ``param_names``, else its position)."""
@@ -440,8 +421,8 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         60) raises a ValueError naming the fix instead of hanging. Under DeepSpeed ZeRO
         (flattened groups) nothing is gathered: this rank's shard is returned, as state_dict().
         """
-        if self.comm.world_size > 1 and state_io.is_flattened(self):
-            return self.state_dict()  # ZeRO: the engine saves every rank's own shard
+        if self.comm.world_size > 1 and (state_io.is_flattened(self) or self._sharded_in_place()):
+            return self.state_dict()  # ZeRO, FSDP2: every rank saves its own shard
         state_io.wait_for_every_rank(self.comm)
         self._consolidated = state_io.consolidate(self, super().state_dict())
         return self._consolidated
@@ -462,6 +443,8 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         DeepSpeed ZeRO (flattened groups; the engine saves one per rank): this rank's shard,
         marked ``"consolidated": False`` with its rank and world size.
         """
+        if self._sharded_in_place():
+            return state_io.sharded_state_dict(self, super().state_dict())
         if self.comm.world_size == 1 or state_io.is_flattened(self):
             return state_io.with_marker(self, super().state_dict())
         if self._consolidated is None:
@@ -475,13 +458,39 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         A state dict holding one rank's shard only (a ZeRO rank's, or one saved by an older
         gnlorp_dist) is refused with a ValueError unless it belongs to this rank and world size.
         """
-        loaded = state_io.prepare_to_load(self, state_dict)
+        sharded = self._sharded_in_place()
+        loaded = state_io.prepare_to_load(self, state_dict, sharded=sharded)
         self._consolidated = None
         super().load_state_dict(loaded)
         # torch rebuilt the group dicts; the new ones are what engines step from now on.
         self.groups_at_construction = list(self.param_groups)
         self._lookup = None
+        if sharded:
+            state_io.unwrap_sharded_state(self)
         state_io.restore_saved_dtypes(self, loaded)
+
+    def layouts(self) -> list[Layout]:
+        """The layout of each group as the engine holds it now (empty groups skipped)."""
+        found = []
+        for group in self.param_groups:
+            if group["params"]:
+                index = self._construction_index(group)
+                found.append(detect_layout(self.model_params[index], list(group["params"])))
+        return found
+
+    def _sharded_in_place(self) -> bool:
+        """Whether the parameters are sharded where they are (FSDP2), not replaced (ZeRO)."""
+        return any(not (lay.replicated or lay.flattened) for lay in self.layouts())
+
+    def named_model_parameters(self) -> list[tuple[ModelParameter, Layout, dict[str, Any]]]:
+        """Every parameter with its true shape and name, its group's layout and its group."""
+        found = []
+        for index, group in enumerate(self.groups_at_construction):
+            stepped = list(group["params"])
+            layout = detect_layout(self.model_params[index], stepped)
+            params = self._model_parameters(index, None if layout.flattened else stepped)
+            found += [(param, layout, group) for param in params]
+        return found
 
 
 class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):

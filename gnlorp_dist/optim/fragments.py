@@ -15,16 +15,16 @@ and works row by row (``proj`` the basis, ``D`` the low-rank Adam direction):
   covered rows; back-projection is ``P[rows] @ D``.
 
 So a rank holding a run never needs the whole gradient except at a subspace refresh. The
-functions here are pure; :mod:`gnlorp_dist.optim.fragment_step` runs them across ranks and
-:mod:`gnlorp_dist.integrations.deepspeed` tells the optimizer where the runs are
-(:class:`EngineLayout`, registered with :func:`register_engine_layout`).
+functions here are pure; :mod:`gnlorp_dist.optim.driver` runs them across ranks and the
+engine integrations tell the optimizer where the runs are (a
+:class:`~gnlorp_dist.optim.layouts.Layout`, registered with
+:func:`~gnlorp_dist.optim.layouts.register_engine_layout`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -58,50 +58,6 @@ class ModelParameter:
     """Its true shape."""
     name: str
     """Its name in the optimizer (``param_names`` or ``param_groups[g][i]``)."""
-
-
-class EngineLayout(Protocol):
-    """How an engine laid one param group's parameters out on this rank."""
-
-    name: str
-    """Shown in messages, e.g. ``"DeepSpeed ZeRO-2"``."""
-
-    def true_shape(self, param: Tensor) -> tuple[int, ...]:
-        """The parameter's shape before the engine partitioned it."""
-        ...
-
-    def fragments(
-        self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
-    ) -> list[Fragment | None]:
-        """This rank's fragment of each parameter (None where it holds none of it)."""
-        ...
-
-
-LayoutDetector = Callable[[list[Tensor], list[Tensor]], "EngineLayout | None"]
-"""Given a group's model parameters and what the engine put in the group, a layout or None."""
-
-_DETECTORS: list[LayoutDetector] = []
-
-
-def register_engine_layout(detector: LayoutDetector) -> None:
-    """Teach the optimizer an engine's flat layout (called by ``gnlorp_dist.integrations``)."""
-    if detector not in _DETECTORS:
-        _DETECTORS.append(detector)
-
-
-def detect_engine_layout(
-    model_params: list[Tensor], engine_params: list[Tensor]
-) -> EngineLayout | None:
-    """The registered layout that explains ``engine_params``, or None for plain parameters."""
-    if len(model_params) == len(engine_params) and all(
-        a is b for a, b in zip(model_params, engine_params)
-    ):
-        return None
-    for detector in _DETECTORS:
-        layout = detector(model_params, engine_params)
-        if layout is not None:
-            return layout
-    return None
 
 
 def covering_rows(start: int, numel: int, cols: int) -> tuple[int, int]:

@@ -1,10 +1,10 @@
 """The non-finite policy of :class:`GradNormLoRPAdamW`'s ``step()``: verify, then skip or raise.
 
-A mixin, like :class:`~gnlorp_dist.optim.per_layer_step.PerLayerStep`: it reads the optimizer's
-ownership plan, communicator and state, and keeps the one check of a step in one place. Every
-gradient block a rank updates is counted in one fused reduction and the verdict travels in one
-small all-reduce (:func:`gnlorp_dist.optim.comm.step_verdict`), so every rank skips or raises
-together, before anything changes.
+A mixin, like :class:`~gnlorp_dist.optim.per_layer_step.PerLayerStep`: it reads the step's
+:class:`~gnlorp_dist.optim.driver.GroupStep` list and keeps the one check of a step, for every
+layout, in one place. Every gradient a rank consumes is counted in one fused reduction and the
+verdict travels in one small all-reduce (:func:`gnlorp_dist.optim.comm.step_verdict`), so every
+rank skips or raises together, before anything changes.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import step_verdict
+from gnlorp_dist.optim.driver import GroupStep, refresh_due
 from gnlorp_dist.optim.validation import (
     check_non_finite_policy,
     gradients_differ_error,
-    non_finite_error,
+    non_finite_refresh_error,
     non_finite_step_error,
 )
 
@@ -56,47 +57,29 @@ class NonFiniteGuard:
         self.skipped_steps += 1
         self.last_step_skipped = True
 
-    def _consumed_gradients(
-        self, work: list[tuple[dict[str, Any], Tensor, str]]
-    ) -> list[tuple[dict[str, Any], Tensor, str, Tensor]]:
-        """``(group, param, name, gradient rows)`` for every block this rank will update."""
-        consumed = []
-        for group, param, name in work:
-            assert param.grad is not None
-            for block in self.ownership()[param]:
-                if block.owner == self.comm.rank:
-                    rows = (
-                        param.grad if block.whole else param.grad[block.row_start : block.row_stop]
-                    )
-                    consumed.append((group, param, name, rows))
-        return consumed
+    def _verify_gradients(self, steps: list[GroupStep], known_finite: bool) -> bool:
+        """THE check of a step: whether it may go on (False: skip it), before anything changes.
 
-    def _verify_gradients(
-        self, work: list[tuple[dict[str, Any], Tensor, str]], known_finite: bool
-    ) -> bool:
-        """Phase 1c: whether the step may go on (False: skip it), before anything changes.
-
-        Every gradient block this rank updates is checked (one fused count), the verdict summed
-        over ranks (one small all-reduce, one host read) so every rank skips or raises together.
-        Over several ranks with DDP-averaged gradients (``reduce_gradients=False``) the same
-        all-reduce also compares the ranks' gradient checksums: un-averaged gradients would
-        make each owner update from its own rank's data alone."""
-        due = [
-            (group, param, name)
-            for group, param, name in work
-            if "rank" in group and self.owns(param) and self._refresh_due(group, param)
-        ]
+        Every gradient this rank consumes (:func:`consumed_gradients`) is checked in one fused
+        count, the verdict summed over ranks (one small all-reduce, one host read) so every
+        rank skips or raises together. Replicated layouts over several ranks with DDP-averaged
+        gradients (``reduce_gradients=False``) carry the ranks' gradient checksums in the same
+        all-reduce: un-averaged gradients would make each owner update from its own data."""
+        due = due_matrices(steps)
         if self._check_non_finite:
-            consumed = self._consumed_gradients(work)
+            consumed = consumed_gradients(steps)
         else:  # the benchmark's baseline: what was checked before the policy (refreshes only)
-            consumed = [(g, p, n, p.grad) for g, p, n in due]
+            consumed = [(name, grad) for name, grad in consumed_gradients(steps) if name in due]
         if self.comm.world_size == 1 and (known_finite or not consumed):
             return True  # nothing to verify: no host sync
-        like = work[0][1].device if work else torch.device("cpu")
-        compare = self.comm.world_size > 1 and not self.reduce_gradients
-        checked = [param.grad for _group, param, _name in work] if compare else None
-        tensors = [rows for *_rest, rows in consumed]
-        non_finite, differ = step_verdict(self.comm, tensors, like, checked)
+        like = steps[0].device if steps else torch.device("cpu")
+        compare = (
+            self.comm.world_size > 1
+            and not self.reduce_gradients
+            and any(s.layout.replicated for s in steps)
+        )
+        checked = replicated_gradients(steps) if compare else None
+        non_finite, differ = step_verdict(self.comm, [g for _n, g in consumed], like, checked)
         if differ:
             raise gradients_differ_error(self.comm.world_size)
         if not non_finite:
@@ -104,13 +87,63 @@ class NonFiniteGuard:
         if self.on_nonfinite == "skip":
             return False
         # The error path only: name the offenders (one host read each).
-        bad = [(p, n) for _g, p, n, rows in consumed if not bool(torch.isfinite(rows).all())]
-        names = list(dict.fromkeys(n for _p, n in bad))
-        due_params = {p for _g, p, _n in due}
-        if bad and all(p in due_params for p, _n in bad):
-            raise non_finite_error(names, self.state, [(None, p, n) for p, n in bad])
-        counted = [p for p, _n in bad] or [p for _g, p, _n, _rows in consumed]
-        steps = sorted({int(self.state[p].get("step", 0)) for p in counted if p in self.state})
-        raise non_finite_step_error(
-            names or ["a parameter owned by another rank"], steps[0] if steps else "?"
-        )
+        bad = list(dict.fromkeys(n for n, g in consumed if not bool(torch.isfinite(g).all())))
+        steps_of = {name: taken for name, taken in matrix_steps(steps)}
+        counted = sorted(steps_of[n] for n in bad if n in steps_of) or sorted(steps_of.values())
+        step = counted[0] if counted else "?"
+        if bad and all(n in due for n in bad):
+            raise non_finite_refresh_error(bad, step)
+        raise non_finite_step_error(bad or ["a parameter owned by another rank"], step)
+
+
+def consumed_gradients(steps: list[GroupStep]) -> list[tuple[str, Tensor]]:
+    """``(name, gradient)`` of everything this rank's update reads: its runs (sharded layouts),
+    the whole gradient of the matrices it owns and the rows of the dense blocks it owns
+    (replicated layouts)."""
+    consumed = []
+    for step in steps:
+        for i, param in enumerate(step.params):
+            if not step.active[i]:
+                continue
+            fragment = step.fragments[i]
+            if not step.layout.replicated:
+                if fragment is not None:
+                    consumed.append((param.name, fragment.grad[: fragment.numel]))
+                continue
+            grad = param.tensor.grad
+            assert grad is not None
+            for block in step.blocks[i]:
+                if block.owner == step.comm.rank:
+                    rows = grad if block.whole else grad[block.row_start : block.row_stop]
+                    consumed.append((param.name, rows))
+    return consumed
+
+
+def replicated_gradients(steps: list[GroupStep]) -> list[Tensor]:
+    return [
+        p.tensor.grad
+        for step in steps
+        if step.layout.replicated
+        for i, p in enumerate(step.params)
+        if step.active[i] and p.tensor.grad is not None
+    ]
+
+
+def due_matrices(steps: list[GroupStep]) -> set[str]:
+    """Names of the projected matrices whose subspace this step refreshes."""
+    return {
+        p.name
+        for step in steps
+        if step.projected
+        for i, p in enumerate(step.params)
+        if step.active[i] and step.states[i] is not None and refresh_due(step.group, step.state(i))
+    }
+
+
+def matrix_steps(steps: list[GroupStep]) -> list[tuple[str, int]]:
+    return [
+        (p.name, int(step.state(i).get("step", 0)))
+        for step in steps
+        for i, p in enumerate(step.params)
+        if step.states[i] is not None
+    ]

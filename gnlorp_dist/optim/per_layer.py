@@ -64,14 +64,13 @@ class PerLayerUpdates:
                 f"{optimizer.comm.world_size} ranks: a dense tensor's gradient is split over its "
                 "row-block owners, so there is no per-parameter norm to clip by; use 0"
             )
-        if getattr(optimizer, "per_layer", None) is not None:
-            raise ValueError("per-layer updates are already attached to this optimizer")
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1")
         if not max_grad_norm >= 0.0:
             raise ValueError(f"max_grad_norm={max_grad_norm!r} must be >= 0 (0 disables)")
+        optimizer.attach_per_layer(self)  # refuses a second attachment and sharded layouts
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = float(max_grad_norm)
@@ -82,7 +81,6 @@ class PerLayerUpdates:
                 if param.requires_grad:
                     self._micro_batch[param] = 0
                     self._handles.append(param.register_post_accumulate_grad_hook(self._hook))
-        optimizer.per_layer = self
 
     def _hook(self, param: Tensor) -> None:
         index = self._micro_batch[param]
@@ -105,7 +103,7 @@ class PerLayerUpdates:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.optimizer.per_layer = None
+        self.optimizer.detach_per_layer()
 
     def __enter__(self) -> PerLayerUpdates:
         return self

@@ -12,14 +12,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import non_finite_on_any_rank, wait_all
+from gnlorp_dist.optim.comm import buffer_device, non_finite_on_any_rank, wait_all
+from gnlorp_dist.optim.driver import (
+    GroupStep,
+    adam_directions,
+    apply_directions,
+    broadcast_updated,
+    check_bases,
+    low_rank_gradients,
+    reduce_to_owners,
+    refresh_due,
+    refresh_subspaces,
+    update_dense,
+)
+from gnlorp_dist.optim.fragments import ModelParameter
 from gnlorp_dist.optim.functional import clip_by_norm_
+from gnlorp_dist.optim.layouts import REPLICATED, detect_layout
+from gnlorp_dist.optim.nonfinite_guard import consumed_gradients
 from gnlorp_dist.optim.validation import (
     flat_gradient_error,
-    non_finite_error,
+    non_finite_refresh_error,
     non_finite_step_error,
 )
-from gnlorp_dist.projection import project, projection_side
 
 
 class PerLayerStep:
@@ -29,6 +43,34 @@ class PerLayerStep:
     state: Any
     comm: Any
     _consolidated: Any
+    ownership: Any
+    owns: Any
+    group_and_name: Any
+    groups_at_construction: Any
+    model_params: Any
+    _per_layer: Any
+
+    def attach_per_layer(self, per_layer: Any) -> None:
+        """Called by :class:`PerLayerUpdates`; ``step()`` is refused while attached."""
+        if self._per_layer is not None:
+            raise ValueError("per-layer updates are already attached to this optimizer")
+        for index, group in enumerate(self.groups_at_construction):
+            layout = detect_layout(self.model_params[index], list(group["params"]))
+            if not layout.replicated:
+                raise ValueError(
+                    f"per-layer updates under {layout.name}: the engine reduces and shards "
+                    "gradients after its own hooks, so a post-accumulate-grad hook never sees "
+                    "the averaged gradient; use optimizer.step() (per_layer=False)"
+                )
+        self._per_layer = per_layer
+
+    def detach_per_layer(self) -> None:
+        self._per_layer = None
+
+    @property
+    def per_layer(self) -> Any:
+        """The attached :class:`PerLayerUpdates`, if any (then ``step()`` is refused)."""
+        return self._per_layer
 
     @torch.no_grad()
     def step_parameter(
@@ -77,55 +119,70 @@ class PerLayerStep:
             # A projected gradient is reduced every micro-batch (its owner sums it in low rank,
             # so no full gradient waits for the next one); a dense one accumulates locally and
             # is reduced once, at the last micro-batch.
-            self._reduce_gradients_to_owners([(group, param, name)])
+            handles: list[Any] = []
+            owned = reduce_to_owners(self.comm, param, self.ownership()[param], handles)
+            wait_all(handles)
+            for rows in owned:
+                rows.div_(self.comm.world_size)
             if not self.owns(param):
                 param.grad = None
+        step = self._parameter_step(group, param, name)
         if projected or last_micro_batch:
             # Before anything changes: a non-finite gradient raises on every rank.
-            self._check_parameter_gradient(group, param, name, projected and first_micro_batch)
+            self._check_parameter_gradient(step, projected and first_micro_batch)
         if param.grad is not None:
             if projected:
-                self._consume_projected(
-                    group, param, name, first_micro_batch, last_micro_batch, max_grad_norm
-                )
+                self._consume_projected(step, first_micro_batch, last_micro_batch, max_grad_norm)
             elif last_micro_batch:
                 clip_by_norm_(param.grad, max_grad_norm)
-                self._update_dense(group, param, self.owned_block(param))
+                update_dense(step, 0)
                 param.grad = None
         if distributed and last_micro_batch:
-            wait_all(self._broadcast_blocks(param))
+            wait_all(broadcast_updated(step, 0))
 
-    def _check_parameter_gradient(
-        self, group: dict[str, Any], param: Tensor, name: str, may_refresh: bool
-    ) -> None:
+    def _parameter_step(self, group: dict[str, Any], param: Tensor, name: str) -> GroupStep:
+        """The driver's view of one parameter of a replicated group (see :meth:`group_steps`)."""
+        blocks = self.ownership()[param]
+        owned = any(b.owner == self.comm.rank for b in blocks)
+        model_param = ModelParameter(tensor=param, shape=tuple(param.shape), name=name)
+        fragments = REPLICATED.fragments([model_param], [param], self.comm.rank, 1)
+        return GroupStep(
+            group=group,
+            layout=REPLICATED,
+            params=[model_param],
+            fragments=fragments,
+            states=[self.state[param] if owned else None],
+            active=[True],
+            blocks=[blocks],
+            comm=self.comm,
+            device=buffer_device(self.comm, param.device),
+        )
+
+    def _check_parameter_gradient(self, step: GroupStep, may_refresh: bool) -> None:
         """Every rank raises if the owner's gradient (this rank's block of it) is non-finite
         (only the owner holds the reduced gradient, so every rank joins this one-scalar
         verdict)."""
-        grad = param.grad
-        if grad is not None and "rank" not in group and self.comm.world_size > 1:
-            block = self.owned_block(param)
-            grad = grad if block.whole else grad[block.row_start : block.row_stop]
-        if not non_finite_on_any_rank(self.comm, [] if grad is None else [grad], param.device):
+        param, name = step.params[0].tensor, step.params[0].name
+        consumed = (
+            [grad for _name, grad in consumed_gradients([step])] if param.grad is not None else []
+        )
+        if not non_finite_on_any_rank(self.comm, consumed, param.device):
             return
-        if may_refresh and param.grad is not None and self._refresh_due(group, param):
-            raise non_finite_error([name], self.state, [(None, param, name)])
-        step = int(self.state[param].get("step", 0)) if param in self.state else 0
-        raise non_finite_step_error([name], step)
+        state = step.states[0]
+        step_count = int(state.get("step", 0)) if state is not None else 0
+        if may_refresh and state is not None and refresh_due(step.group, state):
+            raise non_finite_refresh_error([name], step_count)
+        raise non_finite_step_error([name], step_count)
 
     def _consume_projected(
-        self,
-        group: dict[str, Any],
-        param: Tensor,
-        name: str,
-        first: bool,
-        last: bool,
-        max_grad_norm: float,
+        self, step: GroupStep, first: bool, last: bool, max_grad_norm: float
     ) -> None:
-        state = self.state[param]
-        if first and self._refresh_due(group, param):
-            self._refresh(group, param)  # its gradient was checked by _check_parameter_gradient
-        side = projection_side(param.shape, group["proj_type"])
-        low_rank_grad = project(param.grad, state["proj"], side)
+        param = step.params[0].tensor
+        state = step.state(0)
+        refreshed = refresh_subspaces(step, self, [0]) if first else []
+        if not refreshed:
+            check_bases(step, [0])
+        low_rank_grad = low_rank_gradients(step, [0])[0]
         param.grad = None
         if not first:
             low_rank_grad = state.pop("low_rank_grad_sum").add_(low_rank_grad)
@@ -133,4 +190,5 @@ class PerLayerStep:
             state["low_rank_grad_sum"] = low_rank_grad
             return
         clip_by_norm_(low_rank_grad, max_grad_norm)
-        self._update_projected(group, param, low_rank_grad)
+        directions = adam_directions(step, [0], {0: low_rank_grad})
+        apply_directions(step, [0], directions)

@@ -99,6 +99,16 @@ class MomentStore:
                 self.state[key].copy_(codes)
                 self.state[f"{key}_absmax"].copy_(absmax)
 
+    def set_values(self, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Create the moments holding these values (quantised if 8-bit): a loaded or resharded
+        state, as a step would have built it."""
+        self.initialise(exp_avg)
+        if "exp_avg_absmax" in self.state:
+            self.store(exp_avg, exp_avg_sq)
+        else:
+            self.state["exp_avg"].copy_(exp_avg)
+            self.state["exp_avg_sq"].copy_(exp_avg_sq)
+
     def _quantised(self, like: Tensor) -> bool:
         numel = self.param_numel if self.param_numel is not None else like.numel()
         return self.bits == 8 and numel >= MIN_8BIT_NUMEL

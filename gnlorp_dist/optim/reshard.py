@@ -1,10 +1,12 @@
 """Joining and cutting one dense parameter's row-block optimizer states (pure functions).
 
-Shared by the two ways a sharded state crosses world sizes: the world-size-independent
+One routine pair, :func:`join_runs` and :func:`cut_run`, over runs of a tensor's flattened
+elements, for every way a sharded state crosses world sizes: the world-size-independent
 ``state_dict()`` (:mod:`gnlorp_dist.optim.state_dict`) and the one-file-per-rank checkpoints
-(:mod:`gnlorp_dist.distributed.sharded_state`). A projected matrix's state always moves whole
-(bitwise, 8-bit codes included); only a dense tensor split in row blocks
-(:mod:`gnlorp_dist.optim.ownership`) is joined and cut again. 8-bit moments are joined and cut
+(:mod:`gnlorp_dist.distributed.sharded_state`) join and cut row blocks (runs of whole rows);
+ZeRO's engine checkpoints join and cut flat runs (:mod:`gnlorp_dist.optim.fragment_state`).
+A projected matrix's moments held whole by its owner move whole (bitwise, 8-bit codes
+included). 8-bit moments are joined and cut
 code for code where the row blocks start on quantisation block boundaries (a same-size round
 trip is then exact); elsewhere they are dequantised, joined or cut, and quantised again, because
 their block scales follow the rows they were quantised over.
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL, MOMENT_KEYS, MomentStore
+from gnlorp_dist.optim.quantized import BLOCK_SIZE, MOMENT_KEYS, MomentStore
 
 TRANSIENT_KEYS = ("low_rank_grad_sum",)
 """State that only lives inside one step (per-layer micro-batch sums): never saved."""
@@ -48,25 +50,105 @@ def join_row_blocks(
 
 
 def join_states(
-    pieces: list[tuple[int, int, dict[str, Any]]], bits: int, dtype: torch.dtype
+    pieces: list[tuple[int, int, dict[str, Any]]],
+    bits: int,
+    dtype: torch.dtype,
+    *,
+    param_numel: int | None = None,
 ) -> dict[str, Any]:
-    """The whole dense tensor's state from its row blocks' states (see :func:`join_row_blocks`).
+    """The whole dense tensor's state from its row blocks' states: :func:`join_runs` over the
+    blocks' elements, the moments back in the blocks' row shape."""
+    rows = [(start, stop, state) for start, stop, state in _tiling(pieces)]
+    per_row = _elements_per_row(rows[0][2], rows[0][1] - rows[0][0])
+    runs = [(start * per_row, (stop - start) * per_row, state) for start, stop, state in rows]
+    joined = join_runs(runs, bits, dtype, param_numel=param_numel)
+    shape = (rows[-1][1], *rows[0][2]["exp_avg"].shape[1:])
+    for key in MOMENT_KEYS:
+        joined[key] = joined[key].reshape(shape)
+    return joined
 
-    8-bit blocks whose quantisation blocks line up with the whole tensor's (every block but
-    the last a multiple of :data:`BLOCK_SIZE` elements) are joined code for code, exactly;
-    others are dequantised, joined and quantised again.
+
+def join_runs(
+    pieces: list[tuple[int, int, dict[str, Any]]],
+    bits: int,
+    dtype: torch.dtype,
+    *,
+    param_numel: int | None = None,
+) -> dict[str, Any]:
+    """THE join: one dense tensor's state from the states of runs ``[start, start + numel)`` of
+    its flattened elements that tile it from 0 (row blocks, ZeRO runs, FSDP2 rows), flat.
+
+    8-bit runs whose quantisation blocks line up with the whole tensor's (every run but the
+    last a multiple of :data:`BLOCK_SIZE` elements) are joined code for code, exactly; others
+    are dequantised, joined and quantised again. ``param_numel`` (default: the joined size)
+    decides whether the joined state is 8-bit, as the optimizer decides it.
     """
-    pieces = _tiling(pieces)
-    states = [state for _start, _stop, state in pieces]
-    aligned = all(s["exp_avg"].numel() % BLOCK_SIZE == 0 for s in states[:-1])
+    pieces = sorted(pieces, key=lambda piece: piece[0])
+    position = 0
+    for start, numel, _state in pieces:
+        if start != position:
+            covered = [(s, s + n) for s, n, _ in pieces]
+            raise ValueError(f"saved runs {covered} do not tile the parameter's elements")
+        position += numel
+    states = [state for _start, _numel, state in pieces]
+    step = _step([(0, 0, state) for state in states])
+    aligned = all(numel % BLOCK_SIZE == 0 for _start, numel, _state in pieces[:-1])
     if aligned and all(f"{key}_absmax" in s for s in states for key in MOMENT_KEYS):
-        joined: dict[str, Any] = {"step": _step(pieces)}
+        joined: dict[str, Any] = {"step": step}
         for key in MOMENT_KEYS:
-            joined[key] = torch.cat([s[key] for s in states])
+            joined[key] = torch.cat([s[key].reshape(-1) for s in states])
             joined[f"{key}_absmax"] = torch.cat([s[f"{key}_absmax"] for s in states])
         return joined
-    step, exp_avg, exp_avg_sq = join_row_blocks(pieces, bits)
-    return moments_state(step, exp_avg, exp_avg_sq, bits, dtype)
+    moments = [MomentStore(dict(state), bits).load() for state in states]
+    exp_avg = torch.cat([m.reshape(-1) for m, _v in moments])
+    exp_avg_sq = torch.cat([v.reshape(-1) for _m, v in moments])
+    return moments_state(step, exp_avg, exp_avg_sq, bits, dtype, param_numel=param_numel)
+
+
+def cut_run(
+    state: dict[str, Any],
+    start: int,
+    numel: int,
+    bits: int,
+    dtype: torch.dtype,
+    *,
+    param_numel: int | None = None,
+) -> dict[str, Any]:
+    """THE cut: the state of elements ``[start, start + numel)`` of a whole dense tensor's
+    ``state`` (its moments flattened), flat.
+
+    8-bit codes are cut exactly (codes and their block scales) when the run starts on a
+    quantisation block boundary and ends on one or with the tensor; otherwise dequantised, cut
+    and quantised again. ``param_numel`` (default: the whole state's size) decides 8-bit.
+    """
+    total = state["exp_avg"].numel()
+    stop = start + numel
+    param_numel = total if param_numel is None else param_numel
+    exact = (
+        "exp_avg_absmax" in state
+        and start % BLOCK_SIZE == 0
+        and (stop % BLOCK_SIZE == 0 or stop == total)
+    )
+    if exact:
+        cut: dict[str, Any] = {"step": int(state["step"])}
+        blocks = slice(start // BLOCK_SIZE, -(-stop // BLOCK_SIZE))
+        for key in MOMENT_KEYS:
+            cut[key] = state[key].reshape(-1)[start:stop].clone()
+            cut[f"{key}_absmax"] = state[f"{key}_absmax"][blocks].clone()
+        return cut
+    exp_avg, exp_avg_sq = MomentStore(dict(state), bits).load()
+    return moments_state(
+        int(state["step"]),
+        exp_avg.reshape(-1)[start:stop],
+        exp_avg_sq.reshape(-1)[start:stop],
+        bits,
+        dtype,
+        param_numel=param_numel,
+    )
+
+
+def _elements_per_row(state: dict[str, Any], rows: int) -> int:
+    return state["exp_avg"].numel() // max(rows, 1)
 
 
 def _tiling(
@@ -81,60 +163,52 @@ def _tiling(
 
 def _step(pieces: list[tuple[int, int, dict[str, Any]]]) -> int:
     steps = {int(state["step"]) for _start, _stop, state in pieces}
-    assert len(steps) == 1, f"row blocks of one parameter at different steps: {steps}"
+    assert len(steps) == 1, f"pieces of one parameter at different steps: {steps}"
     return steps.pop()
 
 
 def moments_state(
-    step: int, exp_avg: Tensor, exp_avg_sq: Tensor, bits: int, dtype: torch.dtype
+    step: int,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    *,
+    param_numel: int | None = None,
 ) -> dict[str, Any]:
     """The state of a block holding these moments, as a step would have built it there.
 
-    Whether it is 8-bit is decided by the block's own size, as :func:`update_dense_block`
-    decides it when it creates a block's moments. The tensors stay on ``exp_avg``'s device.
+    8-bit or not is decided by ``param_numel`` (the whole parameter's size; default: the
+    block's own), as :func:`~gnlorp_dist.optim.dense.update_dense_block` decides it. The
+    tensors stay on ``exp_avg``'s device.
     """
     state: dict[str, Any] = {"step": step}
-    store = MomentStore(state, bits)
-    store.initialise(exp_avg.to(dtype))
-    if "exp_avg_absmax" in state:
-        store.store(exp_avg, exp_avg_sq)
-    else:
-        state["exp_avg"].copy_(exp_avg)
-        state["exp_avg_sq"].copy_(exp_avg_sq)
+    MomentStore(state, bits, param_numel=param_numel).set_values(exp_avg.to(dtype), exp_avg_sq)
     return state
 
 
 def rows_of_state(
-    state: dict[str, Any], row_start: int, row_stop: int, bits: int, dtype: torch.dtype
+    state: dict[str, Any],
+    row_start: int,
+    row_stop: int,
+    bits: int,
+    dtype: torch.dtype,
+    *,
+    param_numel: int | None = None,
 ) -> dict[str, Any]:
-    """The state of rows ``[row_start, row_stop)`` of a whole dense tensor's ``state``.
-
-    8-bit codes are cut exactly (codes and their block scales) when the rows start and end on
-    quantisation block boundaries (or end with the tensor) and the rows are big enough to be
-    8-bit on their own; otherwise dequantised, cut and quantised again.
-    """
+    """The state of rows ``[row_start, row_stop)`` of a whole dense tensor's ``state``:
+    :func:`cut_run` over those rows' elements, the moments back in row shape."""
     codes = state["exp_avg"]
     rows = codes.shape[0] if codes.dim() else 1
     per_row = codes.numel() // max(rows, 1)
-    start, stop = row_start * per_row, row_stop * per_row
-    exact = (
-        "exp_avg_absmax" in state
-        and start % BLOCK_SIZE == 0
-        and (stop % BLOCK_SIZE == 0 or row_stop == rows)
-        and stop - start >= MIN_8BIT_NUMEL
-    )
-    if exact:
-        cut: dict[str, Any] = {"step": int(state["step"])}
-        blocks = slice(start // BLOCK_SIZE, -(-stop // BLOCK_SIZE))
-        for key in MOMENT_KEYS:
-            cut[key] = state[key][row_start:row_stop].clone()
-            cut[f"{key}_absmax"] = state[f"{key}_absmax"][blocks].clone()
-        return cut
-    exp_avg, exp_avg_sq = MomentStore(dict(state), bits).load()
-    return moments_state(
-        int(state["step"]),
-        exp_avg[row_start:row_stop],
-        exp_avg_sq[row_start:row_stop],
+    cut = cut_run(
+        state,
+        row_start * per_row,
+        (row_stop - row_start) * per_row,
         bits,
         dtype,
+        param_numel=param_numel,
     )
+    for key in MOMENT_KEYS:
+        cut[key] = cut[key].reshape(row_stop - row_start, *codes.shape[1:])
+    return cut

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gnlorp_dist.optim.fragment_step import LAYOUT_KEY, find_flattened_groups
+from gnlorp_dist.optim.fragment_state import LAYOUT_KEY
 from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
 from gnlorp_dist.optim.validation import (
     layout_world_size_error,
@@ -82,7 +82,7 @@ def wait_for_every_rank(comm: Any) -> None:
 
 def is_flattened(optimizer: GradNormLoRPAdamW) -> bool:
     """Whether an engine (DeepSpeed ZeRO) flattened the groups: then the state stays per rank."""
-    return LAYOUT_KEY in optimizer.state or bool(find_flattened_groups(optimizer))
+    return LAYOUT_KEY in optimizer.state or any(lay.flattened for lay in optimizer.layouts())
 
 
 def with_marker(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str, Any]:
@@ -136,10 +136,49 @@ def consolidate(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str
     }
 
 
-def prepare_to_load(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
+def sharded_state_dict(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str, Any]:
+    """Parameters sharded in place (FSDP2): this rank's ``local`` state with every sharded
+    tensor handed out as its layout describes it (a DTensor), the form
+    ``torch.distributed.checkpoint`` saves from every rank and reshards on load."""
+    named = optimizer.named_model_parameters()  # in param_groups order: torch's indices
+    state = {}
+    for index, entry in local["state"].items():
+        param, layout, group = named[index]
+        state[index] = layout.state_for_saving(param, group, entry)
+    marked = marker(consolidated=False, rank=None, world_size=optimizer.comm.world_size)
+    marked["sharded"] = True
+    return {**local, "state": state, FORMAT_KEY: marked}
+
+
+def unwrap_sharded_state(optimizer: GradNormLoRPAdamW) -> None:
+    """After a load into parameters sharded in place: each state back in the local form the
+    driver works on (the inverse of :func:`sharded_state_dict`)."""
+    for param, layout, group in optimizer.named_model_parameters():
+        if param.tensor in optimizer.state:
+            optimizer.state[param.tensor] = layout.state_from_loading(
+                param, group, optimizer.state[param.tensor]
+            )
+
+
+def prepare_to_load(
+    optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any], *, sharded: bool = False
+) -> dict[str, Any]:
     """What ``torch.optim.Optimizer.load_state_dict`` must load on this rank, or a ValueError
     when ``state_dict`` is one rank's shard that does not belong here, or holds states that do
-    not fit this optimizer's parameters (:func:`check_state_fits`)."""
+    not fit this optimizer's parameters (:func:`check_state_fits`).
+
+    ``sharded`` (parameters sharded in place, FSDP2): the state dict is the DTensor form of
+    :func:`sharded_state_dict`, possibly without its marker (``torch.distributed.checkpoint``'s
+    ``set_optimizer_state_dict`` drops extra keys) and laid out for this world size already."""
+    if sharded:
+        meta = state_dict.get(FORMAT_KEY)
+        if meta is not None and not meta.get("sharded"):
+            raise ValueError(
+                "this optimizer's parameters are sharded by FSDP2, but the state dict was saved "
+                f"by a {meta.get('world_size')}-rank run without FSDP2; save and load FSDP2 "
+                "optimizer state with torch.distributed.checkpoint (get/set_state_dict)"
+            )
+        return {k: v for k, v in state_dict.items() if k != FORMAT_KEY}
     loaded = _prepare_to_load(optimizer, state_dict)
     if LAYOUT_KEY not in loaded["state"]:
         check_state_fits(optimizer, loaded, whole=False)

@@ -21,9 +21,10 @@ from torch import nn
 
 from gnlorp_dist import GradNormLoRPAdamW, PerLayerUpdates, apply_weight_norm
 from gnlorp_dist.optim.comm import LocalCommunicator
-from gnlorp_dist.optim.fragments import Fragment, register_engine_layout
+from gnlorp_dist.optim.fragments import Fragment
 from gnlorp_dist.optim.functional import clip_by_norm_
 from gnlorp_dist.optim.groups import projected_param_groups
+from gnlorp_dist.optim.layouts import register_engine_layout
 
 SHAPES = [(256, 48), (48, 256), (64, 64)]
 """Projected matrices: with rank 16 the first two have 4096-element low-rank moments (8-bit)."""
@@ -250,6 +251,22 @@ class FakeFlatLayout:
     concatenation of the group's parameters (runs cut through rows and through tensors, as
     ZeRO-1/2 does); the run is marked by a ``fake_partition`` attribute on the flat tensor."""
 
+    replicated = False
+    row_aligned = False
+    flattened = True
+
+    def has_gradient(self, param):
+        return True
+
+    def check_group(self, group, group_index):
+        return None
+
+    def state_for_saving(self, param, group, state):
+        return state
+
+    def state_from_loading(self, param, group, state):
+        return state
+
     name = "fake flat layout"
 
     def true_shape(self, param: torch.Tensor) -> tuple[int, ...]:
@@ -362,7 +379,7 @@ def test_fragment_state_loaded_from_disk_follows_the_fragments():
     def resume(meta):
         projected, dense = make_params()
         optimizer = GradNormLoRPAdamW(groups(projected, dense), lr=1e-2, weight_decay=0.01)
-        optimizer.pending_flattened_state = copy.deepcopy(pending)
+        optimizer.load_engine_state(copy.deepcopy(pending))
         flats = []
         for group, model_params in zip(optimizer.param_groups, (projected, dense)):
             numel = sum(p.numel() for p in model_params)

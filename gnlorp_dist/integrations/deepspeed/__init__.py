@@ -8,7 +8,7 @@ The plain call works::
 At ZeRO 1/2/3 DeepSpeed steps the optimizer with flat partitions; the optimizer recognises the
 layout (:mod:`.layouts`) and projects each matrix's true 2-D gradient, sharded: each matrix's
 low-rank moments and SVD on one owner rank, partial low-rank sums and directions between ranks
-(:mod:`gnlorp_dist.optim.fragment_step`). :func:`initialize` is the same call after
+(:mod:`gnlorp_dist.optim.driver`). :func:`initialize` is the same call after
 :func:`check_deepspeed_config`, which refuses unsupported settings with the fix.
 """
 
@@ -30,7 +30,7 @@ from gnlorp_dist.integrations.deepspeed.layouts import (
     Zero12Layout,
     detect_deepspeed_layout,
 )
-from gnlorp_dist.optim.fragments import register_engine_layout
+from gnlorp_dist.optim.layouts import register_engine_layout
 
 register_engine_layout(detect_deepspeed_layout)
 

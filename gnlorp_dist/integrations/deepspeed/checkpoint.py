@@ -23,8 +23,11 @@ import torch
 
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
 from gnlorp_dist.optim.comm import buffer_device, wait_all
-from gnlorp_dist.optim.fragment_state import export_flattened_state, merge_flattened_states
-from gnlorp_dist.optim.fragment_step import LAYOUT_KEY
+from gnlorp_dist.optim.fragment_state import (
+    LAYOUT_KEY,
+    export_flattened_state,
+    merge_flattened_states,
+)
 
 LAYOUT_FILE = "gnlorp_layout.json"
 CLIENT_STATE_FILE = "gnlorp_client_state.pt"
@@ -121,9 +124,9 @@ def _load_optimizer_shards(optimizer: Any, folder: Path, layout: dict[str, Any])
     missing = [r for r, p in zip(range(world), paths) if not p.is_file()]
     if missing:
         raise ValueError(f"{folder}: optimizer shards of ranks {missing} are missing")
-    # Onto the CPU; adopt_pending_state moves each tensor to its fragment's device at step 1.
+    # Onto the CPU; adopt_loaded_state moves each tensor to its fragment's device at step 1.
     shards = [torch.load(p, map_location="cpu", weights_only=True)["state"] for p in paths]
-    optimizer.pending_flattened_state = merge_flattened_states(shards)
+    optimizer.load_engine_state(merge_flattened_states(shards))
 
 
 def initialize_from_checkpoint(

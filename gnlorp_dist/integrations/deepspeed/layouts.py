@@ -22,10 +22,35 @@ from typing import Any
 
 from torch import Tensor
 
-from gnlorp_dist.optim.fragments import EngineLayout, Fragment, ModelParameter
+from gnlorp_dist.optim.fragments import Fragment, ModelParameter
+from gnlorp_dist.optim.layouts import Layout
 
 
-class Zero12Layout:
+class _ZeroLayout:
+    """What ZeRO stages share: flat runs cut anywhere, the engine's tensors in the groups."""
+
+    replicated = False
+    row_aligned = False
+    flattened = True
+
+    def has_gradient(self, param: Tensor) -> bool:
+        return True  # the engine reduced every trainable parameter's gradient into its partition
+
+    def check_group(self, group: dict[str, Any], group_index: int) -> None:
+        return None
+
+    def state_for_saving(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        return state
+
+    def state_from_loading(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        return state
+
+
+class Zero12Layout(_ZeroLayout):
     """ZeRO stage 1 or 2: runs of each parameter inside the group's flat fp32 partition."""
 
     name = "DeepSpeed ZeRO-1/2"
@@ -60,7 +85,7 @@ class Zero12Layout:
         return fragments
 
 
-class Zero3Layout:
+class Zero3Layout(_ZeroLayout):
     """ZeRO stage 3: each parameter split evenly over the ranks, padded at the end."""
 
     name = "DeepSpeed ZeRO-3"
@@ -150,9 +175,9 @@ def check_deepspeed_version() -> None:
 
 def detect_deepspeed_layout(
     model_params: list[Tensor], engine_params: list[Tensor]
-) -> EngineLayout | None:
+) -> Layout | None:
     """The ZeRO layout of a group whose parameters DeepSpeed replaced, or None."""
-    layout: EngineLayout | None = None
+    layout: Layout | None = None
     if any(hasattr(p, "ds_id") for p in model_params):
         layout = Zero3Layout()
     elif len(engine_params) == 1 and engine_params[0].dim() == 1:

@@ -1,0 +1,427 @@
+"""The one step driver: the same phases for every layout (one process, DDP, ZeRO, FSDP2).
+
+A param group's step is a :class:`GroupStep`: its parameters, this rank's run of each
+(:mod:`gnlorp_dist.optim.layouts`), their states and the owner of each projected matrix. The
+phases below never ask which engine runs; they ask the layout two questions (is every parameter
+whole and averaged on every rank? do runs cover whole rows?) and the answers pick where the
+low-rank work of each matrix happens:
+
+- ``"owner"`` (replicated layouts): the owner holds the whole gradient; it alone refreshes,
+  projects, keeps the moments and updates the weights, which the caller then broadcasts
+  (:func:`broadcast_updated`);
+- ``"reduce"`` (runs cut anywhere, or left-projected matrices, whose low-rank gradient
+  ``P^T G`` sums over every row): each rank projects its run, the partial sums are reduced to
+  the owner, which alone keeps the moments and broadcasts the normalised direction; every rank
+  back-projects it onto its own run;
+- ``"rows"`` (right-projected matrices in row-aligned runs, FSDP2): ``G P^T`` row by row needs
+  nothing from other ranks, so each rank keeps the moments of its rows and updates them alone.
+
+Phases of a projected group: :func:`refresh_subspaces` (due matrices only: the whole gradient is
+assembled on the owner, the SVD runs once in the job, the basis is broadcast to the ranks that
+hold runs), :func:`low_rank_gradients`, :func:`adam_directions`, :func:`apply_directions`. Dense
+groups: :func:`update_dense` on the run (or owned row block) each rank holds. Per-layer mode runs
+the same phase functions for one matrix at a time (:mod:`gnlorp_dist.optim.per_layer_step`).
+
+One refresh rule (:func:`refresh_due`), one state per matrix (``GroupStep.states``), one step
+counter per matrix, counted on every rank that keeps state for it, so every rank agrees on when a
+refresh (a collective) is due.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from gnlorp_dist.nn.surgery import was_merged_away
+from gnlorp_dist.optim.comm import Communicator, Handle, wait_all
+from gnlorp_dist.optim.dense import update_dense_block
+from gnlorp_dist.optim.fragments import (
+    Fragment,
+    ModelParameter,
+    back_project_fragment,
+    covering_rows,
+    project_fragment,
+)
+from gnlorp_dist.optim.functional import (
+    apply_projected_update_,
+    normalized_low_rank_update,
+    update_moments_,
+)
+from gnlorp_dist.optim.layouts import Layout
+from gnlorp_dist.optim.ownership import OwnedBlock
+from gnlorp_dist.optim.quantized import MomentStore
+from gnlorp_dist.optim.validation import flat_gradient_error, merged_away_error
+from gnlorp_dist.projection import (
+    low_rank_shape,
+    project,
+    project_back,
+    projection_shape,
+    projection_side,
+)
+
+Placement = Literal["owner", "reduce", "rows"]
+
+
+class BasisSource(Protocol):
+    def compute_basis(
+        self, group: dict[str, Any], grad_MN: Tensor, state: dict[str, Any]
+    ) -> Tensor: ...
+
+
+@dataclass(kw_only=True)
+class GroupStep:
+    """One param group as one ``step()`` sees it on this rank."""
+
+    group: dict[str, Any]
+    """The group dict (hyperparameters)."""
+    layout: Layout
+    """Where this rank holds each parameter."""
+    params: list[ModelParameter]
+    """The group's parameters, with their true shapes and names."""
+    fragments: list[Fragment | None]
+    """This rank's run of each parameter (None: none of it, or no gradient)."""
+    states: list[dict[str, Any] | None]
+    """The optimizer state of each parameter on this rank (None: this rank keeps none)."""
+    active: list[bool]
+    """Whether each parameter takes part in this step (it has a gradient; the same answer on
+    every rank)."""
+    blocks: list[list[OwnedBlock]]
+    """Each parameter's ownership blocks (a projected matrix: one, its owner)."""
+    comm: Communicator
+    """The ranks of the job."""
+    device: torch.device
+    """Where buffers that go through collectives live."""
+
+    @property
+    def projected(self) -> bool:
+        return "rank" in self.group
+
+    def owner(self, index: int) -> int:
+        (block,) = self.blocks[index]
+        return block.owner
+
+    def side(self, index: int) -> Any:
+        return projection_side(self.params[index].shape, self.group["proj_type"])
+
+    def placement(self, index: int) -> Placement:
+        if self.layout.replicated:
+            return "owner"
+        if self.layout.row_aligned and self.side(index) == "right":
+            return "rows"
+        return "reduce"
+
+    def holds(self, index: int) -> bool:
+        """Whether this rank updates (part of) parameter ``index``'s weights itself."""
+        if self.layout.replicated:
+            return self.fragments[index] is not None and any(
+                b.owner == self.comm.rank for b in self.blocks[index]
+            )
+        return self.fragments[index] is not None
+
+    def keeps_moments(self, index: int) -> bool:
+        if self.placement(index) == "rows":
+            return self.fragments[index] is not None
+        return self.owner(index) == self.comm.rank
+
+    def state(self, index: int) -> dict[str, Any]:
+        state = self.states[index]
+        assert state is not None, f"{self.params[index].name}: no state on this rank"
+        return state
+
+
+def refresh_due(group: dict[str, Any], state: dict[str, Any]) -> bool:
+    """THE refresh rule: at steps 0, T, 2T, ... of the matrix (``T = update_proj_gap``)."""
+    return int(state.get("step", 0)) % group["update_proj_gap"] == 0
+
+
+def steps_taken(step: GroupStep, indices: list[int]) -> list[int]:
+    return [int(step.state(i).get("step", 0)) for i in indices if step.states[i] is not None]
+
+
+def refresh_subspaces(
+    step: GroupStep, source: BasisSource, indices: list[int] | None = None
+) -> list[int]:
+    """New bases for the due matrices among ``indices`` (default: all); returns those refreshed.
+
+    Replicated: the owner holds the whole gradient and refreshes alone. Otherwise the whole
+    gradient is summed onto the owner from the zero-padded runs (each element comes from the
+    one rank holding it, so the sum is exact), the owner computes the basis (once in the job)
+    and broadcasts it; ranks that hold runs keep it. The gradients were verified finite before.
+    """
+    comm = step.comm
+    indices = list(range(len(step.params))) if indices is None else indices
+    if step.layout.replicated:
+        due = [
+            i
+            for i in indices
+            if step.states[i] is not None and refresh_due(step.group, step.state(i))
+        ]
+        for i in due:
+            fragment = step.fragments[i]
+            assert fragment is not None, step.params[i].name
+            grad = fragment.grad.view(step.params[i].shape)
+            step.state(i)["proj"] = source.compute_basis(step.group, grad, step.state(i))
+        return due
+    due = [i for i in indices if refresh_due(step.group, step.state(i))]
+    full_grads: dict[int, Tensor] = {}
+    handles: list[Handle | None] = []
+    for i in due:
+        full = torch.zeros(math.prod(step.params[i].shape), dtype=torch.float32, device=step.device)
+        fragment = step.fragments[i]
+        if fragment is not None:
+            full[fragment.start : fragment.start + fragment.numel] = fragment.grad[: fragment.numel]
+        handles.append(comm.reduce_sum(full, dst=step.owner(i)))
+        if step.owner(i) == comm.rank:
+            full_grads[i] = full
+    wait_all(handles)
+    bases: dict[int, Tensor] = {}
+    handles = []
+    for i in due:
+        shape = step.params[i].shape
+        if step.owner(i) == comm.rank:
+            basis = source.compute_basis(step.group, full_grads.pop(i).view(shape), step.state(i))
+        else:
+            basis_shape = projection_shape(shape, step.group["rank"], step.side(i))
+            basis = torch.empty(basis_shape, dtype=torch.float32, device=step.device)
+        handles.append(comm.broadcast(basis, src=step.owner(i)))
+        bases[i] = basis
+    wait_all(handles)
+    for i, basis in bases.items():
+        if step.fragments[i] is not None:
+            step.state(i)["proj"] = basis
+        else:
+            step.state(i).pop("proj", None)
+    return due
+
+
+def check_bases(step: GroupStep, indices: list[int]) -> None:
+    """Every rank that projects a matrix holds its basis (a state loaded without one is not a
+    state this optimizer saved)."""
+    for i in indices:
+        needs = step.holds(i) if step.layout.replicated else step.fragments[i] is not None
+        if needs and "proj" not in step.state(i):
+            raise ValueError(
+                f"{step.params[i].name}: the optimizer state has no projection basis at step "
+                f"{step.state(i).get('step', 0)}, which is not a refresh step "
+                f"(update_proj_gap={step.group['update_proj_gap']}): it was not saved by "
+                "GradNormLoRPAdamW.state_dict(); load a state saved by this optimizer"
+            )
+
+
+def low_rank_gradients(step: GroupStep, indices: list[int]) -> dict[int, Tensor]:
+    """The low-rank gradient of each matrix where its moments are kept (see the placements)."""
+    comm = step.comm
+    lows: dict[int, Tensor] = {}
+    handles: list[Handle | None] = []
+    for i in indices:
+        placement, fragment = step.placement(i), step.fragments[i]
+        shape, side = step.params[i].shape, step.side(i)
+        if placement == "owner":
+            if step.holds(i):
+                assert fragment is not None
+                lows[i] = project(fragment.grad.view(shape), step.state(i)["proj"], side)
+        elif placement == "rows":
+            if fragment is not None:
+                first, stop = covering_rows(fragment.start, fragment.numel, shape[1])
+                grad_rows = fragment.grad[: fragment.numel].view(stop - first, shape[1])
+                lows[i] = grad_rows.to(step.state(i)["proj"].dtype) @ step.state(i)["proj"].T
+        else:
+            low = torch.zeros(low_rank_shape(shape, step.group["rank"], side), device=step.device)
+            if fragment is not None:
+                grad = fragment.grad[: fragment.numel].to(step.device)
+                proj = step.state(i)["proj"]
+                project_fragment(grad, fragment.start, fragment.numel, shape, proj, side, low)
+            handles.append(comm.reduce_sum(low, dst=step.owner(i)))
+            if step.owner(i) == comm.rank:
+                lows[i] = low
+    wait_all(handles)
+    return lows
+
+
+def adam_directions(
+    step: GroupStep, indices: list[int], lows: dict[int, Tensor]
+) -> dict[int, Tensor]:
+    """Count the step of every matrix in ``indices``; Adam on the low-rank gradients in ``lows``
+    (where the moments are kept); returns the normalised low-rank directions ``m / (sqrt(v) +
+    eps)`` (before bias correction, which :func:`apply_directions` folds into the step size)."""
+    beta1, beta2 = step.group["betas"]
+    for i in indices:
+        if step.states[i] is not None:
+            step.state(i)["step"] = int(step.state(i).get("step", 0)) + 1
+    directions: dict[int, Tensor] = {}
+    for i, low in lows.items():
+        state = step.state(i)
+        whole = low_rank_shape(step.params[i].shape, step.group["rank"], step.side(i))
+        moments = MomentStore(state, step.group["bits"], param_numel=math.prod(whole))
+        if "exp_avg" not in state:
+            moments.initialise(low)
+        assert state["exp_avg"].shape == low.shape, (step.params[i].name, low.shape)
+        exp_avg, exp_avg_sq = moments.load()
+        update_moments_(exp_avg, exp_avg_sq, low, beta1, beta2)
+        moments.store(exp_avg, exp_avg_sq)
+        directions[i] = normalized_low_rank_update(exp_avg, exp_avg_sq, step.group["eps"])
+    return directions
+
+
+def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, Tensor]) -> None:
+    """Back-project each direction onto the weights this rank updates, with GaLore's step size,
+    scale and decoupled weight decay (``reduce`` placements first broadcast it from the owner)."""
+    comm = step.comm
+    handles: list[Handle | None] = []
+    for i in indices:
+        if step.placement(i) != "reduce":
+            continue
+        if step.owner(i) == comm.rank:
+            directions[i] = directions[i].to(step.device).contiguous()
+        else:
+            shape = low_rank_shape(step.params[i].shape, step.group["rank"], step.side(i))
+            directions[i] = torch.empty(shape, dtype=torch.float32, device=step.device)
+        handles.append(comm.broadcast(directions[i], src=step.owner(i)))
+    wait_all(handles)
+    beta1, beta2 = step.group["betas"]
+    for i in indices:
+        if not step.holds(i) or i not in directions:
+            continue
+        fragment = step.fragments[i]
+        assert fragment is not None
+        state, shape, side = step.state(i), step.params[i].shape, step.side(i)
+        proj = state["proj"]
+        direction = directions[i].to(proj.dtype)  # 8-bit moments come back as float32
+        placement = step.placement(i)
+        if placement == "owner":
+            master = fragment.master.view(shape)
+            update = project_back(direction, proj, side)
+        elif placement == "rows":
+            master = fragment.master[: fragment.numel]
+            update = (direction @ proj).reshape(-1)
+        else:
+            master = fragment.master[: fragment.numel]
+            update = back_project_fragment(
+                direction, fragment.start, fragment.numel, shape, proj, side
+            )
+        apply_projected_update_(
+            master,
+            update.to(master.device, master.dtype),
+            step=state["step"],
+            lr=step.group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=step.group["weight_decay"],
+            scale=step.group["scale"],
+        )
+        if fragment.write_back is not None:
+            fragment.write_back()
+
+
+def dense_block(step: GroupStep, index: int) -> tuple[Tensor, Tensor] | None:
+    """``(weights, gradient)`` of the part of dense parameter ``index`` this rank updates."""
+    fragment = step.fragments[index]
+    if fragment is None:
+        return None
+    if not step.layout.replicated:
+        return fragment.master[: fragment.numel], fragment.grad[: fragment.numel]
+    tensor = step.params[index].tensor
+    assert tensor.grad is not None
+    owned = [b for b in step.blocks[index] if b.owner == step.comm.rank]
+    if not owned:
+        return None
+    (block,) = owned
+    if block.whole:
+        return tensor.data, tensor.grad
+    rows = slice(block.row_start, block.row_stop)
+    return tensor.data[rows], tensor.grad[rows]
+
+
+def update_dense(step: GroupStep, index: int) -> None:
+    """``torch.optim.AdamW``'s update of the part of dense parameter ``index`` this rank holds
+    (8-bit or not decided by the whole parameter, as on one process)."""
+    held = dense_block(step, index)
+    if held is None:
+        return
+    weights, grad = held
+    state = step.state(index)
+    fragment = step.fragments[index]
+    if step.layout.flattened and "exp_avg" not in state:
+        assert fragment is not None
+        state["run"] = [fragment.start, fragment.numel]  # where these moments sit in the matrix
+    update_dense_block(
+        state, step.group, weights, grad, param_numel=math.prod(step.params[index].shape)
+    )
+    if fragment is not None and fragment.write_back is not None:
+        fragment.write_back()
+
+
+def broadcast_updated(step: GroupStep, index: int) -> list[Handle | None]:
+    """Replicated layouts: parameter ``index``'s blocks from their owners to every rank."""
+    if not step.layout.replicated or step.comm.world_size == 1:
+        return []
+    tensor = step.params[index].tensor
+    handles = []
+    for block in step.blocks[index]:
+        rows = tensor.data if block.whole else tensor.data[block.row_start : block.row_stop]
+        handles.append(step.comm.broadcast(rows, src=block.owner))
+    return handles
+
+
+def check_replicated_gradients(group: dict[str, Any], params: list[ModelParameter]) -> None:
+    """What a replicated step refuses before it starts: a parameter merged away by
+    :func:`~gnlorp_dist.merge_weight_norm`, a sparse gradient, a projected gradient that is not
+    a matrix (an engine flattened it behind the optimizer's back)."""
+    for param in params:
+        if was_merged_away(param.tensor):
+            raise merged_away_error(param.name)
+        grad = param.tensor.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
+        if "rank" in group and grad.dim() != 2:
+            raise flat_gradient_error(param.name, grad)
+
+
+def reduce_to_owners(
+    comm: Communicator, tensor: Tensor, blocks: list[OwnedBlock], handles: list[Handle | None]
+) -> list[Tensor]:
+    """Start summing each block of ``tensor.grad`` onto its owner; returns the blocks this rank
+    owns (to average once the handles are waited for)."""
+    assert tensor.grad is not None
+    owned = []
+    for block in blocks:
+        rows = tensor.grad if block.whole else tensor.grad[block.row_start : block.row_stop]
+        handles.append(comm.reduce_sum(rows, dst=block.owner))
+        if block.owner == comm.rank:
+            owned.append(rows)
+    return owned
+
+
+def step_group(step: GroupStep, source: BasisSource) -> None:
+    """Every phase of one param group (see the module docstring); a replicated layout's
+    broadcasts are started as each parameter is updated and waited for at the end."""
+    handles: list[Handle | None] = []
+    indices = [i for i in range(len(step.params)) if _takes_part(step, i)]
+    if step.projected:
+        refreshed = set(refresh_subspaces(step, source, indices))
+        check_bases(step, [i for i in indices if i not in refreshed])
+        lows = low_rank_gradients(step, indices)
+        directions = adam_directions(step, indices, lows)
+        if step.layout.replicated:
+            for i in indices:
+                apply_directions(step, [i], directions)
+                handles.extend(broadcast_updated(step, i))
+        else:
+            apply_directions(step, indices, directions)
+    else:
+        for i in indices:
+            update_dense(step, i)
+            handles.extend(broadcast_updated(step, i))
+    wait_all(handles)
+
+
+def _takes_part(step: GroupStep, index: int) -> bool:
+    """Parameters with a gradient (the same on every rank). Sharded layouts: a rank without a
+    run of such a parameter still joins the collectives of its matrix."""
+    return step.active[index]

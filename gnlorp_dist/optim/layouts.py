@@ -1,0 +1,156 @@
+"""Layouts: where this rank holds each matrix of a param group, and what travels because of it.
+
+The step driver (:mod:`gnlorp_dist.optim.driver`) runs the same phases for every engine; a
+layout is the only thing that differs between them. It answers, for one param group:
+
+- which run of each parameter's row-major elements this rank holds (a
+  :class:`~gnlorp_dist.optim.fragments.Fragment`: its gradient and its master weights);
+- whether those runs are the whole parameter on every rank with the same averaged gradient
+  (``replicated``: one process, DDP), or disjoint pieces that together make the parameter
+  (``replicated = False``: DeepSpeed ZeRO, FSDP2);
+- whether the runs start and end on row boundaries (``row_aligned``: FSDP2), which lets a
+  right-projected matrix update without any communication between refreshes;
+- where its optimizer state is keyed (``flattened``: the engine replaced the group's parameters
+  by flat tensors, so states are keyed by parameter name, not by tensor).
+
+Engines teach the optimizer their layouts with :func:`register_engine_layout` (the
+``gnlorp_dist.integrations`` packages do, on import); a group no detector claims is replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from gnlorp_dist.optim.fragments import Fragment, ModelParameter
+
+
+class Layout(Protocol):
+    """How an engine laid one param group's parameters out on this rank."""
+
+    name: str
+    """Shown in messages, e.g. ``"DeepSpeed ZeRO-2"``."""
+    replicated: bool
+    """Every rank holds every whole parameter, with the same (averaged) gradient."""
+    row_aligned: bool
+    """Runs cover whole rows only (a row is never split between ranks)."""
+    flattened: bool
+    """The engine replaced the group's parameters: states are keyed ``zero/<name>``."""
+
+    def true_shape(self, param: Tensor) -> tuple[int, ...]:
+        """The parameter's shape before the engine partitioned it."""
+        ...
+
+    def has_gradient(self, param: Tensor) -> bool:
+        """Whether ``param`` takes part in this step (the same answer on every rank)."""
+        ...
+
+    def check_group(self, group: dict[str, Any], group_index: int) -> None:
+        """A ValueError naming the option when the group asks for what this layout cannot run
+        (called when the group is added, before any step)."""
+        ...
+
+    def fragments(
+        self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
+    ) -> list[Fragment | None]:
+        """This rank's run of each parameter (None where it holds none of it, or no gradient)."""
+        ...
+
+    def state_for_saving(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``state`` as ``state_dict()`` hands it out (e.g. local shards as DTensors)."""
+        ...
+
+    def state_from_loading(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The inverse of :meth:`state_for_saving` for a loaded state."""
+        ...
+
+
+class ReplicatedLayout:
+    """One process, or DDP: every rank holds every parameter whole, gradients averaged.
+
+    The driver then lets the owner of each block (:mod:`gnlorp_dist.optim.ownership`) update it
+    and broadcasts the result, so no rank repeats another's work.
+    """
+
+    name = "replicated"
+    replicated = True
+    row_aligned = True
+    flattened = False
+
+    def true_shape(self, param: Tensor) -> tuple[int, ...]:
+        return tuple(param.shape)
+
+    def has_gradient(self, param: Tensor) -> bool:
+        return param.grad is not None
+
+    def check_group(self, group: dict[str, Any], group_index: int) -> None:
+        return None
+
+    def fragments(
+        self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
+    ) -> list[Fragment | None]:
+        fragments: list[Fragment | None] = []
+        for param in params:
+            tensor = param.tensor
+            if tensor.grad is None:
+                fragments.append(None)
+                continue
+            fragments.append(
+                Fragment(
+                    start=0,
+                    numel=tensor.numel(),
+                    grad=tensor.grad.view(-1),
+                    master=tensor.data.view(-1),
+                )
+            )
+        return fragments
+
+    def state_for_saving(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        return state
+
+    def state_from_loading(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        return state
+
+
+REPLICATED = ReplicatedLayout()
+
+LayoutDetector = Callable[[list[Tensor], list[Tensor]], "Layout | None"]
+"""Given a group's model parameters and what the engine put in the group, a layout or None.
+
+Called at construction (``engine_params`` are the model parameters then) and at every step; a
+detector refuses, with a ValueError naming the option, a layout it recognises but cannot run."""
+
+_DETECTORS: list[LayoutDetector] = []
+
+
+def register_engine_layout(detector: LayoutDetector) -> None:
+    """Teach the optimizer an engine's layout (called by ``gnlorp_dist.integrations``)."""
+    if detector not in _DETECTORS:
+        _DETECTORS.append(detector)
+
+
+def detect_layout(model_params: list[Tensor], engine_params: list[Tensor]) -> Layout:
+    """The registered layout that explains ``engine_params``, else :data:`REPLICATED`."""
+    for detector in _DETECTORS:
+        layout = detector(model_params, engine_params)
+        if layout is not None:
+            return layout
+    # The model's tensors, or copies of the same shapes (DeepSpeed ZeRO-0 steps fp32 copies).
+    if [tuple(p.shape) for p in model_params] == [tuple(p.shape) for p in engine_params]:
+        return REPLICATED
+    raise ValueError(
+        f"a param group reached GradNormLoRPAdamW.step() holding {len(engine_params)} tensors in "
+        f"place of its {len(model_params)} parameters, in a layout no engine integration "
+        "explains (DeepSpeed ZeRO and FSDP2 are known: `import gnlorp_dist` registers them); "
+        "build the optimizer from the parameters the engine trains"
+    )

@@ -1,0 +1,237 @@
+"""FSDP2 (``fully_shard``) with GradNormLoRPAdamW on 2 and 3 gloo ranks equals one process.
+
+The tiny weight-normalized LLaMA is sharded the torchtitan way (each decoder layer, then the
+root) and trained 20 steps with refreshes at steps 0, 5, 10 and 15 on the same global batches as
+the one-process reference. One launch per world size runs every scenario of that size; the
+2-rank launch saves a ``torch.distributed.checkpoint`` at step 10, which the 3-rank launch and a
+1-rank launch resume. The refusals (FSDP1, HSDP meshes, tensor-parallel placements, 8-bit,
+per-layer) run in the 2-rank launch too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from gnlorp_dist import (
+    GradNormLoRPAdamW,
+    PerLayerUpdates,
+    apply_weight_norm,
+    projected_param_groups,
+)
+from gnlorp_dist.distributed import ProcessGroupCommunicator
+from gnlorp_dist.optim.comm import LocalCommunicator
+
+from ..unit.test_groups import tiny_llama
+from .harness import run_ranks
+
+STEPS, SAVE_AT, GAP, GLOBAL_BATCH = 20, 10, 5, 6
+NUM_PROJECTED = 14  # 2 layers x 7 projections of the tiny LLaMA
+REFRESHES = STEPS // GAP
+
+
+def _model():
+    return apply_weight_norm(tiny_llama(seed=11))
+
+
+def _groups(model):
+    return projected_param_groups(model, rank=6, update_proj_gap=GAP, scale=0.25)
+
+
+def _optimizer(model, communicator, **kwargs):
+    return GradNormLoRPAdamW(
+        _groups(model), lr=1e-2, weight_decay=0.01, communicator=communicator, **kwargs
+    )
+
+
+def _shard(model):
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _global_batch(step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 128, (GLOBAL_BATCH, 16), generator=gen)
+
+
+def _train(model, optimizer, steps, rank=0, world_size=1, on_step=None):
+    for step in steps:
+        ids = _global_batch(step).chunk(world_size)[rank]
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step + 1)
+
+
+def _full_weights(model) -> torch.Tensor:
+    """Every parameter, gathered whole (a collective under FSDP2), flattened into one vector."""
+    tensors = []
+    for param in model.parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        tensors.append(full.detach().reshape(-1))
+    return torch.cat(tensors)
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+
+
+def _save(directory, model, optimizer):
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+
+
+def _load(directory, model, optimizer):
+    model_state, optim_state = get_state_dict(model, optimizer)  # templates of this world size
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def _fsdp1_optimizer(comm):
+    model = FullyShardedDataParallel(_model(), device_id=torch.device("cpu"), use_orig_params=True)
+    return GradNormLoRPAdamW(model.parameters(), lr=1e-2, communicator=comm)
+
+
+def _hsdp_optimizer(comm):
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    model = _model()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return _optimizer(model, comm)
+
+
+def _tensor_parallel_optimizer(comm):
+    mesh = init_device_mesh("cpu", (2,))
+    column = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    return GradNormLoRPAdamW(
+        [{"params": [column], "rank": 2, "update_proj_gap": 2, "scale": 1.0, "proj_type": "std"}],
+        communicator=comm,
+    )
+
+
+def _refusals(comm) -> dict[str, str]:
+    """The message of each refusal, by case (raised before any step)."""
+    messages = {}
+    cases = {
+        "bits8": lambda: _optimizer(_shard(_model()), comm, bits=8),
+        "per_layer": lambda: PerLayerUpdates(_optimizer(_shard(_model()), comm)),
+        "fsdp1": lambda: _fsdp1_optimizer(comm),
+        "hsdp": lambda: _hsdp_optimizer(comm),
+        "tensor_parallel": lambda: _tensor_parallel_optimizer(comm),
+    }
+    for case, build in cases.items():
+        try:
+            build()
+            messages[case] = "no error"
+        except ValueError as err:
+            messages[case] = str(err)
+    return messages
+
+
+def _scenarios(rank, world_size, out_dir, resume_from):
+    out = Path(out_dir)
+    comm = ProcessGroupCommunicator()
+    result: dict = {}
+    if resume_from is None or world_size > 1:
+        model = _shard(_model())
+        optimizer = _optimizer(model, comm)
+
+        def maybe_save(done):
+            if done == SAVE_AT and resume_from is None:
+                _save(out / f"dcp-{world_size}", model, optimizer)
+
+        _train(model, optimizer, range(STEPS), rank, world_size, maybe_save)
+        result["weights"] = _full_weights(model)
+        result["refreshes"] = optimizer.refresh_count
+        result["state_bytes"] = _state_bytes(optimizer)
+    if resume_from is not None:
+        resumed = _shard(_model())
+        resumed_opt = _optimizer(resumed, comm)
+        _load(out / f"dcp-{resume_from}", resumed, resumed_opt)
+        _train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world_size)
+        result["resumed"] = _full_weights(resumed)
+    if world_size == 2:
+        result["refusals"] = _refusals(comm)
+    torch.save(result, out / f"result-{world_size}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    reference = _model()
+    ref_opt = _optimizer(reference, LocalCommunicator())
+    _train(reference, ref_opt, range(STEPS))
+    run_ranks(2, _scenarios, str(out), None)
+    run_ranks(3, _scenarios, str(out), 2)
+    run_ranks(1, _scenarios, str(out), 2)
+    results = {
+        (w, r): torch.load(out / f"result-{w}-{r}.pt", weights_only=True)
+        for w in (1, 2, 3)
+        for r in range(w)
+    }
+    ref_weights = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+    return {"reference": ref_weights, "ref_opt": ref_opt, "results": results}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_weights_match_one_process(runs, world_size):
+    weights = runs["results"][(world_size, 0)]["weights"]
+    assert _rel(weights, runs["reference"]) < 1e-4
+    start = torch.cat([p.detach().reshape(-1) for p in _model().parameters()])
+    assert _rel(runs["reference"], start) > 1e-2  # the run moved the weights
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_each_subspace_is_computed_once_per_refresh_in_the_whole_job(runs, world_size):
+    counts = [runs["results"][(world_size, r)]["refreshes"] for r in range(world_size)]
+    assert sum(counts) == NUM_PROJECTED * REFRESHES == runs["ref_opt"].refresh_count
+    assert all(0 < c < sum(counts) for c in counts), counts
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_state_is_sharded_evenly(runs, world_size):
+    per_rank = [runs["results"][(world_size, r)]["state_bytes"] for r in range(world_size)]
+    even = sum(per_rank) / world_size
+    assert max(per_rank) <= 1.15 * even, per_rank
+    # Nothing is held twice but the bases of right-projected matrices (every rank projects
+    # its rows with the whole basis): the moments are split, not copied.
+    one_process = _state_bytes(runs["ref_opt"])
+    assert max(per_rank) < 0.8 * one_process, (per_rank, one_process)
+
+
+@pytest.mark.parametrize("world_size", [3, 1])
+def test_a_checkpoint_saved_on_two_ranks_resumes_on_another_number(runs, world_size):
+    resumed = runs["results"][(world_size, 0)]["resumed"]
+    assert _rel(resumed, runs["reference"]) < 1e-4
+
+
+def test_refusals_name_the_option(runs):
+    refusals = runs["results"][(2, 0)]["refusals"]
+    assert "bits=8 under FSDP2" in refusals["bits8"]
+    assert "per-layer updates under FSDP2" in refusals["per_layer"]
+    assert "FSDP1 flat parameters" in refusals["fsdp1"] and "fully_shard" in refusals["fsdp1"]
+    assert "2-D device mesh (1, 2)" in refusals["hsdp"]
+    assert "Shard(dim=1)" in refusals["tensor_parallel"]
