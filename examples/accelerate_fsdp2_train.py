@@ -12,7 +12,10 @@ parameters, and only then ``accelerator.prepare(model, optimizer)``: Accelerate 
 that is already an ``FSDPModule`` as it is, and maps each optimizer parameter onto itself.
 Handing Accelerate an unsharded model with an optimizer built on it makes Accelerate swap the
 optimizer's parameters for new DTensors behind its back (``fsdp2_switch_optimizer_parameters``),
-after the optimizer was built for plain tensors.
+after the optimizer was built for plain tensors. ``GradNormLoRPAdamW`` plans its layout at the
+first step, so that path works too (``--let-accelerate-shard``, the plugin wrapping each
+``LlamaDecoderLayer``: the same losses); shard first all the same with optimizers that bind their
+parameters when built.
 
 Launch on GPUs: ``accelerate launch --config_file launch/accelerate_fsdp2.yaml
 examples/accelerate_fsdp2_train.py --out run``. On CPUs Accelerate 1.15 has no FSDP (a CPU job runs
@@ -60,12 +63,26 @@ def parse() -> argparse.Namespace:
         action="store_true",
         help="CPU host: run Accelerate's FSDP2 path over gloo (Accelerate 1.15 has no CPU FSDP)",
     )
+    parser.add_argument(
+        "--let-accelerate-shard",
+        action="store_true",
+        help="hand Accelerate the unsharded model and an optimizer built on it (its own recipe)",
+    )
     parser.add_argument("--world-size", type=int, help="refuse to run on another process count")
     return parser.parse_args()
 
 
-def make_accelerator(cpu_fsdp: bool) -> Accelerator:
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+def make_accelerator(cpu_fsdp: bool, accelerate_shards: bool) -> Accelerator:
+    wrap: dict = {}
+    if accelerate_shards:  # the same units as fully_shard_model's. Not otherwise: prepare looks
+        # for the class even in a sharded model, where FSDP2 has renamed it (FSDPLlamaDecoderLayer).
+        wrap = {
+            "auto_wrap_policy": "transformer_based_wrap",
+            "transformer_cls_names_to_wrap": ["LlamaDecoderLayer"],
+        }
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, state_dict_type="SHARDED_STATE_DICT", **wrap
+    )
     if cpu_fsdp:
         if torch.cuda.is_available():
             raise ValueError("--cpu-fsdp is for CPU hosts; on GPUs use accelerate launch alone")
@@ -114,16 +131,22 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
 
 def main() -> None:
     args = parse()
-    accelerator = make_accelerator(args.cpu_fsdp)
+    accelerator = make_accelerator(args.cpu_fsdp, args.let_accelerate_shard)
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.world_size is not None and world != args.world_size:
         raise ValueError(f"--world-size {args.world_size}, but this job has {world} processes")
     accelerator.print(f"engine {accelerator.distributed_type.name} fsdp2 | world {world}")
     if accelerator.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-    model = fully_shard_model(build_model().to(accelerator.device))  # 1. shard
-    optimizer = build_optimizer(args, model)  # 2. the optimizer over the DTensor shards
-    model, optimizer = accelerator.prepare(model, optimizer)  # 3. Accelerate keeps both as is
+    if args.let_accelerate_shard:
+        # Accelerate shards the model and swaps the optimizer's parameters for the DTensors:
+        # GradNormLoRPAdamW plans its layout at the first step, so it sees the shards.
+        model = build_model()
+        optimizer = build_optimizer(args, model)
+    else:
+        model = fully_shard_model(build_model().to(accelerator.device))  # 1. shard
+        optimizer = build_optimizer(args, model)  # 2. the optimizer over the DTensor shards
+    model, optimizer = accelerator.prepare(model, optimizer)  # 3. (sharded: kept as they are)
     first = 0
     if args.resume is not None:
         accelerator.load_state(str(args.resume))  # DCP: re-cut to this job's world size

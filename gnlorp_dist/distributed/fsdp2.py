@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.tensor import DTensor
@@ -96,7 +97,11 @@ def fully_shard_model(
         raise ValueError(
             "fully_shard_model got a model fully_shard was already applied to; shard it once"
         )
-    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    # The mesh on the model's device type: fully_shard's default follows torch's accelerator,
+    # which is CUDA on a GPU host even for a model kept on the CPU over gloo (--device cpu).
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
     if mixed_precision is not None:
         kwargs["mp_policy"] = mixed_precision
     for layer in decoder_layers(model):

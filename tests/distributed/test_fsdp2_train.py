@@ -27,7 +27,7 @@ from tests.tiny_llama import TINY_JSON, small_llama
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-OPTIMIZER = "adamw"
+OPTIMIZER = "gradnormlorp"
 """The optimizer every scenario steps (the projected one: what FSDP2 support is for)."""
 # Resharding moves each SVD and each dense row block to another rank; results agree to
 # float32 summation order, not bitwise.
@@ -221,7 +221,9 @@ def test_the_step_4_checkpoint_resumes_on_another_world_size_like_the_uninterrup
 # ----------------------------------------------------------------- Accelerate, fsdp_version 2
 
 
-def test_accelerate_fsdp2_example_on_two_processes_resumes_on_one(setting):
+def test_accelerate_fsdp2_example_on_two_processes_resumes_on_one_and_lets_accelerate_shard(
+    setting,
+):
     root, _, env = setting
     example = str(ROOT / "examples" / "accelerate_fsdp2_train.py")
     env = dict(env, PYTHONPATH=str(ROOT))
@@ -244,3 +246,15 @@ def test_accelerate_fsdp2_example_on_two_processes_resumes_on_one(setting):
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], rtol=RTOL, atol=ATOL)
     assert (two / "final" / "model.safetensors").is_file()
+    # Accelerate's own recipe: it shards the model and swaps the optimizer's parameters.
+    theirs = root / "acc-fsdp2-theirs"
+    command = [
+        *_torchrun(2), example, *common, "--world-size", "2", "--out", str(theirs),
+        "--let-accelerate-shard",
+    ]  # fmt: skip
+    code, output = _run(command, env)
+    assert code == 0, output
+    assert "engine FSDP fsdp2 | world 2" in output and "step 8/8" in output
+    resumed = torch.load(theirs / "weights.pt")
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=RTOL, atol=ATOL)
