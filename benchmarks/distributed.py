@@ -308,7 +308,8 @@ def _fully_shard(model: torch.nn.Module) -> str:
     (each decoder layer, then the root, which keeps its parameters gathered after forward).
     Returns which one was used, for the record."""
     if importlib.util.find_spec("gnlorp_dist.integrations.fsdp2") is not None:
-        # The optimizer learns the DTensor layout through this module's registration.
+        # It registers the FSDP2 row layout with the optimizer; ``import gnlorp_dist`` does too
+        # (its docstring), importing it here as well costs nothing and does not depend on that.
         importlib.import_module("gnlorp_dist.integrations.fsdp2")
     try:
         from gnlorp_dist.distributed import fully_shard_model  # noqa: PLC0415
@@ -627,6 +628,19 @@ def engines_mode(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows:
         if row["error"] is not None:
             print(f"{row['engine']} failed: {row['error']} (traceback in the JSON)")
+    ddp = next((r for r in ok if r["engine"] == "ddp"), None)
+    if ddp is not None:
+        # Same weights, same data, same optimizer: every engine should follow DDP's losses.
+        gaps = {
+            r["engine"]: max(abs(a - b) for a, b in zip(r["losses_rank0"], ddp["losses_rank0"]))
+            for r in ok
+            if r is not ddp
+        }
+        for row in ok:
+            row["loss_max_abs_diff_vs_ddp"] = gaps.get(row["engine"], 0.0)
+        if gaps:
+            listed = ", ".join(f"{name} {gap:.2e}" for name, gap in gaps.items())
+            print(f"rank 0's loss, max |difference| from ddp's over all steps: {listed}")
     if len(set(first_losses.values())) > 1:
         print(f"note: the first-step losses differ across engines: {first_losses}")
     return {
