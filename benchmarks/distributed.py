@@ -495,6 +495,15 @@ def one_process_state_bytes(settings: EngineSettings) -> int:
     return optimizer_state_bytes(optimizer)["state"]
 
 
+def pool_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result per rank from several launches of one engine: the first launch's counts and
+    losses (the same in every launch: same seed, same data), every launch's timed steps."""
+    pooled = [dict(rank) for rank in rounds[0]]
+    for rank, result in enumerate(pooled):
+        result["step_s"] = [t for launch in rounds for t in launch[rank]["step_s"]]
+    return pooled
+
+
 def summarise_engine(engine: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from every rank's result: per-rank lists, max/mean, the median step time."""
     states = [r["state_bytes"] for r in per_rank]
@@ -597,16 +606,32 @@ def engines_mode(args: argparse.Namespace) -> dict[str, Any]:
         from benchmarks.deepspeed_zero import import_deepspeed  # noqa: PLC0415
 
         import_deepspeed("cpu")
+    # Every round launches each engine once, the order rotating, so a slow spell of a shared
+    # machine does not land on one engine only; an engine's step times pool over the rounds.
+    runs: dict[str, list[list[dict[str, Any]]]] = {engine: [] for engine in args.engines}
+    errors: dict[str, tuple[str, str]] = {}
+    for round_index in range(args.rounds):
+        shift = round_index % len(args.engines)
+        for engine in args.engines[shift:] + args.engines[:shift]:
+            if engine in errors:
+                continue
+            started = time.perf_counter()
+            try:
+                runs[engine].append(launch_engine(engine, settings))
+                status = "ok"
+            except RuntimeError as err:
+                detail = "".join(traceback.format_exception(err.__cause__ or err))
+                errors[engine] = (str(err), detail)
+                status = f"failed: {err}"
+            elapsed = time.perf_counter() - started
+            print(f"round {round_index + 1}, {engine}: {elapsed:.0f} s, {status}", flush=True)
     rows: list[dict[str, Any]] = []
     for engine in args.engines:
-        started = time.perf_counter()
-        try:
-            rows.append(summarise_engine(engine, launch_engine(engine, settings)))
-        except RuntimeError as err:
-            detail = "".join(traceback.format_exception(err.__cause__ or err))
-            rows.append({"engine": engine, "error": str(err), "error_detail": detail})
-        status = "failed: " + rows[-1]["error"] if rows[-1]["error"] else "ok"
-        print(f"{engine}: {time.perf_counter() - started:.0f} s, {status}", flush=True)
+        if engine in errors:
+            error, detail = errors[engine]
+            rows.append({"engine": engine, "error": error, "error_detail": detail})
+        else:
+            rows.append(summarise_engine(engine, pool_rounds(runs[engine])))
     torch.set_num_threads(os.cpu_count() or 1)
     one_process = one_process_state_bytes(settings)
     add_engine_ratios(rows, one_process, world)
@@ -617,7 +642,8 @@ def engines_mode(args: argparse.Namespace) -> dict[str, Any]:
         f"\n{args.model}, fp32, GradNormLoRPAdamW (rank {spec.rank}, T={spec.update_proj_gap}, "
         f"alpha {spec.scale}) on {world} gloo ranks; {settings.batch} x {settings.seq} tokens per "
         f"rank; step ms = median over {settings.steps} steps after {settings.warmup} warm-up "
-        "(step 0 refreshes), slowest rank per step; bytes exact, after the last step:"
+        f"(step 0 refreshes) x {args.rounds} launch(es) per engine, order rotating, slowest "
+        "rank per step; bytes exact, after the last step:"
     )
     print(engine_table(rows))
     print(
@@ -647,6 +673,7 @@ def engines_mode(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "distributed_engines",
         "model": args.model,
         "settings": asdict(settings),
+        "rounds": args.rounds,
         "recipe": asdict(spec),
         "first_step_loss": first_losses,
         "rows": rows,
@@ -674,12 +701,15 @@ def main(argv: list[str] | None = None) -> int:
     engine_args.add_argument("--batch", type=int, default=1, help="micro batch per rank")
     engine_args.add_argument("--seq", type=int, default=64)
     engine_args.add_argument("--timeout", type=float, default=900.0, help="s per engine launch")
+    engine_args.add_argument(
+        "--rounds", type=int, default=1, help="launch each engine this often, order rotating"
+    )
     args = parser.parse_args(argv)
     if args.engines is not None:
         if args.worlds is not None and len(args.worlds) != 1:
             parser.error("--engines compares on ONE world size: give one --worlds value")
-        if args.steps < 1 or args.warmup < 0:
-            parser.error("--steps must be >= 1 and --warmup >= 0")
+        if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+            parser.error("--steps and --rounds must be >= 1, --warmup >= 0")
         record = engines_mode(args)
         path = Path(args.json or "benchmarks/results/distributed_engines.json")
         path.parent.mkdir(parents=True, exist_ok=True)

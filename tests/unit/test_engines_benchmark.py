@@ -80,6 +80,15 @@ def test_rows_take_the_slowest_rank_per_step_and_ratios_against_ddp() -> None:
     assert "failed (below)" in table and table.count("\n") == 4
 
 
+def test_rounds_pool_the_timed_steps_rank_by_rank() -> None:
+    first = [_rank("ddp", 100, [1.0, 2.0]), _rank("ddp", 60, [3.0, 4.0])]
+    second = [_rank("ddp", 100, [5.0]), _rank("ddp", 60, [6.0])]
+    pooled = bench.pool_rounds([first, second])
+    assert [r["step_s"] for r in pooled] == [[1.0, 2.0, 5.0], [3.0, 4.0, 6.0]]
+    assert [r["state_bytes"] for r in pooled] == [100, 60]
+    assert first[0]["step_s"] == [1.0, 2.0]  # the launches' own results are left alone
+
+
 def test_ratios_are_none_without_a_ddp_row() -> None:
     row = bench.summarise_engine("fsdp2", [_rank("fsdp2", 10, [1.0]), _rank("fsdp2", 10, [1.0])])
     bench.add_engine_ratios([row], one_process_bytes=20, world=2)
