@@ -104,6 +104,30 @@ def _save_then_continue(rank, world, folder):
     weights = full_model_state_dict(model)
     if rank == 0:
         torch.save(weights, folder / f"uninterrupted-{world}.pt")
+    _nonfinite_save_is_refused_on_every_rank(rank, model, optimizer, folder)
+
+
+def _nonfinite_save_is_refused_on_every_rank(rank, model, optimizer, folder):
+    """A NaN in rank 1's shard only: both ranks raise the same error and nothing is written."""
+    from gnlorp_dist.checkpoint_dcp import save_dcp_training_checkpoint  # noqa: PLC0415
+    from gnlorp_dist.distributed import (  # noqa: PLC0415
+        DistributedContext,
+        ProcessGroupCommunicator,
+    )
+
+    context = DistributedContext(
+        rank=rank, world_size=2, local_rank=rank, communicator=ProcessGroupCommunicator()
+    )
+    if rank == 1:
+        with torch.no_grad():
+            next(model.parameters()).to_local()[0, 0] = float("nan")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(ValueError, match="refusing to write the checkpoint of step 7"):
+        save_dcp_training_checkpoint(
+            folder / "cli", step=7, model=model, optimizer=optimizer, scheduler=scheduler,
+            data_state={}, run_config={}, context=context,
+        )  # fmt: skip
+    assert not (folder / "cli" / "checkpoints").exists()
 
 
 def _load_then_continue(rank, world, folder):
