@@ -261,9 +261,12 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
             if layout.flattened:
                 self.state[LAYOUT_KEY] = {"engine": layout.name, "world_size": comm.world_size}
             states: list[dict[str, Any] | None] = []
-            for param, param_blocks, is_active in zip(params, blocks, active):
-                owned = any(b.owner == comm.rank for b in param_blocks)
-                keeps = (owned or not layout.replicated) and is_active
+            for i, (param, param_blocks) in enumerate(zip(params, blocks)):
+                if layout.replicated:  # the owner of (a block of) it
+                    keeps = any(b.owner == comm.rank for b in param_blocks)
+                else:  # a projected matrix's step counter lives on every rank
+                    keeps = "rank" in group or fragments[i] is not None
+                keeps = keeps and active[i]
                 states.append(self.state[self._state_key(layout, param)] if keeps else None)
             held = [f.grad.device for f in fragments if f is not None]
             like = held[0] if held else params[0].tensor.device

@@ -28,12 +28,9 @@ def update_dense_block(
     ``param_numel``: the whole parameter's size when the block is a piece of it (decides 8-bit).
     """
     moments = MomentStore(state, group["bits"], param_numel=param_numel)
-    if "exp_avg" not in state:
-        state["step"] = 0
-        moments.initialise(param_block)
-    state["step"] += 1
+    state["step"] = int(state.get("step", 0)) + 1
     beta1, beta2 = group["betas"]
-    exp_avg, exp_avg_sq = moments.load()
+    exp_avg, exp_avg_sq = moments.load_or_initialise(param_block)
     dense_adamw_step(
         param_block,
         grad_block,

@@ -6,9 +6,10 @@ phases below never ask which engine runs; they ask the layout two questions (is 
 whole and averaged on every rank? do runs cover whole rows?) and the answers pick where the
 low-rank work of each matrix happens:
 
-- ``"owner"`` (replicated layouts): the owner holds the whole gradient; it alone refreshes,
-  projects, keeps the moments and updates the weights, which the caller then broadcasts
-  (:func:`broadcast_updated`);
+- ``"owner"`` (replicated layouts): the owner holds the whole gradient (the parameter's own
+  ``.grad``: no view of it is kept, so per-layer mode can free it mid-step); it alone
+  refreshes, projects, keeps the moments and updates the weights, which the caller then
+  broadcasts (:func:`broadcast_updated`);
 - ``"reduce"`` (runs cut anywhere, or left-projected matrices, whose low-rank gradient
   ``P^T G`` sums over every row): each rank projects its run, the partial sums are reduced to
   the owner, which alone keeps the moments and broadcasts the normalised direction; every rank
@@ -116,10 +117,8 @@ class GroupStep:
 
     def holds(self, index: int) -> bool:
         """Whether this rank updates (part of) parameter ``index``'s weights itself."""
-        if self.layout.replicated:
-            return self.fragments[index] is not None and any(
-                b.owner == self.comm.rank for b in self.blocks[index]
-            )
+        if self.layout.replicated:  # the tensor itself, whole: its owner updates it
+            return self.active[index] and any(b.owner == self.comm.rank for b in self.blocks[index])
         return self.fragments[index] is not None
 
     def keeps_moments(self, index: int) -> bool:
@@ -161,9 +160,8 @@ def refresh_subspaces(
             if step.states[i] is not None and refresh_due(step.group, step.state(i))
         ]
         for i in due:
-            fragment = step.fragments[i]
-            assert fragment is not None, step.params[i].name
-            grad = fragment.grad.view(step.params[i].shape)
+            grad = step.params[i].tensor.grad
+            assert grad is not None, step.params[i].name
             step.state(i)["proj"] = source.compute_basis(step.group, grad, step.state(i))
         return due
     due = [i for i in indices if refresh_due(step.group, step.state(i))]
@@ -222,8 +220,9 @@ def low_rank_gradients(step: GroupStep, indices: list[int]) -> dict[int, Tensor]
         shape, side = step.params[i].shape, step.side(i)
         if placement == "owner":
             if step.holds(i):
-                assert fragment is not None
-                lows[i] = project(fragment.grad.view(shape), step.state(i)["proj"], side)
+                grad = step.params[i].tensor.grad
+                assert grad is not None
+                lows[i] = project(grad, step.state(i)["proj"], side)
         elif placement == "rows":
             if fragment is not None:
                 first, stop = covering_rows(fragment.start, fragment.numel, shape[1])
@@ -257,10 +256,7 @@ def adam_directions(
         state = step.state(i)
         whole = low_rank_shape(step.params[i].shape, step.group["rank"], step.side(i))
         moments = MomentStore(state, step.group["bits"], param_numel=math.prod(whole))
-        if "exp_avg" not in state:
-            moments.initialise(low)
-        assert state["exp_avg"].shape == low.shape, (step.params[i].name, low.shape)
-        exp_avg, exp_avg_sq = moments.load()
+        exp_avg, exp_avg_sq = moments.load_or_initialise(low)
         update_moments_(exp_avg, exp_avg_sq, low, beta1, beta2)
         moments.store(exp_avg, exp_avg_sq)
         directions[i] = normalized_low_rank_update(exp_avg, exp_avg_sq, step.group["eps"])
@@ -287,18 +283,19 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
         if not step.holds(i) or i not in directions:
             continue
         fragment = step.fragments[i]
-        assert fragment is not None
         state, shape, side = step.state(i), step.params[i].shape, step.side(i)
         proj = state["proj"]
         direction = directions[i].to(proj.dtype)  # 8-bit moments come back as float32
         placement = step.placement(i)
         if placement == "owner":
-            master = fragment.master.view(shape)
+            master = step.params[i].tensor.data
             update = project_back(direction, proj, side)
         elif placement == "rows":
+            assert fragment is not None
             master = fragment.master[: fragment.numel]
             update = (direction @ proj).reshape(-1)
         else:
+            assert fragment is not None
             master = fragment.master[: fragment.numel]
             update = back_project_fragment(
                 direction, fragment.start, fragment.numel, shape, proj, side
@@ -313,16 +310,16 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
             weight_decay=step.group["weight_decay"],
             scale=step.group["scale"],
         )
-        if fragment.write_back is not None:
+        if fragment is not None and fragment.write_back is not None:
             fragment.write_back()
 
 
 def dense_block(step: GroupStep, index: int) -> tuple[Tensor, Tensor] | None:
     """``(weights, gradient)`` of the part of dense parameter ``index`` this rank updates."""
     fragment = step.fragments[index]
-    if fragment is None:
-        return None
     if not step.layout.replicated:
+        if fragment is None:
+            return None
         return fragment.master[: fragment.numel], fragment.grad[: fragment.numel]
     tensor = step.params[index].tensor
     assert tensor.grad is not None
@@ -406,14 +403,17 @@ def step_group(step: GroupStep, source: BasisSource) -> None:
     if step.projected:
         refreshed = set(refresh_subspaces(step, source, indices))
         check_bases(step, [i for i in indices if i not in refreshed])
-        lows = low_rank_gradients(step, indices)
-        directions = adam_directions(step, indices, lows)
-        if step.layout.replicated:
-            for i in indices:
-                apply_directions(step, [i], directions)
+        # Collectives are batched (their handles overlap); local work goes matrix by matrix, so
+        # one matrix's low-rank workspace is alive at a time, not the whole group's.
+        batched = [i for i in indices if step.placement(i) == "reduce"]
+        if batched:
+            lows = low_rank_gradients(step, batched)
+            apply_directions(step, batched, adam_directions(step, batched, lows))
+        for i in indices:
+            if step.placement(i) != "reduce":
+                lows = low_rank_gradients(step, [i])
+                apply_directions(step, [i], adam_directions(step, [i], lows))
                 handles.extend(broadcast_updated(step, i))
-        else:
-            apply_directions(step, indices, directions)
     else:
         for i in indices:
             update_dense(step, i)

@@ -145,12 +145,12 @@ class PerLayerStep:
         blocks = self.ownership()[param]
         owned = any(b.owner == self.comm.rank for b in blocks)
         model_param = ModelParameter(tensor=param, shape=tuple(param.shape), name=name)
-        fragments = REPLICATED.fragments([model_param], [param], self.comm.rank, 1)
         return GroupStep(
             group=group,
             layout=REPLICATED,
             params=[model_param],
-            fragments=fragments,
+            # A replicated step reads param.grad itself: no view outlives `param.grad = None`.
+            fragments=[None],
             states=[self.state[param] if owned else None],
             active=[True],
             blocks=[blocks],

@@ -79,6 +79,14 @@ class MomentStore:
                     zeros, signed=key == "exp_avg"
                 )
 
+    def load_or_initialise(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The moments as float tensors to update in place, created as zeros shaped ``like``
+        the first time."""
+        if "exp_avg" not in self.state:
+            self.initialise(like)
+        assert self.state["exp_avg"].shape == like.shape, (self.state["exp_avg"].shape, like.shape)
+        return self.load()
+
     def load(self) -> tuple[Tensor, Tensor]:
         values = []
         for key in MOMENT_KEYS:
