@@ -501,6 +501,12 @@ def pool_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     pooled = [dict(rank) for rank in rounds[0]]
     for rank, result in enumerate(pooled):
         result["step_s"] = [t for launch in rounds for t in launch[rank]["step_s"]]
+        # Each launch's median step (slowest rank per step): the ratios to DDP pair launches
+        # of the same round, which ran close together in time.
+        result["launch_medians_s"] = [
+            statistics.median(max(times) for times in zip(*(r["step_s"] for r in launch)))
+            for launch in rounds
+        ]
     return pooled
 
 
@@ -526,6 +532,7 @@ def summarise_engine(engine: str, per_rank: list[dict[str, Any]]) -> dict[str, A
         "step_s_per_rank": [r["step_s"] for r in per_rank],
         "step_s_slowest_rank": per_step,
         "step_s_median": statistics.median(per_step),
+        "launch_step_s_medians": per_rank[0].get("launch_medians_s", [statistics.median(per_step)]),
         "error": None,
     }
 
@@ -542,7 +549,12 @@ def add_engine_ratios(rows: list[dict[str, Any]], one_process_bytes: int, world:
             continue
         row["state_max_over_one_process_n"] = row["state_bytes_max"] / reference
         row["state_max_over_ddp"] = row["state_bytes_max"] / ddp["state_bytes_max"] if ddp else None
-        row["step_median_over_ddp"] = row["step_s_median"] / ddp["step_s_median"] if ddp else None
+        row["step_median_over_ddp"] = None
+        if ddp:
+            # Median over rounds of (this launch's median / DDP's in the same round): a shared
+            # machine's load moves between rounds far more than within one.
+            pairs = zip(row["launch_step_s_medians"], ddp["launch_step_s_medians"])
+            row["step_median_over_ddp"] = statistics.median(a / b for a, b in pairs)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -643,7 +655,8 @@ def engines_mode(args: argparse.Namespace) -> dict[str, Any]:
         f"alpha {spec.scale}) on {world} gloo ranks; {settings.batch} x {settings.seq} tokens per "
         f"rank; step ms = median over {settings.steps} steps after {settings.warmup} warm-up "
         f"(step 0 refreshes) x {args.rounds} launch(es) per engine, order rotating, slowest "
-        "rank per step; bytes exact, after the last step:"
+        "rank per step; its x ddp = median over rounds of the ratio of launch medians; bytes "
+        "exact, after the last step:"
     )
     print(engine_table(rows))
     print(

@@ -86,7 +86,21 @@ def test_rounds_pool_the_timed_steps_rank_by_rank() -> None:
     pooled = bench.pool_rounds([first, second])
     assert [r["step_s"] for r in pooled] == [[1.0, 2.0, 5.0], [3.0, 4.0, 6.0]]
     assert [r["state_bytes"] for r in pooled] == [100, 60]
+    assert pooled[0]["launch_medians_s"] == [3.5, 6.0]  # slowest rank per step, then median
     assert first[0]["step_s"] == [1.0, 2.0]  # the launches' own results are left alone
+
+
+def test_step_ratio_pairs_launches_of_the_same_round() -> None:
+    def engine(name: str, launches: list[list[float]]) -> dict[str, Any]:
+        rounds = [[_rank(name, 10, steps), _rank(name, 10, steps)] for steps in launches]
+        return bench.summarise_engine(name, bench.pool_rounds(rounds))
+
+    # Round 2 ran on a machine twice as busy: paired by round, the ratio is 1.5 in both.
+    ddp = engine("ddp", [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    fsdp2 = engine("fsdp2", [[1.5, 1.5, 1.5], [3.0, 3.0, 3.0]])
+    bench.add_engine_ratios([ddp, fsdp2], one_process_bytes=20, world=2)
+    assert fsdp2["launch_step_s_medians"] == [1.5, 3.0]
+    assert fsdp2["step_median_over_ddp"] == 1.5 and ddp["step_median_over_ddp"] == 1.0
 
 
 def test_ratios_are_none_without_a_ddp_row() -> None:
