@@ -1,0 +1,199 @@
+"""Shape arithmetic of ``benchmarks/communication.py`` and ``benchmarks/scale_model.py``: payloads
+per step from parameter shapes against hand-computed values, the ring and two-level collective
+formulas, the refresh-window average, the collective counters' payload conventions. No process
+group, no launch: the measured part of the benchmark is the benchmark's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import communication as comm  # noqa: E402
+from benchmarks import scale_model as scale  # noqa: E402
+
+# One layer, hidden 16, intermediate 40, vocab 100, rank 4: small enough to count by hand.
+TINY = dict(
+    vocab_size=100,
+    hidden_size=16,
+    intermediate_size=40,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+)
+RANK = 4
+
+
+def _tiny() -> LlamaConfig:
+    return LlamaConfig(**TINY)
+
+
+def _shapes() -> tuple[list[comm.TensorShape], list[comm.TensorShape]]:
+    config = _tiny()
+    return (
+        comm.shapes_from_config(config, RANK, weight_norm=False),
+        comm.shapes_from_config(config, RANK, weight_norm=True),
+    )
+
+
+def test_shape_arithmetic_equals_the_real_model_and_groups() -> None:
+    config = _tiny()
+    for weight_norm in (False, True):
+        by_hand = sorted(comm.shapes_from_config(config, RANK, weight_norm), key=lambda t: t.name)
+        real = sorted(comm.shapes_from_model(config, RANK, weight_norm), key=lambda t: t.name)
+        assert by_hand == real
+
+
+def test_tiny_counts_by_hand() -> None:
+    plain, normed = _shapes()
+    # embed + lm_head 2 x 1600, q k v o 4 x 256, gate up 2 x 640, down 640, 3 norms x 16.
+    assert sum(t.numel for t in plain) == 6192
+    # + one magnitude per output row: q k v o 4 x 16, gate up 2 x 40, down 16.
+    assert sum(t.numel for t in normed) == 6192 + 160
+    projected = {t.name.split(".")[-2]: t for t in normed if t.rank is not None}
+    # std rule: rows >= cols projects on the right (M x r), else on the left (r x N).
+    assert projected["q_proj"].low_rank_numel == 16 * 4
+    assert projected["gate_proj"].low_rank_numel == 40 * 4
+    assert projected["down_proj"].low_rank_numel == 4 * 40
+    assert projected["q_proj"].basis_numel == 4 * 16
+    assert projected["gate_proj"].basis_numel == 4 * 16
+    assert projected["down_proj"].basis_numel == 16 * 4
+
+
+def test_computed_payloads_by_hand() -> None:
+    plain, normed = _shapes()
+    fp32 = 4
+
+    def payload(method: str, refresh: bool = False) -> comm.Payload:
+        return comm.computed_payload(method, plain, normed, fp32, refresh)
+
+    full_plain, full_normed = 6192 * fp32, 6352 * fp32
+    assert payload(comm.DDP_ADAMW) == comm._payload(all_reduce=full_plain)
+    assert payload(comm.ZERO2_ADAMW) == comm._payload(all_reduce=full_plain, all_gather=full_plain)
+    assert payload(comm.ZERO2_TEXTBOOK) == comm._payload(
+        reduce_scatter=full_plain, all_gather=full_plain
+    )
+    assert payload(comm.OURS_DDP) == comm._payload(
+        all_reduce=full_normed + 40, broadcast=full_normed
+    )
+    assert payload(comm.OURS_FULL) == comm._payload(
+        reduce=full_normed, broadcast=full_normed, all_reduce=40
+    )
+    # Low rank between refreshes: 4 x 64 + 2 x 160 + 160 = 736 low-rank elements, and the dense
+    # 1600 + 1600 + 48 norms + 160 magnitudes = 3408, each reduced once and broadcast once.
+    low, dense = 736, 3408
+    assert payload(comm.OURS_LOW_RANK) == comm._payload(
+        reduce=(low + dense) * fp32, broadcast=(low + dense) * fp32, all_reduce=40
+    )
+    # A refresh: full projected gradients (2944) reduced, bases (448) + directions broadcast.
+    assert payload(comm.OURS_LOW_RANK, refresh=True) == comm._payload(
+        reduce=(2944 + dense) * fp32, broadcast=(448 + low + dense) * fp32, all_reduce=40
+    )
+
+
+def test_ring_factors_and_wire_bytes() -> None:
+    for world in (2, 3, 4, 32):
+        assert comm.ring_factor("all_reduce", world) == pytest.approx(2 * (world - 1) / world)
+        for op in ("reduce", "broadcast", "all_gather", "reduce_scatter"):
+            assert comm.ring_factor(op, world) == pytest.approx((world - 1) / world)
+    assert comm.ring_factor("all_reduce", 1) == 0.0
+    with pytest.raises(ValueError):
+        comm.ring_factor("all_to_all", 4)
+    # A reduce plus a broadcast of S cost what one all-reduce of S costs.
+    s = 1000
+    assert comm.ring_wire_bytes(comm._payload(reduce=s, broadcast=s), 4) == pytest.approx(
+        comm.ring_wire_bytes(comm._payload(all_reduce=s), 4)
+    )
+
+
+def test_low_rank_ratio_by_hand_does_not_depend_on_world() -> None:
+    plain, normed = _shapes()
+    base = comm.computed_payload(comm.DDP_ADAMW, plain, normed, 4, False)
+    ours = comm.computed_payload(comm.OURS_LOW_RANK, plain, normed, 4, False)
+    expected = (2 * (736 + 3408) * 4 + 2 * 40) / (2 * 6192 * 4)
+    for world in (2, 4, 32):
+        ratio = comm.ring_wire_bytes(ours, world) / comm.ring_wire_bytes(base, world)
+        assert ratio == pytest.approx(expected)
+
+
+def test_window_average() -> None:
+    plain = comm._payload(reduce=10, broadcast=10)
+    refresh = comm._payload(reduce=100, broadcast=30)
+    avg = comm.window_average(plain, refresh, 10)
+    assert avg["reduce"] == pytest.approx((100 + 9 * 10) / 10)
+    assert avg["broadcast"] == pytest.approx((30 + 9 * 10) / 10)
+    assert avg["all_reduce"] == 0
+
+
+def test_7b_compressed_ratio_meets_the_issue() -> None:
+    # Shapes by arithmetic (no model): LLaMA 7B, rank 1024, one refresh every 200 steps, bf16.
+    config = comm.model_config("llama_7b")
+    plain = comm.shapes_from_config(config, 1024, weight_norm=False)
+    normed = comm.shapes_from_config(config, 1024, weight_norm=True)
+    base = comm.computed_payload(comm.DDP_ADAMW, plain, normed, 2, False)
+    p = comm.computed_payload(comm.OURS_LOW_RANK, plain, normed, 2, False)
+    r = comm.computed_payload(comm.OURS_LOW_RANK, plain, normed, 2, True)
+    avg = comm.window_average(p, r, 200)
+    ratio = comm.ring_wire_bytes(avg, 32) / comm.ring_wire_bytes(base, 32)  # type: ignore[arg-type]
+    assert ratio <= comm.ISSUE_TARGET
+    assert ratio == pytest.approx(0.282, abs=0.001)
+    # Every projected 7B matrix keeps r / min(M, N) = 1024 / 4096 of its gradient.
+    projected = [t for t in normed if t.rank is not None]
+    assert sum(t.low_rank_numel for t in projected) * 4 == sum(t.numel for t in projected)
+
+
+def test_dense_breakdown() -> None:
+    _, normed = _shapes()
+    assert comm.dense_breakdown(normed, 4) == {
+        "embed_tokens": 1600 * 4,
+        "lm_head": 1600 * 4,
+        "magnitudes": 160 * 4,
+        "norms": 48 * 4,
+    }
+
+
+def test_counter_payload_conventions() -> None:
+    x = torch.zeros(10)
+    out = torch.zeros(40)
+    sizes = {name: size for name, (_, size) in comm._DIST_FUNCTIONS.items()}
+    assert sizes["all_reduce"]((x,), {}) == 40
+    assert sizes["broadcast"]((), {"tensor": x, "src": 0}) == 40
+    assert sizes["all_gather_into_tensor"]((out, x), {}) == 160  # the gathered output
+    assert sizes["reduce_scatter_tensor"]((x, out), {}) == 160  # the input
+    assert sizes["all_gather"](([x, x, x, x], x), {}) == 160
+    assert sizes["reduce_scatter"]((x, [x, x]), {}) == 80
+
+
+def test_loopback_counter_reads() -> None:
+    if not Path("/proc/net/dev").exists():
+        pytest.skip("no /proc/net/dev")
+    assert comm.loopback_tx_bytes() >= 0
+
+
+def test_two_level_collective_time_by_hand() -> None:
+    cluster = scale.Cluster(nodes=8, gpus_per_node=4, link_efficiency=0.5)
+    s = 1e9
+    nvlink, network = 300e9, 200e9 / 8
+    all_reduce = (2 * 3 / 4 * s / nvlink + 2 * 7 / 8 * s / network) / 0.5
+    assert scale.collective_seconds("all_reduce", s, cluster) == pytest.approx(all_reduce)
+    for op in ("reduce", "broadcast", "all_gather", "reduce_scatter"):
+        assert scale.collective_seconds(op, s, cluster) == pytest.approx(all_reduce / 2)
+    assert scale.collective_seconds("all_reduce", 0, cluster) == 0.0
+
+
+def test_compute_time_is_six_params_tokens() -> None:
+    cluster = scale.Cluster(peak_tflops=100.0, mfu=0.5)
+    workload = scale.Workload(tokens_per_gpu=1000)
+    payload = {op: 0.0 for op in comm.OPS}
+    row = scale.step_model(comm.DDP_ADAMW, payload, cluster, workload, 10**9, [], 1)
+    assert row["compute_s"] == pytest.approx(6 * 1e9 * 1000 / 50e12)
+    assert row["backward_s"] == pytest.approx(row["compute_s"] * 4 / 6)
+    assert row["step_s_no_overlap"] == pytest.approx(row["compute_s"])
