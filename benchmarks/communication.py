@@ -397,6 +397,7 @@ def computed_table(rows: list[dict[str, Any]]) -> str:
         "reduce MiB",
         "bcast MiB",
         "allgather MiB",
+        "r-scatter MiB",
         "wire/rank MiB",
         "x ddp plain",
         "refresh wire MiB",
@@ -416,6 +417,7 @@ def computed_table(rows: list[dict[str, Any]]) -> str:
                 _mib(p["reduce"]),
                 _mib(p["broadcast"]),
                 _mib(p["all_gather"]),
+                _mib(p["reduce_scatter"]),
                 _mib(row["wire_per_rank_plain"]),
                 f"{row['ratio_plain']:.3f}",
                 _mib(row["wire_per_rank_refresh"]),
@@ -939,6 +941,51 @@ def add_measured_ratios(rows: list[dict[str, Any]], factors: dict[int, dict[str,
             row[f"{key}_x_ddp"] = row[key] / base[key] if base else None
 
 
+def gloo_predictions(
+    computed: list[dict[str, Any]],
+    measured: list[dict[str, Any]],
+    factors: dict[int, dict[str, float]],
+) -> list[dict[str, Any]]:
+    """The loopback bytes gloo would send for each computed method's payload (its calibrated
+    bytes per payload byte), next to DDP + AdamW's measured figure: what the measured table
+    will show for a method not measured yet, on this transport."""
+    out = []
+    for row in computed:
+        world, factor = row["world"], factors.get(row["world"])
+        base = next(
+            (
+                r
+                for r in measured
+                if r["error"] is None
+                and r["method"] == DDP_ADAMW
+                and r["model"] == row["model"]
+                and r["world"] == world
+            ),
+            None,
+        )
+        if factor is None or base is None:
+            continue
+
+        def on_gloo(payload: dict[str, float], factor: dict[str, float] = factor) -> float:
+            return sum(factor.get(op, float("nan")) * n for op, n in payload.items() if n)
+
+        plain, avg = on_gloo(row["payload_plain"]), on_gloo(row["payload_avg"])
+        out.append(
+            {
+                "model": row["model"],
+                "world": world,
+                "method": row["method"],
+                "gloo_lo_plain": plain,
+                "gloo_lo_avg": avg,
+                "ddp_adamw_lo_measured": base["lo_plain"],
+                "gloo_x_ddp_plain": plain / base["lo_plain"],
+                "gloo_x_ddp_avg": avg / base["lo_avg"],
+                "ring_x_ddp_avg": row["ratio_avg"],
+            }
+        )
+    return out
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -1159,7 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         "refresh step in T (the recipe's gap: nano 50, 60m 200)."
     )
     print(measured_table(rows))
-    print("gloo's loopback bytes per payload byte (whole job, 4 MiB tensors):")
+    print("gloo's loopback bytes per payload byte (whole job, 16 MiB tensors):")
     for world, factor in factors.items():
         listed = ", ".join(f"{op} {value:.3f}" for op, value in factor.items())
         print(
@@ -1178,6 +1225,31 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             "counters agree: every byte handed to torch.distributed came through the DDP hook or our communicator (DDP and ours)"
+        )
+    predicted = gloo_predictions(computed, rows, factors)
+    record["gloo_predicted"] = predicted
+    lowrank = [p for p in predicted if p["method"] == OURS_LOW_RANK]
+    if lowrank:
+        print(
+            "\nours-lowrank from shapes, priced with gloo's calibrated factors (a prediction for "
+            "this transport, not a measurement), against ddp-adamw's measured loopback bytes:"
+        )
+        print(
+            format_table(
+                ["model", "N", "gloo lo MiB", "x ddp", "gloo lo avg@T MiB", "x ddp", "ring x ddp"],
+                [
+                    [
+                        p["model"],
+                        p["world"],
+                        _mib(p["gloo_lo_plain"]),
+                        f"{p['gloo_x_ddp_plain']:.3f}",
+                        _mib(p["gloo_lo_avg"]),
+                        f"{p['gloo_x_ddp_avg']:.3f}",
+                        f"{p['ring_x_ddp_avg']:.3f}",
+                    ]
+                    for p in lowrank
+                ],
+            )
         )
     for note in notes:
         print("note: " + note)

@@ -277,8 +277,8 @@ def assumptions(cluster: Cluster, workload: Workload) -> str:
             "MODELLED, not measured. Assumptions:",
             f"- {cluster.nodes} nodes x {cluster.gpus_per_node} A100 = {cluster.world} GPUs; "
             f"NVLink {cluster.nvlink_gbytes_per_s:.0f} GB/s per GPU each way (A100: 600 GB/s "
-            f"both ways); network {cluster.ib_gbits_per_s:.0f} Gb/s = {ib:.0f} GB/s per node "
-            f"each way (one HDR InfiniBand port); NCCL reaches {cluster.link_efficiency:.0%} of "
+            f"both ways); network {cluster.ib_gbits_per_s:.0f} Gb/s = {ib:.1f} GB/s per node "
+            f"each way (one InfiniBand port; HDR is 200 Gb/s); NCCL reaches {cluster.link_efficiency:.0%} of "
             f"each; {cluster.latency_us:.0f} us per collective.",
             "- Collectives two-level: all-reduce of S = 2(g-1)/g S on NVLink + 2(n-1)/n S "
             "through each node's port; reduce-scatter, all-gather and owner-spread "
