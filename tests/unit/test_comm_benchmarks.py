@@ -197,3 +197,49 @@ def test_compute_time_is_six_params_tokens() -> None:
     assert row["compute_s"] == pytest.approx(6 * 1e9 * 1000 / 50e12)
     assert row["backward_s"] == pytest.approx(row["compute_s"] * 4 / 6)
     assert row["step_s_no_overlap"] == pytest.approx(row["compute_s"])
+
+
+def _record(step: int, lo: int, refreshes: int, dist_payload: dict[str, int]) -> dict:
+    payload = comm._payload(**dist_payload)
+    return {
+        "step": step,
+        "lo_bytes": lo,
+        "dist": payload,
+        "comm": payload,
+        "hook": {"all_reduce": 0, "buckets": 0},
+        "refreshes": refreshes,
+        "loss": 1.0,
+    }
+
+
+def test_summarise_splits_plain_and_refresh_steps_and_averages_at_the_gap() -> None:
+    # Two ranks of ours-full on llama_60m (T = 200): a refresh at step 3 (rank 1 owns every
+    # matrix), barriers costing 100 B per window; the loopback figures are made up.
+    barrier = 100
+    settings = comm.RunSettings(model="llama_60m", method=comm.OURS_FULL, world=2)
+    payload = {"reduce": 1000, "broadcast": 1000, "all_reduce": 40}
+    ranks = [
+        {
+            "empty_windows_lo": [barrier, barrier + 5],
+            "records": [
+                _record(2, 2100 + barrier, 0, payload),
+                _record(3, 5000 + barrier, refreshes, payload),
+                _record(4, 2000 + barrier, 0, payload),
+            ],
+        }
+        for refreshes in (0, 3)
+    ]
+    row = comm.summarise_run(settings, ranks)
+    assert [s["refresh"] for s in row["steps"]] == [False, True, False]
+    assert row["plain"]["lo_bytes_net"] == 2000  # the smallest plain step, barriers off
+    assert row["refresh"]["lo_bytes_net"] == 5000
+    assert all(s["counters_agree"] for s in row["steps"])
+    base = dict(row, method=comm.DDP_ADAMW)
+    base["plain"] = dict(row["plain"], lo_bytes_net=4000)
+    base["refresh"] = None
+    rows = [base, row]
+    comm.add_measured_ratios(rows, {2: {"reduce": 2.0, "broadcast": 1.0, "all_reduce": 2.0}})
+    assert row["lo_avg"] == pytest.approx((5000 + 199 * 2000) / 200)
+    assert row["lo_plain_x_ddp"] == pytest.approx(0.5)
+    assert row["lo_expected_plain"] == pytest.approx(2.0 * 1000 + 1.0 * 1000 + 2.0 * 40)
+    assert base["lo_avg"] == base["lo_plain"] == 4000  # no refresh measured: every step plain
