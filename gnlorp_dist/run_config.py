@@ -23,7 +23,8 @@ from gnlorp_dist.models import known_model_names, llama_config, recipe_for_confi
 from gnlorp_dist.projection import PROJ_TYPES
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
-GRAD_REDUCTIONS = ("ddp", "owners")
+GRAD_REDUCTIONS = ("auto", "ddp", "owners", "lowrank")
+CLIP_NORMS = ("auto", "full", "consumed")
 NON_FINITE_POLICIES = ("skip", "raise")
 DTYPES = ("fp32", "bf16")
 # GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
@@ -72,6 +73,13 @@ class RunConfig:
     """The cosine decays to min_lr_ratio * lr."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this before the step; 0 disables."""
+    clip_norm_of: str = "auto"
+    """Which norm --grad-clip bounds: full (the whole averaged gradient, torch's
+    clip_grad_norm_ before the step; needs every rank to hold it, i.e. DDP), consumed (the
+    optimizer clips what it consumes: each projected matrix's low-rank gradient and each dense
+    gradient, one global norm over the ranks; the same on one process, so a one-process run
+    reproduces a compressed one) or auto (consumed where the optimizer reduces the gradients
+    itself, --grad-reduction owners/lowrank; full otherwise)."""
     on_nonfinite: str = "skip"
     """What a step with a NaN/inf gradient does: skip (weights, moments and step counters stay
     unchanged; the batch is consumed and the lr schedule and step count advance, as DeepSpeed's
@@ -117,10 +125,13 @@ class RunConfig:
     of DDP: each rank keeps its rows of every weight, gradient and optimizer state, and
     checkpoints are torch.distributed.checkpoint shards that resume on any number of processes.
     Not with --deepspeed, --per-layer, --bits 8 or --grad-reduction owners."""
-    grad_reduction: str = "ddp"
-    """With several processes: ddp (DDP all-reduces gradients, owners broadcast updated weights)
-    or owners (each gradient block reduced to the rank owning its optimizer state: the same
-    traffic as DDP + AdamW)."""
+    grad_reduction: str = "auto"
+    """With several processes: lowrank (the optimizer reduces only each projected matrix's
+    low-rank gradient to its owner, which broadcasts the low-rank update; dense blocks are
+    reduced to their owners and broadcast: fewer bytes than DDP + AdamW, the same math), owners
+    (every gradient block reduced in full to its owner: DDP + AdamW's traffic), ddp (DDP
+    all-reduces every gradient, owners broadcast updated weights: 1.5x DDP + AdamW's traffic),
+    or auto (lowrank for a projected optimizer without --deepspeed/--fsdp, else ddp)."""
     seed: int = 0
     """Seeds model init, data order and every RNG: same seed, same run (bitwise on a CPU)."""
     data: str = "shakespeare"
@@ -180,6 +191,7 @@ _CHOICES = {
     "proj_type": PROJ_TYPES,
     "bits": (32, 8),
     "grad_reduction": GRAD_REDUCTIONS,
+    "clip_norm_of": CLIP_NORMS,
     "on_nonfinite": NON_FINITE_POLICIES,
 }
 _TYPES = {"int": int, "float": float, "str": str}
@@ -255,6 +267,32 @@ def _non_negative(config: RunConfig, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
+def effective_grad_reduction(config: RunConfig, world_size: int) -> str:
+    """``--grad-reduction`` with ``auto`` resolved for ``world_size`` processes."""
+    if config.grad_reduction != "auto":
+        return config.grad_reduction
+    engine = config.deepspeed is not None or config.fsdp
+    if world_size > 1 and config.optimizer != "adamw" and not engine:
+        return "lowrank"
+    return "ddp"
+
+
+def effective_clip_norm_of(config: RunConfig, world_size: int) -> str:
+    """``--clip-norm-of`` with ``auto`` resolved; a ValueError for a norm this run cannot
+    compute (the full gradient exists only on its owners once the optimizer reduces it)."""
+    reduction = effective_grad_reduction(config, world_size)
+    optimizer_reduces = world_size > 1 and reduction in ("owners", "lowrank")
+    if config.clip_norm_of == "auto":
+        return "consumed" if optimizer_reduces else "full"
+    if config.clip_norm_of == "full" and optimizer_reduces and config.grad_clip > 0:
+        raise ValueError(
+            f"--clip-norm-of full with --grad-reduction {reduction} on {world_size} processes: "
+            "no rank holds the whole averaged gradient (the optimizer reduces it to owners), so "
+            "its norm is unknown; use --clip-norm-of consumed, or --grad-reduction ddp"
+        )
+    return config.clip_norm_of
+
+
 def check_fsdp_flags(config: RunConfig) -> None:
     """ValueError naming the flags that cannot go with --fsdp, and why."""
     clashes = []
@@ -270,7 +308,7 @@ def check_fsdp_flags(config: RunConfig) -> None:
         )
     if config.bits != 32:
         clashes.append(f"--bits {config.bits} (8-bit moments are not sharded as DTensors)")
-    if config.grad_reduction != "ddp":
+    if config.grad_reduction not in ("auto", "ddp"):
         clashes.append(
             f"--grad-reduction {config.grad_reduction} (FSDP2 reduce-scatters every gradient "
             "to the rank holding its rows)"
@@ -318,6 +356,18 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
         raise ValueError(
             f"unknown grad_reduction {config.grad_reduction!r}; choose one of {GRAD_REDUCTIONS}"
         )
+    if config.clip_norm_of not in CLIP_NORMS:
+        raise ValueError(
+            f"unknown --clip-norm-of {config.clip_norm_of!r}; choose one of {CLIP_NORMS}"
+        )
+    if config.optimizer == "adamw" and (
+        config.grad_reduction in ("owners", "lowrank") or config.clip_norm_of == "consumed"
+    ):
+        raise ValueError(
+            f"--grad-reduction {config.grad_reduction} / --clip-norm-of {config.clip_norm_of} "
+            "need a projected optimizer (gradnormlorp or galore): torch's AdamW neither reduces "
+            "gradients nor clips; use --grad-reduction ddp --clip-norm-of full with adamw"
+        )
     if config.deepspeed is not None:
         if config.autocast != "none":
             raise ValueError(
@@ -325,11 +375,16 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
                 "itself; use --dtype bf16 (DeepSpeed's bf16 mode keeps fp32 masters) and "
                 "--autocast none"
             )
-        if config.per_layer or config.grad_reduction != "ddp":
+        if config.per_layer or config.grad_reduction not in ("auto", "ddp"):
             raise ValueError(
                 "--deepspeed steps the optimizer through DeepSpeed's engine, which reduces "
-                "gradients itself: drop --per-layer and --grad-reduction owners (got per_layer="
+                "gradients itself: drop --per-layer and --grad-reduction (got per_layer="
                 f"{config.per_layer}, grad_reduction={config.grad_reduction!r})"
+            )
+        if config.clip_norm_of == "consumed":
+            raise ValueError(
+                "--clip-norm-of consumed with --deepspeed: DeepSpeed clips the gradient itself "
+                '("gradient_clipping"); use --clip-norm-of auto'
             )
         if not Path(config.deepspeed).is_file():
             raise ValueError(

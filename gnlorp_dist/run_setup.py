@@ -50,7 +50,14 @@ from gnlorp_dist.preflight import (
     check_output_dir,
     checkpoint_bytes_estimate,
 )
-from gnlorp_dist.run_config import RESUME_MUST_MATCH, RunConfig, config_record, resolve
+from gnlorp_dist.run_config import (
+    RESUME_MUST_MATCH,
+    RunConfig,
+    config_record,
+    effective_clip_norm_of,
+    effective_grad_reduction,
+    resolve,
+)
 from gnlorp_dist.schedule import warmup_cosine_schedule
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -112,14 +119,21 @@ def build_optimizer(
     groups = projected_param_groups(
         model, config.rank, config.update_proj_gap, config.scale, config.proj_type
     )
+    reduction = effective_grad_reduction(config, context.world_size)
+    consumed = effective_clip_norm_of(config, context.world_size) == "consumed"
     return GradNormLoRPAdamW(
         groups,
         lr=config.lr,
         weight_decay=config.weight_decay,
         bits=config.bits,
         communicator=context.communicator,
-        reduce_gradients=context.world_size > 1 and config.grad_reduction == "owners",
+        gradient_reduction=_OPTIMIZER_REDUCTION[reduction] if context.world_size > 1 else "none",
+        max_grad_norm=config.grad_clip if consumed and not config.per_layer else 0.0,
     )
+
+
+_OPTIMIZER_REDUCTION = {"ddp": "none", "owners": "full", "lowrank": "low_rank"}
+"""``--grad-reduction`` as :class:`GradNormLoRPAdamW`'s ``gradient_reduction``."""
 
 
 def build_train_data(config: RunConfig, rank: int = 0, world_size: int = 1) -> TrainData:
@@ -214,19 +228,14 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         )
     # Before anything allocates on the GPU: otherwise every rank leaves a context on GPU 0.
     activate_device(device, tf32=config.tf32)
-    if context.world_size > 1 and config.per_layer and config.grad_reduction != "owners":
+    reduction = effective_grad_reduction(config, context.world_size)
+    if context.world_size > 1 and config.per_layer and reduction == "ddp":
         raise ValueError(
-            f"--per-layer with {context.world_size} processes needs --grad-reduction owners: the "
-            "hooks reduce each gradient to its owner themselves, and DDP would reduce it again"
+            f"--per-layer with {context.world_size} processes needs --grad-reduction lowrank or "
+            "owners: the hooks reduce each gradient to its owner themselves, and DDP would "
+            "reduce it again"
         )
-    if context.world_size > 1 and config.grad_reduction == "owners":
-        if config.optimizer == "adamw" or config.grad_clip > 0:
-            raise ValueError(
-                "--grad-reduction owners needs a projected optimizer and --grad-clip 0 (the "
-                "gradients are only complete on their owners, after the optimizer reduced them; "
-                f"got --optimizer {config.optimizer}, --grad-clip {config.grad_clip}); use "
-                "--grad-reduction ddp"
-            )
+    effective_clip_norm_of(config, context.world_size)  # refuses a norm no rank can compute
     seed_everything(config.seed)
     data = build_train_data(config, context.rank, context.world_size)
     if len(data.tokenizer) > llama.vocab_size:
@@ -297,7 +306,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
                     f"{config.output_dir}: new branch {branch} (older branches are kept)"
                 )
     if not config.fsdp:  # an FSDP2 model is its own data-parallel wrapper
-        run.forward_model = wrap_for_data_parallel(model, context, config.grad_reduction)
+        run.forward_model = wrap_for_data_parallel(model, context, reduction)
     if config.per_layer:
         run.per_layer = PerLayerUpdates(
             optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip

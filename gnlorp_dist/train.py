@@ -49,6 +49,8 @@ from gnlorp_dist.run_config import (
     build_parser,
     config_from_namespace,
     config_record,
+    effective_clip_norm_of,
+    effective_grad_reduction,
 )
 from gnlorp_dist.run_setup import (
     Run,
@@ -130,7 +132,7 @@ def _describe(run: Run) -> None:
         recipe += f", LoRA rank {c.lora_rank}" if c.lora_rank else ""
     log(
         f"optimizer {c.optimizer}: lr {c.lr:g}, warmup {c.warmup_steps}, cosine to "
-        f"{c.min_lr_ratio:g}x, clip {c.grad_clip or 'off'}{recipe}"
+        f"{c.min_lr_ratio:g}x, clip {_clip_description(run)}{recipe}"
     )
     log(f"data {run.data.description}; batch {c.batch_size} x {c.grad_accum} x {c.seq_len} tokens")
     if run.resumed_from is not None:
@@ -279,7 +281,7 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
                 run.optimizer,
                 run.scheduler,
                 micro,
-                c.grad_clip,
+                c.grad_clip if _clips_full_gradient(run) else 0.0,
                 per_layer=run.per_layer is not None,
                 autocast=c.autocast,
                 on_nonfinite=c.on_nonfinite,
@@ -414,6 +416,27 @@ def train(
     return run_training(prepare(config, context), on_step_end=on_step_end)
 
 
+def _clips_full_gradient(run: Run) -> bool:
+    """Whether the loop clips the whole gradient (torch's clip_grad_norm_) before the step;
+    otherwise the optimizer clips what it consumes (or per-layer hooks clip per parameter)."""
+    c = run.config
+    return effective_clip_norm_of(c, run.context.world_size) == "full" or c.optimizer == "adamw"
+
+
+def _clip_description(run: Run) -> str:
+    c = run.config
+    if not c.grad_clip:
+        return "off"
+    if run.per_layer is not None:
+        return f"{c.grad_clip:g} per parameter (the tensor each update consumes)"
+    if _clips_full_gradient(run):
+        return f"{c.grad_clip:g} (global norm of the whole gradient)"
+    return (
+        f"{c.grad_clip:g} (global norm of what the optimizer consumes: each projected "
+        "matrix's low-rank gradient and each dense gradient)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config = config_from_namespace(parser.parse_args(argv))
@@ -427,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         context = init_distributed(config.world_size, device)
         set_log_rank(context.rank)
         if context.world_size > 1:
-            mode = "fsdp2" if config.fsdp else config.grad_reduction
+            if config.fsdp:
+                mode = "fsdp2"
+            else:
+                reduction = effective_grad_reduction(config, context.world_size)
+                mode = {"lowrank": "low-rank gradient reduction"}.get(reduction, reduction)
             log(f"distributed: {context.world_size} processes ({mode})")
         run = prepare(config, context)
     except (ValueError, ModuleNotFoundError) as err:

@@ -65,7 +65,8 @@ def wrap_for_data_parallel(
     model: torch.nn.Module, context: DistributedContext, grad_reduction: str
 ) -> torch.nn.Module:
     """The module the training loop calls: DDP-wrapped (``ddp``), or ``model`` itself with rank
-    0's weights copied everywhere (``owners``: the optimizer reduces gradients itself)."""
+    0's weights copied everywhere (``owners``, ``lowrank``: the optimizer reduces gradients
+    itself)."""
     if context.world_size == 1:
         return model
     assert context.communicator is not None

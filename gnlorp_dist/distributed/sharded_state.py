@@ -44,8 +44,8 @@ def save_sharded_optimizer(optimizer: GradNormLoRPAdamW, directory: str | os.Pat
     entries: dict[int, dict[str, Any]] = {}
     for index, param in enumerate(_flat_params(optimizer)):
         state = optimizer.state.get(param)
-        if not state:
-            continue
+        if not state or not optimizer.owns(param):
+            continue  # nothing, or a replica whose owner saves the whole state
         block = optimizer.owned_block(param)
         entries[index] = {
             "shape": list(param.shape),
@@ -98,6 +98,11 @@ def load_sharded_optimizer(optimizer: GradNormLoRPAdamW, directory: str | os.Pat
                     f"parameter {index}: checkpoint shape {piece['shape']} != {list(param.shape)}"
                 )
         if not optimizer.owns(param):
+            replica = optimizer.replica_state(param, pieces[0]["state"])
+            if replica is not None:
+                optimizer.state[param] = {
+                    k: v.to(param.device) if torch.is_tensor(v) else v for k, v in replica.items()
+                }
             continue
         group, _name = optimizer.group_and_name(param)
         block = optimizer.owned_block(param)

@@ -50,6 +50,7 @@ class Fsdp2Layout:
 
     name = "FSDP2"
     replicated = False
+    averaged = True
     row_aligned = True
     flattened = False
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from gnlorp_dist.distributed import communicator_for_current_process
 from gnlorp_dist.nn import DEFAULT_TARGET_MODULES, WeightNormLinear
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
 from gnlorp_dist.projection import PROJ_TYPES as _PROJ_TYPES
@@ -167,10 +168,8 @@ def consolidate_for_save(optimizer: Any) -> None:
     ``Accelerator.save_state``): gathers the sharded state so rank 0's ``state_dict()`` holds
     every rank's shard. A no-op on one process and for other optimizers."""
     ours = _find_gnlorp(optimizer)
-    if ours is None or not torch.distributed.is_initialized():
-        return
-    if torch.distributed.get_world_size() == 1:
-        return
+    if ours is None or communicator_for_current_process() is None:
+        return  # one process: the state is whole already
     consolidate = getattr(ours, "consolidate_state_dict", None)
     if consolidate is None:
         warnings.warn(

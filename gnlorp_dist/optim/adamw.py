@@ -20,20 +20,18 @@ from gnlorp_dist.optim.comm import (
     default_communicator,
     wait_all,
 )
-from gnlorp_dist.optim.driver import (
-    GroupStep,
-    check_replicated_gradients,
-    reduce_to_owners,
-    step_group,
-)
+from gnlorp_dist.optim.data_parallel import check_replicated_gradients, reduce_to_owners
+from gnlorp_dist.optim.driver import GroupStep, step_groups
 from gnlorp_dist.optim.fragment_state import LAYOUT_KEY, STATE_PREFIX, adopt_loaded_state
 from gnlorp_dist.optim.fragments import ModelParameter
-from gnlorp_dist.optim.layouts import Layout, detect_layout
+from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, Layout, detect_layout
 from gnlorp_dist.optim.nonfinite_guard import NonFiniteGuard
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.per_layer_step import PerLayerStep
 from gnlorp_dist.optim.validation import (
     check_finite_hyperparameters,
+    check_gradient_reduction,
+    check_max_grad_norm,
     missing_communicator_error,
     validate_projected_group,
     warn_if_nothing_is_projected,
@@ -41,7 +39,9 @@ from gnlorp_dist.optim.validation import (
 from gnlorp_dist.projection import compute_projection, projection_side
 
 
-class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
+class GradNormLoRPAdamW(
+    PerLayerStep, NonFiniteGuard, state_io.StateDictMethods, torch.optim.Optimizer
+):
     """AdamW with GaLore-style low-rank projection of 2-D gradients.
 
     A drop-in for ``galore_torch.GaLoreAdamW``: parameter groups that carry ``rank`` (with
@@ -134,11 +134,19 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         communicator: Communicator | None = None,
         reduce_gradients: bool = False,
         on_nonfinite: str = "raise",
+        gradient_reduction: str | None = None,
+        max_grad_norm: float = 0.0,
     ) -> None:
         # None: the job's default (one process, or the torch.distributed group once an engine
         # such as deepspeed.initialize has created it), resolved at the latest at the first step.
         self._comm = communicator if communicator is not None else default_communicator()
-        self.reduce_gradients = reduce_gradients
+        self.gradient_reduction = check_gradient_reduction(gradient_reduction, reduce_gradients)
+        """``"none"``: gradients arrive averaged (DDP, engines); ``"full"``: each block's full
+        gradient is reduced to its owner; ``"low_rank"``: projected matrices' low-rank
+        gradients are reduced (dense blocks in full)."""
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        """> 0: clip what the optimizer consumes to this global norm (see
+        :func:`gnlorp_dist.optim.driver.step_groups`)."""
         check_finite_hyperparameters(
             "", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay
         )
@@ -232,14 +240,18 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         known_finite, self._gradients_known_finite = self._gradients_known_finite, False
         self.last_step_skipped = False
         steps = self.group_steps()
-        if self.reduce_gradients:
+        if self.gradient_reduction != "none":
             self._reduce_gradients_to_owners(steps)
         if not self._verify_gradients(steps, known_finite):
             self._skip_step()
             return loss
-        for group_step in steps:
-            step_group(group_step, self)
+        step_groups(steps, self, self.max_grad_norm)
         return loss
+
+    @property
+    def reduce_gradients(self) -> bool:
+        """Whether the optimizer reduces the gradients itself (the model is not in DDP)."""
+        return self.gradient_reduction != "none"
 
     def group_steps(self) -> list[GroupStep]:
         """One :class:`GroupStep` per param group an engine is stepping now (all of them,
@@ -252,6 +264,12 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
                 continue  # engines that step one group at a time empty the others
             index = self._construction_index(group)
             layout = detect_layout(self.model_params[index], engine_params)
+            if (
+                layout is REPLICATED
+                and self.gradient_reduction == "low_rank"
+                and comm.world_size > 1
+            ):
+                layout = LOW_RANK_REDUCED
             params = self._model_parameters(index, None if layout.flattened else engine_params)
             if layout.replicated:
                 check_replicated_gradients(group, params)
@@ -262,9 +280,9 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
                 self.state[LAYOUT_KEY] = {"engine": layout.name, "world_size": comm.world_size}
             states: list[dict[str, Any] | None] = []
             for i, (param, param_blocks) in enumerate(zip(params, blocks)):
-                if layout.replicated:  # the owner of (a block of) it
-                    keeps = any(b.owner == comm.rank for b in param_blocks)
-                else:  # a projected matrix's step counter lives on every rank
+                if layout.replicated and (layout.averaged or "rank" not in group):
+                    keeps = any(b.owner == comm.rank for b in param_blocks)  # owner's only
+                else:  # a projected matrix's step counter (and basis) lives on every rank
                     keeps = "rank" in group or fragments[i] is not None
                 keeps = keeps and active[i]
                 states.append(self.state[self._state_key(layout, param)] if keeps else None)
@@ -357,6 +375,17 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         """Whether this rank holds (part of) ``param``'s optimizer state."""
         return any(b.owner == self.comm.rank for b in self.ownership()[param])
 
+    def replica_state(self, param: Tensor, owner_state: dict[str, Any]) -> dict[str, Any] | None:
+        """What a rank that does not own ``param`` keeps of its owner's state: under the
+        low-rank reduction every rank projects with the basis and counts the steps of every
+        projected matrix (``{"step", "proj"}``); otherwise nothing (None)."""
+        group, _name = self.group_and_name(param)
+        if self.gradient_reduction != "low_rank" or self.comm.world_size == 1:
+            return None
+        if "rank" not in group or "proj" not in owner_state:
+            return None
+        return {"step": owner_state["step"], "proj": owner_state["proj"]}
+
     def owned_block(self, param: Tensor) -> OwnedBlock:
         """The block of ``param`` this rank owns (it must own one)."""
         (block,) = [b for b in self.ownership()[param] if b.owner == self.comm.rank]
@@ -371,6 +400,8 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         for group_step in steps:
             if not group_step.layout.replicated:
                 continue
+            if group_step.projected and not group_step.layout.averaged:
+                continue  # low-rank reduction: only the projected gradients travel, in the step
             for i, param in enumerate(group_step.params):
                 if group_step.active[i]:
                     owned += reduce_to_owners(
@@ -410,90 +441,6 @@ class GradNormLoRPAdamW(PerLayerStep, NonFiniteGuard, torch.optim.Optimizer):
         if param not in self._lookup:
             raise ValueError(f"parameter of shape {tuple(param.shape)} is not in this optimizer")
         return self._lookup[param]
-
-    # -- saving and loading (the formats: gnlorp_dist.optim.state_dict) ------------------
-
-    def consolidate_state_dict(self) -> dict[str, Any]:
-        """Gather the whole job's state (a collective: EVERY rank calls it), cache and return it.
-
-        :meth:`state_dict` then returns it on any rank without communicating, until the next
-        ``step()``, ``step_parameter()`` or ``load_state_dict()``: call this on every rank before
-        a rank-0-only save (``transformers.Trainer``). Cost: one ``all_gather_object`` of every
-        rank's state (CPU tensors); each rank holds the full state in host memory while cached.
-        A rank whose peers do not join within ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default
-        60) raises a ValueError naming the fix instead of hanging. Under DeepSpeed ZeRO
-        (flattened groups) nothing is gathered: this rank's shard is returned, as state_dict().
-        """
-        if self.comm.world_size > 1 and (state_io.is_flattened(self) or self._sharded_in_place()):
-            return self.state_dict()  # ZeRO, FSDP2: every rank saves its own shard
-        state_io.wait_for_every_rank(self.comm)
-        self._consolidated = state_io.consolidate(self, super().state_dict())
-        return self._consolidated
-
-    def drop_consolidated_state(self) -> None:
-        """Free the state cached by :meth:`consolidate_state_dict` (after the save)."""
-        self._consolidated = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The whole job's optimizer state, the same on every rank and for any world size.
-
-        Torch's format plus ``"gnlorp": {"format": 1, "consolidated": True, "world_size": N}``;
-        tensors and plain values only (``torch.load(weights_only=True)``). One process: torch's
-        ``state_dict()``. Several ranks: the state cached by :meth:`consolidate_state_dict`
-        since the last step, else this call consolidates, which needs EVERY rank to call it
-        (``accelerate``'s ``save_state`` does); called on one rank alone it raises a ValueError
-        after ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default 60) instead of hanging. Under
-        DeepSpeed ZeRO (flattened groups; the engine saves one per rank): this rank's shard,
-        marked ``"consolidated": False`` with its rank and world size.
-        """
-        if self._sharded_in_place():
-            return state_io.sharded_state_dict(self, super().state_dict())
-        if self.comm.world_size == 1 or state_io.is_flattened(self):
-            return state_io.with_marker(self, super().state_dict())
-        if self._consolidated is None:
-            self.consolidate_state_dict()
-        assert self._consolidated is not None
-        return self._consolidated
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` saved on any number of ranks, keeping this rank's shard.
-
-        A state dict holding one rank's shard only (a ZeRO rank's, or one saved by an older
-        gnlorp_dist) is refused with a ValueError unless it belongs to this rank and world size.
-        """
-        sharded = self._sharded_in_place()
-        loaded = state_io.prepare_to_load(self, state_dict, sharded=sharded)
-        self._consolidated = None
-        super().load_state_dict(loaded)
-        # torch rebuilt the group dicts; the new ones are what engines step from now on.
-        self.groups_at_construction = list(self.param_groups)
-        self._lookup = None
-        if sharded:
-            state_io.unwrap_sharded_state(self)
-        state_io.restore_saved_dtypes(self, loaded)
-
-    def layouts(self) -> list[Layout]:
-        """The layout of each group as the engine holds it now (empty groups skipped)."""
-        found = []
-        for group in self.param_groups:
-            if group["params"]:
-                index = self._construction_index(group)
-                found.append(detect_layout(self.model_params[index], list(group["params"])))
-        return found
-
-    def _sharded_in_place(self) -> bool:
-        """Whether the parameters are sharded where they are (FSDP2), not replaced (ZeRO)."""
-        return any(not (lay.replicated or lay.flattened) for lay in self.layouts())
-
-    def named_model_parameters(self) -> list[tuple[ModelParameter, Layout, dict[str, Any]]]:
-        """Every parameter with its true shape and name, its group's layout and its group."""
-        found = []
-        for index, group in enumerate(self.groups_at_construction):
-            stepped = list(group["params"])
-            layout = detect_layout(self.model_params[index], stepped)
-            params = self._model_parameters(index, None if layout.flattened else stepped)
-            found += [(param, layout, group) for param in params]
-        return found
 
 
 class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):

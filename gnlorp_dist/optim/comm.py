@@ -135,6 +135,21 @@ def non_finite_on_any_rank(comm: Communicator, tensors: list[Tensor], like: torc
     return verdict.item() > 0  # host sync (documented in GradNormLoRPAdamW)
 
 
+def clip_coefficient(
+    comm: Communicator, tensors: list[Tensor], max_norm: float, device: torch.device
+) -> Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` of the global L2 norm of every rank's ``tensors``
+    (``torch.nn.utils.clip_grad_norm_``'s coefficient), as a 0-d float32 tensor on ``device``:
+    squared norms summed in float64 over ranks (one all-reduce), no host sync."""
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    if tensors:
+        norms = torch._foreach_norm(tensors)
+        total += torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
+    wait_all([comm.all_reduce_sum(total)])
+    coefficient = max_norm / (total.sqrt() + 1e-6)
+    return coefficient.clamp(max=1.0).float().reshape(())
+
+
 GRADIENTS_DIFFER_RTOL = 1e-9
 """Relative spread of the ranks' gradient checksums above which their gradients differ: DDP's
 averaged gradients are bitwise equal on every rank, un-averaged ones differ by O(1)."""
@@ -201,8 +216,16 @@ def register_default_communicator(factory: Callable[[], Communicator | None]) ->
 def default_communicator() -> Communicator | None:
     """A communicator for this process, or None if the job's ranks cannot be reached yet.
 
-    One process (no ``WORLD_SIZE``, or 1) gets a :class:`LocalCommunicator`.
+    A job whose process group is already up gets a communicator over it, whether or not the
+    launcher set ``WORLD_SIZE`` (ranks forked by ``torch.multiprocessing`` and joined with
+    ``init_process_group`` have no such variable: trusting it alone would silently keep the
+    whole state on every rank). Otherwise one process (no ``WORLD_SIZE``, or 1) gets a
+    :class:`LocalCommunicator`, and a job whose group is not up yet None.
     """
+    if _default_factory is not None:
+        found = _default_factory()
+        if found is not None:
+            return found
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return LocalCommunicator()
-    return _default_factory() if _default_factory is not None else None
+    return None

@@ -37,8 +37,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from gnlorp_dist.nn.surgery import was_merged_away
-from gnlorp_dist.optim.comm import Communicator, Handle, wait_all
+from gnlorp_dist.optim.comm import Communicator, Handle, clip_coefficient, wait_all
 from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragments import (
     Fragment,
@@ -55,7 +54,6 @@ from gnlorp_dist.optim.functional import (
 from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.quantized import MomentStore
-from gnlorp_dist.optim.validation import flat_gradient_error, merged_away_error
 from gnlorp_dist.projection import (
     low_rank_shape,
     project,
@@ -108,16 +106,21 @@ class GroupStep:
     def side(self, index: int) -> Any:
         return projection_side(self.params[index].shape, self.group["proj_type"])
 
+    @property
+    def owner_alone(self) -> bool:
+        """Replicated, averaged gradients: owners update and broadcast the weights."""
+        return self.layout.replicated and self.layout.averaged
+
     def placement(self, index: int) -> Placement:
         if self.layout.replicated:
-            return "owner"
+            return "owner" if self.layout.averaged else "reduce"
         if self.layout.row_aligned and self.side(index) == "right":
             return "rows"
         return "reduce"
 
     def holds(self, index: int) -> bool:
         """Whether this rank updates (part of) parameter ``index``'s weights itself."""
-        if self.layout.replicated:  # the tensor itself, whole: its owner updates it
+        if self.owner_alone:  # the tensor itself, whole: its owner updates it
             return self.active[index] and any(b.owner == self.comm.rank for b in self.blocks[index])
         return self.fragments[index] is not None
 
@@ -153,7 +156,7 @@ def refresh_subspaces(
     """
     comm = step.comm
     indices = list(range(len(step.params))) if indices is None else indices
-    if step.layout.replicated:
+    if step.owner_alone:
         due = [
             i
             for i in indices
@@ -176,6 +179,9 @@ def refresh_subspaces(
         if step.owner(i) == comm.rank:
             full_grads[i] = full
     wait_all(handles)
+    if not step.layout.averaged:  # a sum of the ranks' own gradients: their mean, as one process
+        for full in full_grads.values():
+            full.div_(comm.world_size)
     bases: dict[int, Tensor] = {}
     handles = []
     for i in due:
@@ -200,7 +206,7 @@ def check_bases(step: GroupStep, indices: list[int]) -> None:
     """Every rank that projects a matrix holds its basis (a state loaded without one is not a
     state this optimizer saved)."""
     for i in indices:
-        needs = step.holds(i) if step.layout.replicated else step.fragments[i] is not None
+        needs = step.holds(i) if step.owner_alone else step.fragments[i] is not None
         if needs and "proj" not in step.state(i):
             raise ValueError(
                 f"{step.params[i].name}: the optimizer state has no projection basis at step "
@@ -210,8 +216,13 @@ def check_bases(step: GroupStep, indices: list[int]) -> None:
             )
 
 
-def low_rank_gradients(step: GroupStep, indices: list[int]) -> dict[int, Tensor]:
-    """The low-rank gradient of each matrix where its moments are kept (see the placements)."""
+def low_rank_gradients(
+    step: GroupStep, indices: list[int], partials: dict[int, Tensor] | None = None
+) -> dict[int, Tensor]:
+    """The low-rank gradient of each matrix where its moments are kept (see the placements).
+
+    ``partials``: this rank's low-rank contributions already computed (per-layer mode sums them
+    over micro-batches), for ``"reduce"`` placements; else projected from the runs here."""
     comm = step.comm
     lows: dict[int, Tensor] = {}
     handles: list[Handle | None] = []
@@ -229,15 +240,28 @@ def low_rank_gradients(step: GroupStep, indices: list[int]) -> dict[int, Tensor]
                 grad_rows = fragment.grad[: fragment.numel].view(stop - first, shape[1])
                 lows[i] = grad_rows.to(step.state(i)["proj"].dtype) @ step.state(i)["proj"].T
         else:
-            low = torch.zeros(low_rank_shape(shape, step.group["rank"], side), device=step.device)
-            if fragment is not None:
-                grad = fragment.grad[: fragment.numel].to(step.device)
-                proj = step.state(i)["proj"]
-                project_fragment(grad, fragment.start, fragment.numel, shape, proj, side, low)
+            if partials is not None and i in partials:
+                low = partials[i].to(step.device).contiguous()
+            elif fragment is not None and fragment.numel == math.prod(shape):
+                # The whole matrix (data parallel): project it at once, no row bookkeeping.
+                grad = fragment.grad.view(shape).to(step.device)
+                low = project(grad, step.state(i)["proj"], side).float().contiguous()
+            else:
+                low = torch.zeros(
+                    low_rank_shape(shape, step.group["rank"], side), device=step.device
+                )
+                if fragment is not None:
+                    grad = fragment.grad[: fragment.numel].to(step.device)
+                    proj = step.state(i)["proj"]
+                    project_fragment(grad, fragment.start, fragment.numel, shape, proj, side, low)
             handles.append(comm.reduce_sum(low, dst=step.owner(i)))
             if step.owner(i) == comm.rank:
                 lows[i] = low
     wait_all(handles)
+    if not step.layout.averaged:  # the ranks' own gradients summed: their mean, as one process
+        for i, low in lows.items():
+            if step.placement(i) == "reduce":
+                low.div_(comm.world_size)
     return lows
 
 
@@ -294,6 +318,9 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
             assert fragment is not None
             master = fragment.master[: fragment.numel]
             update = (direction @ proj).reshape(-1)
+        elif fragment is not None and fragment.numel == math.prod(shape):
+            master = fragment.master.view(shape)  # the whole matrix (data parallel)
+            update = project_back(direction, proj, side)
         else:
             assert fragment is not None
             master = fragment.master[: fragment.numel]
@@ -315,7 +342,9 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
 
 
 def dense_block(step: GroupStep, index: int) -> tuple[Tensor, Tensor] | None:
-    """``(weights, gradient)`` of the part of dense parameter ``index`` this rank updates."""
+    """``(weights, gradient)`` of the part of dense parameter ``index`` this rank updates
+    (replicated layouts: the rows it owns; their gradients are averaged by then, by DDP or by
+    the optimizer's reduction to owners)."""
     fragment = step.fragments[index]
     if not step.layout.replicated:
         if fragment is None:
@@ -353,8 +382,12 @@ def update_dense(step: GroupStep, index: int) -> None:
 
 
 def broadcast_updated(step: GroupStep, index: int) -> list[Handle | None]:
-    """Replicated layouts: parameter ``index``'s blocks from their owners to every rank."""
+    """Replicated layouts: parameter ``index``'s blocks from their owners to every rank (a
+    projected matrix under the low-rank reduction needs none: every rank applied the same
+    direction to its own copy)."""
     if not step.layout.replicated or step.comm.world_size == 1:
+        return []
+    if step.projected and not step.layout.averaged:
         return []
     tensor = step.params[index].tensor
     handles = []
@@ -362,37 +395,6 @@ def broadcast_updated(step: GroupStep, index: int) -> list[Handle | None]:
         rows = tensor.data if block.whole else tensor.data[block.row_start : block.row_stop]
         handles.append(step.comm.broadcast(rows, src=block.owner))
     return handles
-
-
-def check_replicated_gradients(group: dict[str, Any], params: list[ModelParameter]) -> None:
-    """What a replicated step refuses before it starts: a parameter merged away by
-    :func:`~gnlorp_dist.merge_weight_norm`, a sparse gradient, a projected gradient that is not
-    a matrix (an engine flattened it behind the optimizer's back)."""
-    for param in params:
-        if was_merged_away(param.tensor):
-            raise merged_away_error(param.name)
-        grad = param.tensor.grad
-        if grad is None:
-            continue
-        if grad.is_sparse:
-            raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
-        if "rank" in group and grad.dim() != 2:
-            raise flat_gradient_error(param.name, grad)
-
-
-def reduce_to_owners(
-    comm: Communicator, tensor: Tensor, blocks: list[OwnedBlock], handles: list[Handle | None]
-) -> list[Tensor]:
-    """Start summing each block of ``tensor.grad`` onto its owner; returns the blocks this rank
-    owns (to average once the handles are waited for)."""
-    assert tensor.grad is not None
-    owned = []
-    for block in blocks:
-        rows = tensor.grad if block.whole else tensor.grad[block.row_start : block.row_stop]
-        handles.append(comm.reduce_sum(rows, dst=block.owner))
-        if block.owner == comm.rank:
-            owned.append(rows)
-    return owned
 
 
 def step_group(step: GroupStep, source: BasisSource) -> None:
@@ -417,6 +419,44 @@ def step_group(step: GroupStep, source: BasisSource) -> None:
     else:
         for i in indices:
             update_dense(step, i)
+            handles.extend(broadcast_updated(step, i))
+    wait_all(handles)
+
+
+def step_groups(steps: list[GroupStep], source: BasisSource, max_grad_norm: float) -> None:
+    """Every group of one ``step()``. ``max_grad_norm > 0`` clips what the optimizer consumes
+    (every projected matrix's low-rank gradient and every dense gradient, as averaged over the
+    ranks) to that global L2 norm: computed from the reduced tensors on the ranks that hold them
+    (one scalar all-reduce, on the device), so one process and any number of ranks, compressed
+    or not, clip the same tensors by the same coefficient. It needs every group's low-rank
+    gradient before any update, so they are all alive at once (low-rank workspace only)."""
+    if max_grad_norm <= 0.0:
+        for step in steps:
+            step_group(step, source)
+        return
+    handles: list[Handle | None] = []
+    prepared: list[tuple[GroupStep, list[int], dict[int, Tensor]]] = []
+    for step in steps:
+        indices = [i for i in range(len(step.params)) if _takes_part(step, i)]
+        lows: dict[int, Tensor] = {}
+        if step.projected:
+            refreshed = set(refresh_subspaces(step, source, indices))
+            check_bases(step, [i for i in indices if i not in refreshed])
+            lows = low_rank_gradients(step, indices)
+        prepared.append((step, indices, lows))
+    consumed = [low for _step, _indices, lows in prepared for low in lows.values()]
+    for step, indices, _lows in prepared:
+        if not step.projected:
+            consumed += [held[1] for i in indices if (held := dense_block(step, i)) is not None]
+    coefficient = clip_coefficient(steps[0].comm, consumed, max_grad_norm, steps[0].device)
+    for tensor in consumed:
+        tensor.mul_(coefficient.to(tensor.device, tensor.dtype))
+    for step, indices, lows in prepared:
+        if step.projected:
+            apply_directions(step, indices, adam_directions(step, indices, lows))
+        for i in indices:
+            if not step.projected:
+                update_dense(step, i)
             handles.extend(broadcast_updated(step, i))
     wait_all(handles)
 

@@ -33,7 +33,10 @@ class Layout(Protocol):
     name: str
     """Shown in messages, e.g. ``"DeepSpeed ZeRO-2"``."""
     replicated: bool
-    """Every rank holds every whole parameter, with the same (averaged) gradient."""
+    """Every rank holds every whole parameter."""
+    averaged: bool
+    """The gradients handed to the optimizer are already averaged over the ranks (DDP and the
+    engines); False: each rank's own (the optimizer reduces what it needs)."""
     row_aligned: bool
     """Runs cover whole rows only (a row is never split between ranks)."""
     flattened: bool
@@ -72,16 +75,22 @@ class Layout(Protocol):
 
 
 class ReplicatedLayout:
-    """One process, or DDP: every rank holds every parameter whole, gradients averaged.
+    """One process, or data parallelism: every rank holds every parameter whole.
 
-    The driver then lets the owner of each block (:mod:`gnlorp_dist.optim.ownership`) update it
-    and broadcasts the result, so no rank repeats another's work.
+    ``averaged`` (one process, DDP): the driver lets the owner of each block
+    (:mod:`gnlorp_dist.optim.ownership`) update it and broadcasts the result, so no rank repeats
+    another's work. Not averaged (a model not wrapped in DDP, ``gradient_reduction="low_rank"``):
+    each rank projects its own gradient with the shared basis and only the low-rank sums travel
+    to the owner, which broadcasts the low-rank direction that every rank applies.
     """
 
-    name = "replicated"
     replicated = True
     row_aligned = True
     flattened = False
+
+    def __init__(self, *, averaged: bool) -> None:
+        self.averaged = averaged
+        self.name = "replicated" if averaged else "data parallel, low-rank reduction"
 
     def true_shape(self, param: Tensor) -> tuple[int, ...]:
         return tuple(param.shape)
@@ -122,7 +131,8 @@ class ReplicatedLayout:
         return state
 
 
-REPLICATED = ReplicatedLayout()
+REPLICATED = ReplicatedLayout(averaged=True)
+LOW_RANK_REDUCED = ReplicatedLayout(averaged=False)
 
 LayoutDetector = Callable[[list[Tensor], list[Tensor]], "Layout | None"]
 """Given a group's model parameters and what the engine put in the group, a layout or None.

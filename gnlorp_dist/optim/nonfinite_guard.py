@@ -76,7 +76,7 @@ class NonFiniteGuard:
         compare = (
             self.comm.world_size > 1
             and not self.reduce_gradients
-            and any(s.layout.replicated for s in steps)
+            and any(s.owner_alone for s in steps)
         )
         checked = replicated_gradients(steps) if compare else None
         non_finite, differ = step_verdict(self.comm, [g for _n, g in consumed], like, checked)
@@ -106,8 +106,8 @@ def consumed_gradients(steps: list[GroupStep]) -> list[tuple[str, Tensor]]:
             if not step.active[i]:
                 continue
             fragment = step.fragments[i]
-            if not step.layout.replicated:
-                if fragment is not None:
+            if not step.owner_alone and (step.projected or not step.layout.replicated):
+                if fragment is not None:  # its run, or under low-rank reduction its own whole
                     consumed.append((param.name, fragment.grad[: fragment.numel]))
                 continue
             grad = param.tensor.grad
@@ -123,7 +123,7 @@ def replicated_gradients(steps: list[GroupStep]) -> list[Tensor]:
     return [
         p.tensor.grad
         for step in steps
-        if step.layout.replicated
+        if step.owner_alone
         for i, p in enumerate(step.params)
         if step.active[i] and p.tensor.grad is not None
     ]

@@ -7,12 +7,14 @@ whole-step path and the per-parameter path read separately. :class:`PerLayerUpda
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import buffer_device, non_finite_on_any_rank, wait_all
+from gnlorp_dist.optim.data_parallel import reduce_to_owners
 from gnlorp_dist.optim.driver import (
     GroupStep,
     adam_directions,
@@ -20,20 +22,20 @@ from gnlorp_dist.optim.driver import (
     broadcast_updated,
     check_bases,
     low_rank_gradients,
-    reduce_to_owners,
     refresh_due,
     refresh_subspaces,
     update_dense,
 )
-from gnlorp_dist.optim.fragments import ModelParameter
+from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.functional import clip_by_norm_
-from gnlorp_dist.optim.layouts import REPLICATED, detect_layout
+from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, detect_layout
 from gnlorp_dist.optim.nonfinite_guard import consumed_gradients
 from gnlorp_dist.optim.validation import (
     flat_gradient_error,
     non_finite_refresh_error,
     non_finite_step_error,
 )
+from gnlorp_dist.projection import project
 
 
 class PerLayerStep:
@@ -45,6 +47,7 @@ class PerLayerStep:
     _consolidated: Any
     ownership: Any
     owns: Any
+    gradient_reduction: str
     group_and_name: Any
     groups_at_construction: Any
     model_params: Any
@@ -115,6 +118,11 @@ class PerLayerStep:
         if projected and param.grad.dim() != 2:
             raise flat_gradient_error(name, param.grad)
         distributed = self.comm.world_size > 1
+        if distributed and projected and self.gradient_reduction == "low_rank":
+            self._consume_projected_low_rank(
+                group, param, name, first_micro_batch, last_micro_batch, max_grad_norm
+            )
+            return
         if distributed and (projected or last_micro_batch):
             # A projected gradient is reduced every micro-batch (its owner sums it in low rank,
             # so no full gradient waits for the next one); a dense one accumulates locally and
@@ -139,6 +147,58 @@ class PerLayerStep:
                 param.grad = None
         if distributed and last_micro_batch:
             wait_all(broadcast_updated(step, 0))
+
+    def _consume_projected_low_rank(
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        name: str,
+        first: bool,
+        last: bool,
+        max_grad_norm: float,
+    ) -> None:
+        """Low-rank reduction (the model not in DDP): every rank projects its own micro-batch
+        gradient with the shared basis and sums it locally; only the last micro-batch's summed
+        low-rank gradient travels, to the owner, which broadcasts the direction every rank
+        applies. A refresh reduces the first micro-batch's full gradient to the owner (the SVD)
+        and broadcasts the basis."""
+        assert param.grad is not None
+        state = self.state[param]
+        whole = Fragment(
+            start=0, numel=param.numel(), grad=param.grad.view(-1), master=param.data.view(-1)
+        )
+        step = GroupStep(
+            group=group,
+            layout=LOW_RANK_REDUCED,
+            params=[ModelParameter(tensor=param, shape=tuple(param.shape), name=name)],
+            fragments=[whole],
+            states=[state],
+            active=[True],
+            blocks=[self.ownership()[param]],
+            comm=self.comm,
+            device=buffer_device(self.comm, param.device),
+        )
+        if non_finite_on_any_rank(self.comm, [param.grad], param.device):
+            step_count = int(state.get("step", 0))
+            if first and refresh_due(group, state):
+                raise non_finite_refresh_error([name], step_count)
+            raise non_finite_step_error([name], step_count)
+        refreshed = refresh_subspaces(step, self, [0]) if first else []
+        if not refreshed:
+            check_bases(step, [0])
+        partial = project(param.grad, state["proj"], step.side(0)).float()
+        param.grad = None
+        # Only the weights are needed from here on: no view of the freed gradient is kept.
+        step.fragments[0] = replace(whole, grad=whole.grad.new_empty(0))
+        if not first:
+            partial = state.pop("low_rank_grad_sum").add_(partial)
+        if not last:
+            state["low_rank_grad_sum"] = partial
+            return
+        lows = low_rank_gradients(step, [0], partials={0: partial})
+        for low in lows.values():  # the owner's: the mean over the ranks
+            clip_by_norm_(low, max_grad_norm)
+        apply_directions(step, [0], adam_directions(step, [0], lows))
 
     def _parameter_step(self, group: dict[str, Any], param: Tensor, name: str) -> GroupStep:
         """The driver's view of one parameter of a replicated group (see :meth:`group_steps`)."""

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gnlorp_dist.optim.fragment_state import LAYOUT_KEY
+from gnlorp_dist.optim.fragments import ModelParameter
+from gnlorp_dist.optim.layouts import Layout, detect_layout
 from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
 from gnlorp_dist.optim.validation import (
     layout_world_size_error,
@@ -114,6 +116,8 @@ def consolidate(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str
     params = _flat_params(optimizer)
     pieces = []
     for index, state in local["state"].items():
+        if not optimizer.owns(params[index]):
+            continue  # a replica (basis and step counter) whose owner saves the whole state
         block = optimizer.owned_block(params[index])
         pieces.append((index, block.row_start, block.row_stop, block.whole, saved_state(state)))
     by_index: dict[int, list[tuple[int, int, bool, dict[str, Any]]]] = {}
@@ -318,7 +322,12 @@ def _this_ranks_shard(optimizer: GradNormLoRPAdamW, body: dict[str, Any]) -> dic
     shard: dict[Any, dict[str, Any]] = {}
     for saved_id, param, bits in zip(saved_ids, params, _bits(body["param_groups"])):
         entry = body["state"].get(saved_id)
-        if entry is None or not optimizer.owns(param):
+        if entry is None:
+            continue
+        if not optimizer.owns(param):
+            replica = optimizer.replica_state(param, entry)
+            if replica is not None:
+                shard[saved_id] = replica
             continue
         block = optimizer.owned_block(param)
         if block.whole:
@@ -338,3 +347,103 @@ def restore_saved_dtypes(optimizer: GradNormLoRPAdamW, loaded: dict[str, Any]) -
         for key, value in loaded["state"].get(saved_id, {}).items():
             if torch.is_tensor(value) and optimizer.state[param][key].dtype != value.dtype:
                 optimizer.state[param][key] = value.to(device=param.device, copy=True)
+
+
+class StateDictMethods:
+    """``state_dict()`` and ``load_state_dict()`` of :class:`GradNormLoRPAdamW` in the formats
+    above; a mixin (its methods run on the optimizer itself)."""
+
+    # Provided by GradNormLoRPAdamW.
+    comm: Any
+    state: Any
+    param_groups: Any
+    groups_at_construction: Any
+    model_params: Any
+    _consolidated: Any
+    _lookup: Any
+    _construction_index: Any
+    _model_parameters: Any
+
+    # -- saving and loading (the formats: gnlorp_dist.optim.state_dict) ------------------
+
+    def consolidate_state_dict(self) -> dict[str, Any]:
+        """Gather the whole job's state (a collective: EVERY rank calls it), cache and return it.
+
+        :meth:`state_dict` then returns it on any rank without communicating, until the next
+        ``step()``, ``step_parameter()`` or ``load_state_dict()``: call this on every rank before
+        a rank-0-only save (``transformers.Trainer``). Cost: one ``all_gather_object`` of every
+        rank's state (CPU tensors); each rank holds the full state in host memory while cached.
+        A rank whose peers do not join within ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default
+        60) raises a ValueError naming the fix instead of hanging. Under DeepSpeed ZeRO
+        (flattened groups) nothing is gathered: this rank's shard is returned, as state_dict().
+        """
+        if self.comm.world_size > 1 and (is_flattened(self) or self._sharded_in_place()):
+            return self.state_dict()  # ZeRO, FSDP2: every rank saves its own shard
+        wait_for_every_rank(self.comm)
+        self._consolidated = consolidate(self, super().state_dict())
+        return self._consolidated
+
+    def drop_consolidated_state(self) -> None:
+        """Free the state cached by :meth:`consolidate_state_dict` (after the save)."""
+        self._consolidated = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole job's optimizer state, the same on every rank and for any world size.
+
+        Torch's format plus ``"gnlorp": {"format": 1, "consolidated": True, "world_size": N}``;
+        tensors and plain values only (``torch.load(weights_only=True)``). One process: torch's
+        ``state_dict()``. Several ranks: the state cached by :meth:`consolidate_state_dict`
+        since the last step, else this call consolidates, which needs EVERY rank to call it
+        (``accelerate``'s ``save_state`` does); called on one rank alone it raises a ValueError
+        after ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default 60) instead of hanging. Under
+        DeepSpeed ZeRO (flattened groups; the engine saves one per rank): this rank's shard,
+        marked ``"consolidated": False`` with its rank and world size.
+        """
+        if self._sharded_in_place():
+            return sharded_state_dict(self, super().state_dict())
+        if self.comm.world_size == 1 or is_flattened(self):
+            return with_marker(self, super().state_dict())
+        if self._consolidated is None:
+            self.consolidate_state_dict()
+        assert self._consolidated is not None
+        return self._consolidated
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` saved on any number of ranks, keeping this rank's shard.
+
+        A state dict holding one rank's shard only (a ZeRO rank's, or one saved by an older
+        gnlorp_dist) is refused with a ValueError unless it belongs to this rank and world size.
+        """
+        sharded = self._sharded_in_place()
+        loaded = prepare_to_load(self, state_dict, sharded=sharded)
+        self._consolidated = None
+        super().load_state_dict(loaded)
+        # torch rebuilt the group dicts; the new ones are what engines step from now on.
+        self.groups_at_construction = list(self.param_groups)
+        self._lookup = None
+        if sharded:
+            unwrap_sharded_state(self)
+        restore_saved_dtypes(self, loaded)
+
+    def layouts(self) -> list[Layout]:
+        """The layout of each group as the engine holds it now (empty groups skipped)."""
+        found = []
+        for group in self.param_groups:
+            if group["params"]:
+                index = self._construction_index(group)
+                found.append(detect_layout(self.model_params[index], list(group["params"])))
+        return found
+
+    def _sharded_in_place(self) -> bool:
+        """Whether the parameters are sharded where they are (FSDP2), not replaced (ZeRO)."""
+        return any(not (lay.replicated or lay.flattened) for lay in self.layouts())
+
+    def named_model_parameters(self) -> list[tuple[ModelParameter, Layout, dict[str, Any]]]:
+        """Every parameter with its true shape and name, its group's layout and its group."""
+        found = []
+        for index, group in enumerate(self.groups_at_construction):
+            stepped = list(group["params"])
+            layout = detect_layout(self.model_params[index], stepped)
+            params = self._model_parameters(index, None if layout.flattened else stepped)
+            found += [(param, layout, group) for param in params]
+        return found

@@ -224,3 +224,32 @@ def merged_away_error(name: str) -> ValueError:
         "longer computes with it, so this optimizer would step a tensor nobody uses. Build the "
         "optimizer again over the merged model's parameters (or merge after training)."
     )
+
+
+GRADIENT_REDUCTIONS = ("none", "full", "low_rank")
+
+
+def check_gradient_reduction(value: str | None, reduce_gradients: bool) -> str:
+    """``gradient_reduction`` resolved with the older ``reduce_gradients=True`` (= ``"full"``)."""
+    if value is None:
+        return "full" if reduce_gradients else "none"
+    if value not in GRADIENT_REDUCTIONS:
+        raise ValueError(
+            f"gradient_reduction={value!r}: use 'none' (gradients arrive averaged: DDP or an "
+            "engine), 'full' (each full gradient block reduced to its owner) or 'low_rank' "
+            "(projected matrices' low-rank gradients reduced: the fewest bytes)"
+        )
+    if reduce_gradients and value == "none":
+        raise ValueError(
+            "reduce_gradients=True with gradient_reduction='none' contradict each other; pass "
+            "gradient_reduction='full' or 'low_rank' alone"
+        )
+    return value
+
+
+def check_max_grad_norm(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+        raise ValueError(f"max_grad_norm={value!r} must be a number >= 0 (0 disables clipping)")
+    if not math.isfinite(value):
+        raise ValueError(f"max_grad_norm={value!r} must be finite")
+    return float(value)

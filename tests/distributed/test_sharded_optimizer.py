@@ -32,6 +32,7 @@ from ..unit.test_groups import tiny_llama
 from .harness import flat_parameters, run_ranks, train_on_global_batches
 
 STEPS, SAVE_AT, GAP, GLOBAL_BATCH = 30, 15, 10, 6
+CLIP = 0.5  # below the tiny model's gradient norms at first: the clip is active
 NUM_PROJECTED = 14  # 2 layers x 7 projections of the tiny LLaMA
 
 
@@ -90,7 +91,22 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
     plain_opt = _optimizer(plain, comm, reduce_gradients=True)
     _train(plain, plain_opt, range(STEPS), rank, world_size)
     result["reduced"] = flat_parameters(plain)
+    # Low-rank reduction: only projected gradients (and dense blocks) travel, counted here.
+    for clip in (0.0, CLIP):
+        counting = CountingCommunicator(comm)
+        compressed = _model()
+        broadcast_parameters(compressed, comm)
+        compressed_opt = _optimizer(
+            compressed, counting, gradient_reduction="low_rank", max_grad_norm=clip
+        )
+        _train(compressed, compressed_opt, range(STEPS), rank, world_size)
+        result[f"low_rank-{clip}"] = {
+            "weights": flat_parameters(compressed),
+            "refreshes": compressed_opt.refresh_count,
+            "bytes": counting.bytes_by_op,
+        }
     result.update(_per_layer_scenario(rank, world_size, comm))
+    result.update(_per_layer_scenario(rank, world_size, comm, "low_rank"))
     if resume_from is not None:
         source = out / f"save-{resume_from}"
         resumed = _model()
@@ -121,15 +137,17 @@ def _per_layer_train(model, optimizer, micro_batches_for):
                 (model(input_ids=ids, labels=ids).loss / MICRO).backward()
 
 
-def _per_layer_scenario(rank, world_size, comm):
+def _per_layer_scenario(rank, world_size, comm, reduction="full"):
     """Per-layer updates with 2 accumulated micro-batches across ranks (no DDP), and on rank 0
     the one-process reference on the same micro-batches."""
     groups_of = lambda m: projected_param_groups(m, 6, PER_LAYER_GAP, 0.25)  # noqa: E731
     model = _model()
     optimizer = GradNormLoRPAdamW(
-        groups_of(model), lr=1e-2, communicator=comm, reduce_gradients=True
+        groups_of(model), lr=1e-2, communicator=comm, gradient_reduction=reduction
     )
     _per_layer_train(model, optimizer, lambda s: _per_layer_micro_batches(s, rank, world_size))
+    if reduction != "full":
+        return {f"per_layer-{reduction}": flat_parameters(model)}
     out = {"per_layer": flat_parameters(model)}
     if rank == 0:
         reference = _model()
@@ -144,12 +162,45 @@ def _per_layer_scenario(rank, world_size, comm):
     return out
 
 
+class CountingCommunicator:
+    """The process group's communicator, counting the bytes each collective is handed."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.rank, self.world_size, self.device = inner.rank, inner.world_size, inner.device
+        self.bytes_by_op: dict[str, int] = {}
+
+    def _count(self, op, tensor):
+        self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + tensor.numel() * tensor.element_size()
+
+    def broadcast(self, tensor, src):
+        self._count("broadcast", tensor)
+        return self.inner.broadcast(tensor, src)
+
+    def all_reduce_sum(self, tensor):
+        self._count("all_reduce", tensor)
+        return self.inner.all_reduce_sum(tensor)
+
+    def reduce_sum(self, tensor, dst):
+        self._count("reduce", tensor)
+        return self.inner.reduce_sum(tensor, dst)
+
+    def all_gather_object(self, obj):
+        return self.inner.all_gather_object(obj)
+
+    def all_ranks_arrive(self, tag, timeout_s):
+        return self.inner.all_ranks_arrive(tag, timeout_s)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
     reference = _model()
     ref_opt = _optimizer(reference, LocalCommunicator())
     _train(reference, ref_opt, range(STEPS))
+    # One process with the consumed-norm clipping the compressed runs use: the same clip.
+    clipped = _model()
+    _train(clipped, _optimizer(clipped, LocalCommunicator(), max_grad_norm=CLIP), range(STEPS))
     run_ranks(2, _ranks_scenarios, str(out), None)
     run_ranks(3, _ranks_scenarios, str(out), 2)
     results = {
@@ -159,6 +210,7 @@ def runs(tmp_path_factory):
     }
     return {
         "out": out,
+        "clipped_reference": flat_parameters(clipped),
         "reference": flat_parameters(reference),
         "ref_opt": ref_opt,
         "results": results,
@@ -209,6 +261,37 @@ def test_per_layer_updates_with_accumulation_across_ranks(runs, world_size):
     assert _rel(results[0], reference) < 1e-4
     assert all(torch.equal(r, results[0]) for r in results[1:])
     assert _rel(reference, flat_parameters(_model())) > 1e-2
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("clip", [0.0, CLIP])
+def test_low_rank_reduction_equals_one_process(runs, world_size, clip):
+    results = [runs["results"][(world_size, r)][f"low_rank-{clip}"] for r in range(world_size)]
+    reference = runs["clipped_reference"] if clip else runs["reference"]
+    assert _rel(results[0]["weights"], reference) < 1e-4
+    assert all(torch.equal(r["weights"], results[0]["weights"]) for r in results[1:])
+    counts = [r["refreshes"] for r in results]
+    assert sum(counts) == NUM_PROJECTED * 3 and all(c > 0 for c in counts), counts
+    assert _rel(runs["clipped_reference"], runs["reference"]) > 1e-3  # the clip was active
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_low_rank_reduction_moves_fewer_bytes_than_full_reduction(runs, world_size):
+    """Bytes this rank handed to collectives over the 30 steps (3 refreshes), compressed
+    against the uncompressed optimizer-side reduction (full gradient blocks reduced to owners,
+    updated weights broadcast: DDP + AdamW's traffic)."""
+    rank_bytes = runs["results"][(world_size, 0)]["low_rank-0.0"]["bytes"]
+    params = sum(p.numel() for p in _model().parameters()) * 4
+    uncompressed = 2 * params * STEPS  # reduce + broadcast of every gradient and weight
+    assert sum(rank_bytes.values()) < 0.9 * uncompressed, rank_bytes
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_per_layer_low_rank_reduction_with_accumulation(runs, world_size):
+    results = [runs["results"][(world_size, r)]["per_layer-low_rank"] for r in range(world_size)]
+    reference = runs["results"][(world_size, 0)]["per_layer_reference"]
+    assert _rel(results[0], reference) < 1e-4
+    assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
 def test_save_at_two_ranks_resume_at_three(runs):

@@ -252,6 +252,7 @@ class FakeFlatLayout:
     ZeRO-1/2 does); the run is marked by a ``fake_partition`` attribute on the flat tensor."""
 
     replicated = False
+    averaged = True
     row_aligned = False
     flattened = True
 

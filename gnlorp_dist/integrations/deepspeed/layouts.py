@@ -30,6 +30,7 @@ class _ZeroLayout:
     """What ZeRO stages share: flat runs cut anywhere, the engine's tensors in the groups."""
 
     replicated = False
+    averaged = True
     row_aligned = False
     flattened = True
 
