@@ -62,13 +62,18 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].device)
+    overlap = isinstance(optimizer, GradNormLoRPAdamW) and not per_layer
     for index, ids in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         no_sync = getattr(model, "no_sync", None)
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             with autocast_context(ids.device, autocast):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            (loss / len(micro_batches)).backward()
+            # The optimizer's own reductions start inside the last backward pass (a no-op
+            # unless it reduces the gradients itself, in low rank).
+            in_backward = optimizer.reducing_in_backward() if overlap and last else None
+            with in_backward or contextlib.nullcontext():
+                (loss / len(micro_batches)).backward()
         total += loss.detach().float()
     grad_norm = None
     skipped = False

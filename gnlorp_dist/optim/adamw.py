@@ -6,6 +6,7 @@ and :mod:`gnlorp_dist.optim.functional`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim import state_dict as state_io
+from gnlorp_dist.optim.backward_reduction import BackwardReduction
 from gnlorp_dist.optim.comm import (
     Communicator,
     buffer_device,
@@ -166,6 +168,7 @@ class GradNormLoRPAdamW(
             "bits": bits,
         }
         self._per_layer: Any = None
+        self._backward_reduction: BackwardReduction | None = None
         self._loaded_engine_state: dict[str, dict[str, Any]] | None = None
         super().__init__(params, defaults)
         self.refresh_count = 0
@@ -243,10 +246,27 @@ class GradNormLoRPAdamW(
         if self.gradient_reduction != "none":
             self._reduce_gradients_to_owners(steps)
         if not self._verify_gradients(steps, known_finite):
+            if self._backward_reduction is not None:
+                self._backward_reduction.drain()
             self._skip_step()
             return loss
         step_groups(steps, self, self.max_grad_norm)
         return loss
+
+    def reducing_in_backward(self) -> contextlib.AbstractContextManager[None]:
+        """Wrap the last micro-batch's backward pass in this: under the low-rank reduction each
+        parameter's reduction then starts as soon as its gradient is final, overlapping the rest
+        of backward (:mod:`gnlorp_dist.optim.backward_reduction`); ``step()`` waits for them.
+        Elsewhere (one process, DDP, engines, per-layer mode) it does nothing."""
+        if (
+            self.gradient_reduction != "low_rank"
+            or self.comm.world_size == 1
+            or self._per_layer is not None
+        ):
+            return contextlib.nullcontext()
+        if self._backward_reduction is None:
+            self._backward_reduction = BackwardReduction(self)
+        return self._backward_reduction.armed()
 
     @property
     def reduce_gradients(self) -> bool:
@@ -301,6 +321,11 @@ class GradNormLoRPAdamW(
             )
             if self._loaded_engine_state:
                 adopt_loaded_state(group_step, self._loaded_engine_state)
+            if self._backward_reduction is not None and layout is LOW_RANK_REDUCED:
+                for i, param in enumerate(params):
+                    low = self._backward_reduction.take_low_rank(param.tensor)
+                    if low is not None:
+                        group_step.reduced[i] = low
             steps.append(group_step)
         return steps
 
@@ -403,7 +428,14 @@ class GradNormLoRPAdamW(
             if group_step.projected and not group_step.layout.averaged:
                 continue  # low-rank reduction: only the projected gradients travel, in the step
             for i, param in enumerate(group_step.params):
-                if group_step.active[i]:
+                if not group_step.active[i]:
+                    continue
+                started = None
+                if self._backward_reduction is not None:
+                    started = self._backward_reduction.take_dense(param.tensor)
+                if started is not None:  # its reduce started inside backward
+                    owned += started
+                else:
                     owned += reduce_to_owners(
                         self.comm, param.tensor, group_step.blocks[i], handles
                     )

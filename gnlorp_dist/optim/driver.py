@@ -31,7 +31,7 @@ refresh (a collective) is due.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
@@ -88,6 +88,9 @@ class GroupStep:
     active: list[bool]
     """Whether each parameter takes part in this step (it has a gradient; the same answer on
     every rank)."""
+    reduced: dict[int, Tensor] = field(default_factory=dict)
+    """Low-rank gradients whose reduce to the owner already ran (started inside backward by
+    :mod:`gnlorp_dist.optim.backward_reduction`): summed over the ranks, not yet averaged."""
     blocks: list[list[OwnedBlock]]
     """Each parameter's ownership blocks (a projected matrix: one, its owner)."""
     comm: Communicator
@@ -239,6 +242,9 @@ def low_rank_gradients(
                 first, stop = covering_rows(fragment.start, fragment.numel, shape[1])
                 grad_rows = fragment.grad[: fragment.numel].view(stop - first, shape[1])
                 lows[i] = grad_rows.to(step.state(i)["proj"].dtype) @ step.state(i)["proj"].T
+        elif i in step.reduced:
+            if step.owner(i) == comm.rank:
+                lows[i] = step.reduced[i]
         else:
             if partials is not None and i in partials:
                 low = partials[i].to(step.device).contiguous()

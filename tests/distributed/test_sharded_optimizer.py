@@ -105,6 +105,7 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
             "refreshes": compressed_opt.refresh_count,
             "bytes": counting.bytes_by_op,
         }
+    result["overlap"] = _overlap_scenario(rank, world_size, comm)
     result.update(_per_layer_scenario(rank, world_size, comm))
     result.update(_per_layer_scenario(rank, world_size, comm, "low_rank"))
     if resume_from is not None:
@@ -117,6 +118,26 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
         _train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world_size)
         result["resumed"] = flat_parameters(resumed)
     torch.save(result, out / f"result-{world_size}-{rank}.pt")
+
+
+def _overlap_scenario(rank, world_size, comm):
+    """The low-rank reduction with each reduce started inside backward (``reducing_in_backward``,
+    as gnlorp-train does): counts the reduces issued before ``step()``."""
+    counting = CountingCommunicator(comm)
+    model = _model()
+    broadcast_parameters(model, comm)
+    optimizer = _optimizer(model, counting, gradient_reduction="low_rank")
+    in_backward = 0
+    for step in range(STEPS):
+        ids = _global_batch(step).chunk(world_size)[rank]
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        before = counting.calls.get("reduce", 0)
+        with optimizer.reducing_in_backward():
+            loss.backward()
+        in_backward += counting.calls.get("reduce", 0) - before
+        optimizer.step()
+    return {"weights": flat_parameters(model), "reduces_in_backward": in_backward}
 
 
 PER_LAYER_STEPS, PER_LAYER_GAP, MICRO = 12, 5, 2
@@ -169,9 +190,11 @@ class CountingCommunicator:
         self.inner = inner
         self.rank, self.world_size, self.device = inner.rank, inner.world_size, inner.device
         self.bytes_by_op: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
 
     def _count(self, op, tensor):
         self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + tensor.numel() * tensor.element_size()
+        self.calls[op] = self.calls.get(op, 0) + 1
 
     def broadcast(self, tensor, src):
         self._count("broadcast", tensor)
@@ -284,6 +307,16 @@ def test_low_rank_reduction_moves_fewer_bytes_than_full_reduction(runs, world_si
     params = sum(p.numel() for p in _model().parameters()) * 4
     uncompressed = 2 * params * STEPS  # reduce + broadcast of every gradient and weight
     assert sum(rank_bytes.values()) < 0.9 * uncompressed, rank_bytes
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_reductions_started_inside_backward_give_the_same_weights(runs, world_size):
+    results = [runs["results"][(world_size, r)] for r in range(world_size)]
+    for result in results:
+        assert torch.equal(result["overlap"]["weights"], result["low_rank-0.0"]["weights"])
+        # Every projected matrix off its refresh steps (27 of 30) started its reduce in
+        # backward, and the dense tensors' row blocks too.
+        assert result["overlap"]["reduces_in_backward"] > NUM_PROJECTED * (STEPS - 3)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

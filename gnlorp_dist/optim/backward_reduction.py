@@ -1,0 +1,110 @@
+"""Low-rank reductions started inside the backward pass, so they overlap it (as DDP's buckets do).
+
+Under the low-rank gradient reduction (``gradient_reduction="low_rank"``, the model not in DDP)
+the gradient of a projected matrix is final as soon as autograd has accumulated it in the last
+micro-batch. A post-accumulate-grad hook then projects it with the shared basis and starts the
+asynchronous reduce of the ``M x r`` (or ``r x N``) result to the matrix's owner, and a dense
+parameter's row blocks start their reduce to their owners, while backward goes on through the
+layers below. ``step()`` then only waits for what is in flight.
+
+The hooks are armed for one backward pass by :meth:`BackwardReduction.armed` (the training loop
+arms the last micro-batch's; earlier micro-batches accumulate locally, like DDP's ``no_sync``).
+A matrix whose subspace is due at this step is left to ``step()`` (its full gradient goes to the
+owner for the SVD first). Hooks fire in the same order on every rank (the models are the same),
+so the collectives they start pair up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from gnlorp_dist.optim.comm import Handle, buffer_device, wait_all
+from gnlorp_dist.optim.data_parallel import reduce_to_owners
+from gnlorp_dist.optim.driver import refresh_due
+from gnlorp_dist.projection import project, projection_side
+
+
+class BackwardReduction:
+    """The hooks of one optimizer (see the module docstring); built by
+    :meth:`GradNormLoRPAdamW.reducing_in_backward`."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.low_rank: dict[Tensor, tuple[Tensor, list[Handle | None]]] = {}
+        """Projected matrix -> its low-rank gradient (summed on its owner once waited for)."""
+        self.dense: dict[Tensor, tuple[list[Tensor], list[Handle | None]]] = {}
+        """Dense parameter -> the gradient rows this rank owns (summed once waited for)."""
+        self._armed = False
+        self._handles: list[RemovableHandle] = []
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.requires_grad:
+                    self._handles.append(param.register_post_accumulate_grad_hook(self._hook))
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Start each parameter's reduction as its gradient is final in this backward pass."""
+        self.drain()  # a previous armed pass whose step never came: its reductions are stale
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def _hook(self, param: Tensor) -> None:
+        if not self._armed or param.grad is None:
+            return
+        optimizer = self.optimizer
+        comm = optimizer.comm
+        group, _name = optimizer.group_and_name(param)
+        blocks = optimizer.ownership()[param]
+        handles: list[Handle | None] = []
+        if "rank" not in group:
+            self.dense[param] = (reduce_to_owners(comm, param, blocks, handles), handles)
+            return
+        state = optimizer.state.get(param)
+        if not state or "proj" not in state or refresh_due(group, state) or param.grad.dim() != 2:
+            return  # step() refreshes it first (or refuses it)
+        side = projection_side(param.shape, group["proj_type"])
+        low = project(param.grad, state["proj"], side).float()
+        low = low.to(buffer_device(comm, param.device)).contiguous()
+        (block,) = blocks
+        handles.append(comm.reduce_sum(low, dst=block.owner))
+        self.low_rank[param] = (low, handles)
+
+    def take_low_rank(self, param: Tensor) -> Tensor | None:
+        """The reduced (summed, not yet averaged) low-rank gradient of ``param`` if a hook
+        started it, after waiting for it; None otherwise."""
+        entry = self.low_rank.pop(param, None)
+        if entry is None:
+            return None
+        wait_all(entry[1])
+        return entry[0]
+
+    def take_dense(self, param: Tensor) -> list[Tensor] | None:
+        """The summed gradient rows ``param``'s hook reduced to this rank, after waiting."""
+        entry = self.dense.pop(param, None)
+        if entry is None:
+            return None
+        wait_all(entry[1])
+        return entry[0]
+
+    def drain(self) -> None:
+        """Wait for and drop everything in flight (a skipped step; a stale pass)."""
+        for _low, handles in self.low_rank.values():
+            wait_all(handles)
+        for _rows, handles in self.dense.values():
+            wait_all(handles)
+        self.low_rank.clear()
+        self.dense.clear()
+
+    def remove(self) -> None:
+        self.drain()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
