@@ -25,6 +25,7 @@ from gnlorp_dist.projection import PROJ_TYPES
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
 GRAD_REDUCTIONS = ("auto", "ddp", "owners", "lowrank")
 CLIP_NORMS = ("auto", "full", "consumed")
+OVERLAP_REDUCTIONS = ("auto", "on", "off")
 NON_FINITE_POLICIES = ("skip", "raise")
 DTYPES = ("fp32", "bf16")
 # GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
@@ -132,6 +133,12 @@ class RunConfig:
     (every gradient block reduced in full to its owner: DDP + AdamW's traffic), ddp (DDP
     all-reduces every gradient, owners broadcast updated weights: 1.5x DDP + AdamW's traffic),
     or auto (lowrank for a projected optimizer without --deepspeed/--fsdp, else ddp)."""
+    overlap_reduction: str = "auto"
+    """With --grad-reduction lowrank: start each matrix's low-rank reduce inside the backward pass
+    as soon as its gradient is final (on), or in the optimizer step (off); auto is on for GPUs
+    (NCCL runs beside the compute) and off on CPUs, where gloo's threads compete with backward
+    for the cores (benchmarks/overlap.py measured it slower there). The weights are bitwise the
+    same either way."""
     seed: int = 0
     """Seeds model init, data order and every RNG: same seed, same run (bitwise on a CPU)."""
     data: str = "shakespeare"
@@ -192,6 +199,7 @@ _CHOICES = {
     "bits": (32, 8),
     "grad_reduction": GRAD_REDUCTIONS,
     "clip_norm_of": CLIP_NORMS,
+    "overlap_reduction": OVERLAP_REDUCTIONS,
     "on_nonfinite": NON_FINITE_POLICIES,
 }
 _TYPES = {"int": int, "float": float, "str": str}
@@ -355,6 +363,11 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
     if config.grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(
             f"unknown grad_reduction {config.grad_reduction!r}; choose one of {GRAD_REDUCTIONS}"
+        )
+    if config.overlap_reduction not in OVERLAP_REDUCTIONS:
+        raise ValueError(
+            f"unknown --overlap-reduction {config.overlap_reduction!r}; choose one of "
+            f"{OVERLAP_REDUCTIONS}"
         )
     if config.clip_norm_of not in CLIP_NORMS:
         raise ValueError(

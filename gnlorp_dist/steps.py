@@ -39,6 +39,7 @@ def train_step(
     per_layer: bool = False,
     autocast: str = "none",
     on_nonfinite: str = "raise",
+    reduce_in_backward: bool = False,
 ) -> StepStats:
     """One optimizer step over ``micro_batches`` (gradient accumulation, equal-sized blocks, so
     the mean of the micro-batch means is the batch mean).
@@ -56,13 +57,16 @@ def train_step(
     called) or raises a ValueError. The scheduler steps either way.
 
     The micro-batches are already on the model's device; the loss is summed there and read
-    once, after the optimizer step (one host sync per step)."""
+    once, after the optimizer step (one host sync per step).
+
+    ``reduce_in_backward``: wrap the last micro-batch's backward in the optimizer's
+    ``reducing_in_backward()`` (its low-rank reductions then overlap backward)."""
     model.train()
     if not per_layer:
         optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].device)
-    overlap = isinstance(optimizer, GradNormLoRPAdamW) and not per_layer
+    overlap = reduce_in_backward and isinstance(optimizer, GradNormLoRPAdamW) and not per_layer
     for index, ids in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         no_sync = getattr(model, "no_sync", None)
