@@ -11,9 +11,11 @@ low-rank work of each matrix happens:
   refreshes, projects, keeps the moments and updates the weights, which the caller then
   broadcasts (:func:`broadcast_updated`);
 - ``"reduce"`` (runs cut anywhere, or left-projected matrices, whose low-rank gradient
-  ``P^T G`` sums over every row): each rank projects its run, the partial sums are reduced to
-  the owner, which alone keeps the moments and broadcasts the normalised direction; every rank
-  back-projects it onto its own run;
+  ``P^T G`` sums over every row, or data parallelism with each rank's own gradient, the
+  low-rank reduction): each rank projects its run (or its whole gradient), the partial sums are
+  reduced to the owner (averaged there when the gradients were each rank's own), which alone
+  keeps the moments and broadcasts the normalised direction; every rank back-projects it onto
+  its own run;
 - ``"rows"`` (right-projected matrices in row-aligned runs, FSDP2): ``G P^T`` row by row needs
   nothing from other ranks, so each rank keeps the moments of its rows and updates them alone.
 
@@ -126,11 +128,6 @@ class GroupStep:
         if self.owner_alone:  # the tensor itself, whole: its owner updates it
             return self.active[index] and any(b.owner == self.comm.rank for b in self.blocks[index])
         return self.fragments[index] is not None
-
-    def keeps_moments(self, index: int) -> bool:
-        if self.placement(index) == "rows":
-            return self.fragments[index] is not None
-        return self.owner(index) == self.comm.rank
 
     def state(self, index: int) -> dict[str, Any]:
         state = self.states[index]
