@@ -71,7 +71,8 @@ class BackwardReduction:
         if not state or "proj" not in state or refresh_due(group, state) or param.grad.dim() != 2:
             return  # step() refreshes it first (or refuses it)
         side = projection_side(param.shape, group["proj_type"])
-        low = project(param.grad, state["proj"], side).float()
+        proj = state["proj"]  # float32 when assembled from several ranks (bf16 weights too)
+        low = project(param.grad.to(proj.dtype), proj, side).float()
         low = low.to(buffer_device(comm, param.device)).contiguous()
         (block,) = blocks
         handles.append(comm.reduce_sum(low, dst=block.owner))

@@ -247,8 +247,9 @@ def low_rank_gradients(
                 low = partials[i].to(step.device).contiguous()
             elif fragment is not None and fragment.numel == math.prod(shape):
                 # The whole matrix (data parallel): project it at once, no row bookkeeping.
-                grad = fragment.grad.view(shape).to(step.device)
-                low = project(grad, step.state(i)["proj"], side).float().contiguous()
+                proj = step.state(i)["proj"]
+                grad = fragment.grad.view(shape).to(step.device, proj.dtype)
+                low = project(grad, proj, side).float().contiguous()
             else:
                 low = torch.zeros(
                     low_rank_shape(shape, step.group["rank"], side), device=step.device

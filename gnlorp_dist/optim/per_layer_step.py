@@ -186,7 +186,8 @@ class PerLayerStep:
         refreshed = refresh_subspaces(step, self, [0]) if first else []
         if not refreshed:
             check_bases(step, [0])
-        partial = project(param.grad, state["proj"], step.side(0)).float()
+        proj = state["proj"]
+        partial = project(param.grad.to(proj.dtype), proj, step.side(0)).float()
         param.grad = None
         # Only the weights are needed from here on: no view of the freed gradient is kept.
         step.fragments[0] = replace(whole, grad=whole.grad.new_empty(0))
