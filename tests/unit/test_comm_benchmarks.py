@@ -77,9 +77,12 @@ def test_computed_payloads_by_hand() -> None:
 
     full_plain, full_normed = 6192 * fp32, 6352 * fp32
     assert payload(comm.DDP_ADAMW) == comm._payload(all_reduce=full_plain)
-    assert payload(comm.ZERO2_ADAMW) == comm._payload(all_reduce=full_plain, all_gather=full_plain)
+    # DeepSpeed adds one 4-byte scalar all-reduce per step.
+    assert payload(comm.ZERO2_ADAMW) == comm._payload(
+        all_reduce=full_plain + 4, all_gather=full_plain
+    )
     assert payload(comm.ZERO2_TEXTBOOK) == comm._payload(
-        reduce_scatter=full_plain, all_gather=full_plain
+        reduce_scatter=full_plain, all_gather=full_plain, all_reduce=4
     )
     assert payload(comm.OURS_DDP) == comm._payload(
         all_reduce=full_normed + 40, broadcast=full_normed
@@ -93,9 +96,10 @@ def test_computed_payloads_by_hand() -> None:
     assert payload(comm.OURS_LOW_RANK) == comm._payload(
         reduce=(low + dense) * fp32, broadcast=(low + dense) * fp32, all_reduce=40
     )
-    # A refresh: full projected gradients (2944) reduced, bases (448) + directions broadcast.
+    # A refresh: full projected gradients (2944) reduced for the SVDs, bases (448) broadcast,
+    # then the plain step's low-rank reduce and direction broadcast.
     assert payload(comm.OURS_LOW_RANK, refresh=True) == comm._payload(
-        reduce=(2944 + dense) * fp32, broadcast=(448 + low + dense) * fp32, all_reduce=40
+        reduce=(2944 + low + dense) * fp32, broadcast=(448 + low + dense) * fp32, all_reduce=40
     )
 
 
