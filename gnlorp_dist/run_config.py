@@ -25,7 +25,7 @@ from gnlorp_dist.projection import PROJ_TYPES
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
 GRAD_REDUCTIONS = ("auto", "ddp", "owners", "lowrank")
 CLIP_NORMS = ("auto", "full", "consumed")
-OVERLAP_REDUCTIONS = ("auto", "on", "off")
+OVERLAP_REDUCTIONS = ("on", "off")
 NON_FINITE_POLICIES = ("skip", "raise")
 DTYPES = ("fp32", "bf16")
 # GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
@@ -133,12 +133,11 @@ class RunConfig:
     (every gradient block reduced in full to its owner: DDP + AdamW's traffic), ddp (DDP
     all-reduces every gradient, owners broadcast updated weights: 1.5x DDP + AdamW's traffic),
     or auto (lowrank for a projected optimizer without --deepspeed/--fsdp, else ddp)."""
-    overlap_reduction: str = "auto"
+    overlap_reduction: str = "on"
     """With --grad-reduction lowrank: start each matrix's low-rank reduce inside the backward pass
-    as soon as its gradient is final (on), or in the optimizer step (off); auto is on for GPUs
-    (NCCL runs beside the compute) and off on CPUs, where gloo's threads compete with backward
-    for the cores (benchmarks/overlap.py measured it slower there). The weights are bitwise the
-    same either way."""
+    as soon as its gradient is final, overlapping the rest of backward (on), or in the optimizer
+    step (off). The weights are bitwise the same either way (benchmarks/overlap.py measures the
+    step time of both)."""
     seed: int = 0
     """Seeds model init, data order and every RNG: same seed, same run (bitwise on a CPU)."""
     data: str = "shakespeare"

@@ -285,8 +285,7 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
                 per_layer=run.per_layer is not None,
                 autocast=c.autocast,
                 on_nonfinite=c.on_nonfinite,
-                reduce_in_backward=c.overlap_reduction == "on"
-                or (c.overlap_reduction == "auto" and run.device.type == "cuda"),
+                reduce_in_backward=c.overlap_reduction == "on",
             )
         if stats.skipped and c.on_nonfinite == "raise":  # an engine that skipped on its own
             raise FloatingPointError(
