@@ -64,6 +64,7 @@ from benchmarks.communication import (  # noqa: E402
     OURS_DDP,
     OURS_FULL,
     OURS_LOW_RANK,
+    OURS_LOW_RANK_NARROW,
     ZERO2_ADAMW,
     ZERO2_TEXTBOOK,
     Payload,
@@ -82,7 +83,10 @@ GRADIENT_PHASE: dict[str, tuple[str, ...]] = {
     OURS_DDP: ("all_reduce",),
     OURS_FULL: ("reduce",),
     OURS_LOW_RANK: ("reduce",),
+    OURS_LOW_RANK_NARROW: ("reduce",),
 }
+OURS = (OURS_DDP, OURS_FULL, OURS_LOW_RANK, OURS_LOW_RANK_NARROW)
+COMPRESSED = (OURS_LOW_RANK, OURS_LOW_RANK_NARROW)
 
 
 @dataclass(frozen=True)
@@ -167,13 +171,13 @@ def step_model(
     compute_s = 6 * params * workload.tokens_per_gpu / cluster.flops_per_s
     backward_s = compute_s * 4 / 6
     proj_flops = sum(4 * t.numel * t.rank for t in projected)  # project + back-project
-    if method == OURS_LOW_RANK:
+    if method in COMPRESSED:
         extra_s = proj_flops / cluster.flops_per_s  # every GPU, every matrix
     elif method in (OURS_DDP, OURS_FULL):
         extra_s = proj_flops / cluster.world / cluster.flops_per_s  # owners only
     else:
         extra_s = 0.0
-    if method in (OURS_DDP, OURS_FULL, OURS_LOW_RANK):
+    if method in OURS:
         svds_per_gpu = math.ceil(len(projected) / cluster.world)
         extra_s += svds_per_gpu * workload.svd_s_per_matrix / workload.gap
     no_overlap = compute_s + extra_s + grad_s + post_s + latency_s
@@ -208,7 +212,7 @@ def model_rows(cluster: Cluster, workload: Workload) -> list[dict[str, Any]]:
         p: Payload = computed_payload(method, plain, normed, workload.elem_bytes, refresh=False)
         r: Payload = computed_payload(method, plain, normed, workload.elem_bytes, refresh=True)
         avg = window_average(p, r, workload.gap)
-        ours = method in (OURS_DDP, OURS_FULL, OURS_LOW_RANK)
+        ours = method in OURS
         tensors = normed if ours else plain
         # Big dense tensors travel as one block per rank, everything else whole.
         blocks = sum(cluster.world if t.numel >= 2**20 and t.rank is None else 1 for t in tensors)

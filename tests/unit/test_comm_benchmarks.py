@@ -103,6 +103,24 @@ def test_computed_payloads_by_hand() -> None:
     )
 
 
+def test_bf16_weights_send_projected_traffic_in_float32() -> None:
+    # gnlorp_dist sends low-rank gradients, refresh gradients, bases and directions in float32
+    # whatever the weights' dtype; dense rows in the gradient's. NARROW: all in bf16.
+    plain, normed = _shapes()
+    low, dense, bf16 = 736, 3408, 2
+    implemented = comm.computed_payload(comm.OURS_LOW_RANK, plain, normed, bf16, False)
+    narrow = comm.computed_payload(comm.OURS_LOW_RANK_NARROW, plain, normed, bf16, False)
+    assert implemented["reduce"] == implemented["broadcast"] == low * 4 + dense * bf16
+    assert narrow["reduce"] == narrow["broadcast"] == (low + dense) * bf16
+    refresh = comm.computed_payload(comm.OURS_LOW_RANK, plain, normed, bf16, True)
+    assert refresh["reduce"] == (2944 + low) * 4 + dense * bf16
+    assert refresh["broadcast"] == (448 + low) * 4 + dense * bf16
+    # In fp32 the two are the same.
+    assert comm.computed_payload(
+        comm.OURS_LOW_RANK, plain, normed, 4, False
+    ) == comm.computed_payload(comm.OURS_LOW_RANK_NARROW, plain, normed, 4, False)
+
+
 def test_ring_factors_and_wire_bytes() -> None:
     for world in (2, 3, 4, 32):
         assert comm.ring_factor("all_reduce", world) == pytest.approx(2 * (world - 1) / world)
@@ -143,12 +161,18 @@ def test_7b_compressed_ratio_meets_the_issue() -> None:
     plain = comm.shapes_from_config(config, 1024, weight_norm=False)
     normed = comm.shapes_from_config(config, 1024, weight_norm=True)
     base = comm.computed_payload(comm.DDP_ADAMW, plain, normed, 2, False)
-    p = comm.computed_payload(comm.OURS_LOW_RANK, plain, normed, 2, False)
-    r = comm.computed_payload(comm.OURS_LOW_RANK, plain, normed, 2, True)
-    avg = comm.window_average(p, r, 200)
-    ratio = comm.ring_wire_bytes(avg, 32) / comm.ring_wire_bytes(base, 32)  # type: ignore[arg-type]
-    assert ratio <= comm.ISSUE_TARGET
-    assert ratio == pytest.approx(0.282, abs=0.001)
+
+    def ratio(method: str) -> float:
+        p = comm.computed_payload(method, plain, normed, 2, False)
+        r = comm.computed_payload(method, plain, normed, 2, True)
+        avg = comm.window_average(p, r, 200)
+        return comm.ring_wire_bytes(avg, 32) / comm.ring_wire_bytes(base, 32)  # type: ignore[arg-type]
+
+    # bf16 on the wire meets the issue's target; the float32 projected traffic gnlorp_dist
+    # sends today (against DDP's bf16 all-reduce) does not.
+    assert ratio(comm.OURS_LOW_RANK_NARROW) == pytest.approx(0.282, abs=0.001)
+    assert ratio(comm.OURS_LOW_RANK_NARROW) <= comm.ISSUE_TARGET
+    assert ratio(comm.OURS_LOW_RANK) == pytest.approx(0.525, abs=0.001)
     # Every projected 7B matrix keeps r / min(M, N) = 1024 / 4096 of its gradient.
     projected = [t for t in normed if t.rank is not None]
     assert sum(t.low_rank_numel for t in projected) * 4 == sum(t.numel for t in projected)
