@@ -18,8 +18,11 @@ Methods (every ratio is against ``ddp-adamw`` on the same model and world size, 
   between refreshes only the projected ``M x r`` / ``r x N`` gradients are reduced to each
   matrix's owner and the low-rank direction broadcast back; at a refresh the full gradient is
   reduced to the owner and the new basis broadcast; dense tensors as ZeRO-1 (row blocks reduced
-  to owners, updated rows broadcast). Skipped with a note while the installed ``gnlorp_dist``
-  has no ``gradient_reduction`` argument.
+  to owners, updated rows broadcast). Everything of a projected matrix travels in float32
+  whatever the weights' dtype (gnlorp_dist at 15946ce / f142747; ``--dtype bf16`` measures it).
+  Skipped with a note while the installed ``gnlorp_dist`` has no ``gradient_reduction`` argument;
+- ``ours-lowrank-narrow`` (computed only): the same with the projected traffic in the gradients'
+  dtype (bf16 on the wire; not implemented).
 
 Two measurements per run (forked gloo ranks on this machine, ``GLOO_SOCKET_IFNAME=lo``):
 

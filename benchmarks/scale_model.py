@@ -27,10 +27,11 @@ What is modelled, per optimizer step (all in seconds):
 - **overlap**: without it, every collective runs after backward. With it, the gradient-reduction
   collectives (DDP's bucket all-reduces; ZeRO-2's gradient reduction; ours: the reduces to the
   owners) hide behind backward except the last bucket; the collectives after the optimizer step
-  (our weight or direction broadcasts, ZeRO's parameter all-gather) stay exposed. For
-  ``ours-lowrank`` and ``ours-full`` the overlap row assumes the reduces are started from gradient
-  hooks during backward (as ``--per-layer`` already does); a reduce started in ``step()`` gets
-  the no-overlap row.
+  (our weight or direction broadcasts, ZeRO's parameter all-gather) stay exposed.
+  ``ours-lowrank`` reduces from gradient hooks when the loop wraps backward in the optimizer's
+  ``reducing_in_backward()`` (``gnlorp-train`` does by default, ``--overlap-reduction on``); a
+  loop that only calls ``step()`` gets the no-overlap row. ``ours-full`` has no such hooks: its
+  overlap row is what they would give.
 
 Not modelled: the AdamW update's memory traffic (DDP + AdamW updates all 6.7B parameters on
 every GPU; the others a 1/N share), activation memory, stragglers, congestion between jobs,
@@ -298,8 +299,8 @@ def assumptions(cluster: Cluster, workload: Workload) -> str:
             f"{workload.svd_s_per_matrix} s per matrix on its owner, once per T steps.",
             "- Overlap: gradient collectives hide behind backward except the last bucket / "
             "block; post-step collectives (weight or direction broadcasts, ZeRO's all-gather) "
-            "exposed. ours-full/ours-lowrank overlap only if their reduces start from "
-            "gradient hooks during backward.",
+            "exposed. ours-lowrank overlaps under reducing_in_backward() (gnlorp-train's "
+            "default); ours-full has no backward hooks (its overlap row is hypothetical).",
             "- zero2-adamw: DeepSpeed 0.19's default (gradient buckets all-reduced, parameters "
             "all-gathered: measured so by benchmarks/communication.py); zero2-rs: reduce-scatter "
             '+ all-gather ("use_multi_rank_bucket_allreduce": false).',
@@ -372,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         body = []
         for tokens, ib, rows in summary:
             by = {r["method"]: r for r in rows}
-            # Today's compressed mode reduces inside step() (serial) while DDP overlaps its
-            # all-reduce with backward: the comparison as the two run now.
+            # A loop without reducing_in_backward() reduces inside step() (serial) while DDP
+            # overlaps its all-reduce with backward.
             serial = by[OURS_LOW_RANK]["step_s_no_overlap"]
             body.append(
                 [f"{tokens:,}", f"{ib:.0f}"]
