@@ -72,7 +72,8 @@ class BackwardReduction:
             return  # step() refreshes it first (or refuses it)
         side = projection_side(param.shape, group["proj_type"])
         proj = state["proj"]  # float32 when assembled from several ranks (bf16 weights too)
-        low = project(param.grad.to(proj.dtype), proj, side).float()
+        # In the weights' dtype on the wire (bf16 weights: bf16, as DDP's buckets).
+        low = project(param.grad.to(proj.dtype), proj, side).to(param.dtype)
         low = low.to(buffer_device(comm, param.device)).contiguous()
         (block,) = blocks
         handles.append(comm.reduce_sum(low, dst=block.owner))

@@ -129,6 +129,14 @@ class GroupStep:
             return self.active[index] and any(b.owner == self.comm.rank for b in self.blocks[index])
         return self.fragments[index] is not None
 
+    def wire_dtype(self, index: int) -> torch.dtype:
+        """The dtype parameter ``index``'s low-rank traffic travels in: the weights' under the
+        low-rank reduction (bf16 weights send bf16, as DDP all-reduces bf16 gradients; the
+        owner sums and keeps the moments in float32), float32 between an engine's fp32 runs."""
+        if self.layout.replicated and not self.layout.averaged:
+            return self.params[index].tensor.dtype
+        return torch.float32
+
     def state(self, index: int) -> dict[str, Any]:
         state = self.states[index]
         assert state is not None, f"{self.params[index].name}: no state on this rank"
@@ -171,7 +179,8 @@ def refresh_subspaces(
     full_grads: dict[int, Tensor] = {}
     handles: list[Handle | None] = []
     for i in due:
-        full = torch.zeros(math.prod(step.params[i].shape), dtype=torch.float32, device=step.device)
+        numel = math.prod(step.params[i].shape)
+        full = torch.zeros(numel, dtype=step.wire_dtype(i), device=step.device)
         fragment = step.fragments[i]
         if fragment is not None:
             full[fragment.start : fragment.start + fragment.numel] = fragment.grad[: fragment.numel]
@@ -179,9 +188,10 @@ def refresh_subspaces(
         if step.owner(i) == comm.rank:
             full_grads[i] = full
     wait_all(handles)
-    if not step.layout.averaged:  # a sum of the ranks' own gradients: their mean, as one process
-        for full in full_grads.values():
-            full.div_(comm.world_size)
+    for i, full in full_grads.items():
+        full_grads[i] = full.float()  # the SVD runs in float32 whatever travelled
+        if not step.layout.averaged:  # a sum of the ranks' own gradients: their mean
+            full_grads[i].div_(comm.world_size)
     bases: dict[int, Tensor] = {}
     handles = []
     for i in due:
@@ -241,15 +251,15 @@ def low_rank_gradients(
                 lows[i] = grad_rows.to(step.state(i)["proj"].dtype) @ step.state(i)["proj"].T
         elif i in step.reduced:
             if step.owner(i) == comm.rank:
-                lows[i] = step.reduced[i]
+                lows[i] = step.reduced[i].float()
         else:
             if partials is not None and i in partials:
-                low = partials[i].to(step.device).contiguous()
+                low = partials[i].to(step.device, step.wire_dtype(i)).contiguous()
             elif fragment is not None and fragment.numel == math.prod(shape):
                 # The whole matrix (data parallel): project it at once, no row bookkeeping.
                 proj = step.state(i)["proj"]
                 grad = fragment.grad.view(shape).to(step.device, proj.dtype)
-                low = project(grad, proj, side).float().contiguous()
+                low = project(grad, proj, side).to(step.wire_dtype(i)).contiguous()
             else:
                 low = torch.zeros(
                     low_rank_shape(shape, step.group["rank"], side), device=step.device
@@ -265,7 +275,8 @@ def low_rank_gradients(
     if not step.layout.averaged:  # the ranks' own gradients summed: their mean, as one process
         for i, low in lows.items():
             if step.placement(i) == "reduce":
-                low.div_(comm.world_size)
+                # Float32 moments whatever travelled (bf16 weights send bf16).
+                lows[i] = low.float().div_(comm.world_size)
     return lows
 
 
@@ -300,10 +311,10 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
         if step.placement(i) != "reduce":
             continue
         if step.owner(i) == comm.rank:
-            directions[i] = directions[i].to(step.device).contiguous()
+            directions[i] = directions[i].to(step.device, step.wire_dtype(i)).contiguous()
         else:
             shape = low_rank_shape(step.params[i].shape, step.group["rank"], step.side(i))
-            directions[i] = torch.empty(shape, dtype=torch.float32, device=step.device)
+            directions[i] = torch.empty(shape, dtype=step.wire_dtype(i), device=step.device)
         handles.append(comm.broadcast(directions[i], src=step.owner(i)))
     wait_all(handles)
     beta1, beta2 = step.group["betas"]

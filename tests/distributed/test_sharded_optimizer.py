@@ -106,6 +106,13 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
             "bytes": counting.bytes_by_op,
         }
     result["overlap"] = _overlap_scenario(rank, world_size, comm)
+    # bf16 weights: the low-rank traffic travels in bf16, as DDP's bf16 buckets do.
+    counting = CountingCommunicator(comm)
+    half = _model().to(torch.bfloat16)
+    broadcast_parameters(half, comm)
+    half_opt = _optimizer(half, counting, gradient_reduction="low_rank")
+    _train(half, half_opt, range(STEPS), rank, world_size)
+    result["low_rank-bf16"] = {"weights": flat_parameters(half), "bytes": counting.bytes_by_op}
     result.update(_per_layer_scenario(rank, world_size, comm))
     result.update(_per_layer_scenario(rank, world_size, comm, "low_rank"))
     if resume_from is not None:
@@ -317,6 +324,20 @@ def test_reductions_started_inside_backward_give_the_same_weights(runs, world_si
         # Every projected matrix off its refresh steps (27 of 30) started its reduce in
         # backward, and the dense tensors' row blocks too.
         assert result["overlap"]["reduces_in_backward"] > NUM_PROJECTED * (STEPS - 3)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_bf16_weights_send_the_low_rank_traffic_in_bf16(runs, world_size):
+    results = [runs["results"][(world_size, r)] for r in range(world_size)]
+    for result in results:
+        # Every reduce (low-rank gradients, dense blocks, refresh gradients) halves exactly.
+        fp32, bf16 = result["low_rank-0.0"]["bytes"], result["low_rank-bf16"]["bytes"]
+        assert 2 * bf16["reduce"] == fp32["reduce"], (bf16, fp32)
+        assert bf16["broadcast"] < fp32["broadcast"]
+        assert torch.isfinite(result["low_rank-bf16"]["weights"].float()).all()
+        assert torch.equal(
+            result["low_rank-bf16"]["weights"], results[0]["low_rank-bf16"]["weights"]
+        )
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
