@@ -18,11 +18,12 @@ Methods (every ratio is against ``ddp-adamw`` on the same model and world size, 
   between refreshes only the projected ``M x r`` / ``r x N`` gradients are reduced to each
   matrix's owner and the low-rank direction broadcast back; at a refresh the full gradient is
   reduced to the owner and the new basis broadcast; dense tensors as ZeRO-1 (row blocks reduced
-  to owners, updated rows broadcast). Everything of a projected matrix travels in float32
-  whatever the weights' dtype (gnlorp_dist at 15946ce / f142747; ``--dtype bf16`` measures it).
+  to owners, updated rows broadcast). A projected matrix's low-rank gradients, refresh gradients
+  and directions travel in the weights' dtype, its bases in float32 (``--dtype bf16`` measures
+  it; before commit "sends in the weights' dtype" everything projected went in float32).
   Skipped with a note while the installed ``gnlorp_dist`` has no ``gradient_reduction`` argument;
-- ``ours-lowrank-narrow`` (computed only): the same with the projected traffic in the gradients'
-  dtype (bf16 on the wire; not implemented).
+- ``ours-lowrank-narrow`` (computed only): the same with the bases in the weights' dtype too
+  (not implemented: a bf16 basis would lose the subspace's precision).
 
 Two measurements per run (forked gloo ranks on this machine, ``GLOO_SOCKET_IFNAME=lo``):
 
@@ -120,10 +121,10 @@ ZERO2_TEXTBOOK = "zero2-rs"
 """Computed only: ZeRO-2 as its paper describes it (gradients reduce-scattered, parameters
 all-gathered), DeepSpeed's path with ``"use_multi_rank_bucket_allreduce": false``."""
 OURS_LOW_RANK_NARROW = "ours-lowrank-narrow"
-"""Computed only: ``ours-lowrank`` with its projected traffic in the gradients' dtype (bf16 at
-7B) instead of the float32 gnlorp_dist sends; equal to ``ours-lowrank`` for fp32 models."""
-PROJECTED_WIRE_BYTES = 4
-"""Bytes per element of the compressed mode's projected traffic as gnlorp_dist sends it (float32)."""
+"""Computed only: ``ours-lowrank`` with its bases in the weights' dtype too (bf16 at 7B) instead
+of the float32 gnlorp_dist sends; equal to ``ours-lowrank`` for fp32 models."""
+BASIS_WIRE_BYTES = 4
+"""Bytes per element of a broadcast basis as gnlorp_dist sends it (float32: the SVD's output)."""
 COMPUTED_METHODS: tuple[str, ...] = (
     METHODS[:2] + (ZERO2_TEXTBOOK,) + METHODS[2:] + (OURS_LOW_RANK_NARROW,)
 )
@@ -306,11 +307,11 @@ def computed_payload(
     if method in (OURS_LOW_RANK, OURS_LOW_RANK_NARROW):
         projected = [t for t in normed if t.rank is not None]
         dense = sum(t.numel for t in normed if t.rank is None) * elem
-        # gnlorp_dist (15946ce, f142747) sends everything of a projected matrix in float32
-        # (low-rank gradients, full gradients at a refresh, bases, directions) whatever the
-        # weights' dtype; dense rows travel in the gradient's dtype. NARROW: projected traffic
-        # in the gradient's dtype too (not implemented; what bf16 on the wire would send).
-        pelem = elem if method == OURS_LOW_RANK_NARROW else PROJECTED_WIRE_BYTES
+        # gnlorp_dist sends a projected matrix's low-rank gradients, full gradients at a refresh
+        # and directions in the weights' dtype, its bases in float32; dense rows travel in the
+        # gradient's dtype. NARROW: the bases in the weights' dtype too (not implemented).
+        pelem = elem
+        belem = elem if method == OURS_LOW_RANK_NARROW else BASIS_WIRE_BYTES
         low_rank = sum(t.low_rank_numel for t in projected) * pelem
         if not refresh:
             return _payload(
@@ -322,7 +323,7 @@ def computed_payload(
         # direction broadcast). That last reduce is what gnlorp_dist does (measured); the owner
         # could project the full sum it already holds and save it.
         full = sum(t.numel for t in projected) * pelem
-        basis = sum(t.basis_numel for t in projected) * pelem
+        basis = sum(t.basis_numel for t in projected) * belem
         return _payload(
             reduce=full + low_rank + dense,
             broadcast=basis + low_rank + dense,
@@ -1150,8 +1151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(computed_table(big))
     record["issue_7b"] = {}
     for method, how in (
-        (OURS_LOW_RANK, "as gnlorp_dist sends it (projected traffic float32, dense rows bf16)"),
-        (OURS_LOW_RANK_NARROW, "with the projected traffic in bf16 too (not implemented)"),
+        (OURS_LOW_RANK, "as gnlorp_dist sends it (bf16 low-rank traffic, float32 bases)"),
+        (OURS_LOW_RANK_NARROW, "with the bases in bf16 too (not implemented)"),
     ):
         seven = next(r for r in big if r["model"] == "llama_7b" and r["method"] == method)
         dense = seven["dense_bytes"]
