@@ -40,12 +40,12 @@ from gnlorp_dist.distributed.dtensor import (
     sharded_like,
 )
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
-from gnlorp_dist.optim.layouts import Layout, register_engine_layout
+from gnlorp_dist.optim.layouts import Layout, LayoutDefaults, register_engine_layout
 from gnlorp_dist.optim.quantized import MOMENT_KEYS
 from gnlorp_dist.projection import low_rank_shape, projection_side
 
 
-class Fsdp2Layout:
+class Fsdp2Layout(LayoutDefaults):
     """FSDP2's row blocks: rank ``k`` holds rows ``torch.chunk`` gives it of every parameter."""
 
     name = "FSDP2"
@@ -56,9 +56,6 @@ class Fsdp2Layout:
 
     def true_shape(self, param: Tensor) -> tuple[int, ...]:
         return tuple(param.shape)  # a DTensor's shape is the global one
-
-    def has_gradient(self, param: Tensor) -> bool:
-        return param.grad is not None
 
     def check_group(self, group: dict[str, Any], group_index: int) -> None:
         if group["bits"] == 8:

@@ -74,7 +74,27 @@ class Layout(Protocol):
         ...
 
 
-class ReplicatedLayout:
+class LayoutDefaults:
+    """What most layouts answer alike; a layout class may derive from it and override."""
+
+    def has_gradient(self, param: Tensor) -> bool:
+        return param.grad is not None
+
+    def check_group(self, group: dict[str, Any], group_index: int) -> None:
+        return None
+
+    def state_for_saving(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        return state
+
+    def state_from_loading(
+        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        return state
+
+
+class ReplicatedLayout(LayoutDefaults):
     """One process, or data parallelism: every rank holds every parameter whole.
 
     ``averaged`` (one process, DDP): the driver lets the owner of each block
@@ -95,12 +115,6 @@ class ReplicatedLayout:
     def true_shape(self, param: Tensor) -> tuple[int, ...]:
         return tuple(param.shape)
 
-    def has_gradient(self, param: Tensor) -> bool:
-        return param.grad is not None
-
-    def check_group(self, group: dict[str, Any], group_index: int) -> None:
-        return None
-
     def fragments(
         self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
     ) -> list[Fragment | None]:
@@ -119,16 +133,6 @@ class ReplicatedLayout:
                 )
             )
         return fragments
-
-    def state_for_saving(
-        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
-    ) -> dict[str, Any]:
-        return state
-
-    def state_from_loading(
-        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
-    ) -> dict[str, Any]:
-        return state
 
 
 REPLICATED = ReplicatedLayout(averaged=True)

@@ -23,10 +23,10 @@ from typing import Any
 from torch import Tensor
 
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
-from gnlorp_dist.optim.layouts import Layout
+from gnlorp_dist.optim.layouts import Layout, LayoutDefaults
 
 
-class _ZeroLayout:
+class _ZeroLayout(LayoutDefaults):
     """What ZeRO stages share: flat runs cut anywhere, the engine's tensors in the groups."""
 
     replicated = False
@@ -36,19 +36,6 @@ class _ZeroLayout:
 
     def has_gradient(self, param: Tensor) -> bool:
         return True  # the engine reduced every trainable parameter's gradient into its partition
-
-    def check_group(self, group: dict[str, Any], group_index: int) -> None:
-        return None
-
-    def state_for_saving(
-        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
-    ) -> dict[str, Any]:
-        return state
-
-    def state_from_loading(
-        self, param: ModelParameter, group: dict[str, Any], state: dict[str, Any]
-    ) -> dict[str, Any]:
-        return state
 
 
 class Zero12Layout(_ZeroLayout):
