@@ -198,6 +198,7 @@ class GradNormLoRPAdamW(
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._lookup: dict[Tensor, tuple[dict[str, Any], str]] | None = None
         self._blocks: list[list[OwnedBlock]] | None = None
+        self._ownership_cache: tuple[tuple[int, ...], dict[Tensor, list[OwnedBlock]]] | None = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # Engines that flatten parameters (DeepSpeed ZeRO) replace group["params"]; the model's
@@ -388,13 +389,17 @@ class GradNormLoRPAdamW(
         return sum(len(p) for p in self.model_params[:group_index]) + index
 
     def ownership(self) -> dict[Tensor, list[OwnedBlock]]:
-        """The ownership plan: for each parameter, its blocks and their owners."""
-        params = []
-        for index, group in enumerate(self.groups_at_construction):
-            stepped = list(group["params"])  # an engine's same-shaped copies (ZeRO-0), if any
-            same = len(stepped) == len(self.model_params[index])
-            params += stepped if same else self.model_params[index]
-        return dict(zip(params, self._plan(), strict=True))
+        """The ownership plan: for each parameter, its blocks and their owners (cached: hooks
+        ask per parameter; rebuilt when an engine swaps a group's parameter list)."""
+        lists = tuple(id(group["params"]) for group in self.groups_at_construction)
+        if self._ownership_cache is None or self._ownership_cache[0] != lists:
+            params = []
+            for index, group in enumerate(self.groups_at_construction):
+                stepped = list(group["params"])  # an engine's same-shaped copies (ZeRO-0)
+                same = len(stepped) == len(self.model_params[index])
+                params += stepped if same else self.model_params[index]
+            self._ownership_cache = (lists, dict(zip(params, self._plan(), strict=True)))
+        return self._ownership_cache[1]
 
     def owns(self, param: Tensor) -> bool:
         """Whether this rank holds (part of) ``param``'s optimizer state."""
