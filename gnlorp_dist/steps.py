@@ -67,8 +67,13 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), dtype=torch.float32, device=micro_batches[0].device)
     overlap = reduce_in_backward and isinstance(optimizer, GradNormLoRPAdamW) and not per_layer
+    # FSDP2's no_sync: gradients accumulate unsharded and are reduce-scattered once, at the last
+    # micro-batch (more memory for the unsharded gradients, 1/k of the gradient traffic).
+    fsdp_sync = getattr(model, "set_requires_gradient_sync", None)
     for index, ids in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
+        if fsdp_sync is not None and len(micro_batches) > 1:
+            fsdp_sync(last)
         no_sync = getattr(model, "no_sync", None)
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             with autocast_context(ids.device, autocast):

@@ -147,6 +147,47 @@ def _refusals(comm) -> dict[str, str]:
     return messages
 
 
+ACCUMULATION_STEPS, MICRO = 6, 2
+
+
+def _micro_batches(step, rank, world_size):
+    """Micro-batch i of this rank; the one-process reference's i is every rank's i joined."""
+    rows = _global_batch(step).chunk(world_size)[rank]
+    return list(rows.chunk(MICRO))
+
+
+def _accumulation_scenario(rank, world_size, comm):
+    """gnlorp-train's step function with 2 micro-batches under FSDP2: gradients reduce-scattered
+    once per step (the last micro-batch), counted, and the weights of one process."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from gnlorp_dist.steps import train_step  # noqa: PLC0415
+
+    calls = [0]
+    # FSDP2's gradient collective (torch 2.13: reduce_scatter_single; older: _tensor).
+    name = (
+        "reduce_scatter_single"
+        if hasattr(dist, "reduce_scatter_single")
+        else "reduce_scatter_tensor"
+    )
+    original = getattr(dist, name)
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    model = _shard(_model())
+    optimizer = _optimizer(model, comm)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    setattr(dist, name, counting)
+    try:
+        for step in range(ACCUMULATION_STEPS):
+            train_step(model, optimizer, scheduler, _micro_batches(step, rank, world_size), 0.0)
+    finally:
+        setattr(dist, name, original)
+    return {"weights": _full_weights(model), "reduce_scatters": calls[0]}
+
+
 def _scenarios(rank, world_size, out_dir, resume_from):
     out = Path(out_dir)
     comm = ProcessGroupCommunicator()
@@ -171,6 +212,7 @@ def _scenarios(rank, world_size, out_dir, resume_from):
         result["resumed"] = _full_weights(resumed)
     if world_size == 2:
         result["refusals"] = _refusals(comm)
+        result["accumulated"] = _accumulation_scenario(rank, world_size, comm)
     torch.save(result, out / f"result-{world_size}-{rank}.pt")
 
 
@@ -226,6 +268,24 @@ def test_state_is_sharded_evenly(runs, world_size):
 def test_a_checkpoint_saved_on_two_ranks_resumes_on_another_number(runs, world_size):
     resumed = runs["results"][(world_size, 0)]["resumed"]
     assert _rel(resumed, runs["reference"]) < 1e-4
+
+
+def test_accumulation_reduce_scatters_once_per_step_and_matches_one_process(runs):
+    from gnlorp_dist.steps import train_step  # noqa: PLC0415
+
+    reference = _model()
+    optimizer = _optimizer(reference, LocalCommunicator())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    for step in range(ACCUMULATION_STEPS):
+        joined = [
+            torch.cat([_micro_batches(step, r, 2)[i] for r in range(2)]) for i in range(MICRO)
+        ]
+        train_step(reference, optimizer, scheduler, joined, 0.0)
+    expected = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+    accumulated = runs["results"][(2, 0)]["accumulated"]
+    assert _rel(accumulated["weights"], expected) < 1e-4
+    # One reduce-scatter per FSDP unit (2 decoder layers + the root) per step, not per micro-batch.
+    assert accumulated["reduce_scatters"] == 3 * ACCUMULATION_STEPS, accumulated
 
 
 def test_refusals_name_the_option(runs):
