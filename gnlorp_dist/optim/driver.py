@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from gnlorp_dist.optim.block_grid import agree_shared_blocks
 from gnlorp_dist.optim.comm import Communicator, Handle, clip_coefficient, wait_all
 from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.fragments import (
@@ -55,7 +56,7 @@ from gnlorp_dist.optim.functional import (
 )
 from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
-from gnlorp_dist.optim.quantized import MomentStore
+from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, MomentStore, SharedBlock
 from gnlorp_dist.projection import (
     low_rank_shape,
     project,
@@ -99,6 +100,9 @@ class GroupStep:
     """The ranks of the job."""
     device: torch.device
     """Where buffers that go through collectives live."""
+    shared: dict[int, list[SharedBlock]] = field(default_factory=dict)
+    """8-bit blocks this rank's runs share with other ranks', waiting for their agreed scales
+    (:func:`settle_shared_blocks`)."""
 
     @property
     def projected(self) -> bool:
@@ -141,6 +145,24 @@ class GroupStep:
         state = self.states[index]
         assert state is not None, f"{self.params[index].name}: no state on this rank"
         return state
+
+    def moments_numel(self, index: int) -> int:
+        """Elements of one Adam moment of the whole parameter ``index`` (low-rank if projected)."""
+        shape = self.params[index].shape
+        if self.projected:
+            return math.prod(low_rank_shape(shape, self.group["rank"], self.side(index)))
+        return math.prod(shape)
+
+    def cut_8bit(self, index: int) -> bool:
+        """Whether parameter ``index``'s 8-bit moments may be cut between ranks (the same answer
+        on every rank): its blocks' scales are then agreed at the end of the step."""
+        if self.group["bits"] != 8 or self.comm.world_size == 1:
+            return False
+        if self.moments_numel(index) < MIN_8BIT_NUMEL:
+            return False
+        if self.projected:
+            return self.placement(index) == "rows"
+        return not self.layout.replicated or len(self.blocks[index]) > 1
 
 
 def refresh_due(group: dict[str, Any], state: dict[str, Any]) -> bool:
@@ -292,13 +314,25 @@ def adam_directions(
             step.state(i)["step"] = int(step.state(i).get("step", 0)) + 1
     directions: dict[int, Tensor] = {}
     for i, low in lows.items():
-        state = step.state(i)
-        whole = low_rank_shape(step.params[i].shape, step.group["rank"], step.side(i))
-        moments = MomentStore(state, step.group["bits"], param_numel=math.prod(whole))
-        exp_avg, exp_avg_sq = moments.load_or_initialise(low)
-        update_moments_(exp_avg, exp_avg_sq, low, beta1, beta2)
-        moments.store(exp_avg, exp_avg_sq)
-        directions[i] = normalized_low_rank_update(exp_avg, exp_avg_sq, step.group["eps"])
+        offset = 0
+        if step.placement(i) == "rows":  # this rank's rows of the (M x r) moments
+            fragment = step.fragments[i]
+            assert fragment is not None
+            offset = covering_rows(fragment.start, fragment.numel, step.params[i].shape[1])[0]
+            offset *= step.group["rank"]
+        moments = MomentStore(
+            step.state(i), step.group["bits"], param_numel=step.moments_numel(i), offset=offset
+        )
+        low = low.contiguous()
+        flat = low.view(-1)
+        for start, stop, exp_avg, exp_avg_sq in moments.chunks(low):
+            grad = flat[start:stop]
+            update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+            # The gradient is consumed: its buffer takes the direction (no second workspace).
+            grad.copy_(normalized_low_rank_update(exp_avg, exp_avg_sq, step.group["eps"]))
+        if moments.shared:
+            step.shared[i] = moments.shared
+        directions[i] = low
     return directions
 
 
@@ -356,15 +390,16 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
             fragment.write_back()
 
 
-def dense_block(step: GroupStep, index: int) -> tuple[Tensor, Tensor] | None:
-    """``(weights, gradient)`` of the part of dense parameter ``index`` this rank updates
-    (replicated layouts: the rows it owns; their gradients are averaged by then, by DDP or by
-    the optimizer's reduction to owners)."""
+def dense_block(step: GroupStep, index: int) -> tuple[Tensor, Tensor, int] | None:
+    """``(weights, gradient, offset)`` of the part of dense parameter ``index`` this rank
+    updates, ``offset`` its first element in the parameter (replicated layouts: the rows it
+    owns; their gradients are averaged by then, by DDP or by the optimizer's reduction to
+    owners)."""
     fragment = step.fragments[index]
     if not step.layout.replicated:
         if fragment is None:
             return None
-        return fragment.master[: fragment.numel], fragment.grad[: fragment.numel]
+        return fragment.master[: fragment.numel], fragment.grad[: fragment.numel], fragment.start
     tensor = step.params[index].tensor
     assert tensor.grad is not None
     owned = [b for b in step.blocks[index] if b.owner == step.comm.rank]
@@ -372,9 +407,10 @@ def dense_block(step: GroupStep, index: int) -> tuple[Tensor, Tensor] | None:
         return None
     (block,) = owned
     if block.whole:
-        return tensor.data, tensor.grad
+        return tensor.data, tensor.grad, 0
     rows = slice(block.row_start, block.row_stop)
-    return tensor.data[rows], tensor.grad[rows]
+    per_row = tensor[0].numel() if tensor.dim() else 1
+    return tensor.data[rows], tensor.grad[rows], block.row_start * per_row
 
 
 def update_dense(step: GroupStep, index: int) -> None:
@@ -383,15 +419,22 @@ def update_dense(step: GroupStep, index: int) -> None:
     held = dense_block(step, index)
     if held is None:
         return
-    weights, grad = held
+    weights, grad, offset = held
     state = step.state(index)
     fragment = step.fragments[index]
     if step.layout.flattened and "exp_avg" not in state:
         assert fragment is not None
         state["run"] = [fragment.start, fragment.numel]  # where these moments sit in the matrix
-    update_dense_block(
-        state, step.group, weights, grad, param_numel=math.prod(step.params[index].shape)
+    shared = update_dense_block(
+        state,
+        step.group,
+        weights,
+        grad,
+        param_numel=math.prod(step.params[index].shape),
+        offset=offset,
     )
+    if shared:
+        step.shared[index] = shared
     if fragment is not None and fragment.write_back is not None:
         fragment.write_back()
 
@@ -435,7 +478,17 @@ def step_group(step: GroupStep, source: BasisSource) -> None:
         for i in indices:
             update_dense(step, i)
             handles.extend(broadcast_updated(step, i))
+    settle_shared_blocks(step, indices)
     wait_all(handles)
+
+
+def settle_shared_blocks(step: GroupStep, indices: list[int]) -> None:
+    """Agree the scales of the 8-bit blocks cut between ranks among ``indices`` (one small
+    all-reduce, on every rank, when any of them may be cut: see :mod:`block_grid`)."""
+    cut = [i for i in indices if step.cut_8bit(i)]
+    if cut:
+        agree_shared_blocks(step.comm, step.device, [step.shared.pop(i, []) for i in cut])
+    assert not step.shared, f"unsettled 8-bit blocks of {sorted(step.shared)}"
 
 
 def step_groups(steps: list[GroupStep], source: BasisSource, max_grad_norm: float) -> None:
@@ -473,6 +526,7 @@ def step_groups(steps: list[GroupStep], source: BasisSource, max_grad_norm: floa
             if not step.projected:
                 update_dense(step, i)
             handles.extend(broadcast_updated(step, i))
+        settle_shared_blocks(step, indices)
     wait_all(handles)
 
 

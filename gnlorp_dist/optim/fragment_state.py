@@ -38,7 +38,8 @@ def export_flattened_state(optimizer: GradNormLoRPAdamW) -> dict[str, dict[str, 
         entry = {k: v for k, v in state.items() if k not in MOMENT_KEYS and "absmax" not in k}
         if "exp_avg" in state:
             if "run" in state:  # dense run: float moments, re-cut and re-quantised on load
-                exp_avg, exp_avg_sq = MomentStore(state, 32).load()  # dequantises 8-bit codes
+                # Dequantises 8-bit codes (on the parameter's grid, from the run's start).
+                exp_avg, exp_avg_sq = MomentStore(state, 32, offset=state["run"][0]).load()
                 entry["exp_avg"], entry["exp_avg_sq"] = exp_avg.clone(), exp_avg_sq.clone()
             else:  # a projected matrix's moments move whole, 8-bit codes included
                 entry.update({k: v for k, v in state.items() if k in MOMENT_KEYS or "absmax" in k})

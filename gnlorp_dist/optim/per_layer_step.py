@@ -24,6 +24,7 @@ from gnlorp_dist.optim.driver import (
     low_rank_gradients,
     refresh_due,
     refresh_subspaces,
+    settle_shared_blocks,
     update_dense,
 )
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
@@ -145,6 +146,8 @@ class PerLayerStep:
                 clip_by_norm_(param.grad, max_grad_norm)
                 update_dense(step, 0)
                 param.grad = None
+        if not projected and last_micro_batch:
+            settle_shared_blocks(step, [0])  # every rank: owners of cut row blocks agree
         if distributed and last_micro_batch:
             wait_all(broadcast_updated(step, 0))
 

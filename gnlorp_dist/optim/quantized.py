@@ -1,20 +1,37 @@
-"""Block-wise 8-bit optimizer moments (bitsandbytes' dynamic quantisation).
+"""Block-wise 8-bit optimizer moments on ONE block grid per tensor, updated chunk by chunk.
 
 A quantised moment is two plain tensors kept in the optimizer state: ``<key>`` holds uint8
 codes of the moment's shape, ``<key>_absmax`` one float32 scale per block of
 :data:`BLOCK_SIZE` elements. Plain tensors keep ``state_dict()`` loadable with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. The codes index bitsandbytes' dynamic maps (signed for the
+first moment, unsigned for the non-negative second), as bitsandbytes' 8-bit optimizers do.
 
-The update functions never see the codes: :class:`MomentStore` hands them a float tensor and
-writes it back, so the Adam math is the same code at 8 and 32 bits (the torchao pattern).
-The first moment uses the signed dynamic map, the second (non-negative) the unsigned one, as
-bitsandbytes' own 8-bit optimizers do. Tensors smaller than :data:`MIN_8BIT_NUMEL` stay in
-float32: their codes would save nothing next to the block scales.
+The grid: block ``b`` of a tensor is its flattened elements ``[b * 256, (b + 1) * 256)``,
+wherever its elements live. A run of the tensor (a DDP row block, a ZeRO partition's run, an
+FSDP2 shard of rows) starting at element ``offset`` keeps the scales of the blocks it touches,
+``offset // 256`` to ``(offset + numel - 1) // 256``; a block cut between two ranks is held by
+both, with one scale agreed by the ranks (:func:`shared_block_scales`). So every layout holds
+the codes and scales one process would hold, and joining or cutting runs is exact code for code.
+
+The update never dequantises a whole moment: :meth:`MomentStore.chunks` hands the update
+functions float32 chunks of :data:`CHUNK_NUMEL` elements (whole blocks) and re-quantises each
+before the next one, so the math is the same code at 8 and 32 bits (the torchao pattern) and
+the float32 workspace is a few chunks, whatever the tensor's size. bitsandbytes' fused kernel
+(``optimizer_update_8bit_blockwise``) is not used: it applies its own Adam convention
+(``eps`` added after ``sqrt(v) / sqrt(1 - b2^t)``) straight to a parameter, while a projected
+matrix needs GaLore's direction ``m / (sqrt(v) + eps)`` in low rank before it is projected back,
+and neither kernel nor its block grid knows about runs that start inside a block.
+
+Tensors smaller than :data:`MIN_8BIT_NUMEL` stay in float32: their codes would save nothing
+next to the block scales. The quantiser here (nearest map value, ties to the lower code) is
+ours, on any device; it is the only one in the job, so every rank quantises alike.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,104 +39,272 @@ from torch import Tensor
 
 BLOCK_SIZE = 256
 MIN_8BIT_NUMEL = 4096
+CHUNK_NUMEL = 1 << 18
+"""Elements per float32 chunk of an 8-bit update (a multiple of :data:`BLOCK_SIZE`): the
+workspace of one update is a few such chunks (:func:`update_workspace_bytes`)."""
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
 @functools.cache
-def _dynamic_map(signed: bool, device: str) -> Tensor:
+def _maps(signed: bool, device: str) -> tuple[Tensor, Tensor]:
+    """``(values, midpoints)``: the 256 sorted values of bitsandbytes' dynamic map and the 255
+    midpoints between neighbours (nearest-value quantisation is a bucketize on them)."""
     import bitsandbytes.functional as bnbf  # noqa: PLC0415  (4 s import; only for 8-bit runs)
 
-    # bitsandbytes builds the map on the default device; build it on the host (256 values, once
-    # per device) and move it where the moments live.
+    # bitsandbytes builds the map on the default device; build it on the host (once per device).
     with torch.device("cpu"):
-        dynamic_map = bnbf.create_dynamic_map(signed=signed)
-    return dynamic_map.to(device)
+        values = bnbf.create_dynamic_map(signed=signed).float()
+    assert values.numel() == 256 and bool((values[1:] >= values[:-1]).all())
+    midpoints = (values[1:] + values[:-1]) / 2
+    return values.to(device), midpoints.to(device)
+
+
+def block_span(offset: int, numel: int) -> tuple[int, int]:
+    """``(first, stop)``: the grid blocks elements ``[offset, offset + numel)`` touch."""
+    return offset // BLOCK_SIZE, -(-(offset + numel) // BLOCK_SIZE)
+
+
+def _padded(values: Tensor, head: int) -> Tensor:
+    """``values`` placed at ``head`` in a zero buffer of whole blocks (a run's view of the grid:
+    zeros stand for the other ranks' elements, which never raise a block's local absmax)."""
+    blocks = -(-(head + values.numel()) // BLOCK_SIZE)
+    if head == 0 and values.numel() == blocks * BLOCK_SIZE:
+        return values.reshape(blocks, BLOCK_SIZE)
+    buffer = values.new_zeros(blocks * BLOCK_SIZE)
+    buffer[head : head + values.numel()] = values.reshape(-1)
+    return buffer.view(blocks, BLOCK_SIZE)
+
+
+def block_absmax(values: Tensor, head: int) -> Tensor:
+    """Float32 absmax of each grid block of a run of float ``values`` starting ``head`` elements
+    into its first block (over this run's elements only)."""
+    return _padded(values.float(), head).abs().amax(dim=1)
+
+
+def encode(values: Tensor, absmax: Tensor, head: int, signed: bool) -> Tensor:
+    """uint8 codes of a run's float ``values`` (flat) on the grid, with the blocks' scales
+    ``absmax`` given (agreed over the ranks where a block is shared)."""
+    map_values, midpoints = _maps(signed, str(values.device))
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normalised = _padded(values.float(), head) / scale[:, None]
+    codes = torch.bucketize(normalised, midpoints).to(torch.uint8).view(-1)
+    del map_values  # the codes index the sorted values (decode's gather)
+    return codes[head : head + values.numel()]
+
+
+def decode(codes: Tensor, absmax: Tensor, head: int, signed: bool) -> Tensor:
+    """Float32 values of a run's uint8 ``codes`` (flat) from its blocks' scales."""
+    map_values, _midpoints = _maps(signed, str(codes.device))
+    flat = codes.reshape(-1)
+    block = torch.arange(head, head + flat.numel(), device=codes.device) // BLOCK_SIZE
+    return map_values[flat.long()] * absmax[block]
 
 
 def quantize_8bit(value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """``(codes_uint8, absmax_f32)`` of ``value`` with block-wise dynamic quantisation."""
-    import bitsandbytes.functional as bnbf  # noqa: PLC0415
-
-    code = _dynamic_map(signed, str(value.device))
-    codes, quant_state = bnbf.quantize_blockwise(
-        value.float().contiguous(), code=code, blocksize=BLOCK_SIZE
-    )
-    return codes, quant_state.absmax.float()
+    """``(codes_uint8, absmax_f32)`` of a whole tensor ``value``."""
+    flat = value.reshape(-1).float()
+    absmax = block_absmax(flat, 0)
+    return encode(flat, absmax, 0, signed).view(value.shape), absmax
 
 
-def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
-    """Float32 tensor of ``codes``' shape from its codes and block scales."""
-    import bitsandbytes.functional as bnbf  # noqa: PLC0415
+def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool, offset: int = 0) -> Tensor:
+    """Float32 tensor of ``codes``' shape: a whole tensor, or its run starting at ``offset``."""
+    return decode(codes, absmax, offset % BLOCK_SIZE, signed).view(codes.shape)
 
-    code = _dynamic_map(signed, str(codes.device))
-    return bnbf.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=BLOCK_SIZE)
+
+@dataclass(kw_only=True)
+class SharedBlock:
+    """A grid block cut between this rank's run and another's: its codes wait for the scale
+    the ranks agree on (the largest of their local absmaxes, what one process computes)."""
+
+    state: dict[str, Any]
+    """The state holding the codes."""
+    block: int
+    """Grid index of the block in the whole tensor."""
+    position: int
+    """Index of the block in the state's scales."""
+    elements: tuple[int, int]
+    """This run's elements of the block, as ``[start, stop)`` in the run's flat codes."""
+    head: int
+    """Where the run's first element of the block sits in it."""
+    values: dict[str, Tensor]
+    """The new float values of this run's part of the block, per moment."""
+    absmax: dict[str, float | Tensor]
+    """Their local absmax per moment (float32 scalars)."""
 
 
 class MomentStore:
-    """Adam's two moments of one parameter, in float (32-bit mode) or 8-bit codes.
+    """Adam's two moments of one parameter (or one run of it), in float or 8-bit codes.
 
-    ``load()`` returns float tensors to update in place; ``store()`` writes them back (a no-op
-    for float state, a re-quantisation for 8-bit state).
+    ``offset``: the run's first element in the whole parameter (0: the whole tensor), which
+    places it on the parameter's block grid; ``param_numel``: the whole parameter's size, which
+    decides 8-bit or not (as on one process) and whether the run's last block is shared.
     """
 
-    def __init__(self, state: dict[str, Any], bits: int, param_numel: int | None = None) -> None:
+    def __init__(
+        self,
+        state: dict[str, Any],
+        bits: int,
+        param_numel: int | None = None,
+        *,
+        offset: int = 0,
+    ) -> None:
         assert bits in (8, 32), bits
         self.state = state
         self.bits = bits
         self.param_numel = param_numel
-        """The whole parameter's size when these moments are a run of it (ZeRO): whether they
-        are 8-bit is decided by the parameter, as on one process, not by the run."""
+        self.offset = offset
+        self.shared: list[SharedBlock] = []
+        """Blocks of the latest :meth:`chunks` pass waiting for their agreed scales."""
+
+    @property
+    def head(self) -> int:
+        return self.offset % BLOCK_SIZE
+
+    def quantised(self, like: Tensor) -> bool:
+        numel = self.param_numel if self.param_numel is not None else like.numel()
+        return self.bits == 8 and numel >= MIN_8BIT_NUMEL
 
     def initialise(self, like: Tensor) -> None:
         for key in MOMENT_KEYS:
-            zeros = torch.zeros_like(like, memory_format=torch.preserve_format)
-            self.state[key] = zeros
-            if self._quantised(like):
-                self.state[key], self.state[f"{key}_absmax"] = quantize_8bit(
-                    zeros, signed=key == "exp_avg"
-                )
+            zeros = torch.zeros_like(like, memory_format=torch.contiguous_format)
+            if self.quantised(like):
+                first, stop = block_span(self.offset, like.numel())
+                absmax = torch.zeros(stop - first, dtype=torch.float32, device=like.device)
+                codes = encode(zeros.view(-1), absmax, self.head, SIGNED[key])
+                self.state[key] = codes.view(like.shape)
+                self.state[f"{key}_absmax"] = absmax
+            else:
+                self.state[key] = zeros
 
-    def load_or_initialise(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The moments as float tensors to update in place, created as zeros shaped ``like``
-        the first time."""
+    def ensure(self, like: Tensor) -> None:
+        """Create the moments as zeros shaped ``like`` the first time."""
         if "exp_avg" not in self.state:
             self.initialise(like)
         assert self.state["exp_avg"].shape == like.shape, (self.state["exp_avg"].shape, like.shape)
-        return self.load()
+
+    @property
+    def is_8bit(self) -> bool:
+        return "exp_avg_absmax" in self.state
 
     def load(self) -> tuple[Tensor, Tensor]:
+        """The whole moments as float tensors (a copy for 8-bit state: saving, resharding)."""
         values = []
         for key in MOMENT_KEYS:
             if f"{key}_absmax" in self.state:
-                values.append(
-                    dequantize_8bit(
-                        self.state[key], self.state[f"{key}_absmax"], signed=key == "exp_avg"
-                    )
-                )
+                codes, absmax = self.state[key], self.state[f"{key}_absmax"]
+                values.append(dequantize_8bit(codes, absmax, SIGNED[key], self.offset))
             else:
                 values.append(self.state[key])
         return values[0], values[1]
 
-    def store(self, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    def set_values(self, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Create the moments holding these values (quantised if 8-bit, each block's scale from
+        these values): a whole tensor's loaded state, as a step would have built it."""
+        self.initialise(exp_avg)
         for key, value in zip(MOMENT_KEYS, (exp_avg, exp_avg_sq)):
             if f"{key}_absmax" in self.state:
-                codes, absmax = quantize_8bit(value, signed=key == "exp_avg")
-                self.state[key].copy_(codes)
+                flat = value.reshape(-1).float()
+                absmax = block_absmax(flat, self.head)
+                self.state[key].view(-1).copy_(encode(flat, absmax, self.head, SIGNED[key]))
                 self.state[f"{key}_absmax"].copy_(absmax)
+            else:
+                self.state[key].copy_(value)
 
-    def set_values(self, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-        """Create the moments holding these values (quantised if 8-bit): a loaded or resharded
-        state, as a step would have built it."""
-        self.initialise(exp_avg)
-        if "exp_avg_absmax" in self.state:
-            self.store(exp_avg, exp_avg_sq)
-        else:
-            self.state["exp_avg"].copy_(exp_avg)
-            self.state["exp_avg_sq"].copy_(exp_avg_sq)
+    def chunks(self, like: Tensor) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """``(start, stop, exp_avg, exp_avg_sq)`` over the flattened moments: float32 tensors to
+        update in place, each written back (re-quantised) when the loop moves on.
 
-    def _quantised(self, like: Tensor) -> bool:
-        numel = self.param_numel if self.param_numel is not None else like.numel()
-        return self.bits == 8 and numel >= MIN_8BIT_NUMEL
+        Float state: one chunk, views of the moments themselves. 8-bit state: chunks of
+        :data:`CHUNK_NUMEL` elements on the grid; a block this run shares with another rank is
+        left in :attr:`shared` with its new values (see :func:`shared_block_scales`).
+        """
+        self.ensure(like)
+        self.shared = []
+        if not self.is_8bit:
+            yield 0, like.numel(), self.state["exp_avg"].view(-1), self.state["exp_avg_sq"].view(-1)
+            return
+        numel = like.numel()
+        codes = {key: self.state[key].view(-1) for key in MOMENT_KEYS}
+        scales = {key: self.state[f"{key}_absmax"] for key in MOMENT_KEYS}
+        first_block, stop_block = block_span(self.offset, numel)
+        total = self.param_numel if self.param_numel is not None else numel
+        shared_first = self.head != 0
+        end = self.offset + numel
+        shared_last = end % BLOCK_SIZE != 0 and end < total
+        start = 0
+        while start < numel:
+            # Chunks end on grid boundaries, so every chunk after the first is whole blocks.
+            grid_start = (self.offset + start) // BLOCK_SIZE * BLOCK_SIZE
+            stop = min(numel, grid_start + CHUNK_NUMEL - self.offset)
+            head = (self.offset + start) % BLOCK_SIZE
+            block0 = (self.offset + start) // BLOCK_SIZE - first_block
+            blocks = slice(block0, block0 + -(-(head + stop - start) // BLOCK_SIZE))
+            values = {
+                key: decode(codes[key][start:stop], scales[key][blocks], head, SIGNED[key])
+                for key in MOMENT_KEYS
+            }
+            yield start, stop, values["exp_avg"], values["exp_avg_sq"]
+            absmax = {key: block_absmax(values[key], head) for key in MOMENT_KEYS}
+            defer = []
+            if shared_first and block0 == 0:
+                defer.append(0)
+            if shared_last and blocks.stop == stop_block - first_block:
+                defer.append(blocks.stop - blocks.start - 1)
+            for key in MOMENT_KEYS:
+                kept = absmax[key].clone()
+                for d in defer:  # written once the ranks agree on the scale
+                    kept[d] = scales[key][blocks][d]
+                encoded = encode(values[key], absmax[key], head, SIGNED[key])
+                for d in sorted(set(defer)):
+                    lo, hi = self._block_elements(d, head, stop - start)
+                    encoded[lo:hi] = codes[key][start + lo : start + hi]
+                codes[key][start:stop] = encoded
+                scales[key][blocks] = kept
+            for d in sorted(set(defer)):
+                lo, hi = self._block_elements(d, head, stop - start)
+                self.shared.append(
+                    SharedBlock(
+                        state=self.state,
+                        block=first_block + block0 + d,
+                        position=block0 + d,
+                        elements=(start + lo, start + hi),
+                        head=(head if d == 0 else 0),
+                        values={key: values[key][lo:hi].clone() for key in MOMENT_KEYS},
+                        absmax={key: absmax[key][d] for key in MOMENT_KEYS},
+                    )
+                )
+            start = stop
+
+    @staticmethod
+    def _block_elements(block: int, head: int, numel: int) -> tuple[int, int]:
+        """Elements ``[lo, hi)`` of a chunk (``numel`` elements from ``head``) in its ``block``."""
+        lo = max(0, block * BLOCK_SIZE - head)
+        hi = min(numel, (block + 1) * BLOCK_SIZE - head)
+        return lo, hi
+
+
+def settle_shared(shared: list[SharedBlock], agreed: dict[tuple[int, str], Tensor]) -> None:
+    """Write the deferred codes of one tensor's ``shared`` blocks with their agreed scales
+    (``agreed[(block, key)]``: the largest local absmax among the ranks holding the block)."""
+    for item in shared:
+        lo, hi = item.elements
+        for key in MOMENT_KEYS:
+            scale = agreed[(item.block, key)].reshape(1).to(torch.float32)
+            codes = encode(item.values[key], scale, item.head, SIGNED[key])
+            item.state[key].view(-1)[lo:hi] = codes
+            item.state[f"{key}_absmax"][item.position] = scale[0]
+
+
+def update_workspace_bytes(numel: int, bits: int) -> int:
+    """Peak float32 workspace of one moment update of ``numel`` elements beyond the moments
+    and the gradient themselves: 8-bit chunks (two decoded moments, their padded copies and
+    the int64 gather indices of one chunk); float state updates in place."""
+    if bits != 8 or numel < MIN_8BIT_NUMEL:
+        return 0
+    chunk = min(numel + BLOCK_SIZE, CHUNK_NUMEL + BLOCK_SIZE)
+    return chunk * (4 * 2 + 4 * 2 + 8)
 
 
 def state_bytes(state: dict[str, Any]) -> int:

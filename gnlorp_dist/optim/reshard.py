@@ -6,10 +6,9 @@ elements, for every way a sharded state crosses world sizes: the world-size-inde
 (:mod:`gnlorp_dist.distributed.sharded_state`) join and cut row blocks (runs of whole rows);
 ZeRO's engine checkpoints join and cut flat runs (:mod:`gnlorp_dist.optim.fragment_state`).
 A projected matrix's moments held whole by its owner move whole (bitwise, 8-bit codes
-included). 8-bit moments are joined and cut
-code for code where the row blocks start on quantisation block boundaries (a same-size round
-trip is then exact); elsewhere they are dequantised, joined or cut, and quantised again, because
-their block scales follow the rows they were quantised over.
+included). 8-bit moments sit on their whole tensor's block grid in every run
+(:mod:`gnlorp_dist.optim.quantized`), so they are joined and cut code for code, exactly,
+wherever the cuts fall (a block cut between two runs has the same agreed scale in both).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.quantized import BLOCK_SIZE, MOMENT_KEYS, MomentStore
+from gnlorp_dist.optim.quantized import MOMENT_KEYS, MomentStore, block_span
 
 TRANSIENT_KEYS = ("low_rank_grad_sum",)
 """State that only lives inside one step (per-layer micro-batch sums): never saved."""
@@ -43,7 +42,11 @@ def join_row_blocks(
     The moments come back in float (8-bit codes dequantised), rows in order.
     """
     pieces = _tiling(pieces)
-    moments = [MomentStore(dict(state), bits).load() for _start, _stop, state in pieces]
+    per_row = _elements_per_row(pieces[0][2], pieces[0][1] - pieces[0][0])
+    moments = [
+        MomentStore(dict(state), bits, offset=start * per_row).load()
+        for start, _stop, state in pieces
+    ]
     exp_avg = torch.cat([m for m, _v in moments])
     exp_avg_sq = torch.cat([v for _m, v in moments])
     return _step(pieces), exp_avg, exp_avg_sq
@@ -78,10 +81,9 @@ def join_runs(
     """THE join: one dense tensor's state from the states of runs ``[start, start + numel)`` of
     its flattened elements that tile it from 0 (row blocks, ZeRO runs, FSDP2 rows), flat.
 
-    8-bit runs whose quantisation blocks line up with the whole tensor's (every run but the
-    last a multiple of :data:`BLOCK_SIZE` elements) are joined code for code, exactly; others
-    are dequantised, joined and quantised again. ``param_numel`` (default: the joined size)
-    decides whether the joined state is 8-bit, as the optimizer decides it.
+    8-bit runs are joined code for code, exactly (a block two runs share appears once); float
+    runs are joined and, if ``param_numel`` (default: the joined size) makes the whole 8-bit,
+    quantised, as the optimizer decides it.
     """
     pieces = sorted(pieces, key=lambda piece: piece[0])
     position = 0
@@ -92,14 +94,22 @@ def join_runs(
         position += numel
     states = [state for _start, _numel, state in pieces]
     step = _step([(0, 0, state) for state in states])
-    aligned = all(numel % BLOCK_SIZE == 0 for _start, numel, _state in pieces[:-1])
-    if aligned and all(f"{key}_absmax" in s for s in states for key in MOMENT_KEYS):
+    if all(f"{key}_absmax" in s for s in states for key in MOMENT_KEYS):
         joined: dict[str, Any] = {"step": step}
         for key in MOMENT_KEYS:
             joined[key] = torch.cat([s[key].reshape(-1) for s in states])
-            joined[f"{key}_absmax"] = torch.cat([s[f"{key}_absmax"] for s in states])
+            scales, last_block = [], -1
+            for start, numel, state in pieces:
+                first, _stop = block_span(start, numel)
+                # A block shared with the previous run: its agreed scale is already in.
+                skip = 1 if first == last_block else 0
+                scales.append(state[f"{key}_absmax"][skip:])
+                last_block = block_span(start, numel)[1] - 1
+            joined[f"{key}_absmax"] = torch.cat(scales)
         return joined
-    moments = [MomentStore(dict(state), bits).load() for state in states]
+    moments = [
+        MomentStore(dict(state), bits, offset=start).load() for start, _numel, state in pieces
+    ]
     exp_avg = torch.cat([m.reshape(-1) for m, _v in moments])
     exp_avg_sq = torch.cat([v.reshape(-1) for _m, v in moments])
     return moments_state(step, exp_avg, exp_avg_sq, bits, dtype, param_numel=param_numel)
@@ -117,34 +127,32 @@ def cut_run(
     """THE cut: the state of elements ``[start, start + numel)`` of a whole dense tensor's
     ``state`` (its moments flattened), flat.
 
-    8-bit codes are cut exactly (codes and their block scales) when the run starts on a
-    quantisation block boundary and ends on one or with the tensor; otherwise dequantised, cut
-    and quantised again. ``param_numel`` (default: the whole state's size) decides 8-bit.
+    8-bit codes are cut exactly, codes and the scales of the blocks the run touches (the grid is
+    the whole tensor's). Float moments of a tensor that ``param_numel`` (default: the whole
+    state's size) makes 8-bit are quantised whole first, then cut, so the run's scales are the
+    whole blocks', as the step would have made them.
     """
     total = state["exp_avg"].numel()
-    stop = start + numel
     param_numel = total if param_numel is None else param_numel
-    exact = (
-        "exp_avg_absmax" in state
-        and start % BLOCK_SIZE == 0
-        and (stop % BLOCK_SIZE == 0 or stop == total)
-    )
-    if exact:
-        cut: dict[str, Any] = {"step": int(state["step"])}
-        blocks = slice(start // BLOCK_SIZE, -(-stop // BLOCK_SIZE))
-        for key in MOMENT_KEYS:
-            cut[key] = state[key].reshape(-1)[start:stop].clone()
-            cut[f"{key}_absmax"] = state[f"{key}_absmax"][blocks].clone()
-        return cut
-    exp_avg, exp_avg_sq = MomentStore(dict(state), bits).load()
-    return moments_state(
-        int(state["step"]),
-        exp_avg.reshape(-1)[start:stop],
-        exp_avg_sq.reshape(-1)[start:stop],
-        bits,
-        dtype,
-        param_numel=param_numel,
-    )
+    if "exp_avg_absmax" not in state:
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state = moments_state(
+            int(state["step"]), exp_avg, exp_avg_sq, bits, dtype, param_numel=param_numel
+        )
+        if "exp_avg_absmax" not in state:  # stays float
+            return {
+                "step": int(state["step"]),
+                **{
+                    key: state[key].reshape(-1)[start : start + numel].clone()
+                    for key in MOMENT_KEYS
+                },
+            }
+    cut: dict[str, Any] = {"step": int(state["step"])}
+    first, stop = block_span(start, numel)
+    for key in MOMENT_KEYS:
+        cut[key] = state[key].reshape(-1)[start : start + numel].clone()
+        cut[f"{key}_absmax"] = state[f"{key}_absmax"][first:stop].clone()
+    return cut
 
 
 def _elements_per_row(state: dict[str, Any], rows: int) -> int:

@@ -241,9 +241,13 @@ def test_eight_bit_state_is_joined_and_resumes_on_two_ranks_and_one(runs):
         assert entry["exp_avg_absmax"].numel() == VOCAB * 32 // 256
     final = runs["two"][0]["final8"]
     one = _resume(runs["out"], LocalCommunicator(), 0, 1, bits=8)
-    # 1024-row blocks start on 8-bit block boundaries: codes are joined and cut exactly.
+    # Codes sit on the whole tensor's block grid: joined and cut exactly.
     assert all(torch.equal(r["resumed8"], r["final8"]) for r in runs["two"])
-    assert _rel(one, final) < 1e-4  # measured 2e-5: DDP float noise, amplified by 8-bit codes
+    # On one process the gradients are averaged in another order: a code whose value falls near
+    # a rounding boundary may round the other way, so the run continues within the 8-bit
+    # rounding of the states, far below the difference 8-bit makes to the trajectory at all.
+    quantisation = _rel(final, runs["two"][0]["final"])
+    assert _rel(one, final) < 0.05 * quantisation, (_rel(one, final), quantisation)
 
 
 def test_rank_0_only_state_dict_without_consolidation_fails_fast_with_the_fix(runs):
