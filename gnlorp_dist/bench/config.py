@@ -23,10 +23,15 @@ METHODS: tuple[str, ...] = (
     "galore-torch",
     "lora",
     "dora",
+    "wegeft",
     "gradnormlorp",
     "gradnormlorp8bit",
 )
 """Every method the comparison knows, in table order."""
+
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "wegeft")
+"""What a plain ``gnlorp-bench`` compares: the eight methods of the published tables (wegeft
+runs when named in --methods)."""
 
 PROJECTED_METHODS = ("galore", "galore-torch", "gradnormlorp", "gradnormlorp8bit")
 """Methods that train with the model recipe's lr, rank, refresh gap and scale."""
@@ -48,9 +53,10 @@ class BenchConfig:
     method. Defaults: all eight methods on llama_nano, 80 steps of 4 x 128 tokens, one CPU
     thread: about 6-8 minutes on a 2-core CPU."""
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     """Methods to compare (adamw is the baseline of the time ratio): adamw, adamw8bit, galore,
-    galore-torch, lora, dora, gradnormlorp, gradnormlorp8bit."""
+    galore-torch, lora, dora, gradnormlorp, gradnormlorp8bit (the default eight), and wegeft
+    (weight-generative fine-tuning, rank --lora-rank, AdamW at --adamw-lr)."""
     model: str = "llama_nano"
     """Named LLaMA shape and recipe: llama_nano, llama_micro, llama_60m ... llama_7b."""
     model_config: str | None = None
@@ -80,9 +86,10 @@ class BenchConfig:
     groups, so galore vs galore-torch checks the projected update alone) or galore
     (GaLoreAdamW for every group, as GaLore's own script; its eps placement differs)."""
     lora_rank: int | None = None
-    """Adapter rank of lora and dora (default: --rank, so adapters and projections match)."""
+    """Adapter rank of lora, dora and wegeft (default: --rank, so adapters and projections
+    match)."""
     lora_alpha: float | None = None
-    """LoRA alpha (default: the adapter rank, i.e. scaling alpha/r = 1)."""
+    """LoRA (and WeGeFT) alpha (default: the adapter rank, i.e. scaling alpha/r = 1)."""
     weight_decay: float = 0.0
     """Decoupled weight decay, every method."""
     warmup_steps: int | None = None

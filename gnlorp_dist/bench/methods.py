@@ -10,6 +10,9 @@ same targets: the attention and MLP projections (:data:`DEFAULT_TARGET_MODULES`)
 - ``lora`` / ``dora``: PEFT adapters (``LoraConfig``, ``use_dora`` False/True) on the targets,
   base target weights frozen; every other parameter (embeddings, ``lm_head``, norms) trains in
   full, as it does in every projected method, so only the targeted matrices differ;
+- ``wegeft``: :func:`apply_wegeft` (per-layer generators of rank ``lora_rank``, scaling
+  ``lora_alpha / lora_rank``) on the targets, base target weights frozen, every other parameter
+  trains in full as for ``lora``; ``torch.optim.AdamW`` at AdamW's lr;
 - ``gradnormlorp`` / ``gradnormlorp8bit``: :func:`apply_weight_norm` then
   :class:`GradNormLoRPAdamW` (``bits=8``: block-wise 8-bit moments).
 
@@ -30,6 +33,7 @@ from transformers import LlamaConfig
 from gnlorp_dist.bench.config import METHODS, Hyper
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import DEFAULT_TARGET_MODULES, apply_weight_norm
+from gnlorp_dist.nn.wegeft import apply_wegeft
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
 
 BETAS = (0.9, 0.999)
@@ -169,6 +173,13 @@ def build_dora(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Opti
     return peft_model, _adamw(_trainable(peft_model), hp.adamw_lr, hp), hp.adamw_lr
 
 
+def build_wegeft(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Optimizer, float]:
+    # Only the wrapped layers' weights are frozen (by apply_wegeft): embeddings, lm_head and
+    # norms train in full, as they do for lora/dora and the projected methods.
+    apply_wegeft(model, DEFAULT_TARGET_MODULES, rank=hp.lora_rank, alpha=hp.lora_alpha)
+    return model, _adamw(_trainable(model), hp.adamw_lr, hp), hp.adamw_lr
+
+
 def _gradnormlorp(model: nn.Module, hp: Hyper, bits: int) -> GradNormLoRPAdamW:
     apply_weight_norm(model, target_modules=DEFAULT_TARGET_MODULES)
     return GradNormLoRPAdamW(
@@ -201,6 +212,7 @@ BUILDERS = {
     "galore-torch": build_galore_torch,
     "lora": build_lora,
     "dora": build_dora,
+    "wegeft": build_wegeft,
     "gradnormlorp": build_gradnormlorp,
     "gradnormlorp8bit": build_gradnormlorp8bit,
 }

@@ -1,5 +1,5 @@
 """``gnlorp-finetune``: sequence-classification fine-tuning (GLUE, local files) with
-GradNormLoRP in full or LoRA mode, GaLore or AdamW; see docs/finetune.md.
+GradNormLoRP in full or LoRA mode, GaLore, AdamW or WeGeFT; see docs/finetune.md.
 
 ``finetune(config)`` is the programmatic entry point; ``main(argv)`` the command line.
 """

@@ -208,6 +208,10 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,
         detach_norm=config.detach_norm,
+        wegeft_rank=config.wegeft_rank,
+        wegeft_alpha=config.wegeft_alpha,
+        wegeft_shared=config.wegeft_shared,
+        wegeft_dropout=config.wegeft_dropout,
     )
     device = resolve_device(config.device)
     activate_device(device, tf32=config.tf32)  # set_device before the first GPU allocation

@@ -6,10 +6,10 @@ whose help text is the docstring under the field. Fields left ``None`` are fille
 
 - pre-trained weights (a local folder or a hub name): GaLore's GLUE recipe for RoBERTa-base,
   rank 8, refresh gap T = 500, scale 4, lr 3e-5 (AdamW baseline: 2e-5, the usual RoBERTa
-  fine-tuning lr), 3 epochs;
+  fine-tuning lr; WeGeFT: 4e-4, LoRA's RoBERTa-base lr), 3 epochs;
 - random init (``tiny-*`` built-ins, ``--model-config``): a model trained from scratch on a
   small dataset needs a far larger lr and a shorter gap, so rank 8, T = 50, scale 1, lr 2e-3
-  (AdamW 1e-3), 10 epochs.
+  (AdamW 1e-3, WeGeFT 2e-3), 10 epochs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from gnlorp_dist.finetune.models import TINY_MODELS
 from gnlorp_dist.projection import PROJ_TYPES
 from gnlorp_dist.run_config import field_docs
 
-OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
+OPTIMIZERS = ("gradnormlorp", "galore", "adamw", "wegeft")
+WEGEFT_DEFAULT_RANK = 8
 PROBLEM_TYPES = ("auto", "classification", "regression")
 
 
@@ -37,12 +38,17 @@ class Recipe:
     scale: float
     lr: float
     adamw_lr: float
+    wegeft_lr: float
     epochs: int
 
 
-PRETRAINED_RECIPE = Recipe(rank=8, update_proj_gap=500, scale=4.0, lr=3e-5, adamw_lr=2e-5, epochs=3)
+# wegeft_lr (pre-trained): LoRA's RoBERTa-base GLUE lr (4e-4 to 5e-4), a starting point for a
+# frozen body with small trained updates, not a value tuned for WeGeFT here.
+PRETRAINED_RECIPE = Recipe(
+    rank=8, update_proj_gap=500, scale=4.0, lr=3e-5, adamw_lr=2e-5, wegeft_lr=4e-4, epochs=3
+)
 FROM_SCRATCH_RECIPE = Recipe(
-    rank=8, update_proj_gap=50, scale=1.0, lr=2e-3, adamw_lr=1e-3, epochs=10
+    rank=8, update_proj_gap=50, scale=1.0, lr=2e-3, adamw_lr=1e-3, wegeft_lr=2e-3, epochs=10
 )
 
 
@@ -91,7 +97,9 @@ class FinetuneConfig:
     vocab_size: int = 8000
     """Size cap of the word-level tokenizer learnt for random-init models."""
     optimizer: str = "gradnormlorp"
-    """gradnormlorp (weight norm + projected AdamW), galore (projection, no weight norm), adamw."""
+    """The method (alias --method): gradnormlorp (weight norm + projected AdamW), galore
+    (projection, no weight norm), adamw, or wegeft (weight-generative fine-tuning: frozen body,
+    AdamW on the generated updates dW = s (W0 phi^T) psi and the head; see docs/finetune.md)."""
     rank: int | None = None
     """Projection rank r (default 8, GaLore's GLUE rank; in LoRA mode at most --lora-rank)."""
     update_proj_gap: int | None = None
@@ -107,6 +115,15 @@ class FinetuneConfig:
     """LoRA scaling numerator (s = alpha / lora_rank; default alpha = lora_rank)."""
     detach_norm: bool = False
     """gradnormlorp only: treat ||V|| as a constant in backward, as DoRA does."""
+    wegeft_rank: int | None = None
+    """wegeft only: rank r of the generator (phi, psi of shape r x in; default 8)."""
+    wegeft_alpha: float | None = None
+    """wegeft only: scaling numerator (s = alpha / r; default alpha = r)."""
+    wegeft_shared: bool = False
+    """wegeft only: one generator per projection type shared by all blocks (the authors'
+    tied modules) instead of one per layer."""
+    wegeft_dropout: float = 0.0
+    """wegeft only: dropout on W0 inside the generator while training."""
     bits: int = 32
     """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments)."""
     lr: float | None = None
@@ -162,7 +179,7 @@ _NAMED_METAVARS = {
     "validation_file": "PATH", "output_dir": "PATH", "text_columns": "COL[,COL2]",
     "label_column": "COL", "metric": "NAMES", "target_modules": "NAMES",
 }  # fmt: skip
-_ALIASES = {"text_columns": ["--text-column"]}
+_ALIASES = {"text_columns": ["--text-column"], "optimizer": ["--method"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gnlorp-finetune",
         description="Fine-tune a sequence classifier (RoBERTa, BERT, BART) with GradNormLoRP, "
-        "GaLore or AdamW on a GLUE task or local CSV/JSON files, then save the merged model.",
+        "GaLore, AdamW or WeGeFT on a GLUE task or local CSV/JSON files, then save the merged "
+        "model.",
     )
     docs = field_docs(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
@@ -239,12 +257,24 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
             "--lora-rank, --lora-alpha and --detach-norm need weight normalisation, i.e. "
             f"--optimizer gradnormlorp; got --optimizer {config.optimizer}"
         )
+    if config.optimizer != "wegeft" and (
+        config.wegeft_rank is not None
+        or config.wegeft_alpha is not None
+        or config.wegeft_shared
+        or config.wegeft_dropout
+    ):
+        raise ValueError(
+            "--wegeft-rank, --wegeft-alpha, --wegeft-shared and --wegeft-dropout need "
+            f"--optimizer wegeft; got --optimizer {config.optimizer}"
+        )
+    if not 0.0 <= config.wegeft_dropout < 1.0:
+        raise ValueError(f"--wegeft-dropout must be in [0, 1), got {config.wegeft_dropout}")
     if config.lora_alpha is not None and config.lora_rank is None:
         raise ValueError(f"--lora-alpha {config.lora_alpha} needs --lora-rank")
-    if config.optimizer == "adamw" and config.bits != 32:
+    if config.optimizer in ("adamw", "wegeft") and config.bits != 32:
         raise ValueError(
             f"--bits {config.bits} needs a projected optimizer (gradnormlorp or galore); "
-            "got --optimizer adamw"
+            f"got --optimizer {config.optimizer}"
         )
     names = (
         "rank",
@@ -254,6 +284,8 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
         "epochs",
         "lora_rank",
         "lora_alpha",
+        "wegeft_rank",
+        "wegeft_alpha",
         "threads",
     )
     for name in names:
@@ -297,7 +329,9 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
                 "matrices are the LoRA factors; use --rank <= --lora-rank"
             )
         rank = min(rank, config.lora_rank)
-    default_lr = recipe.adamw_lr if config.optimizer == "adamw" else recipe.lr
+    default_lr = {"adamw": recipe.adamw_lr, "wegeft": recipe.wegeft_lr}.get(
+        config.optimizer, recipe.lr
+    )
     return dataclasses.replace(
         config,
         rank=rank,
@@ -305,6 +339,9 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
         scale=config.scale if config.scale is not None else recipe.scale,
         lr=config.lr if config.lr is not None else default_lr,
         epochs=config.epochs or recipe.epochs,
+        wegeft_rank=(
+            (config.wegeft_rank or WEGEFT_DEFAULT_RANK) if config.optimizer == "wegeft" else None
+        ),
         output_dir=config.output_dir or str(Path("runs") / f"finetune-{_run_label(config)}"),
     )
 

@@ -26,6 +26,7 @@ from gnlorp_dist.finetune.data import EncodedSplit, collate
 from gnlorp_dist.finetune.metrics import compute_metrics
 from gnlorp_dist.finetune.models import count_parameters
 from gnlorp_dist.nn import merge_weight_norm
+from gnlorp_dist.nn.wegeft import merge_wegeft
 
 RELOAD_CHECK_EXAMPLES = 64
 """Validation examples the reloaded model is compared on."""
@@ -161,6 +162,13 @@ def _describe(run: FinetuneRun) -> None:
     )
     if c.optimizer == "adamw":
         recipe = ""
+    elif c.optimizer == "wegeft":
+        alpha = c.wegeft_alpha if c.wegeft_alpha is not None else c.wegeft_rank
+        recipe = (
+            f", WeGeFT rank {c.wegeft_rank}, alpha {alpha:g}, "
+            f"{'shared across layers' if c.wegeft_shared else 'per layer'}"
+            + (f", dropout {c.wegeft_dropout:g}" if c.wegeft_dropout else "")
+        )
     else:
         recipe = f", rank {c.rank}, T {c.update_proj_gap}, scale {c.scale:g}, {c.proj_type}"
         recipe += f", {c.bits}-bit states" if c.bits != 32 else ""
@@ -293,10 +301,10 @@ def _run(run: FinetuneRun) -> FinetuneResult:
 
 @torch.no_grad()
 def _save_and_verify(run: FinetuneRun, result: FinetuneResult) -> None:
-    """Merge (weight norm and LoRA adapters fold into plain nn.Linear), save model + tokenizer,
-    reload both with the Auto classes and compare on validation examples."""
+    """Merge (weight norm, LoRA adapters and WeGeFT updates fold into plain nn.Linear), save
+    model + tokenizer, reload both with the Auto classes and compare on validation examples."""
     c = run.config
-    merge = merge_weight_norm if c.optimizer == "gradnormlorp" else None
+    merge = {"gradnormlorp": merge_weight_norm, "wegeft": merge_wegeft}.get(c.optimizer)
     hf_logging.disable_progress_bar()
     try:
         final = save_merged_model(run.model, c.output_dir, merge=merge, tokenizer=run.tokenizer)

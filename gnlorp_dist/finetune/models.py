@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from gnlorp_dist.corpus import looks_like_hub_id
 from gnlorp_dist.nn import apply_weight_norm
+from gnlorp_dist.nn.wegeft import apply_wegeft
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
 
 _TINY_SHAPE = {"hidden": 64, "layers": 2, "heads": 4, "ffn": 256}
@@ -220,21 +221,43 @@ def prepare_for_training(
     lora_rank: int | None,
     lora_alpha: float | None,
     detach_norm: bool,
+    wegeft_rank: int | None = None,
+    wegeft_alpha: float | None = None,
+    wegeft_shared: bool = False,
+    wegeft_dropout: float = 0.0,
 ) -> list[tuple[str, nn.Module]]:
     """Weight-normalise the body for gradnormlorp and, in LoRA mode, freeze everything but the
-    adapters, the magnitudes and the head. Returns the body parts (see :func:`body_parts`)."""
+    adapters, the magnitudes and the head; for wegeft, freeze everything but the head and wrap
+    the body's targets in WeGeFT layers (their generators train). Returns the body parts (see
+    :func:`body_parts`)."""
     parts = body_parts(model, targets)
+    if optimizer == "wegeft":
+        _freeze_all_but_head(model)
+        for _, part in parts:
+            apply_wegeft(
+                part,
+                targets,
+                rank=wegeft_rank or 8,
+                alpha=wegeft_alpha,
+                shared=wegeft_shared,
+                dropout=wegeft_dropout,
+            )
+        return parts
     if optimizer != "gradnormlorp":
         return parts
     if lora_rank is not None:
-        head_prefixes = tuple(f"{n}." for n, _ in _head_modules(model))
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith(head_prefixes))
+        _freeze_all_but_head(model)
     for _, part in parts:
         apply_weight_norm(
             part, targets, lora_rank=lora_rank, lora_alpha=lora_alpha, detach_norm=detach_norm
         )
     return parts
+
+
+def _freeze_all_but_head(model: nn.Module) -> None:
+    head_prefixes = tuple(f"{n}." for n, _ in _head_modules(model))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(head_prefixes))
 
 
 def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -293,8 +316,9 @@ def build_optimizer(
     proj_type: str,
     bits: int,
 ) -> torch.optim.Optimizer:
-    """GradNormLoRPAdamW over the body's projected matrices + dense rest, or torch's AdamW."""
-    if optimizer == "adamw":
+    """GradNormLoRPAdamW over the body's projected matrices + dense rest, or torch's AdamW
+    (adamw: every parameter; wegeft: the generators and the head, all that trains)."""
+    if optimizer in ("adamw", "wegeft"):
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, eps=1e-6, weight_decay=weight_decay)
     groups = param_groups(

@@ -1,6 +1,7 @@
 """Weight-normalised linear layers (GradNormLoRP, design page section 1) and model surgery."""
 
 from gnlorp_dist.nn.surgery import DEFAULT_TARGET_MODULES, apply_weight_norm, merge_weight_norm
+from gnlorp_dist.nn.wegeft import WeGeFTLinear, apply_wegeft, merge_wegeft
 from gnlorp_dist.nn.weight_norm import (
     NORM_EPS,
     WeightNormLinear,
@@ -27,3 +28,4 @@ __all__ = [
     "row_norm",
     "weight_norm_linear",
 ]
+__all__ += ["WeGeFTLinear", "apply_wegeft", "merge_wegeft"]
