@@ -212,8 +212,10 @@ def _layer_terms(shape: ModelShape, s: int) -> dict[str, int]:
       sdpa (flash kernel) saves q and k after rotary, v, its output and the log-sum-exp
       (float32, one per head and token);
     - SiLU saves its input, the SwiGLU product both factors;
-    - a WeightNormLinear computes ``(x V^T) * (m / ||V||)``: the product saves the
-      pre-scale output too.
+    - a WeightNormLinear computes ``(x V^T) * (m / ||V||)`` in one autograd Function that
+      saves only its input, ``V`` and the scale (the scale's gradient comes from the weight
+      gradient, not from a saved pre-scale output): nothing per token beyond the input; its
+      vectors are :func:`_weight_norm_vector_bytes`.
     """
     h, inter = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -223,8 +225,6 @@ def _layer_terms(shape: ModelShape, s: int) -> dict[str, int]:
         "attention": s * (q_dim + 2 * kv_dim) + 4 * shape.heads,
         "swiglu": s * 3 * inter,
     }
-    if shape.weight_norm:
-        terms["weight_norm_outputs"] = s * (q_dim + 2 * kv_dim + h + 2 * inter + h)
     return terms
 
 

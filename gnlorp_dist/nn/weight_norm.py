@@ -124,6 +124,73 @@ def _scale_for(
     return scale_O.to(dtype)
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run ``F.linear(x, ...)`` in, or None outside autocast."""
+    device_type = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """``y = (x Vᵀ) · s`` with ``s`` a per-output-row scale, saving only ``x``, ``V`` and ``s``.
+
+    The plain composition ``F.linear(x, V) * s`` makes autograd save the product ``x Vᵀ``
+    (tokens x out) for the gradient of ``s``; here that gradient is formed from the weight
+    gradient's own ``(out, in)`` matrix instead: with ``G = grad_yᵀ x``,
+
+        grad_s = rowsum(G ⊙ V),   grad_V = G · s[:, None],   grad_x = (grad_y · s) V.
+
+    ``x`` is saved anyway (``V`` needs it) and ``V`` is a parameter (or autocast's copy, which
+    ``F.linear`` would save too), so the only new saved bytes are the vector ``s``, which the
+    product used to save. Nothing divides by ``s``, so zero scales are exact.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        direction_OI: torch.Tensor,
+        scale_O: torch.Tensor,
+    ) -> torch.Tensor:
+        need_x, need_v, need_s = ctx.needs_input_grad
+        # Save only what the requested gradients read: keeping x alive for a frozen layer whose
+        # input needs no gradient would be a saved activation nobody uses.
+        ctx.scale_dtype = scale_O.dtype
+        ctx.save_for_backward(
+            x if need_v or need_s else None,
+            direction_OI if need_x or need_s else None,
+            scale_O if need_x or need_v else None,
+        )
+        # No graph is recorded here, so the product can be scaled in place (no second copy).
+        return F.linear(x, direction_OI).mul_(scale_O)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, direction_OI, scale_O = ctx.saved_tensors
+        need_x, need_v, need_s = ctx.needs_input_grad
+        grad_x = grad_direction = grad_scale = None
+        if need_x:
+            grad_x = (grad_out * scale_O) @ direction_OI
+        if need_v or need_s:
+            # The weight gradient before scaling: (out, in), the size V's gradient has anyway.
+            grad_weight_OI = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            if need_s:
+                # Products in V's dtype, summed in (at least) float32: the product's rounding is
+                # of the order of G's own (the matmul already rounded G to V's dtype). This
+                # (out, in) temporary is freed before grad_V is allocated, so the backward
+                # holds at most two weight-sized tensors.
+                grad_scale = (grad_weight_OI * direction_OI).sum(
+                    dim=1, dtype=_acc(direction_OI.dtype)
+                )
+                grad_scale = grad_scale.to(ctx.scale_dtype)
+            if need_v:
+                grad_direction = grad_weight_OI * scale_O[:, None]
+        return grad_x, grad_direction, grad_scale
+
+
 def weight_norm_linear(
     x: torch.Tensor,
     direction_OI: torch.Tensor,
@@ -135,11 +202,20 @@ def weight_norm_linear(
 ) -> torch.Tensor:
     """Full-mode forward ``y = (x Vᵀ) · (m / ||V||_row) + b``, no weight-sized temporary.
 
+    Autograd keeps ``x`` (as ``F.linear`` would), ``V`` and the per-row vectors, but not the
+    tokens x out product ``x Vᵀ`` (see :class:`_ScaledLinear`).
+
     With ``detach_norm`` the norm is treated as a constant in the backward pass (DoRA's choice);
     otherwise gradients flow through it (true weight-norm gradient, Salimans & Kingma 2016).
     """
-    out = F.linear(x, direction_OI)
-    out = out * _scale_for(magnitude_O, row_norm(direction_OI, eps), out.dtype, detach_norm)
+    norm_O = row_norm(direction_OI, eps)
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        # What autocast would do to F.linear's operands; _ScaledLinear's backward then sees
+        # consistent dtypes whether or not it runs under autocast.
+        x, direction_OI = x.to(autocast_dtype), direction_OI.to(autocast_dtype)
+    scale_O = _scale_for(magnitude_O, norm_O, x.dtype, detach_norm)
+    out = _ScaledLinear.apply(x, direction_OI, scale_O)
     return out if bias_O is None else out + bias_O
 
 
@@ -155,7 +231,13 @@ def lora_weight_norm_linear(
     detach_norm: bool = False,
     eps: float = NORM_EPS,
 ) -> torch.Tensor:
-    """LoRA-mode forward ``y = (x W0ᵀ + s (x Aᵀ) Bᵀ) · (m / ||W0 + sBA||_row) + b``."""
+    """LoRA-mode forward ``y = (x W0ᵀ + s (x Aᵀ) Bᵀ) · (m / ||W0 + sBA||_row) + b``.
+
+    Unlike full mode, autograd saves the pre-scale output (tokens x out) here: the trick of
+    :class:`_ScaledLinear` needs ``rowsum((grad_yᵀ x) ⊙ W0)``, and that (out, in) product is
+    a weight gradient the frozen ``W0`` otherwise never gets (avoiding it means recomputing
+    ``x W0ᵀ`` in backward).
+    """
     out = F.linear(x, base_weight_OI) + scaling * F.linear(F.linear(x, lora_A_RI), lora_B_OR)
     norm_O = lora_row_norm(base_weight_OI, lora_A_RI, lora_B_OR, scaling, eps)
     out = out * _scale_for(magnitude_O, norm_O, out.dtype, detach_norm)

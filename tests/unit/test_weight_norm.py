@@ -13,13 +13,16 @@ from torch import nn
 
 from gnlorp_dist.nn import (
     DEFAULT_TARGET_MODULES,
+    NORM_EPS,
     WeightNormLinear,
     apply_weight_norm,
     lora_direction,
     lora_row_norm,
     merge_weight_norm,
     row_norm,
+    weight_norm_linear,
 )
+from gnlorp_dist.nn.weight_norm import _scale_for
 
 OUT, IN, RANK = 12, 10, 3
 MODES = [None, RANK]  # lora_rank: None = full mode
@@ -469,3 +472,135 @@ def test_zero3_partitioned_weights_are_refused_with_the_order_to_use():
     model.q_proj.weight.ds_shape = (8, 8)  # what deepspeed.zero.Init leaves on a weight
     with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3.*call apply_weight_norm"):
         apply_weight_norm(model, target_modules=("q_proj",))
+
+
+# -- the scaled product: gradients and saved bytes against the plain composition --------------
+
+
+def plain_weight_norm_linear(x, direction, magnitude, bias, *, detach_norm, eps=NORM_EPS):
+    """The composition ``weight_norm_linear`` replaced: autograd saves ``x Vᵀ`` for the scale."""
+    out = F.linear(x, direction)
+    out = out * _scale_for(magnitude, row_norm(direction, eps), out.dtype, detach_norm)
+    return out if bias is None else out + bias
+
+
+def wn_leaves(dtype, *, case: str, seed: int = 5):
+    """x, V, m, b (float64 values rounded to ``dtype``) for a gradient comparison."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    direction, magnitude, bias = draw(OUT, IN), draw(OUT).abs() + 0.5, draw(OUT)
+    if case == "zero_rows":
+        direction[0] = 0  # clamped norm: a huge but finite scale
+        magnitude[1] = 0  # a zero scale on a nonzero row
+    direction.requires_grad_(case != "frozen_direction")
+    return direction, magnitude.requires_grad_(), bias.requires_grad_()
+
+
+def noncontiguous(shape, dtype, seed):
+    """A random tensor of ``shape`` whose memory is laid out transposed."""
+    gen = torch.Generator().manual_seed(seed)
+    flipped = torch.randn(*reversed(shape), generator=gen, dtype=torch.float64).to(dtype)
+    return flipped.permute(*reversed(range(len(shape))))
+
+
+@pytest.mark.parametrize("case", ["plain", "frozen_direction", "zero_rows"])
+@pytest.mark.parametrize("x_shape", [(7, IN), (2, 5, IN)], ids=["2d", "3d"])
+@pytest.mark.parametrize("detach_norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_scaled_product_gradients_match_plain_composition(dtype, detach_norm, x_shape, case):
+    direction, magnitude, bias = wn_leaves(dtype, case=case)
+    x = noncontiguous(x_shape, dtype, seed=6).requires_grad_()
+    grad_out = noncontiguous((*x_shape[:-1], OUT), dtype, seed=7)
+    assert not grad_out.is_contiguous()
+    leaves = [t for t in (x, direction, magnitude, bias) if t.requires_grad]
+
+    out = weight_norm_linear(x, direction, magnitude, bias, detach_norm=detach_norm)
+    ref = plain_weight_norm_linear(x, direction, magnitude, bias, detach_norm=detach_norm)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all()
+        # Relative to the tensor's largest entry: zero rows make some entries ~1e12.
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+def test_scaled_product_skips_unneeded_gradients():
+    """A frozen layer on an input that needs no gradient keeps nothing for backward."""
+    direction, magnitude, bias = wn_leaves(torch.float32, case="plain")
+    x = torch.randn(4, IN)
+    direction.requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = weight_norm_linear(x, direction, magnitude.detach(), bias)
+    assert saved == [] and out.requires_grad
+    # Only the magnitude trainable: m's gradient still flows (through G · V), x is not needed.
+    out = weight_norm_linear(x, direction, magnitude, None)
+    (grad_m,) = torch.autograd.grad(out.sum(), [magnitude])
+    ref = plain_weight_norm_linear(x, direction, magnitude, None, detach_norm=False)
+    torch.testing.assert_close(grad_m, torch.autograd.grad(ref.sum(), [magnitude])[0])
+
+
+def saved_activation_bytes(fn, params) -> tuple[int, list[tuple[int, ...]]]:
+    """Bytes of the distinct non-parameter storages autograd saves while ``fn()`` runs."""
+    excluded = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+    shapes = []
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded and ptr not in storages:
+            storages[ptr] = t.untyped_storage().nbytes()
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values()), shapes
+
+
+@pytest.mark.parametrize("detach_norm", [False, True])
+@pytest.mark.parametrize("x_shape", [(7, IN), (2, 5, IN)], ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_product_saves_no_tokens_by_out_tensor(dtype, x_shape, detach_norm):
+    direction, magnitude, bias = wn_leaves(dtype, case="plain")
+    x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
+    params = (direction, magnitude, bias)
+    kwargs = {"detach_norm": detach_norm}
+    new, new_shapes = saved_activation_bytes(
+        lambda: weight_norm_linear(x, *params, **kwargs), params
+    )
+    old, _ = saved_activation_bytes(lambda: plain_weight_norm_linear(x, *params, **kwargs), params)
+
+    tokens = x.numel() // IN
+    assert x_shape in new_shapes
+    # Besides x, only per-output vectors: norms, the scale, float32 copies of them.
+    vectors = [shape for shape in new_shapes if shape != x_shape]
+    assert all(shape in ((OUT,), ()) for shape in vectors), new_shapes
+    assert new - x.untyped_storage().nbytes() <= len(vectors) * OUT * 8
+    # The plain composition saved the same plus the product x Vᵀ (tokens x out).
+    assert old == new + tokens * OUT * x.element_size()
+
+
+def test_scaled_product_under_autocast_matches_plain_composition():
+    direction, magnitude, bias = wn_leaves(torch.float32, case="plain")
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    leaves = [x, direction, magnitude, bias]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = weight_norm_linear(x, direction, magnitude, bias)
+        ref = plain_weight_norm_linear(x, direction, magnitude, bias, detach_norm=False)
+    assert out.dtype == ref.dtype  # the bf16 product plus the float32 bias
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
+    for g, r in zip(
+        torch.autograd.grad(out.float().sum(), leaves),
+        torch.autograd.grad(ref.float().sum(), leaves),
+        strict=True,
+    ):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=3e-2, atol=3e-2 * r.abs().max().item())
