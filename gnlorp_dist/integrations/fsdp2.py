@@ -41,7 +41,7 @@ from gnlorp_dist.distributed.dtensor import (
 )
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.layouts import Layout, LayoutDefaults, register_engine_layout
-from gnlorp_dist.optim.quantized import MOMENT_KEYS
+from gnlorp_dist.optim.quantized import MOMENT_KEYS, MomentStore
 from gnlorp_dist.projection import low_rank_shape, projection_side
 
 
@@ -56,14 +56,6 @@ class Fsdp2Layout(LayoutDefaults):
 
     def true_shape(self, param: Tensor) -> tuple[int, ...]:
         return tuple(param.shape)  # a DTensor's shape is the global one
-
-    def check_group(self, group: dict[str, Any], group_index: int) -> None:
-        if group["bits"] == 8:
-            raise ValueError(
-                f"param_groups[{group_index}]: bits=8 under FSDP2: 8-bit moments are quantised "
-                "in blocks along each rank's rows, which a torch.distributed.checkpoint reshard "
-                "cannot move; use bits=32 under FSDP2 (8-bit states run under DDP and ZeRO)"
-            )
 
     def fragments(
         self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
@@ -104,11 +96,17 @@ class Fsdp2Layout(LayoutDefaults):
         shape = _sharded_moment_shape(param, group)
         if shape is None:
             return dict(state)
-        saved = dict(state)
+        saved = {key: value for key, value in state.items() if not key.endswith("_absmax")}
         first, stop = row_range(shape[0], *mesh_rank_and_size(param.tensor))  # type: ignore[arg-type]
+        if "exp_avg_absmax" in state:
+            # 8-bit codes are saved as their float values: a block's scale may span two ranks'
+            # rows, which no DTensor placement describes. The first step after loading reads the
+            # floats (exactly the decoded codes) and quantises them again on the same grid.
+            moments = MomentStore(state, 8, offset=first * math.prod(shape[1:]))
+            saved["exp_avg"], saved["exp_avg_sq"] = moments.load()
         for key in MOMENT_KEYS:
-            if key in state:
-                local = state[key].reshape(stop - first, *shape[1:])
+            if key in saved:
+                local = saved[key].reshape(stop - first, *shape[1:])
                 saved[key] = sharded_like(local, param.tensor, shape)  # type: ignore[arg-type]
         return saved
 

@@ -30,10 +30,12 @@ from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, Layout, dete
 from gnlorp_dist.optim.nonfinite_guard import NonFiniteGuard
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.per_layer_step import PerLayerStep
+from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL
 from gnlorp_dist.optim.validation import (
     check_finite_hyperparameters,
     check_gradient_reduction,
     check_max_grad_norm,
+    check_min_8bit_size,
     missing_communicator_error,
     validate_projected_group,
     warn_if_nothing_is_projected,
@@ -87,7 +89,10 @@ class GradNormLoRPAdamW(
 
     ``bits=8`` keeps Adam's moments block-wise 8-bit quantised (see
     :mod:`gnlorp_dist.optim.quantized`; the update math is unchanged, it reads and writes the
-    moments through a :class:`MomentStore`). A group may override ``bits``.
+    moments chunk by chunk through a :class:`MomentStore`, so no whole float32 moment ever
+    exists) for tensors of at least ``min_8bit_size`` elements (bitsandbytes' name and default,
+    4096). Every layout keeps them on the whole tensor's block grid, so sharded 8-bit runs hold
+    one process's codes. A group may override ``bits`` and ``min_8bit_size``.
 
     ``state_dict()`` is the whole job's state on any number of ranks (see :meth:`state_dict`
     and :mod:`gnlorp_dist.optim.state_dict`; under FSDP2 the DTensor-sharded state that
@@ -138,6 +143,7 @@ class GradNormLoRPAdamW(
         on_nonfinite: str = "raise",
         gradient_reduction: str | None = None,
         max_grad_norm: float = 0.0,
+        min_8bit_size: int = MIN_8BIT_NUMEL,
     ) -> None:
         # None: the job's default (one process, or the torch.distributed group once an engine
         # such as deepspeed.initialize has created it), resolved at the latest at the first step.
@@ -160,12 +166,14 @@ class GradNormLoRPAdamW(
             raise ValueError(f"eps={eps!r} must be >= 0")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        check_min_8bit_size(min_8bit_size, "")
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
             "eps": eps,
             "weight_decay": weight_decay,
             "bits": bits,
+            "min_8bit_size": min_8bit_size,
         }
         self._per_layer: Any = None
         self._backward_reduction: BackwardReduction | None = None
@@ -216,6 +224,7 @@ class GradNormLoRPAdamW(
         self.groups_at_construction.append(group)
         if group["bits"] not in (8, 32):
             raise ValueError(f"bits={group['bits']!r} is not supported; use 32 or 8")
+        check_min_8bit_size(group["min_8bit_size"], f"param_groups[{len(self.param_groups) - 1}]: ")
         if "rank" in group:
             validate_projected_group(group, len(self.param_groups) - 1)
         where = f"param_groups[{len(self.param_groups) - 1}]: "

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from gnlorp_dist.optim.functional import dense_adamw_step
-from gnlorp_dist.optim.quantized import MomentStore, SharedBlock
+from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, MomentStore, SharedBlock
 
 
 def update_dense_block(
@@ -33,7 +33,13 @@ def update_dense_block(
     :func:`gnlorp_dist.optim.block_grid.agree_shared_blocks`.
     """
     assert param_block.is_contiguous(), "dense blocks are updated through a flat view"
-    moments = MomentStore(state, group["bits"], param_numel=param_numel, offset=offset)
+    moments = MomentStore(
+        state,
+        group["bits"],
+        param_numel=param_numel,
+        offset=offset,
+        min_numel=group.get("min_8bit_size", MIN_8BIT_NUMEL),
+    )
     state["step"] = int(state.get("step", 0)) + 1
     beta1, beta2 = group["betas"]
     weights, grads = param_block.view(-1), grad_block.reshape(-1)

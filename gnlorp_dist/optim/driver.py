@@ -158,7 +158,7 @@ class GroupStep:
         on every rank): its blocks' scales are then agreed at the end of the step."""
         if self.group["bits"] != 8 or self.comm.world_size == 1:
             return False
-        if self.moments_numel(index) < MIN_8BIT_NUMEL:
+        if self.moments_numel(index) < self.group.get("min_8bit_size", MIN_8BIT_NUMEL):
             return False
         if self.projected:
             return self.placement(index) == "rows"
@@ -321,7 +321,11 @@ def adam_directions(
             offset = covering_rows(fragment.start, fragment.numel, step.params[i].shape[1])[0]
             offset *= step.group["rank"]
         moments = MomentStore(
-            step.state(i), step.group["bits"], param_numel=step.moments_numel(i), offset=offset
+            step.state(i),
+            step.group["bits"],
+            param_numel=step.moments_numel(i),
+            offset=offset,
+            min_numel=step.group.get("min_8bit_size", MIN_8BIT_NUMEL),
         )
         low = low.contiguous()
         flat = low.view(-1)

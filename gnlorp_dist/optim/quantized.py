@@ -139,7 +139,11 @@ class MomentStore:
 
     ``offset``: the run's first element in the whole parameter (0: the whole tensor), which
     places it on the parameter's block grid; ``param_numel``: the whole parameter's size, which
-    decides 8-bit or not (as on one process) and whether the run's last block is shared.
+    decides 8-bit or not (as on one process: at least ``min_numel`` elements, bitsandbytes'
+    ``min_8bit_size``) and whether the run's last block is shared.
+
+    A state of the other kind (float moments loaded for an 8-bit tensor, or codes for a float
+    one, as a checkpoint or reshard may hand over) is converted by the next :meth:`chunks`.
     """
 
     def __init__(
@@ -149,12 +153,14 @@ class MomentStore:
         param_numel: int | None = None,
         *,
         offset: int = 0,
+        min_numel: int = MIN_8BIT_NUMEL,
     ) -> None:
         assert bits in (8, 32), bits
         self.state = state
         self.bits = bits
         self.param_numel = param_numel
         self.offset = offset
+        self.min_numel = min_numel
         self.shared: list[SharedBlock] = []
         """Blocks of the latest :meth:`chunks` pass waiting for their agreed scales."""
 
@@ -164,7 +170,7 @@ class MomentStore:
 
     def quantised(self, like: Tensor) -> bool:
         numel = self.param_numel if self.param_numel is not None else like.numel()
-        return self.bits == 8 and numel >= MIN_8BIT_NUMEL
+        return self.bits == 8 and numel >= self.min_numel
 
     def initialise(self, like: Tensor) -> None:
         for key in MOMENT_KEYS:
@@ -222,6 +228,16 @@ class MomentStore:
         """
         self.ensure(like)
         self.shared = []
+        # Float moments of an 8-bit tensor (loaded from a checkpoint that stores them
+        # dequantised, FSDP2's): this pass reads them as they are and writes codes.
+        floats = None
+        if self.quantised(like) and not self.is_8bit:
+            floats = {key: self.state.pop(key).reshape(-1) for key in MOMENT_KEYS}
+            self.initialise(like)
+        elif self.is_8bit and not self.quantised(like):
+            for key, value in zip(MOMENT_KEYS, self.load()):
+                self.state[key] = value.to(like.dtype).view(like.shape)
+                del self.state[f"{key}_absmax"]
         if not self.is_8bit:
             yield 0, like.numel(), self.state["exp_avg"].view(-1), self.state["exp_avg_sq"].view(-1)
             return
@@ -241,10 +257,13 @@ class MomentStore:
             head = (self.offset + start) % BLOCK_SIZE
             block0 = (self.offset + start) // BLOCK_SIZE - first_block
             blocks = slice(block0, block0 + -(-(head + stop - start) // BLOCK_SIZE))
-            values = {
-                key: decode(codes[key][start:stop], scales[key][blocks], head, SIGNED[key])
-                for key in MOMENT_KEYS
-            }
+            if floats is None:
+                values = {
+                    key: decode(codes[key][start:stop], scales[key][blocks], head, SIGNED[key])
+                    for key in MOMENT_KEYS
+                }
+            else:
+                values = {key: floats[key][start:stop].float() for key in MOMENT_KEYS}
             yield start, stop, values["exp_avg"], values["exp_avg_sq"]
             absmax = {key: block_absmax(values[key], head) for key in MOMENT_KEYS}
             defer = []

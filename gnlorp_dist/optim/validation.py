@@ -253,3 +253,11 @@ def check_max_grad_norm(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"max_grad_norm={value!r} must be finite")
     return float(value)
+
+
+def check_min_8bit_size(value: int, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{where}min_8bit_size={value!r} must be an int >= 1 (tensors with fewer elements "
+            "keep float32 moments; bitsandbytes' default is 4096)"
+        )
