@@ -29,7 +29,19 @@ PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right")
 - ``left`` / ``right``: always that side.
 """
 
-SVD_METHODS: tuple[str, ...] = ("svd", "randomized")
+SVD_METHODS: tuple[str, ...] = ("auto", "svd", "randomized")
+"""``auto`` (default): ``randomized`` for matrices whose smaller side is at least
+:data:`RANDOMIZED_MIN_DIM`, where the full SVD's cost (``M N min(M, N)``) and workspace (a float32
+``U`` as large as the gradient) dominate a refresh; the exact ``svd`` below it."""
+
+RANDOMIZED_MIN_DIM = 2048
+
+
+def resolve_svd_method(method: str, shape: tuple[int, int] | torch.Size) -> str:
+    """The decomposition ``method`` runs for a gradient of ``shape`` (``auto`` resolved)."""
+    if method == "auto":
+        return "randomized" if min(shape) >= RANDOMIZED_MIN_DIM else "svd"
+    return method
 
 
 def projection_side(shape: tuple[int, int] | torch.Size, proj_type: str) -> Side:
@@ -120,6 +132,17 @@ def project(grad_MN: Tensor, proj: Tensor, side: Side) -> Tensor:
 def project_back(low: Tensor, proj: Tensor, side: Side) -> Tensor:
     """Full-size form of a low-rank tensor: ``low @ proj`` (right) or ``proj @ low`` (left)."""
     return low @ proj if side == "right" else proj @ low
+
+
+def subspace_overlap(old_basis: Tensor, new_basis: Tensor, side: Side) -> Tensor:
+    """How much of the new subspace the old one still spans: ``||P_old^T P_new||_F^2 / r``, the
+    mean squared cosine of the principal angles over ALL ``r`` directions (1: the same
+    subspace, 0: orthogonal; a rotation inside the subspace changes nothing). A 0-d float32
+    tensor on the bases' device."""
+    if side == "right":  # rows are the basis vectors
+        old_basis, new_basis = old_basis.T, new_basis.T
+    cross = old_basis.float().T @ new_basis.float()
+    return cross.square().sum() / new_basis.shape[1]
 
 
 def subspace_error(reference_basis: Tensor, basis: Tensor, side: Side) -> float:

@@ -40,7 +40,7 @@ from gnlorp_dist.optim.validation import (
     validate_projected_group,
     warn_if_nothing_is_projected,
 )
-from gnlorp_dist.projection import compute_projection, projection_side
+from gnlorp_dist.projection import compute_projection, projection_side, resolve_svd_method
 
 
 class GradNormLoRPAdamW(
@@ -423,7 +423,8 @@ class GradNormLoRPAdamW(
             return None
         if "rank" not in group or "proj" not in owner_state:
             return None
-        return {"step": owner_state["step"], "proj": owner_state["proj"]}
+        kept = ("step", "proj", "proj_scale", "next_refresh")
+        return {key: owner_state[key] for key in kept if key in owner_state}
 
     def owned_block(self, param: Tensor) -> OwnedBlock:
         """The block of ``param`` this rank owns (it must own one)."""
@@ -462,8 +463,9 @@ class GradNormLoRPAdamW(
     ) -> Tensor:
         """A new subspace basis from a whole 2-D gradient (counted in ``refresh_count``)."""
         side = projection_side(grad_MN.shape, group["proj_type"])
+        method = resolve_svd_method(group.get("svd_method", "auto"), grad_MN.shape)
         generator = None
-        if group.get("svd_method", "svd") == "randomized":
+        if method == "randomized":
             generator = torch.Generator(device=grad_MN.device)
             generator.manual_seed(int(state.get("step", 0)))
         self.refresh_count += 1
@@ -471,7 +473,7 @@ class GradNormLoRPAdamW(
             grad_MN,
             group["rank"],
             side,
-            method=group.get("svd_method", "svd"),
+            method=method,
             generator=generator,
         )
 

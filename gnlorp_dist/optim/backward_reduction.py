@@ -20,12 +20,14 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from gnlorp_dist.optim.comm import Handle, buffer_device, wait_all
 from gnlorp_dist.optim.data_parallel import reduce_to_owners
-from gnlorp_dist.optim.driver import refresh_due
+from gnlorp_dist.optim.quantized_basis import load_basis
+from gnlorp_dist.optim.refresh import refresh_due
 from gnlorp_dist.projection import project, projection_side
 
 
@@ -71,7 +73,8 @@ class BackwardReduction:
         if not state or "proj" not in state or refresh_due(group, state) or param.grad.dim() != 2:
             return  # step() refreshes it first (or refuses it)
         side = projection_side(param.shape, group["proj_type"])
-        proj = state["proj"]  # float32 when assembled from several ranks (bf16 weights too)
+        # Float32 when assembled from several ranks (bf16 weights too).
+        proj = load_basis(state, torch.float32)
         # In the weights' dtype on the wire (bf16 weights: bf16, as DDP's buckets).
         low = project(param.grad.to(proj.dtype), proj, side).to(param.dtype)
         low = low.to(buffer_device(comm, param.device)).contiguous()

@@ -57,6 +57,8 @@ from gnlorp_dist.optim.functional import (
 from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, MomentStore, SharedBlock
+from gnlorp_dist.optim.quantized_basis import drop_basis, load_basis, store_basis
+from gnlorp_dist.optim.refresh import keep_next_refresh, next_refresh_step, refresh_due
 from gnlorp_dist.projection import (
     low_rank_shape,
     project,
@@ -146,6 +148,13 @@ class GroupStep:
         assert state is not None, f"{self.params[index].name}: no state on this rank"
         return state
 
+    def basis(self, index: int) -> Tensor:
+        """Parameter ``index``'s projection basis (restored from its codes under ``proj_bits``,
+        in the dtype it was computed in: the gradient's on an owner, else float32)."""
+        owner = self.placement(index) == "owner"
+        dtype = self.params[index].tensor.dtype if owner else torch.float32
+        return load_basis(self.state(index), dtype)
+
     def moments_numel(self, index: int) -> int:
         """Elements of one Adam moment of the whole parameter ``index`` (low-rank if projected)."""
         shape = self.params[index].shape
@@ -163,11 +172,6 @@ class GroupStep:
         if self.projected:
             return self.placement(index) == "rows"
         return not self.layout.replicated or len(self.blocks[index]) > 1
-
-
-def refresh_due(group: dict[str, Any], state: dict[str, Any]) -> bool:
-    """THE refresh rule: at steps 0, T, 2T, ... of the matrix (``T = update_proj_gap``)."""
-    return int(state.get("step", 0)) % group["update_proj_gap"] == 0
 
 
 def steps_taken(step: GroupStep, indices: list[int]) -> list[int]:
@@ -195,7 +199,11 @@ def refresh_subspaces(
         for i in due:
             grad = step.params[i].tensor.grad
             assert grad is not None, step.params[i].name
-            step.state(i)["proj"] = source.compute_basis(step.group, grad, step.state(i))
+            state = step.state(i)
+            basis = source.compute_basis(step.group, grad, state)
+            old = step.basis(i) if "proj" in state else None
+            keep_next_refresh(state, next_refresh_step(step.group, state, old, basis, step.side(i)))
+            store_basis(state, basis, step.group.get("proj_bits"))
         return due
     due = [i for i in indices if refresh_due(step.group, step.state(i))]
     full_grads: dict[int, Tensor] = {}
@@ -215,22 +223,34 @@ def refresh_subspaces(
         if not step.layout.averaged:  # a sum of the ranks' own gradients: their mean
             full_grads[i].div_(comm.world_size)
     bases: dict[int, Tensor] = {}
+    next_steps: dict[int, Tensor] = {}
     handles = []
     for i in due:
         shape = step.params[i].shape
+        # The next refresh step travels with the basis (lazy refresh lengthens it on the owner).
+        next_step = torch.full((1,), -1.0, dtype=torch.float64, device=step.device)
         if step.owner(i) == comm.rank:
-            basis = source.compute_basis(step.group, full_grads.pop(i).view(shape), step.state(i))
+            state = step.state(i)
+            basis = source.compute_basis(step.group, full_grads.pop(i).view(shape), state)
+            old = step.basis(i) if "proj" in state else None
+            chosen = next_refresh_step(step.group, state, old, basis, step.side(i))
+            if chosen is not None:
+                next_step.fill_(chosen)
         else:
             basis_shape = projection_shape(shape, step.group["rank"], step.side(i))
             basis = torch.empty(basis_shape, dtype=torch.float32, device=step.device)
         handles.append(comm.broadcast(basis, src=step.owner(i)))
-        bases[i] = basis
+        handles.append(comm.broadcast(next_step, src=step.owner(i)))
+        bases[i], next_steps[i] = basis, next_step
     wait_all(handles)
     for i, basis in bases.items():
+        state = step.state(i)
+        if step.group.get("lazy_refresh_threshold", 0.0) > 0.0:  # one read per refresh
+            keep_next_refresh(state, int(next_steps[i].item()))
         if step.fragments[i] is not None:
-            step.state(i)["proj"] = basis
+            store_basis(state, basis, step.group.get("proj_bits"))
         else:
-            step.state(i).pop("proj", None)
+            drop_basis(state)
     return due
 
 
@@ -265,12 +285,13 @@ def low_rank_gradients(
             if step.holds(i):
                 grad = step.params[i].tensor.grad
                 assert grad is not None
-                lows[i] = project(grad, step.state(i)["proj"], side)
+                lows[i] = project(grad, step.basis(i), side)
         elif placement == "rows":
             if fragment is not None:
                 first, stop = covering_rows(fragment.start, fragment.numel, shape[1])
                 grad_rows = fragment.grad[: fragment.numel].view(stop - first, shape[1])
-                lows[i] = grad_rows.to(step.state(i)["proj"].dtype) @ step.state(i)["proj"].T
+                proj = step.basis(i)
+                lows[i] = grad_rows.to(proj.dtype) @ proj.T
         elif i in step.reduced:
             if step.owner(i) == comm.rank:
                 lows[i] = step.reduced[i].float()
@@ -279,7 +300,7 @@ def low_rank_gradients(
                 low = partials[i].to(step.device, step.wire_dtype(i)).contiguous()
             elif fragment is not None and fragment.numel == math.prod(shape):
                 # The whole matrix (data parallel): project it at once, no row bookkeeping.
-                proj = step.state(i)["proj"]
+                proj = step.basis(i)
                 grad = fragment.grad.view(shape).to(step.device, proj.dtype)
                 low = project(grad, proj, side).to(step.wire_dtype(i)).contiguous()
             else:
@@ -288,7 +309,7 @@ def low_rank_gradients(
                 )
                 if fragment is not None:
                     grad = fragment.grad[: fragment.numel].to(step.device)
-                    proj = step.state(i)["proj"]
+                    proj = step.basis(i)
                     project_fragment(grad, fragment.start, fragment.numel, shape, proj, side, low)
             handles.append(comm.reduce_sum(low, dst=step.owner(i)))
             if step.owner(i) == comm.rank:
@@ -361,7 +382,7 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
             continue
         fragment = step.fragments[i]
         state, shape, side = step.state(i), step.params[i].shape, step.side(i)
-        proj = state["proj"]
+        proj = step.basis(i)
         direction = directions[i].to(proj.dtype)  # 8-bit moments come back as float32
         placement = step.placement(i)
         if placement == "owner":

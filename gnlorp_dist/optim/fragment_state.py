@@ -88,7 +88,11 @@ def adopt_loaded_state(step: GroupStep, pending: dict[str, dict[str, Any]]) -> N
         state["step"] = entry["step"]
         if step.projected:
             if "proj" in entry and fragment is not None:
-                state["proj"] = entry["proj"].to(step.device)
+                for key in ("proj", "proj_scale"):
+                    if key in entry:
+                        state[key] = entry[key].to(step.device)
+            if "next_refresh" in entry:
+                state["next_refresh"] = entry["next_refresh"]
             if step.owner(index) == rank and "exp_avg" in entry:
                 for key, value in entry.items():
                     if key in MOMENT_KEYS or "absmax" in key:

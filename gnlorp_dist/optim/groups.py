@@ -69,6 +69,16 @@ def _check_lora_factor_ranks(
         )
 
 
+PROJECTION_OPTIONS = (
+    "proj_bits",
+    "svd_method",
+    "lazy_refresh_threshold",
+    "max_update_proj_gap",
+    "bits",
+    "min_8bit_size",
+)
+
+
 def projected_param_groups(
     model: nn.Module,
     rank: int,
@@ -76,6 +86,7 @@ def projected_param_groups(
     scale: float,
     proj_type: str = "std",
     target_modules: Sequence[str] | str | None = None,
+    **projection_options: Any,
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`GradNormLoRPAdamW` (GaLore's keys), with ``param_names``.
 
@@ -91,7 +102,17 @@ def projected_param_groups(
     ``lora_A`` and ``lora_B`` weights of every adapter; DoRA's ``lora_magnitude_vector`` is 1-D
     and goes to the dense group. A LoRA factor needs ``rank`` below its LoRA ``r``: ``rank >= r``
     is refused (it would project onto the whole factor).
+
+    ``projection_options`` go into the projected group as they are (validated by the
+    optimizer): ``proj_bits`` (None, 8, 4), ``svd_method`` (``"auto"``, ``"svd"``,
+    ``"randomized"``), ``lazy_refresh_threshold``, ``max_update_proj_gap``, ``bits``,
+    ``min_8bit_size``.
     """
+    unknown = set(projection_options) - set(PROJECTION_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown projection options {sorted(unknown)}; use {list(PROJECTION_OPTIONS)}"
+        )
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     peft = is_peft_model(model)
@@ -150,6 +171,7 @@ def projected_param_groups(
             "update_proj_gap": update_proj_gap,
             "scale": scale,
             "proj_type": proj_type,
+            **projection_options,
         }
     ]
     if dense_params:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import step_verdict
-from gnlorp_dist.optim.driver import GroupStep, refresh_due
+from gnlorp_dist.optim.driver import GroupStep
+from gnlorp_dist.optim.refresh import refresh_due
 from gnlorp_dist.optim.validation import (
     check_non_finite_policy,
     gradients_differ_error,

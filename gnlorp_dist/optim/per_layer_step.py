@@ -22,7 +22,6 @@ from gnlorp_dist.optim.driver import (
     broadcast_updated,
     check_bases,
     low_rank_gradients,
-    refresh_due,
     refresh_subspaces,
     settle_shared_blocks,
     update_dense,
@@ -31,6 +30,7 @@ from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.functional import clip_by_norm_
 from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, detect_layout
 from gnlorp_dist.optim.nonfinite_guard import consumed_gradients
+from gnlorp_dist.optim.refresh import refresh_due
 from gnlorp_dist.optim.validation import (
     flat_gradient_error,
     non_finite_refresh_error,
@@ -189,7 +189,7 @@ class PerLayerStep:
         refreshed = refresh_subspaces(step, self, [0]) if first else []
         if not refreshed:
             check_bases(step, [0])
-        proj = state["proj"]
+        proj = step.basis(0)
         partial = project(param.grad.to(proj.dtype), proj, step.side(0)).float()
         param.grad = None
         # Only the weights are needed from here on: no view of the freed gradient is kept.

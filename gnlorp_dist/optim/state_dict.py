@@ -26,6 +26,7 @@ import torch
 from gnlorp_dist.optim.fragment_state import LAYOUT_KEY
 from gnlorp_dist.optim.fragments import ModelParameter
 from gnlorp_dist.optim.layouts import Layout, detect_layout
+from gnlorp_dist.optim.quantized_basis import stored_shape
 from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
 from gnlorp_dist.optim.validation import (
     layout_world_size_error,
@@ -284,6 +285,8 @@ def _expected_shapes(
         side = projection_side(param.shape, saved_group.get("proj_type", "std"))
         moments = low_rank_shape(param.shape, rank, side)
         basis = projection_shape(param.shape, min(rank, *param.shape), side)
+        if "proj_scale" in entry:  # proj_bits: INT4 codes pack two per byte
+            basis = stored_shape(basis, 4 if entry["proj"].dtype == torch.uint8 else 8)
         return {"proj": basis, "exp_avg": moments, "exp_avg_sq": moments}
     shape = tuple(param.shape)
     if not whole and optimizer.comm.world_size > 1:

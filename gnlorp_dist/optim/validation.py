@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
+from gnlorp_dist.optim.quantized_basis import PROJ_BITS
+from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS, projection_shape, projection_side
 
 PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
@@ -92,9 +93,28 @@ def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
         raise ValueError(
             f"{where}: proj_type={group['proj_type']!r} is not supported; use one of {PROJ_TYPES}"
         )
-    if group.get("svd_method", "svd") not in SVD_METHODS:
+    if group.get("svd_method", "auto") not in SVD_METHODS:
         raise ValueError(
             f"{where}: svd_method={group['svd_method']!r} is not supported; use one of {SVD_METHODS}"
+        )
+    proj_bits = group.get("proj_bits")
+    if proj_bits not in PROJ_BITS or isinstance(proj_bits, bool):
+        raise ValueError(
+            f"{where}: proj_bits={proj_bits!r} is not supported; use None (bases in the "
+            "gradient's dtype), 8 (INT8) or 4 (INT4, two per byte)"
+        )
+    threshold = group.get("lazy_refresh_threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"{where}: lazy_refresh_threshold={threshold!r} must be a number")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"{where}: lazy_refresh_threshold={threshold!r} must be in [0, 1] (the subspace "
+            "overlap above which the refresh gap doubles; 0 turns lazy refresh off)"
+        )
+    most = group.get("max_update_proj_gap", gap)
+    if isinstance(most, bool) or not isinstance(most, int) or most < gap:
+        raise ValueError(
+            f"{where}: max_update_proj_gap={most!r} must be an integer >= update_proj_gap={gap}"
         )
     names = group.get("param_names")
     for index, param in enumerate(group["params"]):
@@ -111,6 +131,14 @@ def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
             raise ValueError(
                 f"{name}: rank={rank} exceeds min(shape)={min(shape)} of shape {shape}; use "
                 f"rank <= {min(shape)} or leave this matrix out of the projected group"
+            )
+        side = projection_side(shape, group["proj_type"])
+        basis_cols = projection_shape(shape, rank, side)[1]
+        if proj_bits == 4 and basis_cols % 2:
+            raise ValueError(
+                f"{name}: proj_bits=4 packs two values per byte along the basis's last "
+                f"dimension, which is {basis_cols} (odd) for shape {shape} projected on the "
+                f"{side} at rank={rank}; use an even rank, or proj_bits=8"
             )
 
 
