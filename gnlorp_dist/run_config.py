@@ -20,7 +20,7 @@ from typing import Any
 
 from gnlorp_dist.device import AUTOCAST_DTYPES, DEVICES, check_autocast
 from gnlorp_dist.models import known_model_names, llama_config, recipe_for_config
-from gnlorp_dist.projection import PROJ_TYPES
+from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
 GRAD_REDUCTIONS = ("auto", "ddp", "owners", "lowrank")
@@ -106,7 +106,19 @@ class RunConfig:
     tf32: bool = True
     """TF32 matmuls on Ampere and newer GPUs (--no-tf32 keeps full fp32 matmuls)."""
     bits: int = 32
-    """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments)."""
+    """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments, on
+    each tensor's block grid under every engine, updated chunk by chunk)."""
+    proj_bits: int = 16
+    """Bits of the projection bases (gradnormlorp/galore): 16 (not quantised: the gradient's
+    dtype), 8 (INT8) or 4 (INT4, two per byte), with one float32 scale per 128 values, restored
+    on use (Q-GaLore's INT4 projections)."""
+    svd_method: str = "auto"
+    """How a subspace refresh decomposes the gradient: auto (randomized for matrices whose
+    smaller side is >= 2048, else the exact SVD), svd, or randomized."""
+    lazy_refresh_threshold: float = 0.0
+    """Lazy refresh: at each refresh, a subspace whose new basis overlaps the old one by at least
+    this (mean squared cosine of all principal angles, in [0, 1]) doubles its gap to the next
+    refresh (up to 8x --update-proj-gap); one that moved goes back to the gap. 0: the fixed gap."""
     per_layer: bool = False
     """gradnormlorp/galore: update each parameter inside the backward pass and free its gradient
     (with --grad-accum: low-rank gradient sums; --grad-clip then clips each parameter's update
@@ -125,7 +137,7 @@ class RunConfig:
     """Shard the model with FSDP2 (torch's fully_shard per decoder layer, then the root) instead
     of DDP: each rank keeps its rows of every weight, gradient and optimizer state, and
     checkpoints are torch.distributed.checkpoint shards that resume on any number of processes.
-    Not with --deepspeed, --per-layer, --bits 8 or --grad-reduction owners."""
+    Not with --deepspeed, --per-layer or --grad-reduction owners."""
     grad_reduction: str = "auto"
     """With several processes: lowrank (the optimizer reduces only each projected matrix's
     low-rank gradient to its owner, which broadcasts the low-rank update; dense blocks are
@@ -196,6 +208,8 @@ _CHOICES = {
     "device": DEVICES,
     "proj_type": PROJ_TYPES,
     "bits": (32, 8),
+    "proj_bits": (16, 8, 4),
+    "svd_method": SVD_METHODS,
     "grad_reduction": GRAD_REDUCTIONS,
     "clip_norm_of": CLIP_NORMS,
     "overlap_reduction": OVERLAP_REDUCTIONS,
@@ -313,8 +327,6 @@ def check_fsdp_flags(config: RunConfig) -> None:
             "--per-layer (FSDP2 reduce-scatters gradients after the backward of each layer, so "
             "a hook inside backward never sees a finished gradient shard)"
         )
-    if config.bits != 32:
-        clashes.append(f"--bits {config.bits} (8-bit moments are not sharded as DTensors)")
     if config.grad_reduction not in ("auto", "ddp"):
         clashes.append(
             f"--grad-reduction {config.grad_reduction} (FSDP2 reduce-scatters every gradient "
@@ -358,6 +370,25 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
         raise ValueError(
             "--bits 8 and --per-layer need a projected optimizer (gradnormlorp or galore); "
             f"got --optimizer adamw with --bits {config.bits}, per_layer={config.per_layer}"
+        )
+    projection_flags = [
+        flag
+        for flag, value, default in (
+            ("--proj-bits", config.proj_bits, 16),
+            ("--svd-method", config.svd_method, "auto"),
+            ("--lazy-refresh-threshold", config.lazy_refresh_threshold, 0.0),
+        )
+        if value != default
+    ]
+    if config.optimizer == "adamw" and projection_flags:
+        raise ValueError(
+            f"{', '.join(projection_flags)} set the projection of gradnormlorp/galore; "
+            "--optimizer adamw projects nothing: drop them or pick a projected optimizer"
+        )
+    if not 0.0 <= config.lazy_refresh_threshold <= 1.0:
+        raise ValueError(
+            f"--lazy-refresh-threshold {config.lazy_refresh_threshold}: use a value in [0, 1] "
+            "(0 keeps the fixed --update-proj-gap)"
         )
     if config.grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(

@@ -116,8 +116,13 @@ def build_optimizer(
         return torch.optim.AdamW(
             params, lr=config.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=config.weight_decay
         )
+    options: dict[str, Any] = {"svd_method": config.svd_method}
+    if config.proj_bits != 16:
+        options["proj_bits"] = config.proj_bits
+    if config.lazy_refresh_threshold > 0.0:
+        options["lazy_refresh_threshold"] = config.lazy_refresh_threshold
     groups = projected_param_groups(
-        model, config.rank, config.update_proj_gap, config.scale, config.proj_type
+        model, config.rank, config.update_proj_gap, config.scale, config.proj_type, **options
     )
     reduction = effective_grad_reduction(config, context.world_size)
     consumed = effective_clip_norm_of(config, context.world_size) == "consumed"
