@@ -23,6 +23,7 @@ from torch import nn
 from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.optim.ownership import state_elements
 from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL
+from gnlorp_dist.optim.quantized_basis import basis_bytes
 from gnlorp_dist.projection import projection_shape, projection_side
 
 SPACE_MARGIN = 0.10
@@ -94,11 +95,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _moment_bytes(numel: int, bits: int, element_size: int) -> int:
+def _moment_bytes(numel: int, bits: int, element_size: int, min_numel: int = MIN_8BIT_NUMEL) -> int:
     """Bytes of Adam's two moments of ``numel`` elements (8-bit codes and block scales, or
     floats of ``element_size``), as :class:`gnlorp_dist.optim.quantized.MomentStore` keeps
-    them."""
-    if bits == 8 and numel >= MIN_8BIT_NUMEL:
+    them (8-bit from ``min_numel`` elements on, the group's ``min_8bit_size``)."""
+    if bits == 8 and numel >= min_numel:
         return 2 * (numel + 4 * -(-numel // BLOCK_SIZE))
     return 2 * numel * element_size
 
@@ -107,16 +108,18 @@ def _gnlorp_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     total = 0
     for group in optimizer.param_groups:
         rank, proj_type, bits = group.get("rank"), group.get("proj_type"), group.get("bits", 32)
+        min_numel = group.get("min_8bit_size", MIN_8BIT_NUMEL)
         for param in group["params"]:
             size = param.element_size()
             if rank is None or param.dim() != 2:
-                total += _moment_bytes(param.numel(), bits, size)
+                total += _moment_bytes(param.numel(), bits, size, min_numel)
                 continue
             low_rank = state_elements(tuple(param.shape), rank, proj_type) // 2
-            total += _moment_bytes(low_rank, bits, size)
+            total += _moment_bytes(low_rank, bits, size, min_numel)
             side = projection_side(param.shape, proj_type)
-            rows, cols = projection_shape(param.shape, min(rank, min(param.shape)), side)
-            total += rows * cols * size  # the projection basis
+            shape = projection_shape(param.shape, min(rank, min(param.shape)), side)
+            # The projection basis: floats, or INT8 / INT4 codes and their scales (proj_bits).
+            total += basis_bytes(shape, group.get("proj_bits"), size)
     return total
 
 
@@ -127,7 +130,7 @@ def checkpoint_bytes_estimate(model: nn.Module, optimizer: torch.optim.Optimizer
     The optimizer state is computed from the parameter groups, not read from the state (which is
     empty before the first step): for GradNormLoRPAdamW the two Adam moments of each parameter
     (low-rank for a projected one, 8-bit codes and block scales when ``bits=8``) and each
-    projection basis; for any other optimizer two moments the size of every parameter (Adam).
+    projection basis (codes and scales under ``proj_bits``); for any other optimizer two moments the size of every parameter (Adam).
     Scalars, JSON files and the file formats' headers are left to the caller's margin.
     """
     model_bytes = sum(_tensor_bytes(t) for t in model.state_dict().values() if torch.is_tensor(t))

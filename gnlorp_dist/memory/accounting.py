@@ -16,7 +16,8 @@ At each new peak the tracker snapshots which storages are live, and the step cla
 - ``weights``: parameters and buffers of the model;
 - ``gradients``: storages that are some parameter's ``.grad`` at that moment;
 - ``optimizer_states``: tensors in ``optimizer.state`` other than the two below;
-- ``projection``: the projection matrices (``state["proj"]``);
+- ``projection``: the projection matrices (``state["proj"]``, and ``state["proj_scale"]`` for
+  quantised bases);
 - ``accumulation_buffers``: per-layer low-rank gradient sums (``state["low_rank_grad_sum"]``);
 - ``activations``: storages autograd saved for backward (seen by a ``saved_tensors_hooks``
   pack hook, parameters excluded), plus storages created in the forward pass that are still
@@ -44,7 +45,7 @@ from gnlorp_dist.models import build_model, llama_config
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
 
-_PROJ_KEY = "proj"
+_PROJ_KEYS = ("proj", "proj_scale")  # a float basis, or a quantised one's codes and scales
 _ACCUMULATION_KEY = "low_rank_grad_sum"
 
 
@@ -189,7 +190,7 @@ def _state_keys(optimizer: torch.optim.Optimizer) -> dict[str, set[int]]:
         for name, value in state.items():
             if not isinstance(value, Tensor):
                 continue
-            if name == _PROJ_KEY:
+            if name in _PROJ_KEYS:
                 kind = "projection"
             elif name == _ACCUMULATION_KEY:
                 kind = "accumulation_buffers"
@@ -406,8 +407,6 @@ def build_for_config(
     after the first otherwise; the projected groups use scale 0.25 and lr 1e-3 (no effect on
     memory). One process: ``world_size`` must be 1.
     """
-    if config.fused_8bit_update:
-        raise ValueError("fused_8bit_update=True describes code that does not exist; no measure")
     if config.world_size != 1:
         raise ValueError(
             f"world_size={config.world_size}: measurement runs one process; use world_size=1"
@@ -427,8 +426,16 @@ def build_for_config(
         if rank is None:
             rank = model_shape(config.model, weight_norm=False, projected=False).recipe_rank
         gap = update_proj_gap or (1 if config.refresh else 10**9)
+        options: dict[str, Any] = {"svd_method": config.svd_method}
+        if config.proj_bits != 16:
+            options["proj_bits"] = config.proj_bits
         groups = projected_param_groups(
-            model, rank=rank, update_proj_gap=gap, scale=0.25, proj_type=config.proj_type
+            model,
+            rank=rank,
+            update_proj_gap=gap,
+            scale=0.25,
+            proj_type=config.proj_type,
+            **options,
         )
         optimizer: torch.optim.Optimizer = GradNormLoRPAdamW(
             groups, lr=1e-3, bits=config.state_bits

@@ -13,8 +13,13 @@ from typing import TYPE_CHECKING
 from gnlorp_dist.models import build_model_on_meta, llama_config, recipe_for_config
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import projected_param_groups
-from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL
-from gnlorp_dist.projection import low_rank_shape, projection_shape, projection_side
+from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL, update_workspace_bytes
+from gnlorp_dist.projection import (
+    RANDOMIZED_MIN_DIM,
+    low_rank_shape,
+    projection_shape,
+    projection_side,
+)
 
 if TYPE_CHECKING:
     from gnlorp_dist.memory.estimator import MemoryConfig
@@ -107,6 +112,105 @@ def quantized_bytes(numel: int) -> int:
     return numel + 4 * math.ceil(numel / BLOCK_SIZE)
 
 
+PROJ_BITS: tuple[int, ...] = (16, 8, 4)
+"""Bits of a stored projection basis, as ``gnlorp-train --proj-bits``: 16 is the float basis in
+the gradient's dtype (4 bytes an element in fp32 runs, 2 in bf16); 8 and 4 are the codes of
+:mod:`gnlorp_dist.optim.quantized_basis`."""
+
+PROJ_GROUP_SIZE = 128
+"""Elements per float32 scale of a quantised basis, along its last dimension
+(``gnlorp_dist.optim.quantized_basis.PROJ_GROUP_SIZE``)."""
+
+
+def _basis_groups(shape: tuple[int, int]) -> tuple[int, int]:
+    """(scales, padded elements) of a quantised basis of ``shape``: each row is cut into groups
+    of ``min(128, cols)`` values (the last one zero-padded), one float32 scale a group."""
+    rows, cols = shape
+    width = min(PROJ_GROUP_SIZE, cols)
+    groups = -(-cols // width)
+    return rows * groups, rows * groups * width
+
+
+def basis_stored_bytes(shape: tuple[int, int], proj_bits: int, s: int) -> int:
+    """Bytes one basis keeps in the optimizer state: float (``s`` bytes a value) at 16 bits;
+    int8 codes (8) or two INT4 codes a byte (4) plus one float32 scale a group."""
+    numel = math.prod(shape)
+    if proj_bits == 16:
+        return s * numel
+    scales, _ = _basis_groups(shape)
+    return (numel if proj_bits == 8 else -(-numel // 2)) + 4 * scales
+
+
+def basis_load_bytes(shape: tuple[int, int], proj_bits: int, s: int) -> tuple[int, int]:
+    """(peak, result) bytes of restoring a quantised basis for one use (``load_basis`` in the
+    gradient's dtype): INT4 unpacks its nibbles (two half-size int8 halves, their int8 stack),
+    the codes go to float32 (zero-padded to whole groups), times the scales (float32), then the
+    cast to bf16 (bf16 runs). The result is the bf16 copy, or in fp32 the scaled buffer itself.
+    A float basis is read as it is: (0, 0)."""
+    if proj_bits == 16:
+        return 0, 0
+    numel = math.prod(shape)
+    _, padded = _basis_groups(shape)
+    unpacked = 2 * numel if proj_bits == 4 else 0
+    cast = s * numel if s != 4 else 0
+    return unpacked + 8 * padded + cast, (cast if s != 4 else 4 * padded)
+
+
+def basis_store_bytes(shape: tuple[int, int], proj_bits: int, s: int) -> int:
+    """Peak bytes of quantising a new basis (``store_basis``) beyond the basis itself: its
+    float32 copy (bf16) or zero-padded copy, the quotient by the scales and its rounding, the
+    new codes (and, INT4, the shifted float codes, their uint8 nibbles and the packing), and the
+    per-group absmax, scales and divisors."""
+    if proj_bits == 16:
+        return 0
+    numel = math.prod(shape)
+    scales, padded = _basis_groups(shape)
+    grouped = 4 * padded if (padded != numel or s != 4) else 0
+    rounded = grouped + 8 * padded
+    if proj_bits == 8:
+        tail = grouped + 4 * padded + numel
+    else:
+        tail = grouped + 4 * padded + max(5 * numel, 2 * numel)
+    return max(rounded, tail) + 12 * scales
+
+
+def full_svd_bytes(rows: int, cols: int, proj: int, s: int) -> int:
+    """``compute_projection(method="svd")`` beyond the gradient: its float32 copy (bf16 only),
+    the thin SVD's U (M x k), S (k) and Vh (k x N) in float32 (k = min(M, N); LAPACK returns them
+    column-major, so the r-slice is copied), and the basis cast to bf16 (bf16 only)."""
+    k = min(rows, cols)
+    copy = 4 * rows * cols if s != 4 else 0
+    return copy + 4 * (rows * k + k + k * cols) + 4 * proj + (proj * s if s != 4 else 0)
+
+
+def randomized_svd_bytes(
+    rows: int, cols: int, rank: int, proj: int, s: int, oversample: int = 8, power_iters: int = 2
+) -> int:
+    """``compute_projection(method="randomized")`` (``projection._randomized_svd``) beyond the
+    gradient, on ``a`` (L x S, the larger side first) with ``w = min(r + 8, M, N)`` columns:
+    the float32 copy (bf16 only), the sketch ``omega`` (S x w) throughout, then the largest of:
+    a power iteration's QR (the previous Q and R, the product, the new Q and R:
+    ``4 (2 S w + 2 L w + 2 w^2)``); the small SVD of ``Q^T a`` (Q, R, the product, u, s, vh);
+    ``U = Q u`` beside them; the basis sliced (copied) and cast (bf16) beside U and Vh."""
+    large, small = max(rows, cols), min(rows, cols)
+    w = min(rank + oversample, rows, cols)
+    copy = 4 * rows * cols if s != 4 else 0
+    first_qr = 4 * (small * w + 2 * large * w + w * w)
+    power = 4 * (2 * small * w + 2 * large * w + 2 * w * w) if power_iters > 0 else 0
+    svd = 4 * (3 * small * w + large * w + 2 * w * w + w)
+    back = 4 * (2 * small * w + 2 * large * w + 2 * w * w + w)
+    basis = 4 * (large * w + w * small) + 4 * proj + (proj * s if s != 4 else 0)
+    return copy + max(first_qr, power, svd, back, basis)
+
+
+def svd_method_for(shape: tuple[int, ...], method: str) -> str:
+    """The decomposition a refresh of a ``shape`` gradient runs (``auto`` resolved as
+    :func:`gnlorp_dist.projection.resolve_svd_method` does)."""
+    if method == "auto":
+        return "randomized" if min(shape) >= RANDOMIZED_MIN_DIM else "svd"
+    return method
+
+
 class Layout:
     """Byte sizes of one parameter's gradient, states and update workspace under a config."""
 
@@ -115,6 +219,7 @@ class Layout:
         self.rank = rank
         self.s = DTYPE_BYTES[config.dtype]
         self.bits = config.state_bits
+        self.proj_bits = config.proj_bits
 
     def low_rank(self, p: ParamShape) -> tuple[int, int, str]:
         """(low-rank numel, projection numel, side) of a projected matrix."""
@@ -122,77 +227,100 @@ class Layout:
         low = math.prod(low_rank_shape(p.shape, self.rank, side))
         return low, math.prod(projection_shape(p.shape, self.rank, side)), side
 
-    def _quantised(self, numel: int) -> bool:
-        return self.bits == 8 and numel >= MIN_8BIT_NUMEL
+    def basis_shape(self, p: ParamShape) -> tuple[int, int]:
+        side = projection_side(p.shape, self.c.proj_type)
+        return projection_shape(p.shape, self.rank, side)
 
     def moments(self, numel: int) -> int:
         """Adam's two moments of ``numel`` elements in this optimizer's layout."""
         if self.c.optimizer in ("adamw", "adamw8bit") and self.bits == 8:
             # bitsandbytes AdamW8bit: small tensors keep float32 moments
             return 2 * (quantized_bytes(numel) if numel >= MIN_8BIT_NUMEL else 4 * numel)
-        if self._quantised(numel):
+        if self.bits == 8 and numel >= MIN_8BIT_NUMEL:
             return 2 * quantized_bytes(numel)
         return 2 * self.s * numel  # GradNormLoRPAdamW and torch AdamW: the parameter's dtype
 
     def states(self, p: ParamShape) -> tuple[int, int]:
         """(moment bytes, projection bytes) of ``p``."""
         if p.projected and self.c.projected:
-            low, proj, _ = self.low_rank(p)
-            return self.moments(low), self.s * proj
+            low, _, _ = self.low_rank(p)
+            return self.moments(low), basis_stored_bytes(
+                self.basis_shape(p), self.proj_bits, self.s
+            )
         extra = 4 if self.c.optimizer == "adamw" and self.bits == 32 else 0  # torch's step tensor
         return self.moments(p.numel) + extra, 0
 
-    def dense_update(self, numel: int) -> int:
-        """Workspace of one dense AdamW update (``dense_adamw_step``).
+    def moment_update(self, numel: int) -> int:
+        """Workspace of the moments' update of ``numel`` elements (GradNormLoRPAdamW's dense and
+        projected paths alike): :func:`gnlorp_dist.optim.quantized.update_workspace_bytes`,
+        8-bit moments decoded and re-encoded chunk by chunk, float moments in place."""
+        return update_workspace_bytes(numel, self.bits, element_size=self.s)
 
-        The moments are updated in place; ``(sqrt(v) / bc2).add_(eps)`` holds the square root
-        and the quotient at once. 8-bit moments are first dequantized to float32 (both), and
-        re-quantised at the end (codes and scales, then copied into the state). bitsandbytes'
-        own AdamW8bit is one fused kernel: no workspace.
-        """
+    def dense_update(self, numel: int) -> int:
+        """Workspace of one dense AdamW update (``update_dense_block``): the moment update
+        (float state: ``sqrt(v) / bc2`` and the denominator alive at once; 8-bit: the chunks).
+        bitsandbytes' own AdamW8bit is one fused kernel: no workspace."""
         if self.c.optimizer in ("adamw", "adamw8bit") and self.bits == 8:
             return 0
-        if self._quantised(numel) and self.c.fused_8bit_update:
-            return 0
-        if not self._quantised(numel):
-            return 2 * self.s * numel
-        return max(4 * 4 * numel, 2 * 4 * numel + quantized_bytes(numel))
+        return self.moment_update(numel)
+
+    def basis_load(self, p: ParamShape) -> tuple[int, int]:
+        """(peak, result) of restoring ``p``'s basis for one use (0, 0 for a float basis)."""
+        return basis_load_bytes(self.basis_shape(p), self.proj_bits, self.s)
+
+    def projection_step(self, p: ParamShape) -> int:
+        """Workspace of projecting ``p``'s gradient G (alive, not counted): the basis restored
+        (quantised bases), then R = project(G, basis) beside it."""
+        low, _, _ = self.low_rank(p)
+        peak, result = self.basis_load(p)
+        return max(peak, result + low * self.s)
 
     def projected_update(self, p: ParamShape) -> int:
-        """Workspace of one projected update, from the projected gradient R on.
+        """Workspace of one projected update, from the projected gradient R on (weight dtype).
 
-        R (low-rank, weight dtype); 8-bit: both moments dequantized (float32); then
-        ``m / (sqrt(v) + eps)`` (square root and quotient alive together), then the quotient
-        projected back to the full shape (weight dtype) while R and the quotient live; 8-bit:
-        finally the re-quantised codes and scales.
+        The moments are updated chunk by chunk (:meth:`moment_update`) and each chunk's
+        direction ``m / (sqrt(v) + eps)`` overwrites R in place (no second low-rank buffer);
+        then the basis is restored (quantised bases) and the direction is projected back to
+        the full shape (weight dtype) beside R, and added to the weights in place.
         """
         low, _, _ = self.low_rank(p)
         full = p.numel * self.s
-        r_bytes = low * self.s
-        if not self._quantised(low):
-            return r_bytes + max(2 * low * self.s, low * self.s + full)
-        if self.c.fused_8bit_update:  # the direction leaves the kernel in the weight dtype
-            return r_bytes + low * self.s + full
-        dequantized = 2 * 4 * low
-        # A float32 quotient with bf16 weights is cast to bf16 before projecting back (see notes).
-        cast = low * self.s if self.s != 4 else 0
-        return r_bytes + dequantized + max(2 * 4 * low, 4 * low + cast + full, quantized_bytes(low))
+        peak, result = self.basis_load(p)
+        return low * self.s + max(self.moment_update(low), peak, result + full)
 
-    def refresh(self, p: ParamShape) -> int:
+    def refresh(self, p: ParamShape, left: int = 0) -> int:
         """Workspace of a subspace refresh of ``p`` (its gradient itself not included).
 
-        ``isfinite(G)``: ``abs`` (weight dtype) and three boolean masks. ``compute_projection``:
-        a float32 copy of G (bf16 only), the thin SVD's U (M x k), S (k) and Vh (k x N) with
-        k = min(M, N), float32 (LAPACK returns them column-major, so the r-slice is copied), and
-        the basis cast to the weight dtype (bf16 only).
+        ``compute_projection``: the full SVD (:func:`full_svd_bytes`) or the randomized one
+        (:func:`randomized_svd_bytes`), as ``svd_method`` resolves for ``p``'s shape. Quantised
+        bases: then the old basis is restored (the driver reads it for the lazy-refresh overlap)
+        and the new one quantised beside both. ``left``: bytes the previous matrix's refresh
+        leaves referenced meanwhile (the normal path's loop; see :meth:`refresh_leftover`).
         """
         rows, cols = p.shape
-        k = min(rows, cols)
         _, proj, _ = self.low_rank(p)
-        isfinite = p.numel * (self.s + 3)
-        copy = 4 * p.numel if self.s != 4 else 0
-        svd = 4 * (rows * k + k + k * cols) + 4 * proj + (proj * self.s if self.s != 4 else 0)
-        return max(isfinite, copy + svd)
+        if svd_method_for(p.shape, self.c.svd_method) == "randomized":
+            svd = randomized_svd_bytes(rows, cols, self.rank, proj, self.s)
+        else:
+            svd = full_svd_bytes(rows, cols, proj, self.s)
+        work = svd
+        if self.proj_bits != 16:
+            shape = self.basis_shape(p)
+            basis = proj * self.s
+            load_peak, old = basis_load_bytes(shape, self.proj_bits, self.s)
+            store = basis_store_bytes(shape, self.proj_bits, self.s)
+            work = max(svd, basis + load_peak, basis + old + store)
+        # The non-finite check before it is one fused norm per gradient (scalars only).
+        return left + work
+
+    def refresh_leftover(self, p: ParamShape) -> int:
+        """What a refresh of ``p`` in the normal path's loop leaves referenced until the next
+        matrix's refresh: the replaced float basis (``old``), or with quantised bases the new
+        float basis and the restored old one."""
+        _, proj, _ = self.low_rank(p)
+        if self.proj_bits == 16:
+            return proj * self.s
+        return proj * self.s + self.basis_load(p)[1]
 
 
 # -- activations -------------------------------------------------------------------------------
@@ -249,10 +377,13 @@ def layer_backward_workspace(shape: ModelShape, tokens: int, s: int) -> int:
     residual stream's gradient (approximate: the largest linear layer's, in -> out).
 
     Plain linear: the input's gradient and the weight's (the output's gradient is the incoming
-    one, except for the MLP's up/gate, whose output gradient is new). WeightNormLinear: the
-    pre-scale output's gradient is new too, and the weight gradient comes in two weight-sized
-    parts (row norm, matmul) that are then summed: the larger of (output + input gradients +
-    two weight-sized) and (input gradient + three weight-sized).
+    one, except for the MLP's up/gate, whose output gradient is new). WeightNormLinear
+    (``_ScaledLinear``, which saves no pre-scale output): first the scaled output gradient
+    beside the input's gradient (tokens x (out + in)); then, beside the input's gradient, the
+    weight gradient ``G``, ``G * V`` (for the scale's gradient, freed) and ``G * s``, and the row
+    norm's part of V's gradient and the sum of the two parts: three weight-sized tensors at
+    most, and in bf16 also the norm backward's float32 weight-sized product (the norm is taken
+    in float32). Checked against the live-tensor accounting of one layer's backward.
     """
     h, inter = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -261,10 +392,11 @@ def layer_backward_workspace(shape: ModelShape, tokens: int, s: int) -> int:
     for i, o in linears:
         w = i * o
         if shape.weight_norm:
-            per_linear.append(max(tokens * (o + i) + 2 * w, tokens * i + 3 * w))
+            norm_copy = 4 * w if s != 4 else 0
+            per_linear.append(max(s * tokens * (o + i), s * (tokens * i + 3 * w) + norm_copy))
         else:
-            per_linear.append(tokens * (i + (o if o != h else 0)) + w)
-    return s * max(per_linear)
+            per_linear.append(s * (tokens * (i + (o if o != h else 0)) + w))
+    return max(per_linear)
 
 
 def activation_terms(

@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from gnlorp_dist.memory.arithmetic import PROJ_BITS
 from gnlorp_dist.memory.estimator import (
     COMPONENTS,
     DTYPE_BYTES,
@@ -23,7 +24,7 @@ from gnlorp_dist.memory.estimator import (
     MemoryEstimate,
     estimate_memory,
 )
-from gnlorp_dist.projection import PROJ_TYPES
+from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak of a step without a subspace refresh (default: include the SVD workspace)",
     )  # fmt: skip
     parser.add_argument(
+        "--proj-bits", type=int, choices=PROJ_BITS, default=16,
+        help="bits of the stored projection bases, as gnlorp-train --proj-bits: 16 (the "
+        "gradient's dtype), 8 (INT8) or 4 (INT4), with a float32 scale per 128 values",
+    )  # fmt: skip
+    parser.add_argument(
+        "--svd-method", choices=SVD_METHODS, default="auto",
+        help="refresh decomposition, as gnlorp-train --svd-method: auto (randomized when the "
+        "smaller side is >= 2048, else the full SVD), svd or randomized",
+    )  # fmt: skip
+    parser.add_argument(
         "--assume-fused-8bit-update", dest="fused_8bit_update", action="store_true",
-        help="planning only: 8-bit updates without whole dequantized moments (not implemented)",
+        help=argparse.SUPPRESS,  # removed: the 8-bit update is chunked now, always modelled
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -86,7 +97,8 @@ def config_from_args(args: argparse.Namespace) -> MemoryConfig:
         world_size=args.world_size,
         shard_states=args.shard_states,
         refresh=args.refresh,
-        fused_8bit_update=args.fused_8bit_update,
+        proj_bits=args.proj_bits,
+        svd_method=args.svd_method,
     )
 
 
@@ -97,6 +109,7 @@ def format_estimate(estimate: MemoryEstimate) -> str:
         f"{c.model}: {c.optimizer}, {estimate.config.state_bits}-bit states"
         + (f", rank {estimate.rank} ({c.proj_type})" if estimate.rank else "")
         + (", per-layer updates" if c.per_layer else "")
+        + (f", {c.proj_bits}-bit bases" if estimate.rank and c.proj_bits != 16 else "")
         + f", {c.tokens} tokens/micro-batch x {c.accumulation_steps}, {c.dtype} weights"
         + (", activation checkpointing" if c.activation_checkpointing else "")
         + (f", {c.world_size} ranks" if c.world_size > 1 else "")
@@ -131,6 +144,12 @@ def format_estimate(estimate: MemoryEstimate) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.fused_8bit_update:
+        parser.error(
+            "--assume-fused-8bit-update was removed: GradNormLoRPAdamW updates 8-bit moments "
+            "chunk by chunk (never whole dequantised moments), and the estimator always models "
+            "that; drop the flag"
+        )
     try:
         estimate = estimate_memory(config_from_args(args))
     except ValueError as err:

@@ -6,7 +6,12 @@ over shapes, mirroring what the code does step by step:
 
 - states: the optimizer's real layout (:mod:`gnlorp_dist.optim.quantized`: uint8 codes plus one
   float32 scale per 256-element block, tensors under 4096 elements kept in the moment dtype;
-  projected moments have the low-rank shape of :mod:`gnlorp_dist.projection`);
+  projected moments have the low-rank shape of :mod:`gnlorp_dist.projection`); projection bases
+  in the gradient's dtype or, with ``proj_bits`` 8/4, as INT8/INT4 codes plus float32 scales
+  (:mod:`gnlorp_dist.optim.quantized_basis`), restored for each use;
+- update workspaces: 8-bit moments decoded and re-encoded chunk by chunk
+  (:func:`gnlorp_dist.optim.quantized.update_workspace_bytes`), the projected direction written
+  over the low-rank gradient, the refresh's full or randomized SVD as ``svd_method`` resolves;
 - activations: :func:`~gnlorp_dist.memory.arithmetic.activation_terms`, one term per tensor that autograd saves in a LLaMA
   decoder layer with ``sdpa`` attention (derived op by op and checked, byte for byte, against
   the saved-tensor hooks of :mod:`gnlorp_dist.memory.accounting`);
@@ -27,6 +32,7 @@ from typing import Any
 
 from gnlorp_dist.memory.arithmetic import (
     DTYPE_BYTES,
+    PROJ_BITS,
     Layout,
     ModelShape,
     ParamShape,
@@ -35,7 +41,7 @@ from gnlorp_dist.memory.arithmetic import (
     layer_activation_bytes,
     layer_backward_workspace,
 )
-from gnlorp_dist.projection import PROJ_TYPES
+from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "galore", "gradnormlorp")
 """``adamw``: ``torch.optim.AdamW`` (``bits=8``: bitsandbytes' ``AdamW8bit``); ``adamw8bit``:
@@ -92,10 +98,15 @@ class MemoryConfig:
     refresh: bool = True
     """Include a subspace refresh (SVD workspace) in the step: every ``update_proj_gap``-th
     step has one, so it sets the peak of a run. False: the peak of the other steps."""
-    fused_8bit_update: bool = False
-    """Planning only: model GradNormLoRPAdamW's 8-bit updates as one fused (or chunked) kernel
-    that never holds whole dequantized moments, as bitsandbytes' AdamW8bit does. The code
-    dequantizes whole moments today; False describes it as it is."""
+    proj_bits: int = 16
+    """Bits of the stored projection bases (``gnlorp-train --proj-bits``): 16, the float basis in
+    the gradient's dtype; 8, int8 codes; 4, INT4 codes two a byte; 8 and 4 add one float32 scale
+    per group of 128 values of a row and restore the basis (float32, then the gradient's dtype)
+    for each use."""
+    svd_method: str = "auto"
+    """How a refresh decomposes the gradient (``gnlorp-train --svd-method``): ``auto``
+    (randomized when the matrix's smaller side is at least 2048, else the full SVD), ``svd`` or
+    ``randomized``."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -104,6 +115,14 @@ class MemoryConfig:
             raise ValueError(f"bits={self.bits!r} is not supported; use 8 or 32")
         if self.optimizer == "adamw8bit" and self.bits == 32:
             raise ValueError("optimizer='adamw8bit' with bits=32: use optimizer='adamw' instead")
+        if self.proj_bits not in PROJ_BITS:
+            raise ValueError(
+                f"proj_bits={self.proj_bits!r} is not supported; use one of {PROJ_BITS}"
+            )
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(
+                f"svd_method={self.svd_method!r} is not supported; use one of {SVD_METHODS}"
+            )
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(
                 f"dtype={self.dtype!r} is not supported; use one of {list(DTYPE_BYTES)}"
@@ -335,12 +354,20 @@ def _moments(
         # Accumulating a gradient (k > 1, or a tied lm_head's part) adds it out of place.
         summed = grad_embed * ((k > 1) + 2 * tied)
         add("embedding_backward", grads=grad_full, temps=nh + summed)
+        # Matrix by matrix: project (its gradient stays alive), update, project back.
         step_workspace = [
-            layout.projected_update(p) if p in projected else layout.dense_update(p.numel)
+            max(layout.projection_step(p), layout.projected_update(p))
+            if p in projected
+            else layout.dense_update(p.numel)
             for p in params
         ]
         if config.refresh:
-            step_workspace += [layout.refresh(p) for p in projected]
+            # Every due matrix refreshes first, in order; each leaves its replaced basis (and
+            # with quantised bases its float basis) referenced until the next one's.
+            left = 0
+            for p in projected:
+                step_workspace.append(layout.refresh(p, left))
+                left = layout.refresh_leftover(p)
         add("optimizer_step", grads=grad_full, temps=max(step_workspace))
     return moments
 
@@ -356,8 +383,7 @@ def _worst_matrix_hook(
     worst: tuple[ParamShape | None, int, int] = (None, 0, 0)
     for p in projected:
         grad = layout.s * p.numel
-        r_bytes = layout.s * layout.low_rank(p)[0]
-        with_grad = max(layout.refresh(p) if refresh else 0, r_bytes)
+        with_grad = max(layout.refresh(p) if refresh else 0, layout.projection_step(p))
         for grads, temps in ((grad, with_grad), (0, layout.projected_update(p))):
             if grads + temps > worst[1] + worst[2]:
                 worst = (p, grads, temps)
@@ -370,15 +396,10 @@ def _notes(config: MemoryConfig, shape: ModelShape) -> list[str]:
         "attention kernels), the CUDA context, and the caching allocator's rounding and "
         "fragmentation (measure with torch.cuda.max_memory_allocated / nvidia-smi)",
     ]
-    if config.projected and config.state_bits == 8 and config.dtype == "bf16":
+    if config.projected and config.refresh and config.proj_bits != 16:
         notes.append(
-            "8-bit states with bf16 weights: the float32 low-rank direction is cast to bf16 "
-            "before it is projected back (as GradNormLoRPAdamW does)"
-        )
-    if config.fused_8bit_update and config.state_bits == 8 and config.projected:
-        notes.append(
-            "fused_8bit_update=True: a planning assumption; GradNormLoRPAdamW dequantizes whole "
-            "8-bit moments in its update today"
+            "quantised bases: a refresh restores the old basis too (the driver reads it for the "
+            "lazy-refresh overlap, whether or not lazy refresh is on)"
         )
     if config.optimizer == "adamw" and config.state_bits == 32:
         notes.append(

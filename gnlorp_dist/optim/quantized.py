@@ -316,14 +316,46 @@ def settle_shared(shared: list[SharedBlock], agreed: dict[tuple[int, str], Tenso
             item.state[f"{key}_absmax"][item.position] = scale[0]
 
 
-def update_workspace_bytes(numel: int, bits: int) -> int:
-    """Peak float32 workspace of one moment update of ``numel`` elements beyond the moments
-    and the gradient themselves: 8-bit chunks (two decoded moments, their padded copies and
-    the int64 gather indices of one chunk); float state updates in place."""
-    if bits != 8 or numel < MIN_8BIT_NUMEL:
-        return 0
-    chunk = min(numel + BLOCK_SIZE, CHUNK_NUMEL + BLOCK_SIZE)
-    return chunk * (4 * 2 + 4 * 2 + 8)
+def update_workspace_bytes(
+    numel: int, bits: int, *, element_size: int = 4, min_numel: int = MIN_8BIT_NUMEL
+) -> int:
+    """Peak bytes one moment update of ``numel`` elements allocates beyond the moments, the
+    gradient and the weights it reads (a whole tensor on one process: the run starts on the
+    grid), as the live-tensor accounting measures it (``gnlorp_dist.memory``). The same for the
+    dense update (:func:`~gnlorp_dist.optim.dense.update_dense_block`) and the projected one
+    (``driver.adam_directions``, whose direction overwrites the gradient).
+
+    Float state (``bits=32``, or under ``min_numel`` elements): one chunk, the moments
+    themselves; ``sqrt(v)`` and the quotient (or the denominator) live together, in the moments'
+    dtype (``element_size`` bytes): ``2 * element_size * numel``.
+
+    8-bit state, chunk by chunk (:meth:`MomentStore.chunks`, ``c`` elements a chunk): decoding
+    the second moment holds the first one decoded (float32, 4c), the int64 block indices (8c),
+    the gathered map values and scales and their product (4c each): 24c. From the second chunk
+    on, the previous chunk's two float32 moments (8C), its re-encoded codes (C bytes) and its
+    three block-scale vectors are still referenced while the next chunk decodes. Re-encoding a
+    chunk (float32 quotient, int64 bucket indices, the new codes, the previous key's codes) is
+    smaller whenever chunks hold more than a few hundred elements, but is kept in the maximum.
+    """
+    if bits != 8 or numel < min_numel:
+        return 2 * element_size * numel
+
+    def blocks(count: int) -> int:
+        return -(-count // BLOCK_SIZE)
+
+    def chunk_peak(count: int, left: int) -> int:
+        padded = blocks(count) * BLOCK_SIZE
+        decode = 24 * count
+        reencode = 8 * count + 14 * padded + 16 * blocks(count)
+        return left + max(decode, reencode)
+
+    first = min(numel, CHUNK_NUMEL)
+    peak = chunk_peak(first, 0)
+    if numel > CHUNK_NUMEL:
+        # What chunk k - 1 leaves referenced while chunk k (at most a full one) decodes.
+        left = 8 * CHUNK_NUMEL + CHUNK_NUMEL + 3 * 4 * blocks(CHUNK_NUMEL)
+        peak = max(peak, chunk_peak(min(CHUNK_NUMEL, numel - CHUNK_NUMEL), left))
+    return peak
 
 
 def state_bytes(state: dict[str, Any]) -> int:

@@ -94,7 +94,11 @@ def test_writable_folder_passes_and_keeps_nothing(tmp_path):
 
 
 def test_checkpoint_estimate_is_close_to_a_real_checkpoint(tmp_path, tiny_config):
-    for extra, out in (((), tmp_path / "fp32"), (("--bits", "8"), tmp_path / "8bit")):
+    for extra, out in (
+        ((), tmp_path / "fp32"),
+        (("--bits", "8"), tmp_path / "8bit"),
+        (("--bits", "8", "--proj-bits", "4"), tmp_path / "8bit-int4-bases"),
+    ):
         assert main(tiny_args(tiny_config, out, "--max-steps", "1", *extra)) == 0
         folder = out / "checkpoints" / "step-00000001"
         actual = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
