@@ -9,7 +9,10 @@ and the 7B single-GPU answer next to the paper's.
 (b) Per-layer updates against the normal path: backward-phase peak, whole-step peak, peak live
     ``.grad`` bytes, against the size of the full gradient set.
 (c) LLaMA 7B, 8-bit GradNormLoRP, per-layer, rank 1024, 256 tokens per GPU, bf16 weights:
-    the estimate next to the paper's 20.07 GB and GaLore's 22.72 GB, and what gets it under 20 GB.
+    the estimate next to the paper's 20.07 GB and GaLore's 22.72 GB, and its variants.
+(d) The 7B recipe step by step from the old recorded estimate (22.165 GiB): the chunked 8-bit
+    update, weight norm without x·Vᵀ, randomized refresh, INT8 then INT4 bases, activation
+    checkpointing; each step's saving.
 
     python benchmarks/memory_estimator.py            # about 3 minutes on 2 CPU cores
     python benchmarks/memory_estimator.py --quick    # llama_nano and llama_micro only
@@ -31,6 +34,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
 from gnlorp_dist.memory import MemoryConfig, estimate_memory, measure_config  # noqa: E402
+from gnlorp_dist.memory.arithmetic import DTYPE_BYTES, cached_model_shape  # noqa: E402
 
 NAME = "memory_estimator"
 MIB = 2**20
@@ -46,6 +50,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
         dtype="fp32", bits=32, per_layer=True, activation_checkpointing=True, accumulation_steps=2
     ),
     "bf16 32-bit per-layer": dict(dtype="bf16", bits=32, per_layer=True),
+    "fp32 8-bit per-layer INT4 bases": dict(dtype="fp32", bits=8, per_layer=True, proj_bits=4),
+    "fp32 8-bit normal INT8 bases, randomized": dict(
+        dtype="fp32", bits=8, per_layer=False, proj_bits=8, svd_method="randomized"
+    ),
 }
 BF16_MODELS = ("llama_nano",)  # bf16 matmuls are slow on CPU; one model shows the dtype terms
 DROP_TOKENS = 32  # (b): few tokens, so gradients (not logits) dominate the backward pass
@@ -58,22 +66,79 @@ SEVEN_B = MemoryConfig(
 SEVEN_B_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("as specified (the issue's call)", {}),
     ("no subspace refresh in the step", dict(refresh=False)),
+    ("full SVD refresh (svd_method svd)", dict(svd_method="svd")),
     ("proj_type reverse_std", dict(proj_type="reverse_std")),
     ("128 tokens per GPU", dict(tokens=128)),
     ("activation checkpointing", dict(activation_checkpointing=True)),
-    ("fused 8-bit update (not implemented)", dict(fused_8bit_update=True)),
+    ("INT8 bases (proj_bits 8)", dict(proj_bits=8)),
+    ("INT4 bases (proj_bits 4)", dict(proj_bits=4)),
+    ("checkpointing + INT8 bases", dict(activation_checkpointing=True, proj_bits=8)),
+    ("recipe: checkpointing + INT4 bases", dict(activation_checkpointing=True, proj_bits=4)),
     (
-        "checkpointing + fused 8-bit update",
-        dict(activation_checkpointing=True, fused_8bit_update=True),
-    ),
-    (
-        "checkpointing + fused + 128 tokens",
-        dict(activation_checkpointing=True, fused_8bit_update=True, tokens=128),
+        "the paper's math exactly: full SVD, bf16 bases, checkpointing",
+        dict(svd_method="svd", activation_checkpointing=True),
     ),
     ("normal path (no per-layer)", dict(per_layer=False)),
     ("galore (weight norm off), 8-bit, per-layer", dict(optimizer="galore")),
     ("adamw8bit (bitsandbytes), no projection", dict(optimizer="adamw8bit", per_layer=False)),
 )
+
+OLD_7B_GIB = 22.165
+"""The issue's 7B call as estimated before the chunked 8-bit update and the weight-norm change
+(recorded: whole 8-bit moments dequantised to float32 in lm_head's update, 1.955 GiB, and the
+pre-scale product x·Vᵀ saved by every weight-normalised linear)."""
+RECIPE_STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("+ chunked (fused) 8-bit update", dict(svd_method="svd")),
+    ("+ weight norm without x·Vᵀ", dict(svd_method="svd")),
+    ("+ randomized refresh (svd_method auto)", {}),
+    ("+ INT8 bases (proj_bits 8)", dict(proj_bits=8)),
+    ("+ INT4 bases (proj_bits 4)", dict(proj_bits=4)),
+    ("+ activation checkpointing", dict(proj_bits=4, activation_checkpointing=True)),
+)
+"""The 7B recipe, one change at a time from the recorded baseline (cumulative)."""
+
+
+def _old_weight_norm_outputs(config: MemoryConfig) -> int:
+    """What the weight-norm linears saved before 3ff96f8: their pre-scale outputs x·Vᵀ, tokens x
+    (q + k + v + o + gate + up + down outputs) per layer in the weight dtype."""
+    shape = cached_model_shape(config.model, True)
+    q_dim = shape.heads * shape.head_dim
+    kv_dim = shape.kv_heads * shape.head_dim
+    outs = q_dim + 2 * kv_dim + 2 * shape.hidden + 2 * shape.intermediate
+    return shape.layers * config.tokens * DTYPE_BYTES[config.dtype] * outs
+
+
+def recipe_steps() -> list[dict[str, Any]]:
+    """Each step's peak and saving. The first one keeps the old weight norm: x·Vᵀ is added back
+    to every moment that still holds the decoder layers' activations (all but the embedding's
+    update at the end of the backward pass)."""
+    rows = [
+        dict(step="paper's call, old estimate (recorded)", total_bytes=round(OLD_7B_GIB * 2**30),
+             peak_moment="lm_head_update", saving_gib=None, fields=None)
+    ]  # fmt: skip
+    for index, (label, fields) in enumerate(RECIPE_STEPS):
+        config = replace(SEVEN_B, **fields)
+        estimate = estimate_memory(config)
+        totals = {name: sum(live.values()) for name, live in estimate.moments.items()}
+        if index == 0:
+            extra = _old_weight_norm_outputs(config)
+            totals = {
+                name: total + (extra if name != "embedding_update" else 0)
+                for name, total in totals.items()
+            }
+        peak = max(totals, key=totals.__getitem__)
+        previous = rows[-1]["total_bytes"]
+        rows.append(
+            dict(
+                step=label,
+                total_bytes=totals[peak],
+                peak_moment=peak,
+                saving_gib=(previous - totals[peak]) / 2**30,
+                fields=fields,
+                breakdown=estimate.breakdown if index else None,
+            )
+        )
+    return rows
 
 
 def _device() -> str:
@@ -179,7 +244,7 @@ def _mib(num_bytes: int) -> str:
     return f"{num_bytes / MIB:.2f}"
 
 
-def print_tables(validation, drops, sevens) -> None:
+def print_tables(validation, drops, sevens, steps) -> None:
     print("\n(a) estimator vs measured peak (live tensor bytes, one refresh step on the CPU)\n")
     headers = ["model", "setting", "tokens", "est MiB", "meas MiB", "error", "est moment",
                "measured at", "saved act est/meas MiB"]  # fmt: skip
@@ -234,6 +299,19 @@ def print_tables(validation, drops, sevens) -> None:
     print(format_table(["component", "GB (1e9)", "GiB"],
                        [[k, f"{v / 1e9:.3f}", f"{v / 2**30:.3f}"] for k, v in base.items()]))  # fmt: skip
 
+    print("\n(d) the 7B recipe step by step (cumulative; GiB = 2^30 bytes)\n")
+    headers = ["step", "GiB", "GB (1e9)", "saving GiB", "peak moment"]
+    table = [
+        [r["step"], f"{r['total_bytes'] / 2**30:.3f}", f"{r['total_bytes'] / 1e9:.3f}",
+         "" if r["saving_gib"] is None else f"{r['saving_gib']:.3f}", r["peak_moment"]]
+        for r in steps
+    ]  # fmt: skip
+    print(format_table(headers, table))
+    recipe = steps[-1]["breakdown"]
+    print("\n7B recipe breakdown at the peak (INT4 bases, checkpointing):")
+    print(format_table(["component", "GB (1e9)", "GiB"],
+                       [[k, f"{v / 1e9:.3f}", f"{v / 2**30:.3f}"] for k, v in recipe.items()]))  # fmt: skip
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -249,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     validation = validate(models)
     drops = per_layer_drop(models, validation)
     sevens = seven_b()
-    print_tables(validation, drops, sevens)
+    steps = recipe_steps()
+    print_tables(validation, drops, sevens, steps)
     path = write_json(
         args.json,
         {
@@ -266,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "validation": validation,
             "per_layer_drop": drops,
             "llama_7b": sevens,
+            "llama_7b_recipe_steps": steps,
             "seconds": round(time.perf_counter() - start, 1),
         },
     )

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # LLaMA 7B pre-training on ONE 24 GB GPU (RTX 4090 / A5000 / L4-class): 8-bit GradNormLoRP with
-# per-layer updates, rank 1024, bf16 weights, activation checkpointing, 16 x 256 tokens per step.
+# per-layer updates, rank 1024, bf16 weights, INT4 projection bases (--proj-bits 4), activation
+# checkpointing, 16 x 256 tokens per step. Estimated peak 19.17 GiB (20.46 GiB with bf16 bases,
+# PROJ_BITS=16); at 256 tokens per GPU the same settings estimate 17.12 GiB.
 #
 # Before training it asks the estimator (gnlorp-memory, same settings) for the peak and refuses
 # to start when that exceeds BUDGET_GIB (FORCE=1 starts anyway). See launch/README.md.
@@ -13,6 +15,7 @@ set -euo pipefail
 MODEL=${MODEL:-llama_7b}
 RANK=${RANK:-1024}                  # GaLore/GradNormLoRP 7B recipe: r=1024, T=500, alpha=0.25
 UPDATE_PROJ_GAP=${UPDATE_PROJ_GAP:-500}
+PROJ_BITS=${PROJ_BITS:-4}           # projection bases: 4 (INT4), 8 (INT8) or 16 (bf16, GaLore's)
 SCALE=${SCALE:-0.25}
 LR=${LR:-0.005}
 GRAD_CLIP=${GRAD_CLIP:-1.0}         # per parameter with --per-layer (no global norm in backward)
@@ -36,7 +39,7 @@ else
 fi
 ESTIMATE_ARGS=(--model "$MODEL" --optimizer gradnormlorp --bits 8 --per-layer --rank "$RANK"
     --tokens "$TOKENS" --seq-len "$SEQ_LEN" --accumulation-steps "$GRAD_ACCUM" --dtype bf16
-    --activation-checkpointing)
+    --proj-bits "$PROJ_BITS" --activation-checkpointing)
 
 echo "== estimated peak memory per GPU =="
 "${MEMORY[@]}" "${ESTIMATE_ARGS[@]}"
@@ -51,7 +54,7 @@ if ! python -c "import sys; sys.exit(0 if $TOTAL_BYTES <= $BUDGET_GIB * 2**30 el
 fi
 
 TRAIN_ARGS=(--model "$MODEL" --optimizer gradnormlorp --bits 8 --per-layer
-    --rank "$RANK" --update-proj-gap "$UPDATE_PROJ_GAP" --scale "$SCALE"
+    --rank "$RANK" --update-proj-gap "$UPDATE_PROJ_GAP" --scale "$SCALE" --proj-bits "$PROJ_BITS"
     --lr "$LR" --grad-clip "$GRAD_CLIP" --dtype bf16 --activation-checkpointing
     --batch-size "$BATCH_SIZE" --grad-accum "$GRAD_ACCUM" --seq-len "$SEQ_LEN"
     --max-steps "$MAX_STEPS" --warmup-steps "$WARMUP_STEPS"
