@@ -73,7 +73,7 @@ def compute_projection(
     rank: int,
     side: Side,
     *,
-    method: str = "svd",
+    method: str = "auto",
     oversample: int = 8,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
@@ -90,6 +90,7 @@ def compute_projection(
     """
     assert grad_MN.dim() == 2, f"projection needs a 2-D gradient, got shape {tuple(grad_MN.shape)}"
     matrix = grad_MN.float()
+    method = resolve_svd_method(method, grad_MN.shape)
     if method == "svd":
         U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
     elif method == "randomized":

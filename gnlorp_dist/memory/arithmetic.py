@@ -293,9 +293,9 @@ class Layout:
 
         ``compute_projection``: the full SVD (:func:`full_svd_bytes`) or the randomized one
         (:func:`randomized_svd_bytes`), as ``svd_method`` resolves for ``p``'s shape. Quantised
-        bases: then the old basis is restored (the driver reads it for the lazy-refresh overlap)
-        and the new one quantised beside both. ``left``: bytes the previous matrix's refresh
-        leaves referenced meanwhile (the normal path's loop; see :meth:`refresh_leftover`).
+        bases: the new one is quantised beside itself. ``left``: bytes the previous matrix's
+        refresh leaves referenced meanwhile (the normal path's loop; see
+        :meth:`refresh_leftover`). Lazy refresh (not modelled) also restores the old basis.
         """
         rows, cols = p.shape
         _, proj, _ = self.low_rank(p)
@@ -306,21 +306,17 @@ class Layout:
         work = svd
         if self.proj_bits != 16:
             shape = self.basis_shape(p)
-            basis = proj * self.s
-            load_peak, old = basis_load_bytes(shape, self.proj_bits, self.s)
             store = basis_store_bytes(shape, self.proj_bits, self.s)
-            work = max(svd, basis + load_peak, basis + old + store)
+            work = max(svd, proj * self.s + store)
         # The non-finite check before it is one fused norm per gradient (scalars only).
         return left + work
 
     def refresh_leftover(self, p: ParamShape) -> int:
         """What a refresh of ``p`` in the normal path's loop leaves referenced until the next
-        matrix's refresh: the replaced float basis (``old``), or with quantised bases the new
-        float basis and the restored old one."""
+        matrix's refresh: with quantised bases the new float basis (a float basis is the
+        state's own tensor)."""
         _, proj, _ = self.low_rank(p)
-        if self.proj_bits == 16:
-            return proj * self.s
-        return proj * self.s + self.basis_load(p)[1]
+        return 0 if self.proj_bits == 16 else proj * self.s
 
 
 # -- activations -------------------------------------------------------------------------------

@@ -396,11 +396,6 @@ def _notes(config: MemoryConfig, shape: ModelShape) -> list[str]:
         "attention kernels), the CUDA context, and the caching allocator's rounding and "
         "fragmentation (measure with torch.cuda.max_memory_allocated / nvidia-smi)",
     ]
-    if config.projected and config.refresh and config.proj_bits != 16:
-        notes.append(
-            "quantised bases: a refresh restores the old basis too (the driver reads it for the "
-            "lazy-refresh overlap, whether or not lazy refresh is on)"
-        )
     if config.optimizer == "adamw" and config.state_bits == 32:
         notes.append(
             "torch AdamW modelled one parameter at a time (foreach=False, CPU's default); on "

@@ -58,7 +58,12 @@ from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, MomentStore, SharedBlock
 from gnlorp_dist.optim.quantized_basis import drop_basis, load_basis, store_basis
-from gnlorp_dist.optim.refresh import keep_next_refresh, next_refresh_step, refresh_due
+from gnlorp_dist.optim.refresh import (
+    keep_next_refresh,
+    lazy_refresh,
+    next_refresh_step,
+    refresh_due,
+)
 from gnlorp_dist.projection import (
     low_rank_shape,
     project,
@@ -201,7 +206,7 @@ def refresh_subspaces(
             assert grad is not None, step.params[i].name
             state = step.state(i)
             basis = source.compute_basis(step.group, grad, state)
-            old = step.basis(i) if "proj" in state else None
+            old = step.basis(i) if "proj" in state and lazy_refresh(step.group) else None
             keep_next_refresh(state, next_refresh_step(step.group, state, old, basis, step.side(i)))
             store_basis(state, basis, step.group.get("proj_bits"))
         return due
@@ -232,7 +237,7 @@ def refresh_subspaces(
         if step.owner(i) == comm.rank:
             state = step.state(i)
             basis = source.compute_basis(step.group, full_grads.pop(i).view(shape), state)
-            old = step.basis(i) if "proj" in state else None
+            old = step.basis(i) if "proj" in state and lazy_refresh(step.group) else None
             chosen = next_refresh_step(step.group, state, old, basis, step.side(i))
             if chosen is not None:
                 next_step.fill_(chosen)
@@ -245,7 +250,7 @@ def refresh_subspaces(
     wait_all(handles)
     for i, basis in bases.items():
         state = step.state(i)
-        if step.group.get("lazy_refresh_threshold", 0.0) > 0.0:  # one read per refresh
+        if lazy_refresh(step.group):  # one read per refresh
             keep_next_refresh(state, int(next_steps[i].item()))
         if step.fragments[i] is not None:
             store_basis(state, basis, step.group.get("proj_bits"))

@@ -32,6 +32,10 @@ def refresh_due(group: dict[str, Any], state: dict[str, Any]) -> bool:
     return step % group["update_proj_gap"] == 0
 
 
+def lazy_refresh(group: dict[str, Any]) -> bool:
+    return float(group.get("lazy_refresh_threshold", 0.0)) > 0.0
+
+
 def max_gap(group: dict[str, Any]) -> int:
     return int(group.get("max_update_proj_gap", MAX_GAP_FACTOR * group["update_proj_gap"]))
 
@@ -57,7 +61,7 @@ def next_refresh_step(
     (``state`` records the gap and the overlap measured, for reports). None under the fixed
     gap, whose rule needs no state."""
     step = int(state.get("step", 0))
-    if float(group.get("lazy_refresh_threshold", 0.0)) <= 0.0:
+    if not lazy_refresh(group):
         return None
     overlap = None
     if old_basis is not None:
