@@ -221,9 +221,17 @@ def factored_denominator(
     after the square root, as Adam's; ``sum(R)`` (= ``sum(C)``) is floored at the dtype's
     ``tiny`` so an all-zero history gives ``V^ = 0`` instead of 0/0.
     """
+    return factored_denominator_rows(row_M, col_N, 0, row_M.shape[0], step, beta2, eps)
+
+
+def factored_denominator_rows(
+    row_M: Tensor, col_N: Tensor, first: int, stop: int, step: int, beta2: float, eps: float
+) -> Tensor:
+    """Rows ``first:stop`` of :func:`factored_denominator` (shape ``(stop - first) x N``): a
+    rank holding a run of the matrix builds the denominator of the rows its run covers only."""
     total = row_M.sum().clamp_min(torch.finfo(row_M.dtype).tiny)
-    v_hat_MN = torch.outer(row_M, col_N) / total
-    return (v_hat_MN / (1 - beta2**step)).sqrt() + eps
+    v_hat = torch.outer(row_M[first:stop], col_N) / total
+    return (v_hat / (1 - beta2**step)).sqrt() + eps
 
 
 def projfactor_direction(

@@ -57,6 +57,25 @@ class Fsdp2Layout(LayoutDefaults):
     def true_shape(self, param: Tensor) -> tuple[int, ...]:
         return tuple(param.shape)  # a DTensor's shape is the global one
 
+    def check_group(self, group: dict[str, Any], group_index: int) -> None:
+        """VLoRP's options are not wired into FSDP2's sharded state (its DTensor moments are
+        sized by the true shape's rows, and ProjFactor's column sums would need every rank's
+        rows): refused here, before any step, rather than run wrong."""
+        asked = {
+            key: group[key]
+            for key, plain in (("granularity", 1), ("proj_type", None), ("second_moment", "adam"))
+            if key in group
+            and group[key] != plain
+            and (key != "proj_type" or group[key] == "random")
+        }
+        if "rank" in group and asked:
+            raise ValueError(
+                f"param_groups[{group_index}]: {asked} is not supported under FSDP2 yet "
+                "(VLoRP granularity, random bases and ProjFactor run on one process, DDP, the "
+                "low-rank reduction and DeepSpeed ZeRO); drop these options under FSDP2, or "
+                "train with DDP or ZeRO"
+            )
+
     def fragments(
         self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
     ) -> list[Fragment | None]:

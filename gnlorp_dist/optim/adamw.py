@@ -30,6 +30,7 @@ from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, Layout, dete
 from gnlorp_dist.optim.nonfinite_guard import NonFiniteGuard
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.per_layer_step import PerLayerStep
+from gnlorp_dist.optim.projector import is_random, planning_proj_type, projected_shape
 from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL
 from gnlorp_dist.optim.validation import (
     check_finite_hyperparameters,
@@ -385,9 +386,11 @@ class GradNormLoRPAdamW(
             shapes, ranks, proj_types = [], [], []
             for index, group in enumerate(self.groups_at_construction):
                 for shape in self.true_shapes[index]:
-                    shapes.append(shape)
+                    # A projected matrix is owned whole: sized by its projected state.
+                    projected = "rank" in group and len(shape) == 2
+                    shapes.append(projected_shape(shape, group) if projected else shape)
                     ranks.append(group.get("rank"))
-                    proj_types.append(group.get("proj_type"))
+                    proj_types.append(planning_proj_type(group))
             plan = plan_ownership(shapes, ranks, proj_types, self.comm.world_size)
             self._blocks = [[] for _ in shapes]
             for block in plan:
@@ -421,7 +424,11 @@ class GradNormLoRPAdamW(
         group, _name = self.group_and_name(param)
         if self.gradient_reduction != "low_rank" or self.comm.world_size == 1:
             return None
-        if "rank" not in group or "proj" not in owner_state:
+        if "rank" not in group:
+            return None
+        if is_random(group):  # nothing stored: the step count alone regenerates the basis
+            return {"step": owner_state["step"]} if "step" in owner_state else None
+        if "proj" not in owner_state:
             return None
         kept = ("step", "proj", "proj_scale", "next_refresh")
         return {key: owner_state[key] for key in kept if key in owner_state}

@@ -26,9 +26,10 @@ from torch.utils.hooks import RemovableHandle
 
 from gnlorp_dist.optim.comm import Handle, buffer_device, wait_all
 from gnlorp_dist.optim.data_parallel import reduce_to_owners
+from gnlorp_dist.optim.projector import group_side, projected_shape
 from gnlorp_dist.optim.quantized_basis import load_basis
 from gnlorp_dist.optim.refresh import refresh_due
-from gnlorp_dist.projection import project, projection_side
+from gnlorp_dist.projection import project
 
 
 class BackwardReduction:
@@ -72,11 +73,12 @@ class BackwardReduction:
         state = optimizer.state.get(param)
         if not state or "proj" not in state or refresh_due(group, state) or param.grad.dim() != 2:
             return  # step() refreshes it first (or refuses it)
-        side = projection_side(param.shape, group["proj_type"])
+        side = group_side(tuple(param.shape), group)
         # Float32 when assembled from several ranks (bf16 weights too).
         proj = load_basis(state, torch.float32)
         # In the weights' dtype on the wire (bf16 weights: bf16, as DDP's buckets).
-        low = project(param.grad.to(proj.dtype), proj, side).to(param.dtype)
+        grad = param.grad.reshape(projected_shape(tuple(param.shape), group)).to(proj.dtype)
+        low = project(grad, proj, side).to(param.dtype)
         low = low.to(buffer_device(comm, param.device)).contiguous()
         (block,) = blocks
         handles.append(comm.reduce_sum(low, dst=block.owner))

@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from gnlorp_dist.optim import projfactor
 from gnlorp_dist.optim.block_grid import agree_shared_blocks
 from gnlorp_dist.optim.comm import Communicator, Handle, clip_coefficient, wait_all
 from gnlorp_dist.optim.dense import update_dense_block
@@ -50,13 +51,28 @@ from gnlorp_dist.optim.fragments import (
     project_fragment,
 )
 from gnlorp_dist.optim.functional import (
+    apply_factored_update_,
     apply_projected_update_,
     normalized_low_rank_update,
     update_moments_,
 )
 from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
-from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, MomentStore, SharedBlock
+from gnlorp_dist.optim.projector import (
+    back_divisor,
+    group_side,
+    is_factored,
+    is_random,
+    projected_shape,
+    regenerate_basis,
+)
+from gnlorp_dist.optim.quantized import (
+    FIRST_MOMENT_ONLY,
+    MIN_8BIT_NUMEL,
+    MOMENT_KEYS,
+    MomentStore,
+    SharedBlock,
+)
 from gnlorp_dist.optim.quantized_basis import drop_basis, load_basis, store_basis
 from gnlorp_dist.optim.refresh import (
     keep_next_refresh,
@@ -64,13 +80,7 @@ from gnlorp_dist.optim.refresh import (
     next_refresh_step,
     refresh_due,
 )
-from gnlorp_dist.projection import (
-    low_rank_shape,
-    project,
-    project_back,
-    projection_shape,
-    projection_side,
-)
+from gnlorp_dist.projection import low_rank_shape, project, project_back, projection_shape
 
 Placement = Literal["owner", "reduce", "rows"]
 
@@ -110,6 +120,11 @@ class GroupStep:
     shared: dict[int, list[SharedBlock]] = field(default_factory=dict)
     """8-bit blocks this rank's runs share with other ranks', waiting for their agreed scales
     (:func:`settle_shared_blocks`)."""
+    counted: dict[int, int] = field(default_factory=dict)
+    """Each matrix's step count before this update's increment (:func:`adam_directions`): a
+    random basis is the one of the window of the update being taken, also after the count."""
+    random_bases: dict[int, Tensor] = field(default_factory=dict)
+    """Random bases regenerated during this step (transient: never in the state)."""
 
     @property
     def projected(self) -> bool:
@@ -120,7 +135,26 @@ class GroupStep:
         return block.owner
 
     def side(self, index: int) -> Any:
-        return projection_side(self.params[index].shape, self.group["proj_type"])
+        return group_side(self.params[index].shape, self.group)
+
+    @property
+    def random(self) -> bool:
+        """Random bases (VLoRP): regenerated from seeds, never stored, refreshed or sent."""
+        return is_random(self.group)
+
+    @property
+    def factored(self) -> bool:
+        """ProjFactor's factored second moment (:mod:`gnlorp_dist.optim.projfactor`)."""
+        return is_factored(self.group)
+
+    def proj_shape(self, index: int) -> tuple[int, int]:
+        """The shape parameter ``index`` is projected in (``(M c, N / c)`` with granularity:
+        the same flat indices, so runs of the matrix are runs of it)."""
+        return projected_shape(self.params[index].shape, self.group)
+
+    @property
+    def back_divisor(self) -> int:
+        return back_divisor(self.group)
 
     @property
     def owner_alone(self) -> bool:
@@ -158,14 +192,28 @@ class GroupStep:
         in the dtype it was computed in: the gradient's on an owner, else float32)."""
         owner = self.placement(index) == "owner"
         dtype = self.params[index].tensor.dtype if owner else torch.float32
-        return load_basis(self.state(index), dtype)
+        if not self.random:
+            return load_basis(self.state(index), dtype)
+        if index not in self.random_bases:
+            (block, *_) = self.blocks[index]
+            window = self.counted.get(index, int(self.state(index).get("step", 0)))
+            device = self.params[index].tensor.device if owner else self.device
+            self.random_bases[index] = regenerate_basis(
+                self.group,
+                block.param_index,
+                window,
+                self.params[index].shape,
+                dtype=dtype,
+                device=device,
+            )
+        return self.random_bases[index]
 
     def moments_numel(self, index: int) -> int:
         """Elements of one Adam moment of the whole parameter ``index`` (low-rank if projected)."""
-        shape = self.params[index].shape
         if self.projected:
+            shape = self.proj_shape(index)
             return math.prod(low_rank_shape(shape, self.group["rank"], self.side(index)))
-        return math.prod(shape)
+        return math.prod(self.params[index].shape)
 
     def cut_8bit(self, index: int) -> bool:
         """Whether parameter ``index``'s 8-bit moments may be cut between ranks (the same answer
@@ -195,6 +243,8 @@ def refresh_subspaces(
     """
     comm = step.comm
     indices = list(range(len(step.params))) if indices is None else indices
+    if step.random:
+        return []  # regenerated from the window's seed by every rank that needs it
     if step.owner_alone:
         due = [
             i
@@ -205,7 +255,7 @@ def refresh_subspaces(
             grad = step.params[i].tensor.grad
             assert grad is not None, step.params[i].name
             state = step.state(i)
-            basis = source.compute_basis(step.group, grad, state)
+            basis = source.compute_basis(step.group, grad.reshape(step.proj_shape(i)), state)
             old = step.basis(i) if "proj" in state and lazy_refresh(step.group) else None
             keep_next_refresh(state, next_refresh_step(step.group, state, old, basis, step.side(i)))
             store_basis(state, basis, step.group.get("proj_bits"))
@@ -231,7 +281,7 @@ def refresh_subspaces(
     next_steps: dict[int, Tensor] = {}
     handles = []
     for i in due:
-        shape = step.params[i].shape
+        shape = step.proj_shape(i)
         # The next refresh step travels with the basis (lazy refresh lengthens it on the owner).
         next_step = torch.full((1,), -1.0, dtype=torch.float64, device=step.device)
         if step.owner(i) == comm.rank:
@@ -262,6 +312,8 @@ def refresh_subspaces(
 def check_bases(step: GroupStep, indices: list[int]) -> None:
     """Every rank that projects a matrix holds its basis (a state loaded without one is not a
     state this optimizer saved)."""
+    if step.random:
+        return  # nothing stored: regenerated
     for i in indices:
         needs = step.holds(i) if step.owner_alone else step.fragments[i] is not None
         if needs and "proj" not in step.state(i):
@@ -285,12 +337,12 @@ def low_rank_gradients(
     handles: list[Handle | None] = []
     for i in indices:
         placement, fragment = step.placement(i), step.fragments[i]
-        shape, side = step.params[i].shape, step.side(i)
+        shape, side = step.proj_shape(i), step.side(i)
         if placement == "owner":
             if step.holds(i):
                 grad = step.params[i].tensor.grad
                 assert grad is not None
-                lows[i] = project(grad, step.basis(i), side)
+                lows[i] = project(grad.reshape(shape), step.basis(i), side)
         elif placement == "rows":
             if fragment is not None:
                 first, stop = covering_rows(fragment.start, fragment.numel, shape[1])
@@ -337,26 +389,35 @@ def adam_directions(
     beta1, beta2 = step.group["betas"]
     for i in indices:
         if step.states[i] is not None:
-            step.state(i)["step"] = int(step.state(i).get("step", 0)) + 1
+            step.counted[i] = int(step.state(i).get("step", 0))
+            step.state(i)["step"] = step.counted[i] + 1
     directions: dict[int, Tensor] = {}
     for i, low in lows.items():
         offset = 0
         if step.placement(i) == "rows":  # this rank's rows of the (M x r) moments
             fragment = step.fragments[i]
             assert fragment is not None
-            offset = covering_rows(fragment.start, fragment.numel, step.params[i].shape[1])[0]
+            offset = covering_rows(fragment.start, fragment.numel, step.proj_shape(i)[1])[0]
             offset *= step.group["rank"]
+        low = low.contiguous()
+        if step.factored:  # before the gradient's buffer takes the direction
+            shape = step.params[i].shape
+            projfactor.update_statistics(step.state(i), low, step.basis(i), step.group, shape)
         moments = MomentStore(
             step.state(i),
             step.group["bits"],
             param_numel=step.moments_numel(i),
             offset=offset,
             min_numel=step.group.get("min_8bit_size", MIN_8BIT_NUMEL),
+            keys=FIRST_MOMENT_ONLY if step.factored else MOMENT_KEYS,
         )
-        low = low.contiguous()
         flat = low.view(-1)
         for start, stop, exp_avg, exp_avg_sq in moments.chunks(low):
             grad = flat[start:stop]
+            if exp_avg_sq is None:  # ProjFactor: the direction is the first moment itself
+                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                grad.copy_(exp_avg)
+                continue
             update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
             # The gradient is consumed: its buffer takes the direction (no second workspace).
             grad.copy_(normalized_low_rank_update(exp_avg, exp_avg_sq, step.group["eps"]))
@@ -371,51 +432,84 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
     scale and decoupled weight decay (``reduce`` placements first broadcast it from the owner)."""
     comm = step.comm
     handles: list[Handle | None] = []
+    packets: dict[int, Tensor] = {}
     for i in indices:
         if step.placement(i) != "reduce":
+            continue
+        low_shape = low_rank_shape(step.proj_shape(i), step.group["rank"], step.side(i))
+        if step.factored:  # the first moment and the row/column sums, float32, in one packet
+            if step.owner(i) == comm.rank:
+                packet = projfactor.pack(directions[i].to(step.device), step.state(i))
+            else:
+                numel = projfactor.packet_numel(low_shape, step.params[i].shape)
+                packet = torch.empty(numel, dtype=torch.float32, device=step.device)
+            handles.append(comm.broadcast(packet, src=step.owner(i)))
+            packets[i] = packet
             continue
         if step.owner(i) == comm.rank:
             directions[i] = directions[i].to(step.device, step.wire_dtype(i)).contiguous()
         else:
-            shape = low_rank_shape(step.params[i].shape, step.group["rank"], step.side(i))
-            directions[i] = torch.empty(shape, dtype=step.wire_dtype(i), device=step.device)
+            directions[i] = torch.empty(low_shape, dtype=step.wire_dtype(i), device=step.device)
         handles.append(comm.broadcast(directions[i], src=step.owner(i)))
     wait_all(handles)
+    statistics: dict[int, tuple[Tensor, Tensor]] = {}
+    for i, packet in packets.items():
+        low_shape = low_rank_shape(step.proj_shape(i), step.group["rank"], step.side(i))
+        directions[i], row, col = projfactor.unpack(packet, low_shape, step.params[i].shape)
+        statistics[i] = (row, col)
     beta1, beta2 = step.group["betas"]
     for i in indices:
         if not step.holds(i) or i not in directions:
             continue
         fragment = step.fragments[i]
-        state, shape, side = step.state(i), step.params[i].shape, step.side(i)
+        state, shape, side = step.state(i), step.proj_shape(i), step.side(i)
+        true_shape = step.params[i].shape
         proj = step.basis(i)
         direction = directions[i].to(proj.dtype)  # 8-bit moments come back as float32
         placement = step.placement(i)
+        start, numel = 0, math.prod(shape)
         if placement == "owner":
             master = step.params[i].tensor.data
-            update = project_back(direction, proj, side)
+            update = project_back(direction, proj, side).view(true_shape)
         elif placement == "rows":
             assert fragment is not None
             master = fragment.master[: fragment.numel]
             update = (direction @ proj).reshape(-1)
         elif fragment is not None and fragment.numel == math.prod(shape):
-            master = fragment.master.view(shape)  # the whole matrix (data parallel)
-            update = project_back(direction, proj, side)
+            master = fragment.master.view(true_shape)  # the whole matrix (data parallel)
+            update = project_back(direction, proj, side).view(true_shape)
         else:
             assert fragment is not None
             master = fragment.master[: fragment.numel]
-            update = back_project_fragment(
-                direction, fragment.start, fragment.numel, shape, proj, side
+            start, numel = fragment.start, fragment.numel
+            update = back_project_fragment(direction, start, numel, shape, proj, side)
+        # A random basis back-projects as G P^T P / r: the 1/r rides on the step's scale.
+        scale = step.group["scale"] / step.back_divisor
+        if step.factored:
+            stats = statistics.get(i) or (state["row_sq"], state["col_sq"])
+            quotient = projfactor.divide_by_denominator(
+                update.reshape(-1), start, numel, true_shape, stats, step.group, state["step"]
             )
-        apply_projected_update_(
-            master,
-            update.to(master.device, master.dtype),
-            step=state["step"],
-            lr=step.group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=step.group["weight_decay"],
-            scale=step.group["scale"],
-        )
+            apply_factored_update_(
+                master,
+                quotient.view(master.shape).to(master.device),
+                step=state["step"],
+                lr=step.group["lr"],
+                beta1=beta1,
+                weight_decay=step.group["weight_decay"],
+                scale=scale,
+            )
+        else:
+            apply_projected_update_(
+                master,
+                update.to(master.device, master.dtype),
+                step=state["step"],
+                lr=step.group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=step.group["weight_decay"],
+                scale=scale,
+            )
         if fragment is not None and fragment.write_back is not None:
             fragment.write_back()
 

@@ -97,6 +97,24 @@ def apply_projected_update_(
         param.add_(param, alpha=-lr * weight_decay)
 
 
+def apply_factored_update_(
+    param: Tensor,
+    quotient: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
+    """ProjFactor's element-wise tail, in place: ``param -= lr * scale * quotient / (1 - b1^t)``
+    then GaLore's decoupled weight decay. ``quotient`` is ``back(m) / (sqrt(V^_hat) + eps)``
+    (the second moment's bias correction is inside its denominator, so only ``m``'s is here)."""
+    param.add_(quotient.to(param.dtype), alpha=-lr * scale / (1.0 - beta1**step))
+    if weight_decay > 0.0:
+        param.add_(param, alpha=-lr * weight_decay)
+
+
 def dense_adamw_step(
     param: Tensor,
     grad: Tensor,

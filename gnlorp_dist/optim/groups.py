@@ -76,6 +76,10 @@ PROJECTION_OPTIONS = (
     "max_update_proj_gap",
     "bits",
     "min_8bit_size",
+    "granularity",
+    "random_basis",
+    "projection_seed",
+    "second_moment",
 )
 
 
@@ -106,7 +110,9 @@ def projected_param_groups(
     ``projection_options`` go into the projected group as they are (validated by the
     optimizer): ``proj_bits`` (None, 8, 4), ``svd_method`` (``"auto"``, ``"svd"``,
     ``"randomized"``), ``lazy_refresh_threshold``, ``max_update_proj_gap``, ``bits``,
-    ``min_8bit_size``.
+    ``min_8bit_size``, and VLoRP's ``granularity``, ``random_basis`` (with
+    ``proj_type="random"``), ``projection_seed`` and ``second_moment`` (``"adam"`` or ProjFactor's
+    ``"factored"``): see docs/vlorp.md.
     """
     unknown = set(projection_options) - set(PROJECTION_OPTIONS)
     if unknown:

@@ -190,7 +190,8 @@ class PerLayerStep:
         if not refreshed:
             check_bases(step, [0])
         proj = step.basis(0)
-        partial = project(param.grad.to(proj.dtype), proj, step.side(0)).float()
+        grad = param.grad.reshape(step.proj_shape(0)).to(proj.dtype)
+        partial = project(grad, proj, step.side(0)).float()
         param.grad = None
         # Only the weights are needed from here on: no view of the freed gradient is kept.
         step.fragments[0] = replace(whole, grad=whole.grad.new_empty(0))

@@ -43,6 +43,7 @@ CHUNK_NUMEL = 1 << 18
 """Elements per float32 chunk of an 8-bit update (a multiple of :data:`BLOCK_SIZE`): the
 workspace of one update is a few such chunks (:func:`update_workspace_bytes`)."""
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+FIRST_MOMENT_ONLY = ("exp_avg",)
 SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
@@ -154,9 +155,14 @@ class MomentStore:
         *,
         offset: int = 0,
         min_numel: int = MIN_8BIT_NUMEL,
+        keys: tuple[str, ...] = MOMENT_KEYS,
     ) -> None:
         assert bits in (8, 32), bits
+        assert keys in (MOMENT_KEYS, FIRST_MOMENT_ONLY), keys
         self.state = state
+        self.keys = keys
+        """The moments kept: both, or the first only (ProjFactor keeps its second moment
+        factored, outside this store): the second is then yielded and loaded as None."""
         self.bits = bits
         self.param_numel = param_numel
         self.offset = offset
@@ -173,7 +179,7 @@ class MomentStore:
         return self.bits == 8 and numel >= self.min_numel
 
     def initialise(self, like: Tensor) -> None:
-        for key in MOMENT_KEYS:
+        for key in self.keys:
             zeros = torch.zeros_like(like, memory_format=torch.contiguous_format)
             if self.quantised(like):
                 first, stop = block_span(self.offset, like.numel())
@@ -197,19 +203,19 @@ class MomentStore:
     def load(self) -> tuple[Tensor, Tensor]:
         """The whole moments as float tensors (a copy for 8-bit state: saving, resharding)."""
         values = []
-        for key in MOMENT_KEYS:
+        for key in self.keys:
             if f"{key}_absmax" in self.state:
                 codes, absmax = self.state[key], self.state[f"{key}_absmax"]
                 values.append(dequantize_8bit(codes, absmax, SIGNED[key], self.offset))
             else:
                 values.append(self.state[key])
-        return values[0], values[1]
+        return values[0], (values[1] if len(values) > 1 else None)
 
     def set_values(self, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
         """Create the moments holding these values (quantised if 8-bit, each block's scale from
         these values): a whole tensor's loaded state, as a step would have built it."""
         self.initialise(exp_avg)
-        for key, value in zip(MOMENT_KEYS, (exp_avg, exp_avg_sq)):
+        for key, value in zip(self.keys, (exp_avg, exp_avg_sq)):
             if f"{key}_absmax" in self.state:
                 flat = value.reshape(-1).float()
                 absmax = block_absmax(flat, self.head)
@@ -232,18 +238,19 @@ class MomentStore:
         # dequantised, FSDP2's): this pass reads them as they are and writes codes.
         floats = None
         if self.quantised(like) and not self.is_8bit:
-            floats = {key: self.state.pop(key).reshape(-1) for key in MOMENT_KEYS}
+            floats = {key: self.state.pop(key).reshape(-1) for key in self.keys}
             self.initialise(like)
         elif self.is_8bit and not self.quantised(like):
-            for key, value in zip(MOMENT_KEYS, self.load()):
+            for key, value in zip(self.keys, self.load()):
                 self.state[key] = value.to(like.dtype).view(like.shape)
                 del self.state[f"{key}_absmax"]
         if not self.is_8bit:
-            yield 0, like.numel(), self.state["exp_avg"].view(-1), self.state["exp_avg_sq"].view(-1)
+            second = self.state["exp_avg_sq"].view(-1) if len(self.keys) > 1 else None
+            yield 0, like.numel(), self.state["exp_avg"].view(-1), second
             return
         numel = like.numel()
-        codes = {key: self.state[key].view(-1) for key in MOMENT_KEYS}
-        scales = {key: self.state[f"{key}_absmax"] for key in MOMENT_KEYS}
+        codes = {key: self.state[key].view(-1) for key in self.keys}
+        scales = {key: self.state[f"{key}_absmax"] for key in self.keys}
         first_block, stop_block = block_span(self.offset, numel)
         total = self.param_numel if self.param_numel is not None else numel
         shared_first = self.head != 0
@@ -260,18 +267,18 @@ class MomentStore:
             if floats is None:
                 values = {
                     key: decode(codes[key][start:stop], scales[key][blocks], head, SIGNED[key])
-                    for key in MOMENT_KEYS
+                    for key in self.keys
                 }
             else:
-                values = {key: floats[key][start:stop].float() for key in MOMENT_KEYS}
-            yield start, stop, values["exp_avg"], values["exp_avg_sq"]
-            absmax = {key: block_absmax(values[key], head) for key in MOMENT_KEYS}
+                values = {key: floats[key][start:stop].float() for key in self.keys}
+            yield start, stop, values["exp_avg"], values.get("exp_avg_sq")
+            absmax = {key: block_absmax(values[key], head) for key in self.keys}
             defer = []
             if shared_first and block0 == 0:
                 defer.append(0)
             if shared_last and blocks.stop == stop_block - first_block:
                 defer.append(blocks.stop - blocks.start - 1)
-            for key in MOMENT_KEYS:
+            for key in self.keys:
                 kept = absmax[key].clone()
                 for d in defer:  # written once the ranks agree on the scale
                     kept[d] = scales[key][blocks][d]
@@ -290,8 +297,8 @@ class MomentStore:
                         position=block0 + d,
                         elements=(start + lo, start + hi),
                         head=(head if d == 0 else 0),
-                        values={key: values[key][lo:hi].clone() for key in MOMENT_KEYS},
-                        absmax={key: absmax[key][d] for key in MOMENT_KEYS},
+                        values={key: values[key][lo:hi].clone() for key in self.keys},
+                        absmax={key: absmax[key][d] for key in self.keys},
                     )
                 )
             start = stop
@@ -309,7 +316,7 @@ def settle_shared(shared: list[SharedBlock], agreed: dict[tuple[int, str], Tenso
     (``agreed[(block, key)]``: the largest local absmax among the ranks holding the block)."""
     for item in shared:
         lo, hi = item.elements
-        for key in MOMENT_KEYS:
+        for key in item.values:
             scale = agreed[(item.block, key)].reshape(1).to(torch.float32)
             codes = encode(item.values[key], scale, item.head, SIGNED[key])
             item.state[key].view(-1)[lo:hi] = codes

@@ -26,6 +26,7 @@ import torch
 from gnlorp_dist.optim.fragment_state import LAYOUT_KEY
 from gnlorp_dist.optim.fragments import ModelParameter
 from gnlorp_dist.optim.layouts import Layout, detect_layout
+from gnlorp_dist.optim.projector import group_side, projected_shape
 from gnlorp_dist.optim.quantized_basis import stored_shape
 from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
 from gnlorp_dist.optim.validation import (
@@ -34,7 +35,7 @@ from gnlorp_dist.optim.validation import (
     shard_state_dict_error,
     unmarked_state_dict_error,
 )
-from gnlorp_dist.projection import low_rank_shape, projection_shape, projection_side
+from gnlorp_dist.projection import low_rank_shape, projection_shape
 
 if TYPE_CHECKING:
     from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
@@ -282,9 +283,13 @@ def _expected_shapes(
             return {}  # no subspace yet: nothing to compare
         if param.dim() != 2:
             return {"proj": ()}  # a projected state for a parameter that is not a matrix
-        side = projection_side(param.shape, saved_group.get("proj_type", "std"))
-        moments = low_rank_shape(param.shape, rank, side)
-        basis = projection_shape(param.shape, min(rank, *param.shape), side)
+        saved = {"proj_type": "std", **saved_group}
+        if saved_group.get("granularity", 1) > 1 and param.shape[1] % saved["granularity"]:
+            return {"proj": ()}  # saved for matrices of another width
+        shape = projected_shape(tuple(param.shape), saved)
+        side = group_side(tuple(param.shape), saved)
+        moments = low_rank_shape(shape, rank, side)
+        basis = projection_shape(shape, min(rank, *shape), side)
         if "proj_scale" in entry:  # proj_bits: INT4 codes pack two per byte
             basis = stored_shape(basis, 4 if entry["proj"].dtype == torch.uint8 else 8)
         return {"proj": basis, "exp_avg": moments, "exp_avg_sq": moments}

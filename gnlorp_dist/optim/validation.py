@@ -11,8 +11,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gnlorp_dist.optim.projector import (
+    OPTIMIZER_PROJ_TYPES,
+    SECOND_MOMENTS,
+    granularity,
+    group_side,
+    is_random,
+    projected_shape,
+)
 from gnlorp_dist.optim.quantized_basis import PROJ_BITS
-from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS, projection_shape, projection_side
+from gnlorp_dist.projection import SVD_METHODS, projection_shape
+from gnlorp_dist.vlorp import BASIS_KINDS, check_granularity
 
 PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
@@ -89,10 +98,12 @@ def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
         )
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale={scale!r} must be a finite number")
-    if group["proj_type"] not in PROJ_TYPES:
+    if group["proj_type"] not in OPTIMIZER_PROJ_TYPES:
         raise ValueError(
-            f"{where}: proj_type={group['proj_type']!r} is not supported; use one of {PROJ_TYPES}"
+            f"{where}: proj_type={group['proj_type']!r} is not supported; use one of "
+            f"{OPTIMIZER_PROJ_TYPES}"
         )
+    validate_vlorp_options(group, where)
     if group.get("svd_method", "auto") not in SVD_METHODS:
         raise ValueError(
             f"{where}: svd_method={group['svd_method']!r} is not supported; use one of {SVD_METHODS}"
@@ -127,19 +138,77 @@ def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
                 f"{name}: shape {shape} cannot be projected; a projected group takes 2-D matrices "
                 "only. Put 1-D tensors (biases, norms, magnitudes) in a group without 'rank'."
             )
-        if rank > min(shape):
+        c = granularity(group)
+        if c > 1:
+            try:
+                check_granularity(shape, c)
+            except ValueError as error:
+                raise ValueError(
+                    f"{name}: {error}; pick a granularity dividing every projected matrix's "
+                    "columns, or leave this matrix out of the projected group"
+                ) from None
+        projected = projected_shape(shape, group)
+        if rank > min(projected):
+            reshaped = f" (reshaped to {projected} by granularity={c})" if c > 1 else ""
             raise ValueError(
-                f"{name}: rank={rank} exceeds min(shape)={min(shape)} of shape {shape}; use "
-                f"rank <= {min(shape)} or leave this matrix out of the projected group"
+                f"{name}: rank={rank} exceeds min(shape)={min(projected)} of shape "
+                f"{shape}{reshaped}; use rank <= {min(projected)} or leave this matrix out of "
+                "the projected group"
             )
-        side = projection_side(shape, group["proj_type"])
-        basis_cols = projection_shape(shape, rank, side)[1]
+        side = group_side(shape, group)
+        if c > 1 and side != "right":
+            raise ValueError(
+                f"{name}: granularity={c} reshapes the {shape} gradient to {projected} and "
+                f"projects it on the right, but proj_type={group['proj_type']!r} resolves to the "
+                "left side for that shape; use proj_type='right' (SVD basis) or "
+                "proj_type='random', or granularity=1"
+            )
+        basis_cols = projection_shape(projected, rank, side)[1]
         if proj_bits == 4 and basis_cols % 2:
             raise ValueError(
                 f"{name}: proj_bits=4 packs two values per byte along the basis's last "
                 f"dimension, which is {basis_cols} (odd) for shape {shape} projected on the "
                 f"{side} at rank={rank}; use an even rank, or proj_bits=8"
             )
+
+
+def validate_vlorp_options(group: dict[str, Any], where: str) -> None:
+    """VLoRP's and ProjFactor's group options (granularity, random bases, second moment)."""
+    c = group.get("granularity", 1)
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        raise ValueError(
+            f"{where}: granularity={c!r} must be a positive integer (1: project rows as "
+            "GaLore does; c > 1 reshapes each M x N gradient to (M c, N / c))"
+        )
+    seed = group.get("projection_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{where}: projection_seed={seed!r} must be an integer >= 0")
+    kind = group.get("random_basis", "gaussian")
+    if kind not in BASIS_KINDS:
+        raise ValueError(
+            f"{where}: random_basis={kind!r} is not supported; use one of {BASIS_KINDS}"
+        )
+    moment = group.get("second_moment", "adam")
+    if moment not in SECOND_MOMENTS:
+        raise ValueError(
+            f"{where}: second_moment={moment!r} is not supported; use 'adam' (a low-rank v) or "
+            "'factored' (ProjFactor: row and column sums of the full-shape squared gradient)"
+        )
+    if not is_random(group):
+        return
+    if group.get("proj_bits") is not None:
+        raise ValueError(
+            f"{where}: proj_bits={group['proj_bits']!r} quantises stored bases, but "
+            "proj_type='random' stores none (each basis is regenerated from its seed); drop "
+            "proj_bits, or use an SVD proj_type"
+        )
+    if float(group.get("lazy_refresh_threshold", 0.0)) > 0.0:
+        raise ValueError(
+            f"{where}: lazy_refresh_threshold={group['lazy_refresh_threshold']!r} lengthens the "
+            "gap after a refresh whose subspace did not move, but random bases of different "
+            "windows are independent draws (their overlap measures nothing); drop "
+            "lazy_refresh_threshold with proj_type='random', or use an SVD proj_type"
+        )
 
 
 def missing_communicator_error(world_size: str | None) -> ValueError:
