@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from gnlorp_dist.optim import GradNormLoRPAdamW
-from gnlorp_dist.optim.ownership import state_elements
+from gnlorp_dist.optim.projector import state_layout
 from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL
 from gnlorp_dist.optim.quantized_basis import basis_bytes
-from gnlorp_dist.projection import projection_shape, projection_side
 
 SPACE_MARGIN = 0.10
 """Extra free space asked for beyond the estimate (a fraction of it)..."""
@@ -107,19 +106,20 @@ def _moment_bytes(numel: int, bits: int, element_size: int, min_numel: int = MIN
 def _gnlorp_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     total = 0
     for group in optimizer.param_groups:
-        rank, proj_type, bits = group.get("rank"), group.get("proj_type"), group.get("bits", 32)
+        rank, bits = group.get("rank"), group.get("bits", 32)
         min_numel = group.get("min_8bit_size", MIN_8BIT_NUMEL)
         for param in group["params"]:
             size = param.element_size()
             if rank is None or param.dim() != 2:
                 total += _moment_bytes(param.numel(), bits, size, min_numel)
                 continue
-            low_rank = state_elements(tuple(param.shape), rank, proj_type) // 2
-            total += _moment_bytes(low_rank, bits, size, min_numel)
-            side = projection_side(param.shape, proj_type)
-            shape = projection_shape(param.shape, min(rank, min(param.shape)), side)
-            # The projection basis: floats, or INT8 / INT4 codes and their scales (proj_bits).
-            total += basis_bytes(shape, group.get("proj_bits"), size)
+            # VLoRP's projected shape, random bases (none stored), ProjFactor's factored v.
+            low_rank, shape, factored = state_layout(tuple(param.shape), group)
+            moments = _moment_bytes(low_rank, bits, size, min_numel)
+            total += moments // 2 + 4 * factored if factored else moments
+            if shape is not None:
+                # The projection basis: floats, or INT8 / INT4 codes and their scales (proj_bits).
+                total += basis_bytes(shape, group.get("proj_bits"), size)
     return total
 
 

@@ -20,7 +20,9 @@ from typing import Any
 
 from gnlorp_dist.device import AUTOCAST_DTYPES, DEVICES, check_autocast
 from gnlorp_dist.models import known_model_names, llama_config, recipe_for_config
-from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
+from gnlorp_dist.optim.projector import OPTIMIZER_PROJ_TYPES, SECOND_MOMENTS
+from gnlorp_dist.projection import SVD_METHODS
+from gnlorp_dist.vlorp import BASIS_KINDS
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
 GRAD_REDUCTIONS = ("auto", "ddp", "owners", "lowrank")
@@ -57,7 +59,9 @@ class RunConfig:
     scale: float | None = None
     """Scale alpha of the projected update (default: the model's recipe)."""
     proj_type: str = "std"
-    """Which side to project: std (GaLore's rule), reverse_std, left, right."""
+    """Which side to project: std (GaLore's rule), reverse_std, left, right (SVD bases), or
+    random (VLoRP: a seeded Gaussian/Rademacher basis on the right, regenerated per refresh
+    window, never stored; see --random-basis, --projection-seed)."""
     lora_rank: int | None = None
     """gradnormlorp only: LoRA mode (V = W0 + BA, W0 frozen) with this adapter rank."""
     detach_norm: bool = False
@@ -119,6 +123,18 @@ class RunConfig:
     """Lazy refresh: at each refresh, a subspace whose new basis overlaps the old one by at least
     this (mean squared cosine of all principal angles, in [0, 1]) doubles its gap to the next
     refresh (up to 8x --update-proj-gap); one that moved goes back to the gap. 0: the fixed gap."""
+    granularity: int = 1
+    """VLoRP's projection granularity c (gradnormlorp/galore): each M x N gradient is reshaped
+    to (M c, N / c) and projected on the right, so the state is M c x rank; c must divide every
+    projected matrix's columns. 1: GaLore's rows (see docs/vlorp.md)."""
+    random_basis: str = "gaussian"
+    """With --proj-type random: gaussian (N(0, 1) entries) or rademacher (+-1) bases."""
+    projection_seed: int = 0
+    """With --proj-type random: the seed every random basis is derived from (per parameter and
+    refresh window; never stored, never broadcast)."""
+    second_moment: str = "adam"
+    """adam (a low-rank v), or factored (ProjFactor: row and column sums of the full-shape
+    squared gradient, M + N floats per matrix, Adam's eps convention)."""
     per_layer: bool = False
     """gradnormlorp/galore: update each parameter inside the backward pass and free its gradient
     (with --grad-accum: low-rank gradient sums; --grad-clip then clips each parameter's update
@@ -206,7 +222,9 @@ _CHOICES = {
     "optimizer": OPTIMIZERS,
     "autocast": AUTOCAST_DTYPES,
     "device": DEVICES,
-    "proj_type": PROJ_TYPES,
+    "proj_type": OPTIMIZER_PROJ_TYPES,
+    "random_basis": BASIS_KINDS,
+    "second_moment": SECOND_MOMENTS,
     "bits": (32, 8),
     "proj_bits": (16, 8, 4),
     "svd_method": SVD_METHODS,
@@ -357,8 +375,10 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
     if config.device not in DEVICES and not config.device.startswith("cuda:"):
         raise ValueError(f"--device {config.device!r}: use one of {', '.join(DEVICES)} or cuda:N")
     check_autocast(config.autocast, config.dtype)
-    if config.proj_type not in PROJ_TYPES:
-        raise ValueError(f"unknown proj_type {config.proj_type!r}; choose one of {PROJ_TYPES}")
+    if config.proj_type not in OPTIMIZER_PROJ_TYPES:
+        raise ValueError(
+            f"unknown proj_type {config.proj_type!r}; choose one of {OPTIMIZER_PROJ_TYPES}"
+        )
     if config.optimizer != "gradnormlorp" and (config.lora_rank is not None or config.detach_norm):
         raise ValueError(
             f"--lora-rank and --detach-norm need weight normalisation, i.e. --optimizer "
@@ -377,6 +397,10 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             ("--proj-bits", config.proj_bits, 16),
             ("--svd-method", config.svd_method, "auto"),
             ("--lazy-refresh-threshold", config.lazy_refresh_threshold, 0.0),
+            ("--granularity", config.granularity, 1),
+            ("--random-basis", config.random_basis, "gaussian"),
+            ("--projection-seed", config.projection_seed, 0),
+            ("--second-moment", config.second_moment, "adam"),
         )
         if value != default
     ]

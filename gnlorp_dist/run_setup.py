@@ -121,6 +121,15 @@ def build_optimizer(
         options["proj_bits"] = config.proj_bits
     if config.lazy_refresh_threshold > 0.0:
         options["lazy_refresh_threshold"] = config.lazy_refresh_threshold
+    # VLoRP / ProjFactor (docs/vlorp.md): only when asked, so the groups stay GaLore's keys.
+    for name, default in (
+        ("granularity", 1),
+        ("random_basis", "gaussian"),
+        ("projection_seed", 0),
+        ("second_moment", "adam"),
+    ):
+        if getattr(config, name) != default:
+            options[name] = getattr(config, name)
     groups = projected_param_groups(
         model, config.rank, config.update_proj_gap, config.scale, config.proj_type, **options
     )

@@ -96,3 +96,20 @@ def regenerate_basis(
         dtype=dtype,
         device=device,
     )
+
+
+def state_layout(
+    shape: tuple[int, ...], group: dict[str, Any]
+) -> tuple[int, tuple[int, int] | None, int]:
+    """What a projected ``shape`` matrix keeps in the state, for estimators: ``(elements of one
+    low-rank moment, the stored basis's shape or None for a random basis, float32 elements of
+    the factored second moment (0 under Adam's))``. Under ``second_moment="factored"`` only the
+    first low-rank moment is kept."""
+    projected = projected_shape(shape, group)
+    rank = min(int(group["rank"]), *projected)
+    side = group_side(shape, group)
+    rows, cols = projected
+    moment = rows * rank if side == "right" else rank * cols
+    basis = None if is_random(group) else ((rank, cols) if side == "right" else (rows, rank))
+    factored = shape[0] + shape[1] if is_factored(group) else 0
+    return moment, basis, factored
