@@ -23,9 +23,10 @@ from gnlorp_dist.optim.comm import (
     wait_all,
 )
 from gnlorp_dist.optim.data_parallel import check_replicated_gradients, reduce_to_owners
-from gnlorp_dist.optim.driver import GroupStep, step_groups
+from gnlorp_dist.optim.driver import step_groups
 from gnlorp_dist.optim.fragment_state import LAYOUT_KEY, STATE_PREFIX, adopt_loaded_state
 from gnlorp_dist.optim.fragments import ModelParameter
+from gnlorp_dist.optim.group_step import GroupStep
 from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, Layout, detect_layout
 from gnlorp_dist.optim.nonfinite_guard import NonFiniteGuard
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership

@@ -20,7 +20,7 @@ from gnlorp_dist.optim.reshard import cut_run, join_runs
 
 if TYPE_CHECKING:
     from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
-    from gnlorp_dist.optim.driver import GroupStep
+    from gnlorp_dist.optim.group_step import GroupStep
 
 STATE_PREFIX = "zero/"
 LAYOUT_KEY = STATE_PREFIX + "__layout__"

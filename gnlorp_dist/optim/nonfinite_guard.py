@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import step_verdict
-from gnlorp_dist.optim.driver import GroupStep
+from gnlorp_dist.optim.group_step import GroupStep
 from gnlorp_dist.optim.refresh import refresh_due
 from gnlorp_dist.optim.validation import (
     check_non_finite_policy,
