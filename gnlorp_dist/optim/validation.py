@@ -163,6 +163,12 @@ def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
                 "left side for that shape; use proj_type='right' (SVD basis) or "
                 "proj_type='random', or granularity=1"
             )
+        if side != "right" and group.get("second_moment", "adam") == "factored":
+            raise ValueError(
+                f"{name}: second_moment='factored' (ProjFactor) needs a right-side projection, "
+                f"but proj_type={group['proj_type']!r} projects the {shape} matrix on the left; "
+                "use proj_type='right' or proj_type='random'"
+            )
         basis_cols = projection_shape(projected, rank, side)[1]
         if proj_bits == 4 and basis_cols % 2:
             raise ValueError(

@@ -219,6 +219,8 @@ def test_invalid_options_name_the_fix():
         _optimizer(param, proj_type="random", proj_bits=8)
     with pytest.raises(ValueError, match="independent draws"):
         _optimizer(param, proj_type="random", lazy_refresh_threshold=0.5)
+    with pytest.raises(ValueError, match="needs a right-side projection"):
+        _optimizer(param, proj_type="left", second_moment="factored")
     with pytest.raises(ValueError, match="second_moment='bogus'"):
         _optimizer(param, second_moment="bogus")
     with pytest.raises(ValueError, match="random_basis='uniform'"):
