@@ -230,8 +230,9 @@ def factored_denominator_rows(
     """Rows ``first:stop`` of :func:`factored_denominator` (shape ``(stop - first) x N``): a
     rank holding a run of the matrix builds the denominator of the rows its run covers only."""
     total = row_M.sum().clamp_min(torch.finfo(row_M.dtype).tiny)
-    v_hat = torch.outer(row_M[first:stop], col_N) / total
-    return (v_hat / (1 - beta2**step)).sqrt() + eps
+    # In place on the one (rows x N) buffer: the same operations, no second full-size temporary.
+    denom = torch.outer(row_M[first:stop], col_N).div_(total)
+    return denom.div_(1 - beta2**step).sqrt_().add_(eps)
 
 
 def projfactor_direction(

@@ -220,6 +220,7 @@ class Layout:
         self.s = DTYPE_BYTES[config.dtype]
         self.bits = config.state_bits
         self.proj_bits = config.proj_bits
+        self.factored = config.second_moment == "factored"
 
     def low_rank(self, p: ParamShape) -> tuple[int, int, str]:
         """(low-rank numel, projection numel, side) of a projected matrix."""
@@ -244,9 +245,10 @@ class Layout:
         """(moment bytes, projection bytes) of ``p``."""
         if p.projected and self.c.projected:
             low, _, _ = self.low_rank(p)
-            return self.moments(low), basis_stored_bytes(
-                self.basis_shape(p), self.proj_bits, self.s
-            )
+            moments = self.moments(low)
+            if self.factored:  # ProjFactor: m alone, v as M + N float32 row/column sums
+                moments = moments // 2 + 4 * sum(p.shape)
+            return moments, basis_stored_bytes(self.basis_shape(p), self.proj_bits, self.s)
         extra = 4 if self.c.optimizer == "adamw" and self.bits == 32 else 0  # torch's step tensor
         return self.moments(p.numel) + extra, 0
 
@@ -286,6 +288,10 @@ class Layout:
         low, _, _ = self.low_rank(p)
         full = p.numel * self.s
         peak, result = self.basis_load(p)
+        if self.factored:
+            # The back-projection, its float32 copy (bf16 weights), the in-place float32
+            # denominator, and the quotient cast back to the weights' dtype.
+            full += 4 * p.numel + (4 * p.numel + full if self.s != 4 else 0)
         return low * self.s + max(self.moment_update(low), peak, result + full)
 
     def refresh(self, p: ParamShape, left: int = 0) -> int:

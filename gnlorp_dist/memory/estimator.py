@@ -103,6 +103,10 @@ class MemoryConfig:
     the gradient's dtype; 8, int8 codes; 4, INT4 codes two a byte; 8 and 4 add one float32 scale
     per group of 128 values of a row and restore the basis (float32, then the gradient's dtype)
     for each use."""
+    second_moment: str = "adam"
+    """``adam`` (a low-rank v beside m) or ``factored`` (ProjFactor, ``gnlorp-train
+    --second-moment factored``: m low-rank, v as M + N float32 row/column sums; the update
+    divides a full-size float32 denominator, built in place, see docs/vlorp.md)."""
     svd_method: str = "auto"
     """How a refresh decomposes the gradient (``gnlorp-train --svd-method``): ``auto``
     (randomized when the matrix's smaller side is at least 2048, else the full SVD), ``svd`` or
@@ -118,6 +122,10 @@ class MemoryConfig:
         if self.proj_bits not in PROJ_BITS:
             raise ValueError(
                 f"proj_bits={self.proj_bits!r} is not supported; use one of {PROJ_BITS}"
+            )
+        if self.second_moment not in ("adam", "factored"):
+            raise ValueError(
+                f"second_moment={self.second_moment!r} is not supported; use 'adam' or 'factored'"
             )
         if self.svd_method not in SVD_METHODS:
             raise ValueError(

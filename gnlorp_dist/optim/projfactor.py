@@ -86,4 +86,5 @@ def divide_by_denominator(
     first, stop = covering_rows(start, numel, shape[1])
     beta2 = group["betas"][1]
     rows = factored_denominator_rows(row, col, first, stop, step, beta2, group["eps"])
-    return back_flat.float() / run_of_rows(rows, start, numel)
+    # back_flat is the back-projection's own fresh buffer: divided in place when float32.
+    return back_flat.float().div_(run_of_rows(rows, start, numel))

@@ -286,3 +286,15 @@ def test_weight_norm_model_trains_with_granularity(options):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_memory_estimator_counts_the_factored_second_moment():
+    from gnlorp_dist.memory.arithmetic import Layout, ParamShape
+    from gnlorp_dist.memory.estimator import MemoryConfig
+
+    param = ParamShape(name="w", shape=(1376, 512), projected=True)
+    adam = Layout(MemoryConfig(model="llama_60m"), 128).states(param)
+    factored = Layout(MemoryConfig(model="llama_60m", second_moment="factored"), 128).states(param)
+    low_rank_moment = 1376 * 128 * 2  # bf16
+    assert adam[0] == 2 * low_rank_moment
+    assert factored == (low_rank_moment + 4 * (1376 + 512), adam[1])
