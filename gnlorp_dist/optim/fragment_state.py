@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gnlorp_dist.optim.projector import FACTORED_KEYS
 from gnlorp_dist.optim.quantized import MOMENT_KEYS, MomentStore
 from gnlorp_dist.optim.reshard import cut_run, join_runs
 
@@ -95,7 +96,8 @@ def adopt_loaded_state(step: GroupStep, pending: dict[str, dict[str, Any]]) -> N
                 state["next_refresh"] = entry["next_refresh"]
             if step.owner(index) == rank and "exp_avg" in entry:
                 for key, value in entry.items():
-                    if key in MOMENT_KEYS or "absmax" in key:
+                    # ProjFactor's row/column sums live with the moments, on the owner.
+                    if key in MOMENT_KEYS or "absmax" in key or key in FACTORED_KEYS:
                         state[key] = value.to(step.device)
         elif fragment is not None and "dense_exp_avg" in entry:
             device = fragment.master.device

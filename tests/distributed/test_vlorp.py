@@ -41,6 +41,9 @@ SCENARIOS = {
     "ddp-factored": ({**VLORP, "second_moment": "factored"}, "ddp"),
     "low_rank-factored": ({**VLORP, "second_moment": "factored"}, "low_rank"),
     "zero2": ({**VLORP}, "zero2"),
+    "zero2-factored": ({**VLORP, "second_moment": "factored"}, "zero2"),
+    # An engine checkpoint at step 5 (mid-window), resumed by a fresh engine.
+    "zero2-factored-resumed": ({**VLORP, "second_moment": "factored"}, "zero2-resume"),
 }
 
 
@@ -99,7 +102,7 @@ def _deepspeed_weights(model):
     return torch.cat([safe_get_full_fp32_param(p).reshape(-1) for p in model.parameters()])
 
 
-def _zero2(rank, world_size, options, counting):
+def _zero2(rank, world_size, options, counting, checkpoint=None):
     from gnlorp_dist.integrations.deepspeed import check_deepspeed_config
 
     config = check_deepspeed_config(
@@ -111,14 +114,26 @@ def _zero2(rank, world_size, options, counting):
             "zero_optimization": {"stage": 2},
         }
     )
-    model = _model()
-    optimizer = _optimizer(model, options, counting)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    for step in range(STEPS):
-        ids = _global_batch(step).chunk(world_size)[rank]
-        engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
-        engine.step()
-    return _deepspeed_weights(model), optimizer.refresh_count
+
+    def engine_run(steps, save=None, load=None):
+        model = _model()
+        optimizer = _optimizer(model, options, counting)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if load is not None:
+            engine.load_checkpoint(load, tag="half")
+        for step in steps:
+            ids = _global_batch(step).chunk(world_size)[rank]
+            engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+            engine.step()
+        if save is not None:
+            engine.save_checkpoint(save, tag="half")
+        return _deepspeed_weights(model), optimizer.refresh_count
+
+    if checkpoint is None:
+        return engine_run(range(STEPS))
+    half = STEPS // 2
+    engine_run(range(half), save=checkpoint)
+    return engine_run(range(half, STEPS), load=checkpoint)
 
 
 def _scenarios(rank, world_size, out_dir):
@@ -126,10 +141,11 @@ def _scenarios(rank, world_size, out_dir):
     results = {}
     for name, (options, mode) in SCENARIOS.items():
         counting = CountingCommunicator(comm)
-        if mode == "zero2":
+        if mode.startswith("zero2"):
             if deepspeed is None:
                 continue
-            weights, refreshes = _zero2(rank, world_size, options, counting)
+            checkpoint = str(Path(out_dir) / name) if mode == "zero2-resume" else None
+            weights, refreshes = _zero2(rank, world_size, options, counting, checkpoint)
         else:
             model = _model()
             if mode == "ddp":
