@@ -26,7 +26,12 @@ from torch.utils.hooks import RemovableHandle
 
 from gnlorp_dist.optim.comm import Handle, buffer_device, wait_all
 from gnlorp_dist.optim.data_parallel import reduce_to_owners
-from gnlorp_dist.optim.projector import group_side, projected_shape
+from gnlorp_dist.optim.projector import (
+    group_side,
+    is_random,
+    projected_shape,
+    regenerate_basis,
+)
 from gnlorp_dist.optim.quantized_basis import load_basis
 from gnlorp_dist.optim.refresh import refresh_due
 from gnlorp_dist.projection import project
@@ -71,16 +76,28 @@ class BackwardReduction:
             self.dense[param] = (reduce_to_owners(comm, param, blocks, handles), handles)
             return
         state = optimizer.state.get(param)
-        if not state or "proj" not in state or refresh_due(group, state) or param.grad.dim() != 2:
+        (block,) = blocks
+        if is_random(group) and param.grad.dim() == 2:
+            # Regenerated from the window's seed, as step() would: never stored, never due.
+            step_count = int(state.get("step", 0)) if state else 0
+            proj = regenerate_basis(
+                group,
+                block.param_index,
+                step_count,
+                tuple(param.shape),
+                dtype=torch.float32,
+                device=buffer_device(comm, param.device),
+            )
+        elif not state or "proj" not in state or refresh_due(group, state) or param.grad.dim() != 2:
             return  # step() refreshes it first (or refuses it)
+        else:
+            # Float32 when assembled from several ranks (bf16 weights too).
+            proj = load_basis(state, torch.float32)
         side = group_side(tuple(param.shape), group)
-        # Float32 when assembled from several ranks (bf16 weights too).
-        proj = load_basis(state, torch.float32)
         # In the weights' dtype on the wire (bf16 weights: bf16, as DDP's buckets).
         grad = param.grad.reshape(projected_shape(tuple(param.shape), group)).to(proj.dtype)
         low = project(grad, proj, side).to(param.dtype)
         low = low.to(buffer_device(comm, param.device)).contiguous()
-        (block,) = blocks
         handles.append(comm.reduce_sum(low, dst=block.owner))
         self.low_rank[param] = (low, handles)
 

@@ -298,3 +298,17 @@ def test_memory_estimator_counts_the_factored_second_moment():
     low_rank_moment = 1376 * 128 * 2  # bf16
     assert adam[0] == 2 * low_rank_moment
     assert factored == (low_rank_moment + 4 * (1376 + 512), adam[1])
+
+
+@pytest.mark.parametrize("proj_bits", [8, 4])
+def test_granularity_composes_with_quantised_bases_and_8bit_moments(proj_bits):
+    grads = _grads(4)
+    floats, _ = _run(grads, granularity=4, proj_type="right")
+    quantised, opt = _run(
+        grads, granularity=4, proj_type="right", proj_bits=proj_bits, bits=8, min_8bit_size=16
+    )
+    state = next(iter(opt.state.values()))
+    assert state["proj"].shape == ((2, 4) if proj_bits == 8 else (2, 2)) and "proj_scale" in state
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg"].shape == (SHAPE[0] * 4, 2)
+    moved = (floats - _weights()).norm()
+    assert (quantised - floats).norm() < 0.2 * moved
