@@ -16,15 +16,17 @@ the codes and scales one process would hold, and joining or cutting runs is exac
 The update never dequantises a whole moment: :meth:`MomentStore.chunks` hands the update
 functions float32 chunks of :data:`CHUNK_NUMEL` elements (whole blocks) and re-quantises each
 before the next one, so the math is the same code at 8 and 32 bits (the torchao pattern) and
-the float32 workspace is a few chunks, whatever the tensor's size. bitsandbytes' fused kernel
+the float32 workspace is a few chunks, whatever the tensor's size. The chunks are decoded and
+encoded by bitsandbytes' block-wise kernels (CPU and CUDA). Its fused optimizer kernel
 (``optimizer_update_8bit_blockwise``) is not used: it applies its own Adam convention
 (``eps`` added after ``sqrt(v) / sqrt(1 - b2^t)``) straight to a parameter, while a projected
 matrix needs GaLore's direction ``m / (sqrt(v) + eps)`` in low rank before it is projected back,
-and neither kernel nor its block grid knows about runs that start inside a block.
+and neither kernel knows about runs that start inside a block (here: zero padding, and an agreed
+scale placed in a pad slot).
 
 Tensors smaller than :data:`MIN_8BIT_NUMEL` stay in float32: their codes would save nothing
-next to the block scales. The quantiser here (nearest map value, ties to the lower code) is
-ours, on any device; it is the only one in the job, so every rank quantises alike.
+next to the block scales. One quantiser (bitsandbytes') serves every layout, so every rank
+quantises alike.
 """
 
 from __future__ import annotations
@@ -48,17 +50,15 @@ SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
 @functools.cache
-def _maps(signed: bool, device: str) -> tuple[Tensor, Tensor]:
-    """``(values, midpoints)``: the 256 sorted values of bitsandbytes' dynamic map and the 255
-    midpoints between neighbours (nearest-value quantisation is a bucketize on them)."""
+def _dynamic_map(signed: bool, device: str) -> Tensor:
+    """bitsandbytes' dynamic map (256 sorted values: code k's neighbours are k - 1 and k + 1)."""
     import bitsandbytes.functional as bnbf  # noqa: PLC0415  (4 s import; only for 8-bit runs)
 
     # bitsandbytes builds the map on the default device; build it on the host (once per device).
     with torch.device("cpu"):
         values = bnbf.create_dynamic_map(signed=signed).float()
     assert values.numel() == 256 and bool((values[1:] >= values[:-1]).all())
-    midpoints = (values[1:] + values[:-1]) / 2
-    return values.to(device), midpoints.to(device)
+    return values.to(device)
 
 
 def block_span(offset: int, numel: int) -> tuple[int, int]:
@@ -77,36 +77,50 @@ def _padded(values: Tensor, head: int) -> Tensor:
     return buffer.view(blocks, BLOCK_SIZE)
 
 
-def block_absmax(values: Tensor, head: int) -> Tensor:
-    """Float32 absmax of each grid block of a run of float ``values`` starting ``head`` elements
-    into its first block (over this run's elements only)."""
-    return _padded(values.float(), head).abs().amax(dim=1)
+def encode(
+    values: Tensor, head: int, signed: bool, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(codes, absmax)`` of a run's float ``values`` (flat) on the grid: bitsandbytes'
+    block-wise kernel (each block's scale is the absmax of its elements here) over the run's
+    blocks, zero-padded where the run starts or ends inside one.
 
+    ``scale``: a single block's scale agreed over the ranks that share it (at least the local
+    absmax): written into a pad slot (an element another rank holds) so that the kernel takes it
+    as the block's absmax, and the codes are those one process computes over the whole block.
+    """
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415
 
-def encode(values: Tensor, absmax: Tensor, head: int, signed: bool) -> Tensor:
-    """uint8 codes of a run's float ``values`` (flat) on the grid, with the blocks' scales
-    ``absmax`` given (agreed over the ranks where a block is shared)."""
-    map_values, midpoints = _maps(signed, str(values.device))
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalised = _padded(values.float(), head) / scale[:, None]
-    codes = torch.bucketize(normalised, midpoints).to(torch.uint8).view(-1)
-    del map_values  # the codes index the sorted values (decode's gather)
-    return codes[head : head + values.numel()]
+    padded = _padded(values.float(), head)
+    if scale is not None:
+        assert padded.shape[0] == 1, "an agreed scale is for one shared block"
+        pad = 0 if head > 0 else head + values.numel()
+        assert pad < BLOCK_SIZE, "a shared block has elements on another rank"
+        padded = padded.clone() if padded.data_ptr() == values.data_ptr() else padded
+        padded.view(-1)[pad] = scale.reshape(())
+    code = _dynamic_map(signed, str(values.device))
+    codes, quant_state = bnbf.quantize_blockwise(padded.view(-1), code=code, blocksize=BLOCK_SIZE)
+    return codes[head : head + values.numel()], quant_state.absmax.float()
 
 
 def decode(codes: Tensor, absmax: Tensor, head: int, signed: bool) -> Tensor:
     """Float32 values of a run's uint8 ``codes`` (flat) from its blocks' scales."""
-    map_values, _midpoints = _maps(signed, str(codes.device))
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415
+
     flat = codes.reshape(-1)
-    block = torch.arange(head, head + flat.numel(), device=codes.device) // BLOCK_SIZE
-    return map_values[flat.long()] * absmax[block]
+    blocks = -(-(head + flat.numel()) // BLOCK_SIZE)
+    if head or flat.numel() != blocks * BLOCK_SIZE:
+        padded = flat.new_zeros(blocks * BLOCK_SIZE)
+        padded[head : head + flat.numel()] = flat
+        flat = padded
+    code = _dynamic_map(signed, str(codes.device))
+    values = bnbf.dequantize_blockwise(flat, absmax=absmax, code=code, blocksize=BLOCK_SIZE)
+    return values[head : head + codes.numel()]
 
 
 def quantize_8bit(value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """``(codes_uint8, absmax_f32)`` of a whole tensor ``value``."""
-    flat = value.reshape(-1).float()
-    absmax = block_absmax(flat, 0)
-    return encode(flat, absmax, 0, signed).view(value.shape), absmax
+    codes, absmax = encode(value.reshape(-1), 0, signed)
+    return codes.view(value.shape), absmax
 
 
 def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool, offset: int = 0) -> Tensor:
@@ -182,9 +196,7 @@ class MomentStore:
         for key in self.keys:
             zeros = torch.zeros_like(like, memory_format=torch.contiguous_format)
             if self.quantised(like):
-                first, stop = block_span(self.offset, like.numel())
-                absmax = torch.zeros(stop - first, dtype=torch.float32, device=like.device)
-                codes = encode(zeros.view(-1), absmax, self.head, SIGNED[key])
+                codes, absmax = encode(zeros.view(-1), self.head, SIGNED[key])
                 self.state[key] = codes.view(like.shape)
                 self.state[f"{key}_absmax"] = absmax
             else:
@@ -218,8 +230,8 @@ class MomentStore:
         for key, value in zip(self.keys, (exp_avg, exp_avg_sq)):
             if f"{key}_absmax" in self.state:
                 flat = value.reshape(-1).float()
-                absmax = block_absmax(flat, self.head)
-                self.state[key].view(-1).copy_(encode(flat, absmax, self.head, SIGNED[key]))
+                codes, absmax = encode(flat, self.head, SIGNED[key])
+                self.state[key].view(-1).copy_(codes)
                 self.state[f"{key}_absmax"].copy_(absmax)
             else:
                 self.state[key].copy_(value)
@@ -272,7 +284,8 @@ class MomentStore:
             else:
                 values = {key: floats[key][start:stop].float() for key in self.keys}
             yield start, stop, values["exp_avg"], values.get("exp_avg_sq")
-            absmax = {key: block_absmax(values[key], head) for key in self.keys}
+            encoded = {key: encode(values[key], head, SIGNED[key]) for key in self.keys}
+            absmax = {key: scale for key, (_codes, scale) in encoded.items()}
             defer = []
             if shared_first and block0 == 0:
                 defer.append(0)
@@ -282,11 +295,11 @@ class MomentStore:
                 kept = absmax[key].clone()
                 for d in defer:  # written once the ranks agree on the scale
                     kept[d] = scales[key][blocks][d]
-                encoded = encode(values[key], absmax[key], head, SIGNED[key])
+                new_codes = encoded[key][0]
                 for d in sorted(set(defer)):
                     lo, hi = self._block_elements(d, head, stop - start)
-                    encoded[lo:hi] = codes[key][start + lo : start + hi]
-                codes[key][start:stop] = encoded
+                    new_codes[lo:hi] = codes[key][start + lo : start + hi]
+                codes[key][start:stop] = new_codes
                 scales[key][blocks] = kept
             for d in sorted(set(defer)):
                 lo, hi = self._block_elements(d, head, stop - start)
@@ -301,6 +314,8 @@ class MomentStore:
                         absmax={key: absmax[key][d] for key in self.keys},
                     )
                 )
+            # Nothing of this chunk outlives it: the next one decodes into an empty workspace.
+            del values, encoded, absmax, new_codes, kept
             start = stop
 
     @staticmethod
@@ -318,7 +333,7 @@ def settle_shared(shared: list[SharedBlock], agreed: dict[tuple[int, str], Tenso
         lo, hi = item.elements
         for key in item.values:
             scale = agreed[(item.block, key)].reshape(1).to(torch.float32)
-            codes = encode(item.values[key], scale, item.head, SIGNED[key])
+            codes, _absmax = encode(item.values[key], item.head, SIGNED[key], scale)
             item.state[key].view(-1)[lo:hi] = codes
             item.state[f"{key}_absmax"][item.position] = scale[0]
 
@@ -336,33 +351,26 @@ def update_workspace_bytes(
     themselves; ``sqrt(v)`` and the quotient (or the denominator) live together, in the moments'
     dtype (``element_size`` bytes): ``2 * element_size * numel``.
 
-    8-bit state, chunk by chunk (:meth:`MomentStore.chunks`, ``c`` elements a chunk): decoding
-    the second moment holds the first one decoded (float32, 4c), the int64 block indices (8c),
-    the gathered map values and scales and their product (4c each): 24c. From the second chunk
-    on, the previous chunk's two float32 moments (8C), its re-encoded codes (C bytes) and its
-    three block-scale vectors are still referenced while the next chunk decodes. Re-encoding a
-    chunk (float32 quotient, int64 bucket indices, the new codes, the previous key's codes) is
-    smaller whenever chunks hold more than a few hundred elements, but is kept in the maximum.
+    8-bit state, chunk by chunk (:meth:`MomentStore.chunks`; a chunk of ``c`` elements decodes
+    into float32 buffers of ``P`` elements, ``c`` rounded up to whole blocks, and nothing of it
+    outlives it): the update holds both decoded moments and two float32 temporaries of the
+    chunk (``sqrt(v)`` and the quotient): ``8P + 8c``. Re-encoding holds both moments, both
+    keys' codes and scales, a zero-padded float32 copy where ``c < P`` and the kernel's float32
+    copy of the 256-value map: ``10P (+4P) + 8 blocks + 1024`` (larger than the update only for
+    chunks of under ~1000 elements).
     """
     if bits != 8 or numel < min_numel:
         return 2 * element_size * numel
 
-    def blocks(count: int) -> int:
-        return -(-count // BLOCK_SIZE)
+    def chunk_peak(count: int) -> int:
+        blocks = -(-count // BLOCK_SIZE)
+        padded = blocks * BLOCK_SIZE
+        pad_copy = 4 * padded if padded != count else 0
+        encode = 10 * padded + pad_copy + 8 * blocks + 4 * 256  # + the kernel's copy of the map
+        return max(8 * padded + 8 * count, encode)
 
-    def chunk_peak(count: int, left: int) -> int:
-        padded = blocks(count) * BLOCK_SIZE
-        decode = 24 * count
-        reencode = 8 * count + 14 * padded + 16 * blocks(count)
-        return left + max(decode, reencode)
-
-    first = min(numel, CHUNK_NUMEL)
-    peak = chunk_peak(first, 0)
-    if numel > CHUNK_NUMEL:
-        # What chunk k - 1 leaves referenced while chunk k (at most a full one) decodes.
-        left = 8 * CHUNK_NUMEL + CHUNK_NUMEL + 3 * 4 * blocks(CHUNK_NUMEL)
-        peak = max(peak, chunk_peak(min(CHUNK_NUMEL, numel - CHUNK_NUMEL), left))
-    return peak
+    last = numel - (numel - 1) // CHUNK_NUMEL * CHUNK_NUMEL
+    return max(chunk_peak(min(numel, CHUNK_NUMEL)), chunk_peak(last))
 
 
 def state_bytes(state: dict[str, Any]) -> int:
