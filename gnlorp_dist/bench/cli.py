@@ -4,6 +4,8 @@
     gnlorp-bench --methods adamw galore gradnormlorp --steps 50
     gnlorp-bench --sweep rank                     # gradnormlorp vs galore at ranks 8,16,32,64
     gnlorp-bench --sweep gap --sweep-values 10,25,50,100 --tensorboard
+    gnlorp-bench --methods galore vlorp vlorp-projfactor gradnormlorp-granular --granularity 4
+    gnlorp-bench --sweep granularity              # VLoRP's c = 1,2,4,8 at c * r = --rank
     gnlorp-bench --device cuda --model llama_60m --seq-len 256   # + peak GPU memory, tokens/s
 
 Every flag is a field of :class:`gnlorp_dist.bench.config.BenchConfig`, helped by its docstring.

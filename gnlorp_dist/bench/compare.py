@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.bench import plots
-from gnlorp_dist.bench.config import BenchConfig, hyper, resolve
+from gnlorp_dist.bench.config import GRANULAR_METHODS, BenchConfig, hyper, resolve
 from gnlorp_dist.bench.logs import RunLogger, tensorboard_writer_class
 from gnlorp_dist.bench.methods import missing_dependency
 from gnlorp_dist.bench.report import (
@@ -33,8 +33,12 @@ from gnlorp_dist.data import TrainData, build_data
 from gnlorp_dist.device import activate_device, to_device
 from gnlorp_dist.models import build_model_on_meta, count_parameters
 
-_SWEEP_KEYS = {"rank": "rank", "gap": "update_proj_gap"}
-_SWEEP_LABELS = {"rank": "projection rank r", "gap": "subspace refresh gap T (steps)"}
+_SWEEP_KEYS = {"rank": "rank", "gap": "update_proj_gap", "granularity": "granularity"}
+_SWEEP_LABELS = {
+    "rank": "projection rank r",
+    "gap": "subspace refresh gap T (steps)",
+    "granularity": "granularity c (rank r = {budget} / c: c * r fixed)",
+}
 
 
 def _check_dependencies(methods: tuple[str, ...], tensorboard: bool) -> None:
@@ -118,11 +122,20 @@ def _header(config: BenchConfig, llama: Any, data: TrainData, logger: RunLogger)
     logger.line(f"data: {data.description}")
     logger.line(
         f"projected methods: lr {hp.lr:g}, rank {hp.rank}, T {hp.update_proj_gap}, "
-        f"scale {hp.scale}, {hp.proj_type}; adamw/adamw8bit/lora/dora: lr {hp.adamw_lr:g}; "
-        f"lora/dora rank {hp.lora_rank}, alpha {hp.lora_alpha:g}; warmup {config.warmup_steps} "
+        f"scale {hp.scale}, {hp.proj_type}; adamw/adamw8bit/lora/dora/wegeft: lr "
+        f"{hp.adamw_lr:g}; lora/dora/wegeft rank {hp.lora_rank}, alpha {hp.lora_alpha:g}; "
+        f"warmup {config.warmup_steps} "
         f"+ cosine to {config.min_lr_ratio:g}x; clip {config.grad_clip or 'off'}; "
         f"weight decay {config.weight_decay:g}"
     )
+    if any(
+        m in GRANULAR_METHODS for m in (config.sweep_methods if config.sweep else config.methods)
+    ):
+        logger.line(
+            f"granular methods (vlorp, vlorp-projfactor, gradnormlorp-granular): granularity "
+            f"c {hp.granularity}, rank r {hp.vlorp_rank} (c * r = {hp.granularity * hp.vlorp_rank}"
+            f"; a granularity sweep keeps c * r = {hp.rank})"
+        )
 
 
 def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
@@ -290,7 +303,8 @@ def run_sweep(config: BenchConfig, llama: Any) -> dict[str, Any]:
         for value in config.sweep_values:
             for method in config.sweep_methods:
                 label = f"{method} {name}={value}"
-                runs.append(_start(config, llama, label, method, **{_SWEEP_KEYS[name]: value}))
+                run = _start(config, llama, label, method, **{_SWEEP_KEYS[name]: value})
+                runs.append(run)
                 values[label] = value
         logger.line(f"sweep over {name}: {', '.join(map(str, config.sweep_values))}")
         train_interleaved(runs, batches, config.grad_clip, logger)
@@ -300,6 +314,9 @@ def run_sweep(config: BenchConfig, llama: Any) -> dict[str, Any]:
                 run, eval_blocks, config.batch_size, config.eval_batches, config.loss_window
             )
             result["sweep_value"] = values[run.label]
+            if result["method"] in GRANULAR_METHODS:
+                result["granularity"] = run.hp.granularity
+                result["vlorp_rank"] = run.hp.vlorp_rank
             results[run.label] = result
             logger.final(run.label, _final_metrics(result))
         table = sweep_table(results, name, config.loss_window)
@@ -312,7 +329,8 @@ def run_sweep(config: BenchConfig, llama: Any) -> dict[str, Any]:
     title = (
         f"Final train loss vs {name}: {config.model_config or config.model}, {config.steps} steps"
     )
-    plot = plots.sweep_plot(points, _SWEEP_LABELS[name], title, out / f"{stem}.png")
+    setting = _SWEEP_LABELS[name].format(budget=config.rank)
+    plot = plots.sweep_plot(points, setting, title, out / f"{stem}.png")
     (out / f"{stem}.txt").write_text(table + "\n")
     payload = {
         "benchmark": f"gnlorp-bench sweep {name}",

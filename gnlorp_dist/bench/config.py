@@ -26,21 +26,34 @@ METHODS: tuple[str, ...] = (
     "wegeft",
     "gradnormlorp",
     "gradnormlorp8bit",
+    "vlorp",
+    "vlorp-projfactor",
+    "gradnormlorp-granular",
 )
 """Every method the comparison knows, in table order."""
 
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "wegeft")
+GRANULAR_METHODS = ("vlorp", "vlorp-projfactor", "gradnormlorp-granular")
+"""Methods projecting at granularity c = --granularity with rank --vlorp-rank (VLoRP, 2505.01744):
+each M x N gradient reshaped to (M c, N / c) and projected on the right."""
+
+DEFAULT_METHODS: tuple[str, ...] = tuple(
+    m for m in METHODS if m != "wegeft" and m not in GRANULAR_METHODS
+)
 """What a plain ``gnlorp-bench`` compares: the eight methods of the published tables (wegeft
-runs when named in --methods)."""
+and the granular methods run when named in --methods)."""
 
 PROJECTED_METHODS = ("galore", "galore-torch", "gradnormlorp", "gradnormlorp8bit")
+PROJECTED_METHODS += GRANULAR_METHODS
 """Methods that train with the model recipe's lr, rank, refresh gap and scale."""
 
-SWEEPS: tuple[str, ...] = ("rank", "gap")
-"""What ``--sweep`` varies: the projection rank r, or the subspace refresh gap T."""
+SWEEPS: tuple[str, ...] = ("rank", "gap", "granularity")
+"""What ``--sweep`` varies: the projection rank r, the subspace refresh gap T, or the
+granularity c of the granular methods at a fixed memory budget c * r = --rank."""
 
 GALORE_TORCH_DENSE = ("adamw", "galore")
 DEFAULT_SWEEP_METHODS = ("gradnormlorp", "galore")
+DEFAULT_GRANULARITY_SWEEP_METHODS = ("vlorp", "vlorp-projfactor", "gradnormlorp-granular")
+DEFAULT_GRANULARITY = 4
 DEFAULT_OUTPUT_DIR = "benchmarks/results/compare"
 # GaLore's full-rank baseline lr (run_config.ADAMW_DEFAULT_LR); the projected recipes' 0.01
 # diverges with plain AdamW. LoRA/DoRA adapters are trained with the same AdamW lr.
@@ -55,8 +68,11 @@ class BenchConfig:
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     """Methods to compare (adamw is the baseline of the time ratio): adamw, adamw8bit, galore,
-    galore-torch, lora, dora, gradnormlorp, gradnormlorp8bit (the default eight), and wegeft
-    (weight-generative fine-tuning, rank --lora-rank, AdamW at --adamw-lr)."""
+    galore-torch, lora, dora, gradnormlorp, gradnormlorp8bit (the default eight); wegeft
+    (weight-generative fine-tuning, rank --lora-rank, AdamW at --adamw-lr); and the granular
+    methods at granularity --granularity and rank --vlorp-rank: vlorp (plain model, random
+    bases), vlorp-projfactor (the same with ProjFactor's factored second moment) and
+    gradnormlorp-granular (weight-normed model, SVD bases on the right)."""
     model: str = "llama_nano"
     """Named LLaMA shape and recipe: llama_nano, llama_micro, llama_60m ... llama_7b."""
     model_config: str | None = None
@@ -81,6 +97,13 @@ class BenchConfig:
     """Scale alpha of the projected update (default: the model's recipe)."""
     proj_type: str = "std"
     """Which side to project: std (GaLore's rule), reverse_std, left, right."""
+    granularity: int = DEFAULT_GRANULARITY
+    """Projection granularity c of vlorp, vlorp-projfactor and gradnormlorp-granular: each
+    M x N gradient is reshaped to (M c, N / c) before projection; c must divide every targeted
+    matrix's input size."""
+    vlorp_rank: int | None = None
+    """Projection rank r of the granular methods (default: --rank / --granularity, so that their
+    state c * r per matrix row equals the other projected methods' rank: an equal budget)."""
     galore_torch_dense: str = "adamw"
     """Dense groups of galore-torch: adamw (torch.optim.AdamW, the convention of our dense
     groups, so galore vs galore-torch checks the projected update alone) or galore
@@ -112,12 +135,16 @@ class BenchConfig:
     """Measure each method's peak live-tensor bytes on one extra step of a fresh copy
     (--no-measure-memory skips it)."""
     sweep: str | None = None
-    """rank or gap: instead of the comparison, final loss of --sweep-methods over
-    --sweep-values of the projection rank or of the refresh gap T."""
+    """rank, gap or granularity: instead of the comparison, final loss of --sweep-methods over
+    --sweep-values of the projection rank, of the refresh gap T, or of the granularity c of the
+    granular methods with rank --rank / c (c * r fixed at --rank)."""
     sweep_values: tuple[int, ...] | None = None
-    """Values of the swept setting (default: rank 8,16,32,64; gap 10,25,50,100)."""
+    """Values of the swept setting (default: rank 8,16,32,64; gap 10,25,50,100; granularity
+    1,2,4,8)."""
     sweep_methods: tuple[str, ...] = DEFAULT_SWEEP_METHODS
-    """Methods of a sweep (projected ones: they are the ones with a rank and a gap)."""
+    """Methods of a sweep (projected ones: they are the ones with a rank and a gap; a
+    granularity sweep takes granular ones, and the default pair becomes vlorp,
+    vlorp-projfactor, gradnormlorp-granular)."""
     output_dir: str = DEFAULT_OUTPUT_DIR
     """Where the table, JSON, text log, PNG plots and TensorBoard events go."""
     tensorboard: bool = False
@@ -135,7 +162,11 @@ class BenchConfig:
     than a 1-thread one; on an idle machine pass --threads with the core count."""
 
 
-DEFAULT_SWEEP_VALUES = {"rank": (8, 16, 32, 64), "gap": (10, 25, 50, 100)}
+DEFAULT_SWEEP_VALUES = {
+    "rank": (8, 16, 32, 64),
+    "gap": (10, 25, 50, 100),
+    "granularity": (1, 2, 4, 8),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +183,10 @@ class Hyper:
     lora_rank: int
     lora_alpha: float
     weight_decay: float
+    granularity: int = 1
+    """Granularity c of the granular methods."""
+    vlorp_rank: int = 0
+    """Rank r of the granular methods (their state is c * r per matrix row)."""
 
 
 def _check_methods(names: tuple[str, ...], flag: str, allowed: tuple[str, ...]) -> None:
@@ -195,6 +230,54 @@ def _check_ranks(config: BenchConfig, llama: LlamaConfig) -> None:
                 )
 
 
+def _granular_in_use(config: BenchConfig) -> bool:
+    names = config.sweep_methods if config.sweep else config.methods
+    return any(m in GRANULAR_METHODS for m in names)
+
+
+def _check_granular(config: BenchConfig, llama: LlamaConfig, rank: int) -> None:
+    """Every (c, r) a granular method will train with: c divides every targeted matrix's input
+    size, r = rank / c is a whole number (unless --vlorp-rank), r <= the reshaped width N / c."""
+    if not _granular_in_use(config):
+        return
+    inputs = {llama.hidden_size, llama.intermediate_size}
+    # (granularity c, the budget c * r it must divide or None, the rank r when given)
+    pairs: list[tuple[int, int | None, int | None]]
+    if config.sweep == "granularity":
+        values = config.sweep_values or DEFAULT_SWEEP_VALUES["granularity"]
+        pairs = [(c, rank, None) for c in values]
+        flag = "--sweep-values: granularity"
+    elif config.sweep == "rank":
+        values = config.sweep_values or DEFAULT_SWEEP_VALUES["rank"]
+        pairs = [(config.granularity, total, None) for total in values]
+        flag = "--granularity"
+    else:
+        budget = rank if config.vlorp_rank is None else None
+        pairs = [(config.granularity, budget, config.vlorp_rank)]
+        flag = "--granularity"
+    for c, total, r in pairs:
+        bad = sorted(n for n in inputs if n % c)
+        if bad:
+            raise ValueError(
+                f"{flag} {c} does not divide the input size {bad[0]} of a targeted matrix; "
+                f"choose a divisor of {', '.join(map(str, sorted(inputs)))}"
+            )
+        if total is not None:
+            if total % c:
+                raise ValueError(
+                    f"{flag} {c} does not divide the rank {total} (the granular methods train "
+                    f"with rank {total} / c, keeping c * r = {total}); choose a divisor of "
+                    f"{total}, or pass --vlorp-rank"
+                )
+            r = total // c
+        assert r is not None
+        if r > min(inputs) // c:
+            raise ValueError(
+                f"granular rank {r} exceeds {min(inputs) // c}, the reshaped width N / c of the "
+                f"smallest targeted matrix at granularity {c}"
+            )
+
+
 def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
     """Validate ``config`` and fill its defaults; every user mistake raises ValueError naming
     the offending value. Returns the config, the model's ``LlamaConfig`` and its recipe."""
@@ -204,6 +287,12 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
     if config.sweep is not None:
         if config.sweep not in SWEEPS:
             raise ValueError(f"unknown --sweep {config.sweep!r}; choose one of {', '.join(SWEEPS)}")
+        if config.sweep == "granularity":
+            if tuple(config.sweep_methods) == DEFAULT_SWEEP_METHODS:
+                config = dataclasses.replace(
+                    config, sweep_methods=DEFAULT_GRANULARITY_SWEEP_METHODS
+                )
+            _check_methods(tuple(config.sweep_methods), "--sweep-methods", GRANULAR_METHODS)
         _check_methods(tuple(config.sweep_methods), "--sweep-methods", PROJECTED_METHODS)
         values = config.sweep_values or DEFAULT_SWEEP_VALUES[config.sweep]
         for value in values:
@@ -227,7 +316,7 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
         )
     _positive(config, "steps", "batch_size", "seq_len", "lr", "adamw_lr", "rank")
     _positive(config, "update_proj_gap", "scale", "lora_rank", "lora_alpha", "eval_batches")
-    _positive(config, "loss_window", "log_every", "threads")
+    _positive(config, "loss_window", "log_every", "threads", "granularity", "vlorp_rank")
     for name in ("weight_decay", "warmup_steps", "grad_clip"):
         value = getattr(config, name)
         if value is not None and value < 0:
@@ -244,6 +333,7 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
         )
     recipe = recipe_for_config(llama)
     _check_ranks(config, llama)
+    _check_granular(config, llama, config.rank if config.rank is not None else recipe.rank)
     # Last, so that a bad --device is reported after the other mistakes, and resolved once: the
     # run then holds a concrete device ("cpu", "cuda:0"), recorded as such in the JSON.
     device = resolve_device(config.device)
@@ -274,6 +364,10 @@ def hyper(config: BenchConfig, **overrides: int) -> Hyper:
     rank = int(overrides.get("rank", config.rank))  # type: ignore[arg-type]
     gap = int(overrides.get("update_proj_gap", config.update_proj_gap))  # type: ignore[arg-type]
     lora_rank = config.lora_rank or rank
+    granularity = int(overrides.get("granularity", config.granularity))
+    # A rank or granularity sweep keeps c * r at the swept/configured rank.
+    fixed = config.vlorp_rank if not ({"rank", "granularity"} & set(overrides)) else None
+    vlorp_rank = fixed or max(1, rank // granularity)
     return Hyper(
         lr=float(config.lr),  # type: ignore[arg-type]
         adamw_lr=config.adamw_lr,
@@ -285,4 +379,6 @@ def hyper(config: BenchConfig, **overrides: int) -> Hyper:
         lora_rank=lora_rank,
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else float(lora_rank),
         weight_decay=config.weight_decay,
+        granularity=granularity,
+        vlorp_rank=vlorp_rank,
     )

@@ -14,7 +14,13 @@ same targets: the attention and MLP projections (:data:`DEFAULT_TARGET_MODULES`)
   ``lora_alpha / lora_rank``) on the targets, base target weights frozen, every other parameter
   trains in full as for ``lora``; ``torch.optim.AdamW`` at AdamW's lr;
 - ``gradnormlorp`` / ``gradnormlorp8bit``: :func:`apply_weight_norm` then
-  :class:`GradNormLoRPAdamW` (``bits=8``: block-wise 8-bit moments).
+  :class:`GradNormLoRPAdamW` (``bits=8``: block-wise 8-bit moments);
+- the granular methods (VLoRP, arXiv 2505.01744; docs/vlorp.md), :class:`GradNormLoRPAdamW` at
+  granularity ``c`` and rank ``r`` (``Hyper.granularity``, ``Hyper.vlorp_rank``), recipe lr,
+  gap and scale: ``vlorp`` (plain model, as ``galore``; ``proj_type="random"``, Gaussian bases),
+  ``vlorp-projfactor`` (the same with ``second_moment="factored"``, ProjFactor) and
+  ``gradnormlorp-granular`` (weight-normed model, as ``gradnormlorp``; SVD bases on the right,
+  ``proj_type="right"``).
 
 All use betas (0.9, 0.999) and eps 1e-6 (GaLore's defaults).
 """
@@ -204,6 +210,41 @@ def build_gradnormlorp8bit(
     return model, _gradnormlorp(model, hp, bits=8), hp.lr
 
 
+def _granular_groups(model: nn.Module, hp: Hyper, proj_type: str, **options: Any) -> list[dict]:
+    return projected_param_groups(
+        model,
+        hp.vlorp_rank,
+        hp.update_proj_gap,
+        hp.scale,
+        proj_type,
+        DEFAULT_TARGET_MODULES,
+        granularity=hp.granularity,
+        **options,
+    )
+
+
+def _granular(model: nn.Module, hp: Hyper, proj_type: str, **options: Any) -> GradNormLoRPAdamW:
+    groups = _granular_groups(model, hp, proj_type, **options)
+    return GradNormLoRPAdamW(groups, lr=hp.lr, betas=BETAS, eps=EPS, weight_decay=hp.weight_decay)
+
+
+def build_vlorp(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Optimizer, float]:
+    return model, _granular(model, hp, "random"), hp.lr
+
+
+def build_vlorp_projfactor(
+    model: nn.Module, hp: Hyper
+) -> tuple[nn.Module, torch.optim.Optimizer, float]:
+    return model, _granular(model, hp, "random", second_moment="factored"), hp.lr
+
+
+def build_gradnormlorp_granular(
+    model: nn.Module, hp: Hyper
+) -> tuple[nn.Module, torch.optim.Optimizer, float]:
+    apply_weight_norm(model, target_modules=DEFAULT_TARGET_MODULES)
+    return model, _granular(model, hp, "right"), hp.lr
+
+
 BUILDERS: dict[str, Callable[[nn.Module, Hyper], tuple[nn.Module, torch.optim.Optimizer, float]]]
 BUILDERS = {
     "adamw": build_adamw,
@@ -215,6 +256,9 @@ BUILDERS = {
     "wegeft": build_wegeft,
     "gradnormlorp": build_gradnormlorp,
     "gradnormlorp8bit": build_gradnormlorp8bit,
+    "vlorp": build_vlorp,
+    "vlorp-projfactor": build_vlorp_projfactor,
+    "gradnormlorp-granular": build_gradnormlorp_granular,
 }
 assert tuple(BUILDERS) == METHODS
 

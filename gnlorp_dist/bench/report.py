@@ -85,10 +85,17 @@ def comparison_table(
 
 
 def sweep_table(results: dict[str, dict[str, Any]], setting: str, loss_window: int) -> str:
+    """One row per (method, value); granular methods' rows also give c and r (``c x r``)."""
+    granular = any("granularity" in r for r in results.values())
     rows = [
         [
             r["method"],
             r["sweep_value"],
+            *(
+                [f"{r['granularity']} x {r['vlorp_rank']}" if "granularity" in r else "-"]
+                if granular
+                else []
+            ),
             _num(r["final_train_loss"], ".4f"),
             _num(r["eval_perplexity"], ".2f"),
             f"{r['optimizer_state_bytes'] / MIB:.2f}",
@@ -100,6 +107,7 @@ def sweep_table(results: dict[str, dict[str, Any]], setting: str, loss_window: i
         [
             "method",
             setting,
+            *(["c x r"] if granular else []),
             f"train loss (last {loss_window})",
             "eval ppl",
             "opt. state MiB",

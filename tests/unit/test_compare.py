@@ -214,3 +214,94 @@ def test_rank_sweep_writes_its_own_table_json_and_plot(tiny, tmp_path):
         assert all(math.isfinite(loss) for _, loss in points)
     assert (tmp_path / "sweep_rank.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "gradnormlorp" in (tmp_path / "sweep_rank.txt").read_text()
+
+
+GRANULAR = ("vlorp", "vlorp-projfactor", "gradnormlorp-granular")
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    """The tiny shape with a 512-token vocabulary: building and stepping it takes milliseconds."""
+    path = tmp_path_factory.mktemp("small") / "small.json"
+    path.write_text(json.dumps({**TINY_JSON, "vocab_size": 512}))
+    return path
+
+
+def _one_step(config_path, method, **fields):
+    """``method`` built from a resolved config, after one optimizer step on random tokens."""
+    config, llama, _ = resolve(
+        BenchConfig(
+            model_config=str(config_path), methods=(method,), seq_len=16, device="cpu", **fields
+        )
+    )
+    setup = build_method(method, llama, hyper(config), seed=0)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    setup.model(input_ids=ids, labels=ids).loss.backward()
+    setup.optimizer.step()
+    return setup
+
+
+@pytest.mark.parametrize("method", GRANULAR)
+def test_granular_methods_step_with_state_of_c_times_r_per_row(small_vocab, method):
+    """State per projected M x N matrix: exp_avg (M c, r) and exp_avg_sq of the same shape (or
+    ProjFactor's M + N sums), plus an r x N / c basis for the SVD method, none for random ones;
+    the default rank is --rank / --granularity (equal budget c * r = --rank)."""
+    for c, r in [(1, 4), (2, 2), (4, 1), (2, 4)]:
+        setup = _one_step(small_vocab, method, rank=c * r, granularity=c)
+        group = setup.optimizer.param_groups[0]
+        assert (group["granularity"], group["rank"]) == (c, r)
+        expected = 0
+        for param in group["params"]:
+            rows, cols = param.shape
+            state = setup.optimizer.state[param]
+            assert state["exp_avg"].shape == (rows * c, r)
+            expected += rows * c * r * 4
+            if method == "vlorp-projfactor":
+                assert "exp_avg_sq" not in state
+                assert state["row_sq"].shape == (rows,) and state["col_sq"].shape == (cols,)
+                expected += (rows + cols) * 4
+            else:
+                assert state["exp_avg_sq"].shape == (rows * c, r)
+                expected += rows * c * r * 4
+            if method == "gradnormlorp-granular":
+                assert state["proj"].shape == (r, cols // c)
+                expected += r * (cols // c) * 4
+            else:
+                assert "proj" not in state  # random bases are regenerated, never stored
+        projected = {id(p) for p in group["params"]}
+        assert state_bytes(setup.optimizer, projected)["total"] == expected
+        assert all(torch.isfinite(p).all() for p in setup.model.parameters())
+
+
+def test_granular_methods_keep_the_default_methods_and_check_c(tiny, capsys, tmp_path):
+    assert not set(GRANULAR) & set(BenchConfig().methods)
+    config, _, _ = resolve(BenchConfig(sweep="granularity"))
+    assert config.sweep_methods == GRANULAR and config.sweep_values == (1, 2, 4, 8)
+    assert hyper(config, granularity=8).vlorp_rank == 4  # c * r stays the recipe's rank 32
+    for argv, named in [
+        (["--methods", "vlorp", "--granularity", "3"], "--granularity 3"),
+        (["--methods", "vlorp", "--rank", "30"], "rank 30"),
+        (["--sweep", "granularity", "--sweep-values", "1,64"], "64"),
+        (["--sweep", "granularity", "--sweep-methods", "galore"], "'galore'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--output-dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert named in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_granularity_sweep_writes_its_table_with_c_and_r(tiny, tmp_path):
+    argv = tiny_args(
+        tiny, tmp_path, "--steps", "2", "--sweep", "granularity", "--sweep-values", "1,4",
+        "--sweep-methods", "vlorp", "gradnormlorp-granular",
+    )  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "sweep_granularity.json").read_text())
+    assert set(payload["points"]) == {"vlorp", "gradnormlorp-granular"}
+    for points in payload["points"].values():
+        assert [value for value, _ in points] == [1, 4]
+        assert all(math.isfinite(loss) for _, loss in points)
+    table = (tmp_path / "sweep_granularity.txt").read_text()
+    assert "c x r" in table and "1 x 4" in table and "4 x 1" in table
+    assert (tmp_path / "sweep_granularity.png").read_bytes().startswith(PNG_SIGNATURE)
