@@ -85,6 +85,33 @@ def _linear_leaf_names(model: nn.Module) -> list[str]:
     return sorted(linear_names) + sorted(names - linear_names)
 
 
+def matched_linears(
+    model: nn.Module, targets: frozenset[str], why_whole: str
+) -> list[tuple[nn.Module, str, str, nn.Linear]]:
+    """The ``nn.Linear`` children ``targets`` name, as ``(parent, attribute, qualified name,
+    child)``; ValueError when nothing matches, when a match is not a dense ``nn.Linear``, or when
+    it is partitioned by ZeRO-3 (``why_whole``: why the surgery needs the whole weight)."""
+    found = _targeted_children(model, targets)
+    if not found:
+        existing = _linear_leaf_names(model)[:_MAX_NAMES_LISTED]
+        raise ValueError(
+            f"target_modules={sorted(targets)} matched no module of {type(model).__name__}; "
+            f"module names that exist include {existing}."
+        )
+    for _, _, qualified, child in found:
+        if not isinstance(child, nn.Linear):
+            raise ValueError(
+                f"module {qualified!r} matched target_modules but is a {type(child).__name__}, "
+                "not an nn.Linear; remove its name from target_modules."
+            )
+        if hasattr(child.weight, "ds_shape"):
+            raise ValueError(
+                f"module {qualified!r} is partitioned by DeepSpeed ZeRO-3 (built under "
+                f"deepspeed.zero.Init): {why_whole}"
+            )
+    return found
+
+
 def apply_weight_norm(
     model: nn.Module,
     target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
@@ -128,26 +155,13 @@ def apply_weight_norm(
             f"model already has WeightNormLinear layers ({already[:3]}...); apply_weight_norm "
             "was called twice. Call merge_weight_norm(model) first to start over."
         )
-    found = _targeted_children(model, targets)
-    if not found:
-        existing = _linear_leaf_names(model)[:_MAX_NAMES_LISTED]
-        raise ValueError(
-            f"target_modules={sorted(targets)} matched no module of {type(model).__name__}; "
-            f"module names that exist include {existing}."
-        )
-    for _, _, qualified, child in found:
-        if not isinstance(child, nn.Linear):
-            raise ValueError(
-                f"module {qualified!r} matched target_modules but is a {type(child).__name__}, "
-                "not an nn.Linear; remove its name from target_modules."
-            )
-        if hasattr(child.weight, "ds_shape"):
-            raise ValueError(
-                f"module {qualified!r} is partitioned by DeepSpeed ZeRO-3 (built under "
-                "deepspeed.zero.Init): weight normalisation needs whole weights. Build or load the "
-                "model without zero.Init, call apply_weight_norm, then deepspeed.initialize (it "
-                "partitions the result), or train GaLore (no weight norm) on the partitioned model."
-            )
+    found = matched_linears(
+        model,
+        targets,
+        "weight normalisation needs whole weights. Build or load the model without zero.Init, "
+        "call apply_weight_norm, then deepspeed.initialize (it partitions the result), or train "
+        "GaLore (no weight norm) on the partitioned model.",
+    )
     if lora_rank is None and lora_alpha is not None:
         raise ValueError(f"lora_alpha={lora_alpha!r} given without lora_rank; set lora_rank.")
     if lora_rank is not None:

@@ -42,14 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnlorp_dist.nn.surgery import (
-    DEFAULT_TARGET_MODULES,
-    _linear_leaf_names,
-    _targeted_children,
-    is_peft_model,
-)
-
-_MAX_NAMES_LISTED = 12
+from gnlorp_dist.nn.surgery import DEFAULT_TARGET_MODULES, is_peft_model, matched_linears
+from gnlorp_dist.nn.weight_norm import plain_linear
 
 # --------------------------------------------------------------------------------------------
 # Pure functions
@@ -201,20 +195,7 @@ class WeGeFTLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (same dtype and device); its
         weight is frozen, as ``W0`` was, and its bias keeps the bias's ``requires_grad``."""
-        weight_OI = self.merged_weight()
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=weight_OI.device,
-            dtype=weight_OI.dtype,
-        )
-        linear.weight.copy_(weight_OI)
-        linear.weight.requires_grad_(False)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-            linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear
+        return plain_linear(self.merged_weight(), self.bias, weight_trainable=False)
 
     def extra_repr(self) -> str:
         return (
@@ -283,24 +264,12 @@ def apply_wegeft(
             f"model already has WeGeFTLinear layers ({already[:3]}...); apply_wegeft was called "
             "twice. Call merge_wegeft(model) first to start over."
         )
-    found = _targeted_children(model, targets)
-    if not found:
-        existing = _linear_leaf_names(model)[:_MAX_NAMES_LISTED]
-        raise ValueError(
-            f"target_modules={sorted(targets)} matched no module of {type(model).__name__}; "
-            f"module names that exist include {existing}."
-        )
-    for _, _, qualified, child in found:
-        if not isinstance(child, nn.Linear):
-            raise ValueError(
-                f"module {qualified!r} matched target_modules but is a {type(child).__name__}, "
-                "not an nn.Linear; remove its name from target_modules."
-            )
-        if hasattr(child.weight, "ds_shape"):
-            raise ValueError(
-                f"module {qualified!r} is partitioned by DeepSpeed ZeRO-3: WeGeFT generates its "
-                "update from the whole weight. Build the model without zero.Init first."
-            )
+    found = matched_linears(
+        model,
+        targets,
+        "WeGeFT generates its update from the whole weight. Build the model without zero.Init "
+        "first.",
+    )
     smallest = min(c.in_features for *_, c in found)
     if rank > smallest:
         raise ValueError(

@@ -275,6 +275,28 @@ def merge_lora_weight(
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def plain_linear(
+    weight_OI: torch.Tensor, bias_O: torch.Tensor | None, *, weight_trainable: bool
+) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight_OI`` and ``bias_O`` (copies, same dtype and device):
+    what a merged layer becomes. The bias keeps its ``requires_grad``."""
+    out_features, in_features = weight_OI.shape
+    linear = nn.Linear(
+        in_features,
+        out_features,
+        bias=bias_O is not None,
+        device=weight_OI.device,
+        dtype=weight_OI.dtype,
+    )
+    linear.weight.copy_(weight_OI)
+    linear.weight.requires_grad_(weight_trainable)
+    if bias_O is not None:
+        linear.bias.copy_(bias_O)
+        linear.bias.requires_grad_(bias_O.requires_grad)
+    return linear
+
+
 class WeightNormLinear(nn.Module):
     """Weight-normalised drop-in for ``nn.Linear`` (per-output-neuron norm, GradNormLoRP).
 
@@ -437,20 +459,8 @@ class WeightNormLinear(nn.Module):
         Its weight is trainable iff the direction was (full mode) and frozen in LoRA mode,
         like the frozen base layer PEFT's ``merge_and_unload`` hands back.
         """
-        weight_OI = self.merged_weight()
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=weight_OI.device,
-            dtype=weight_OI.dtype,
-        )
-        linear.weight.copy_(weight_OI)
-        linear.weight.requires_grad_(False if self.is_lora else self.direction.requires_grad)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-            linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear
+        trainable = not self.is_lora and self.direction.requires_grad
+        return plain_linear(self.merged_weight(), self.bias, weight_trainable=trainable)
 
     def extra_repr(self) -> str:
         parts = [
