@@ -132,7 +132,12 @@ class GroupStep:
 
     def basis(self, index: int) -> Tensor:
         """Parameter ``index``'s projection basis (restored from its codes under ``proj_bits``,
-        in the dtype it was computed in: the gradient's on an owner, else float32)."""
+        in the dtype it was computed in: the gradient's on an owner, else float32).
+
+        A quantised basis is restored at each use (projection and back-projection: twice a
+        step), so no restored basis outlives its phase; memory, not the small dequantisation,
+        is what ``proj_bits`` is for. A random basis is regenerated once per step and kept for
+        the step's phases."""
         owner = self.placement(index) == "owner"
         dtype = self.params[index].tensor.dtype if owner else torch.float32
         if not self.random:
