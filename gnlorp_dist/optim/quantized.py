@@ -94,8 +94,8 @@ def encode(
     if scale is not None:
         assert padded.shape[0] == 1, "an agreed scale is for one shared block"
         pad = 0 if head > 0 else head + values.numel()
+        # A pad slot exists, so _padded built a fresh buffer: writing into it leaves values be.
         assert pad < BLOCK_SIZE, "a shared block has elements on another rank"
-        padded = padded.clone() if padded.data_ptr() == values.data_ptr() else padded
         padded.view(-1)[pad] = scale.reshape(())
     code = _dynamic_map(signed, str(values.device))
     codes, quant_state = bnbf.quantize_blockwise(padded.view(-1), code=code, blocksize=BLOCK_SIZE)
