@@ -14,9 +14,11 @@ The optimizer state per matrix is ``M*c x r``: the memory budget is ``c*r`` valu
 
 Random bases have i.i.d. entries of mean 0 and variance 1 (N(0, 1) or Rademacher +-1), so
 ``E[proj_RK.T @ proj_RK] = r * I_K`` and the back-projection ``G P^T P / r`` is an unbiased
-estimator of G. They are drawn by a CPU ``torch.Generator`` from a seed and then cast and moved:
-every device, dtype request and process gets the same values (CUDA's generator draws a different
-stream), so the basis is never stored, only the seed (see ``window_seed``).
+estimator of G. They are drawn on the device that uses them, by a ``torch.Generator`` of that
+device seeded with ``window_seed``: no host RNG and no host-to-device copy, and the basis is never
+stored, only the seed. The same seed gives bitwise the same basis on the same kind of device
+(every CPU; every GPU of one model: CUDA's draw of a large tensor depends on the GPU's number of
+SMs), and a different one on another (CPU and CUDA generators are different streams).
 
 ProjFactor keeps the first moment in the subspace (``M*c x r``) and the second moment
 Adafactor-style as ``M + N`` running row/column sums of the squared back-projected gradient of
@@ -78,21 +80,25 @@ def random_basis(
     """Random basis ``proj_RK`` of shape ``(rank, rows)``, ``rows`` = K = N/c (right side).
 
     ``rows`` is the row length of the reshaped gradient (its number of columns). Entries are
-    i.i.d. N(0, 1) or +-1, drawn in float32 by a CPU generator seeded with ``seed`` and then cast
-    to ``dtype`` and moved to ``device``: the same seed gives bitwise the same basis anywhere, and
-    a lower-precision request is the float32 draw rounded. Not orthonormal: back-project with
-    ``random=True`` (divides by ``rank``).
+    i.i.d. N(0, 1) or +-1, drawn in float32 on ``device`` by a generator of that device seeded
+    with ``seed`` (no host RNG, no copy), then cast to ``dtype``: a lower-precision request is
+    the float32 draw rounded. The same seed gives bitwise the same basis on the same kind of
+    device (see the module docstring); CPU and CUDA draws differ. Not orthonormal: back-project
+    with ``random=True`` (divides by ``rank``).
     """
-    generator = torch.Generator(device="cpu")
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     if kind == "gaussian":
-        basis_RK = torch.randn(rank, rows, generator=generator, dtype=torch.float32)
+        basis_RK = torch.randn(rank, rows, generator=generator, dtype=torch.float32, device=device)
     elif kind == "rademacher":
-        bits = torch.randint(0, 2, (rank, rows), generator=generator, dtype=torch.int64)
+        bits = torch.randint(
+            0, 2, (rank, rows), generator=generator, dtype=torch.int64, device=device
+        )
         basis_RK = (bits * 2 - 1).to(torch.float32)
     else:
         raise ValueError(f"basis kind {kind!r} is not supported; use one of {BASIS_KINDS}")
-    return basis_RK.to(device=device, dtype=dtype)
+    return basis_RK.to(dtype=dtype)
 
 
 def _splitmix64(x: int) -> int:

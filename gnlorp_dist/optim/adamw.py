@@ -114,22 +114,29 @@ class GradNormLoRPAdamW(
     default): a ValueError naming the parameters, on every rank. ``"skip"`` (``gnlorp-train``'s
     default): ``step()`` changes nothing, on every rank; :attr:`skipped_steps` (not saved in
     ``state_dict()``) counts such steps and :attr:`last_step_skipped` flags the latest one.
-    Per-layer mode can only raise (see :meth:`step_parameter`); under ZeRO the engine calls
-    ``step()`` per group, so the verdict covers that call's groups. A caller that knows the
-    gradients are finite (a finite ``clip_grad_norm_``) calls :meth:`mark_gradients_finite`.
+    Per-layer mode can only raise, and only once the step's last backward pass is over, after
+    it has updated every parameter with non-finite entries taken as zero (see
+    :meth:`step_parameter`); under ZeRO the engine calls ``step()`` per group, so the verdict
+    covers that call's groups. A caller that knows the gradients are finite (a finite
+    ``clip_grad_norm_``) calls :meth:`mark_gradients_finite`.
 
     Synchronisation with the host: updates never wait for the device (step counters are Python
-    numbers, clipping stays on the device); the host reads only the non-finite verdict (a count
-    made on the device), which must be known before anything changes:
+    numbers, clipping stays on the device, VLoRP's random bases are drawn on the device); the
+    host reads the non-finite verdict (a count made on the device) once per step, and nothing
+    else on a step that refreshes no subspace (``tests/unit/test_host_syncs.py`` counts them):
 
-    - ``step()``, one process: one ``.item()`` every step (none after
-      :meth:`mark_gradients_finite`);
-    - ``step()``, several ranks: one 5-element all-reduce and one host read every step (it
-      also carries the gradient checksums: every gradient's first row, on every rank);
-    - ZeRO and FSDP2: one 5-element all-reduce and ``.item()`` per ``step()`` call (ZeRO calls
-      it per group);
-    - per-layer mode: one scalar verdict (an all-reduce over several ranks) and ``.item()`` per
-      projected matrix per micro-batch and per dense parameter per step.
+    - ``step()``, one process: one ``.item()`` (none after :meth:`mark_gradients_finite`);
+    - ``step()``, several ranks (DDP, owners, low-rank reduction) and FSDP2: one 5-element
+      all-reduce and one host read (it also carries the gradient checksums: every gradient's
+      first row, on every rank);
+    - ZeRO: the same per ``step()`` call, and the engine calls it once per param group;
+    - per-layer mode: one scalar all-reduce and one ``.item()`` per step, when the backward
+      pass that ends it is over (:meth:`finish_per_layer_step`), whatever the number of
+      matrices and micro-batches;
+    - refresh steps add the SVD's own sync per refreshed matrix (``torch.linalg.svd`` checks
+      its result on the host) and, under lazy refresh, one read per refreshed matrix on its
+      owner (the subspace overlap, right after that SVD) plus, where the basis is broadcast,
+      one read of the next refresh steps (per group; per matrix in per-layer mode).
     """
 
     def __init__(
@@ -178,6 +185,7 @@ class GradNormLoRPAdamW(
             "min_8bit_size": min_8bit_size,
         }
         self._per_layer: Any = None
+        self._per_layer_tally = None  # per-layer mode's device-side non-finite verdict
         self._backward_reduction: BackwardReduction | None = None
         self._loaded_engine_state: dict[str, dict[str, Any]] | None = None
         super().__init__(params, defaults)

@@ -118,23 +118,6 @@ def non_finite_count(tensors: list[Tensor]) -> Tensor:
     return torch.isfinite(stacked).logical_not().sum(dtype=torch.float64)
 
 
-def non_finite_on_any_rank(comm: Communicator, tensors: list[Tensor], like: torch.device) -> bool:
-    """Whether any rank's ``tensors`` hold a NaN or an infinity (see :func:`non_finite_count`).
-
-    Counted on the tensors' device (one fused reduction, no host sync per tensor), summed over
-    ranks in one scalar all-reduce on ``comm``'s device, then read with ONE ``.item()``: the host
-    sync that lets every rank skip or raise together. ``like``: the device to use when this rank
-    has no tensors.
-    """
-    device = buffer_device(comm, tensors[0].device if tensors else like)
-    if tensors:
-        verdict = non_finite_count(tensors).reshape(1).to(device)
-    else:
-        verdict = torch.zeros(1, dtype=torch.float64, device=device)
-    wait_all([comm.all_reduce_sum(verdict)])
-    return verdict.item() > 0  # host sync (documented in GradNormLoRPAdamW)
-
-
 def clip_coefficient(
     comm: Communicator, tensors: list[Tensor], max_norm: float, device: torch.device
 ) -> Tensor:
@@ -181,9 +164,11 @@ def step_verdict(
 ) -> tuple[bool, bool]:
     """``(any rank's ``due`` tensors are non-finite, the ranks' ``checked`` gradients differ)``.
 
-    :func:`non_finite_on_any_rank` in the same one all-reduce and one host read, carrying also
-    each rank's :func:`gradient_checksum` of ``checked`` and its square (so the sum over ranks
-    gives their spread). ``checked`` None: no comparison (the second answer is False).
+    :func:`non_finite_count` of ``due`` on the tensors' device (no host sync per tensor), summed
+    over ranks in ONE all-reduce on ``comm``'s device that also carries each rank's
+    :func:`gradient_checksum` of ``checked`` and its square (so the sum over ranks gives their
+    spread), then read with ONE host read: the sync that lets every rank skip or raise together
+    before anything changes. ``checked`` None: no comparison (the second answer is False).
     """
     device = buffer_device(comm, due[0].device if due else like)
     verdict = torch.zeros(5, dtype=torch.float64, device=device)

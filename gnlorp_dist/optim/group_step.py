@@ -21,6 +21,7 @@ from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.projector import (
     back_divisor,
+    check_random_basis_device,
     group_side,
     is_factored,
     is_random,
@@ -68,6 +69,14 @@ class GroupStep:
     random basis is the one of the window of the update being taken, also after the count."""
     random_bases: dict[int, Tensor] = field(default_factory=dict)
     """Random bases regenerated during this step (transient: never in the state)."""
+
+    def __post_init__(self) -> None:
+        if self.random and self.params:
+            # Before any phase: a window begun on another device type is refused here.
+            owner = self.placement(0) == "owner"
+            device = self.params[0].tensor.device if owner else self.device
+            states = [state for state in self.states if state is not None]
+            check_random_basis_device(self.group, states, device.type, self.comm)
 
     @property
     def projected(self) -> bool:
@@ -136,8 +145,10 @@ class GroupStep:
 
         A quantised basis is restored at each use (projection and back-projection: twice a
         step), so no restored basis outlives its phase; memory, not the small dequantisation,
-        is what ``proj_bits`` is for. A random basis is regenerated once per step and kept for
-        the step's phases."""
+        is what ``proj_bits`` is for. A random basis is drawn on the device that uses it, once
+        per step (per hook in per-layer mode), and kept for the step's phases only: holding it
+        for its whole window would cost what a stored SVD basis does, which random bases exist
+        to avoid; a draw is one RNG kernel, with no host work but seeding."""
         owner = self.placement(index) == "owner"
         dtype = self.params[index].tensor.dtype if owner else torch.float32
         if not self.random:

@@ -97,6 +97,12 @@ class NonFiniteGuard:
         raise non_finite_step_error(bad or ["a parameter owned by another rank"], step)
 
 
+def zero_non_finite_(tensor: Tensor) -> Tensor:
+    """``tensor`` with its NaN and infinite entries set to zero, in place (finite values keep
+    their bits). Per-layer mode's containment: its verdict comes after the updates."""
+    return tensor.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def consumed_gradients(steps: list[GroupStep]) -> list[tuple[str, Tensor]]:
     """``(name, gradient)`` of everything this rank's update reads: its runs (sharded layouts),
     the whole gradient of the matrices it owns and the rows of the dense blocks it owns

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
 from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
@@ -40,6 +42,13 @@ class PerLayerUpdates:
     the owning rank(s) itself (every micro-batch for a projected matrix, which its owner sums in
     low rank; at the last micro-batch for a dense tensor) and broadcasts the updated weights.
     Hooks fire in the same order on every rank because the models are identical.
+
+    Non-finite gradients raise a ValueError naming the parameters, on every rank, out of the
+    ``backward()`` call that ends the step (the last micro-batch's): the hooks count non-finite
+    values on the device and the verdict is read once, when that backward pass is over (a
+    callback queued on it calls :meth:`GradNormLoRPAdamW.finish_per_layer_step`). By then the
+    step has updated every parameter, with non-finite entries taken as zero so nothing
+    becomes NaN (see ``step_parameter``); resume from a checkpoint.
 
     Every trainable parameter must receive a gradient in every backward pass (the hooks count
     micro-batches per parameter). ``optimizer.step()`` is refused while attached: the backward
@@ -75,6 +84,8 @@ class PerLayerUpdates:
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = float(max_grad_norm)
         self._micro_batch: dict[Tensor, int] = {}
+        self._verdict_queued_for: int | None = None
+        """The autograd graph task whose end reads the step's verdict (one per backward)."""
         self._handles: list[RemovableHandle] = []
         for group in optimizer.param_groups:
             for param in group["params"]:
@@ -84,10 +95,17 @@ class PerLayerUpdates:
 
     def _hook(self, param: Tensor) -> None:
         index = self._micro_batch[param]
+        last = index == self.accumulation_steps - 1
+        if last:
+            # The step ends in this backward pass: its verdict is read once, after the last hook.
+            task = torch._C._current_graph_task_id()
+            if task != self._verdict_queued_for:
+                self._verdict_queued_for = task
+                Variable._execution_engine.queue_callback(self.optimizer.finish_per_layer_step)
         self.optimizer.step_parameter(
             param,
             first_micro_batch=index == 0,
-            last_micro_batch=index == self.accumulation_steps - 1,
+            last_micro_batch=last,
             max_grad_norm=self.max_grad_norm,
         )
         self._micro_batch[param] = (index + 1) % self.accumulation_steps

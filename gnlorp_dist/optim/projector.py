@@ -13,8 +13,11 @@ and never branches on VLoRP itself elsewhere:
 - the **basis**: an SVD basis is stored in the state (``proj``); a random one
   (``proj_type="random"``) is regenerated wherever it is needed from
   :func:`gnlorp_dist.vlorp.window_seed` of ``(projection_seed, parameter position, the step of
-  the update, update_proj_gap)``: every micro-batch of a refresh window, every rank and a
-  resumed run get the same basis, and nothing is stored, computed by SVD or broadcast;
+  the update, update_proj_gap)``, on the device that uses it (:func:`gnlorp_dist.vlorp.random_basis`):
+  every micro-batch of a refresh window, every rank and a resumed run on the same kind of device
+  get the same basis, and nothing is stored, computed by SVD or broadcast. The group records
+  the device type that draws its bases (:func:`check_random_basis_device`): a run resumed on
+  another type mid-window is refused;
 - the **back-projection divisor**: ``r`` for a random basis (``E[P^T P] = r I``), else 1;
 - the **second moment**: ``"adam"`` (the low-rank ``v``) or ``"factored"`` (ProjFactor: row and
   column sums of the squared back-projected gradient, ``row_sq`` / ``col_sq``).
@@ -22,7 +25,7 @@ and never branches on VLoRP itself elsewhere:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -96,6 +99,57 @@ def regenerate_basis(
         dtype=dtype,
         device=device,
     )
+
+
+BASIS_DEVICE_KEY = "random_basis_device"
+"""The param-group key (saved in ``state_dict()["param_groups"]``) recording the device type
+(``"cpu"``, ``"cuda"``, ...) whose generator draws the group's random bases."""
+
+
+class _Gatherer(Protocol):
+    world_size: int
+
+    def all_gather_object(self, obj: object) -> list[object]: ...
+
+
+def check_random_basis_device(
+    group: dict[str, Any], states: list[dict[str, Any]], device_type: str, comm: _Gatherer
+) -> None:
+    """Refuse to continue a refresh window of random bases on another kind of device.
+
+    CPU and CUDA generators draw different numbers for the same seed, so a window begun on one
+    would go on with another basis on the other: the low-rank moments would silently change
+    subspace mid-window. ``group`` records the device type its bases are drawn on; when this
+    step draws elsewhere, it goes on (and records the new type) only if every matrix of the
+    group, on every rank, is at the start of a window (its step a multiple of
+    ``update_proj_gap``): the new window's basis is then a fresh draw, like any window's.
+    Otherwise a ValueError. A state saved before the record existed was drawn on the CPU.
+    ``states``: this rank's states of the group's matrices. Host work only; the ranks agree in
+    one ``all_gather_object`` when the device type changes (all together: the record is the
+    same on every rank), never on the hot path.
+    """
+    recorded = group.get(BASIS_DEVICE_KEY)
+    if recorded == device_type:
+        return
+    gap = int(group["update_proj_gap"])
+    steps = [int(state.get("step", 0)) for state in states]
+    mine = (any(step % gap for step in steps), any(step > 0 for step in steps))
+    seen = comm.all_gather_object(mine) if comm.world_size > 1 else [mine]
+    mid_window = any(bool(flags[0]) for flags in seen)  # type: ignore[index]
+    started = any(bool(flags[1]) for flags in seen)  # type: ignore[index]
+    drawn_on = recorded if recorded is not None else ("cpu" if started else None)
+    if drawn_on not in (None, device_type) and mid_window:
+        steps_now = sorted(set(steps))
+        raise ValueError(
+            f"random projection bases (proj_type='random'): this run draws them on {device_type} "
+            f"but the refresh windows in progress (steps {steps_now}, "
+            f"update_proj_gap={gap}) were drawn on {drawn_on}; {drawn_on} and {device_type} "
+            "generators give different bases for the same seed, so resuming mid-window would "
+            f"silently change each matrix's subspace. Resume on {drawn_on}, or resume from a "
+            f"checkpoint saved at a multiple of update_proj_gap={gap} steps (the next window "
+            f"then draws on {device_type})."
+        )
+    group[BASIS_DEVICE_KEY] = device_type
 
 
 def state_layout(
