@@ -480,14 +480,30 @@ def save_merged_model(
 ) -> Path:
     """Save ``merge(copy of model)`` with ``save_pretrained`` (safetensors) and the tokenizer to
     ``output_dir/final``, atomically. The training model is left untouched."""
-    final = Path(output_dir) / FINAL_SUBDIR
-    tmp = final.with_name(f"{FINAL_SUBDIR}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    final, tmp = fresh_final_tmp(output_dir)
     merged = copy.deepcopy(model)
     if merge is not None:
         merged = merge(merged)
     merged.save_pretrained(str(tmp), safe_serialization=True)
+    return publish_final(tmp, final, tokenizer=tokenizer, info=info)
+
+
+def fresh_final_tmp(output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``(output_dir/final, an empty temporary folder beside it)`` for a final model to be
+    written into, then published by :func:`publish_final`."""
+    final = Path(output_dir) / FINAL_SUBDIR
+    tmp = final.with_name(f"{FINAL_SUBDIR}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return final, tmp
+
+
+def publish_final(
+    tmp: Path, final: Path, *, tokenizer: Any = None, info: dict[str, Any] | None = None
+) -> Path:
+    """Add the tokenizer and ``info`` to ``tmp``, sync it, and put it in ``final``'s place
+    atomically (a crash leaves the old final model or the new one, never half of one)."""
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if info is not None:

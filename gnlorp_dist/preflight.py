@@ -1,8 +1,10 @@
 """Checks before the first training step: is there somewhere to write the checkpoints?
 
 A run that cannot save should fail before it computes, not at its first save ``--save-every``
-steps later. :func:`check_output_dir` creates the output folder, proves it writable with a probe
-file and compares its free space with :func:`checkpoint_bytes_estimate`.
+steps later. :func:`check_output_dir` creates the output folder and proves it writable with a
+probe file; :func:`check_free_space` compares its free space with what the run will write
+(:func:`run_writes`: a checkpoint, :func:`checkpoint_bytes_estimate`, only if it trains; the
+merged model, :func:`merged_model_bytes_estimate`), checked by the training loop itself.
 
 Every rank runs the checks (``gnlorp-train`` calls them from
 :func:`gnlorp_dist.run_setup.prepare`): every rank writes its optimizer shard into the same
@@ -16,6 +18,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +27,9 @@ from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.optim.projector import state_layout
 from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL
 from gnlorp_dist.optim.quantized_basis import basis_bytes
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 SPACE_MARGIN = 0.10
 """Extra free space asked for beyond the estimate (a fraction of it)..."""
@@ -76,18 +82,58 @@ def check_output_dir(path: str | os.PathLike, needed_bytes: int = 0) -> Path:
     return folder
 
 
-def check_free_space(path: str | os.PathLike, needed_bytes: int) -> None:
-    """ValueError naming the numbers unless the existing folder ``path`` has ``needed_bytes``
-    free plus a margin (:data:`SPACE_MARGIN`, :data:`SPACE_MARGIN_BYTES`)."""
+class NotEnoughSpace(ValueError):
+    """Too little free space for what the run will write (a user mistake: a ValueError)."""
+
+
+def check_free_space(path: str | os.PathLike, needed: int | dict[str, int]) -> None:
+    """:class:`NotEnoughSpace` naming the numbers unless the existing folder ``path`` has
+    ``needed`` bytes free plus a margin (:data:`SPACE_MARGIN`, :data:`SPACE_MARGIN_BYTES`).
+    ``needed``: one checkpoint's bytes, or the bytes of each thing the run writes, by name
+    (e.g. ``{"one checkpoint": ..., "the merged model": ...}``); nothing to write: no check."""
+    parts = {"one checkpoint": needed} if isinstance(needed, int) else dict(needed)
+    parts = {what: size for what, size in parts.items() if size > 0}
+    if not parts:
+        return
+    needed_bytes = sum(parts.values())
     wanted = int(needed_bytes * (1 + SPACE_MARGIN)) + SPACE_MARGIN_BYTES
     free = shutil.disk_usage(path).free
     if free < wanted:
-        raise ValueError(
-            f"--output-dir {str(path)!r} has {_size(free)} free but one checkpoint needs about "
-            f"{_size(needed_bytes)} (estimated from the model and optimizer state; "
-            f"{_size(wanted)} with the margin). Free space there or pass an --output-dir on a "
-            "larger disk"
+        items = [f"{what} about {_size(size)}" for what, size in parts.items()]
+        first, *rest = items
+        listed = first.replace(" about ", " needs about ", 1) + "".join(f" and {r}" for r in rest)
+        total = f"{_size(needed_bytes)} in all; " if rest else ""
+        raise NotEnoughSpace(
+            f"--output-dir {str(path)!r} has {_size(free)} free but {listed} (estimated from "
+            f"the model and optimizer state; {total}{_size(wanted)} with the margin). Free "
+            "space there or pass an --output-dir on a larger disk"
         )
+
+
+def run_writes(
+    *, checkpoint_bytes: int, merged_bytes: int, start_step: int, max_steps: int
+) -> dict[str, int]:
+    """What a ``gnlorp-train`` run from ``start_step`` writes to its output folder, by name.
+
+    A run that trains at all saves a checkpoint at ``max_steps`` (and every ``--save-every``
+    steps before; older ones are pruned to ``--keep-checkpoints``, and the ones already on disk
+    are in the used space): one more checkpoint. Rank 0 then writes the merged model, which
+    stays beside the last checkpoint. ``prepare()`` alone (a caller with its own loop, like the
+    GPU check) writes neither and is not checked."""
+    writes = {}
+    if start_step < max_steps:
+        writes["one checkpoint"] = checkpoint_bytes
+    writes["the merged model"] = merged_bytes
+    return writes
+
+
+def merged_model_bytes_estimate(llama: LlamaConfig, dtype: torch.dtype) -> int:
+    """Bytes of the merged model's weights: the plain architecture (weight norm merged away, a
+    tied embedding once) in ``dtype``, measured on a meta-device model (no memory)."""
+    from gnlorp_dist.models import build_model_on_meta  # noqa: PLC0415  (imports transformers)
+
+    model = build_model_on_meta(llama)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

@@ -49,6 +49,8 @@ from gnlorp_dist.preflight import (
     check_free_space,
     check_output_dir,
     checkpoint_bytes_estimate,
+    merged_model_bytes_estimate,
+    run_writes,
 )
 from gnlorp_dist.run_config import (
     RESUME_MUST_MATCH,
@@ -194,6 +196,29 @@ class Run:
     start_step: int = 0
     """Optimizer steps already done (from the checkpoint resumed, else 0)."""
     resumed_from: Path | None = None
+    write_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Estimated bytes of one ``checkpoint`` and of the ``merged`` model (see
+    :func:`check_space_for_run`)."""
+
+
+def merged_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype the merged model is saved in: the run's ``--dtype`` (under DeepSpeed merged
+    from the fp32 masters, then cast)."""
+    return _DTYPES[config.dtype]
+
+
+def check_space_for_run(run: Run) -> None:
+    """:class:`~gnlorp_dist.preflight.NotEnoughSpace` unless the output folder has room for
+    what :func:`gnlorp_dist.train.run_training` will write (:func:`run_writes`). Every rank
+    checks the same numbers (all write checkpoint shards), so they fail together."""
+    c = run.config
+    writes = run_writes(
+        checkpoint_bytes=run.write_bytes.get("checkpoint", 0),
+        merged_bytes=run.write_bytes.get("merged", 0),
+        start_step=run.start_step,
+        max_steps=c.max_steps,
+    )
+    check_free_space(c.output_dir, writes)
 
 
 def find_resume_checkpoint(config: RunConfig) -> Path | None:
@@ -264,8 +289,11 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         init_single_process_group(device)
         fully_shard_model(model)
     optimizer = build_optimizer(config, model, context)
-    # Somewhere to save, before any step (every rank: all write shards, all fail together).
-    check_free_space(config.output_dir, checkpoint_bytes_estimate(model, optimizer))
+    # Estimated now, from the whole shapes (an engine partitions them); checked by the loop.
+    write_bytes = {
+        "checkpoint": checkpoint_bytes_estimate(model, optimizer),
+        "merged": merged_model_bytes_estimate(llama, merged_dtype(config)),
+    }
     scheduler = warmup_cosine_schedule(
         optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
     )
@@ -279,6 +307,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         data=data,
         context=context,
         device=device,
+        write_bytes=write_bytes,
     )
     if config.deepspeed:
         checkpoint, client_state = ds_training.resume_point(run)

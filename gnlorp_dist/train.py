@@ -20,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from gnlorp_dist.checkpoint import (
-    save_checkpoint,
-    save_merged_model,
-)
+from gnlorp_dist.checkpoint import save_checkpoint
 from gnlorp_dist.checkpoint_dcp import save_dcp_training_checkpoint
+from gnlorp_dist.checkpoint_merged import (
+    model_logits,
+    reloaded_logit_difference,
+    save_merged_streamed,
+)
 from gnlorp_dist.device import (
     activate_device,
     describe_memory,
@@ -35,15 +37,14 @@ from gnlorp_dist.device import (
 from gnlorp_dist.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
-    full_model_state_dict,
     init_distributed,
 )
 from gnlorp_dist.evaluation import evaluate, merged_logit_difference
 from gnlorp_dist.faults import fault_point
 from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import count_parameters
-from gnlorp_dist.nn import merge_weight_norm
 from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
+from gnlorp_dist.preflight import NotEnoughSpace
 from gnlorp_dist.run_config import (
     RunConfig,
     build_parser,
@@ -57,8 +58,10 @@ from gnlorp_dist.run_setup import (
     build_optimizer,
     build_train_data,
     build_training_model,
+    check_space_for_run,
     find_resume_checkpoint,
     log,
+    merged_dtype,
     prepare,
     seed_everything,
     set_log_rank,
@@ -243,6 +246,7 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
     after ``--max-consecutive-skips`` in a row) or raise. A non-finite loss at a step that was
     not skipped raises a FloatingPointError, as before."""
     c = run.config
+    check_space_for_run(run)  # before any step: what this run writes must fit
     optimizer = run.optimizer if isinstance(run.optimizer, GradNormLoRPAdamW) else None
     if optimizer is not None:
         optimizer.on_nonfinite = c.on_nonfinite
@@ -366,23 +370,23 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
 
 
 def _finish(run: Run, result: TrainResult) -> None:
+    """Evaluate, then stream the merged model to ``output_dir/final`` (rank 0 writes).
+
+    A sharded model (DeepSpeed, FSDP2) is evaluated as it is, on every rank, and its merged
+    weights are gathered one module at a time (:mod:`gnlorp_dist.checkpoint_merged`): no whole
+    second model on the host beside the engine's copy. Under DeepSpeed they are merged from the
+    fp32 masters and saved in the run's ``--dtype``. The optimizer state is dropped first (the
+    final checkpoint holds it): a finished run keeps none."""
     c = run.config
-    if run.engine is not None or c.fsdp:  # whole weights on every rank, in a plain model
-        if c.fsdp:  # an all-gather of every shard: once, at the end
-            state = full_model_state_dict(run.model)
-        else:
-            state = ds_training.consolidated_state_dict(run.model)
-        run.model = build_training_model(c, run.llama).to(run.device)
-        loaded = run.model.load_state_dict(state, strict=False)
-        params = dict(run.model.named_parameters())
-        assert not loaded.unexpected_keys and not set(loaded.missing_keys) & set(params), loaded
+    sharded = run.engine is not None or c.fsdp
+    if run.engine is not None:
+        run.optimizer.state.clear()
+        run.model.zero_grad(set_to_none=True)
     loss, ppl = evaluate(run.model, run.data.eval_blocks, c.batch_size, c.eval_batches, c.autocast)
     result.eval_loss, result.eval_perplexity = loss, ppl
     log(f"eval @ step {result.final_step} | loss {loss:.4f} | perplexity {ppl:.2f}")
-    if not run.context.is_main:  # every rank holds the same weights; rank 0 saves them
-        run.context.barrier()
-        return
-    merge = merge_weight_norm if c.optimizer == "gradnormlorp" else None
+    sample = run.data.eval_blocks[: min(2, run.data.eval_blocks.shape[0])]
+    ours = model_logits(run.model, sample) if sharded else None  # a collective forward when sharded
     info = {
         "step": result.final_step,
         "eval_loss": loss,
@@ -391,13 +395,26 @@ def _finish(run: Run, result: TrainResult) -> None:
     }
     hf_logging.disable_progress_bar()
     try:
-        result.final_dir = save_merged_model(
-            run.model, c.output_dir, merge=merge, tokenizer=run.data.tokenizer, info=info
+        final = save_merged_streamed(
+            run.model,
+            c.output_dir,
+            gather=_whole_parameter(run),
+            dtype=merged_dtype(c),
+            device=run.device,
+            merge=c.optimizer == "gradnormlorp",
+            tokenizer=run.data.tokenizer,
+            info=info,
+            write=run.context.is_main,
         )
-        sample = run.data.eval_blocks[: min(2, run.data.eval_blocks.shape[0])]
-        result.merged_max_abs_logit_diff = merged_logit_difference(
-            run.model, result.final_dir, sample
-        )
+        if not run.context.is_main:  # every rank took part in the gathers; rank 0 wrote
+            run.context.barrier()
+            return
+        assert final is not None
+        result.final_dir = final
+        if ours is None:
+            result.merged_max_abs_logit_diff = merged_logit_difference(run.model, final, sample)
+        else:
+            result.merged_max_abs_logit_diff = reloaded_logit_difference(ours, final, sample)
     finally:
         hf_logging.enable_progress_bar()
     log(
@@ -405,6 +422,13 @@ def _finish(run: Run, result: TrainResult) -> None:
         f"{result.merged_max_abs_logit_diff:.2e}"
     )
     run.context.barrier()
+
+
+def _whole_parameter(run: Run) -> Callable[[torch.nn.Parameter], torch.Tensor]:
+    if run.engine is not None:
+        return ds_training.full_fp32_param
+    # An FSDP2 parameter is a DTensor of row shards: all-gathered one at a time.
+    return lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
 
 def train(
@@ -464,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         run.config = dataclasses.replace(run.config, progress=False)
     try:
         run_training(run)
+    except NotEnoughSpace as err:  # refused before any step, like prepare()'s mistakes
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     except FloatingPointError as err:  # diverged: a clear message and exit status 1
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     return 0

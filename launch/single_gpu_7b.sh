@@ -9,6 +9,10 @@
 # Before training it asks the estimator (gnlorp-memory, same settings) for the peak and refuses
 # to start when that exceeds BUDGET_GIB (FORCE=1 starts anyway). See launch/README.md.
 #
+# Disk: gnlorp-train refuses to start unless OUTPUT_DIR has room for what it writes: one
+# checkpoint (about 18.3 GB: bf16 weights, 8-bit states, INT8 bases; --keep-checkpoints prunes
+# older ones) and the bf16 merged model at the end (13.5 GB): about 35 GB with the margin.
+#
 #   bash launch/single_gpu_7b.sh                                  # C4 (streamed), LLaMA tokenizer
 #   DATA=shakespeare TOKENIZER= MAX_STEPS=10 bash launch/single_gpu_7b.sh   # offline smoke run
 #   BATCH_SIZE=8 bash launch/single_gpu_7b.sh --eval-every 1000   # extra args go to gnlorp-train

@@ -6,6 +6,7 @@ The only package of gnlorp_dist that imports ``torch.distributed``.
 from gnlorp_dist.distributed.communicator import (
     ProcessGroupCommunicator,
     broadcast_parameters,
+    collective_device,
     communicator_for_current_process,
 )
 from gnlorp_dist.distributed.fsdp2 import (
@@ -20,6 +21,7 @@ from gnlorp_dist.distributed.launch import (
     SINGLE_PROCESS,
     DistributedContext,
     init_distributed,
+    process_group_options,
     wrap_for_data_parallel,
 )
 from gnlorp_dist.distributed.sharded_state import load_sharded_optimizer, save_sharded_optimizer
@@ -31,6 +33,8 @@ __all__ = [
     "SINGLE_PROCESS",
     "DistributedContext",
     "init_distributed",
+    "process_group_options",
+    "collective_device",
     "wrap_for_data_parallel",
     "ProcessGroupCommunicator",
     "broadcast_parameters",

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def nccl_device(local_rank: str | None, current: int, count: int) -> torch.device:
+    """The GPU this rank's NCCL collectives take tensors on.
+
+    ``current``: the current CUDA device. Anything but 0 means the process chose its GPU
+    (``torch.cuda.set_device``), which wins. At 0 it may just be the default:
+    ``deepspeed.init_distributed()`` and a bare ``init_process_group`` never make this rank's
+    GPU current, so every rank would put its buffers on GPU 0; ``LOCAL_RANK`` (``local_rank``,
+    as the launcher exported it) then names the GPU, when this process sees that many
+    (``count``: with one GPU visible per process, ``CUDA_VISIBLE_DEVICES`` already chose it).
+    """
+    if current == 0 and local_rank is not None and local_rank.strip().isdigit():
+        index = int(local_rank)
+        if index < count:
+            return torch.device("cuda", index)
+    return torch.device("cuda", current)
+
+
+def collective_device(
+    backend: str,
+    env: Mapping[str, str] | None = None,
+    current: int | None = None,
+    count: int | None = None,
+) -> torch.device:
+    """Where a ``backend`` group's collectives take tensors: :func:`nccl_device` for NCCL (also
+    inside a multi-backend string such as ``"cpu:gloo,cuda:nccl"``), the CPU otherwise (gloo
+    also takes CUDA tensors). ``env``, ``current`` and ``count`` default to this process's."""
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    env = os.environ if env is None else env
+    current = torch.cuda.current_device() if current is None else current
+    count = torch.cuda.device_count() if count is None else count
+    return nccl_device(env.get("LOCAL_RANK"), current, count)
 
 
 class ProcessGroupCommunicator:
@@ -16,9 +52,12 @@ class ProcessGroupCommunicator:
     all do that) and pass it to ``GradNormLoRPAdamW(..., communicator=...)``. Collectives run
     asynchronously; the optimizer waits on their handles at the end of each phase.
 
-    ``device`` is where its collectives take tensors: this rank's current GPU for NCCL, the CPU
-    for gloo (which also takes CUDA tensors). A tensor elsewhere is refused with a ValueError
-    before it reaches the process group (a device comparison, no host sync).
+    ``device`` is where its collectives take tensors: this rank's GPU for NCCL
+    (:func:`collective_device`: the current one once set, else ``LOCAL_RANK``'s), the CPU for
+    gloo (which also takes CUDA tensors). Under NCCL it is resolved again at each read until
+    the first collective fixes it, so an optimizer built before ``torch.cuda.set_device`` still
+    uses the GPU set afterwards. A tensor elsewhere is refused with a ValueError before it
+    reaches the process group (a device comparison, no host sync).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
@@ -31,17 +70,22 @@ class ProcessGroupCommunicator:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        # NCCL collectives need tensors on this rank's GPU; gloo takes CPU tensors.
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend(group) == "nccl"
-            else torch.device("cpu")
-        )
+        self._backend = str(dist.get_backend(group))
+        # NCCL: fixed at the first collective (the GPU its communicator binds to); gloo: now.
+        self._device = None if "nccl" in self._backend else torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is not None:
+            return self._device
+        return collective_device(self._backend)
 
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
     def _check_device(self, tensor: Tensor, op: str) -> None:
+        if self._device is None:
+            self._device = collective_device(self._backend)
         # NCCL fails obscurely (or hangs a peer) on a host tensor; name the tensor here instead.
         if tensor.device == self.device:
             return
@@ -49,7 +93,7 @@ class ProcessGroupCommunicator:
             return  # gloo moves CUDA tensors itself
         raise ValueError(
             f"{op}: a tensor of shape {tuple(tensor.shape)} on {tensor.device}, but this "
-            f"communicator's collectives ({dist.get_backend(self.group)}) take tensors on "
+            f"communicator's collectives ({self._backend}) take tensors on "
             f"{self.device}; allocate collective buffers on communicator.device"
         )
 

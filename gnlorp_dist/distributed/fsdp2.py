@@ -36,6 +36,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from gnlorp_dist.distributed.launch import process_group_options
+
 EXTRA_FILE = "extra.pt"
 """Rank 0's small non-tensor-sharded state (scheduler, RNG, counters) beside the DCP files."""
 DCP_METADATA_FILE = ".metadata"
@@ -118,7 +120,8 @@ def init_single_process_group(device: torch.device | str = "cpu") -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    options = process_group_options(backend, device, local_rank=0)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

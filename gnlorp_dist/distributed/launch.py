@@ -162,6 +162,26 @@ def discover_mpi_environment() -> bool:
     return True
 
 
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def process_group_options(
+    backend: str, device: torch.device | str, local_rank: int
+) -> dict[str, object]:
+    """Keyword arguments for ``init_process_group(backend, ...)`` on a rank computing on
+    ``device`` (``cuda`` without an index: ``LOCAL_RANK``'s GPU). NCCL gets ``device_id``
+    (torch >= 2.3): its communicator then forms at once on that GPU, not lazily on whichever
+    device is current at the first collective, and a bad GPU fails here, not mid-step."""
+    options: dict[str, object] = {"timeout": PROCESS_GROUP_TIMEOUT}
+    if backend == "nccl":
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"the nccl backend needs a CUDA device, got {device}")
+        index = local_rank if device.index is None else device.index
+        options["device_id"] = torch.device("cuda", index)
+    return options
+
+
 def init_distributed(
     expected_world_size: int | None = None, device: torch.device | str = "cpu"
 ) -> DistributedContext:
@@ -182,7 +202,7 @@ def init_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend, **process_group_options(backend, device, local_rank))
     elif dist.get_backend() != backend:
         raise ValueError(
             f"the process group is {dist.get_backend()}, but this run computes on {device} "

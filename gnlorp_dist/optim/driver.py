@@ -69,10 +69,13 @@ from gnlorp_dist.optim.quantized import (
 )
 from gnlorp_dist.optim.quantized_basis import drop_basis, store_basis
 from gnlorp_dist.optim.refresh import (
+    assemble_full_gradients,
     keep_next_refresh,
     lazy_refresh,
     next_refresh_step,
+    refresh_batches,
     refresh_due,
+    release,
 )
 from gnlorp_dist.projection import low_rank_shape, project, project_back, projection_shape
 
@@ -93,9 +96,10 @@ def refresh_subspaces(
     """New bases for the due matrices among ``indices`` (default: all); returns those refreshed.
 
     Replicated: the owner holds the whole gradient and refreshes alone. Otherwise the whole
-    gradient is summed onto the owner from the zero-padded runs (each element comes from the
-    one rank holding it, so the sum is exact), the owner computes the basis (once in the job)
-    and broadcasts it; ranks that hold runs keep it. The gradients were verified finite before.
+    gradient is summed onto the owner from the zero-padded runs, a batch of due matrices at a
+    time (:func:`~gnlorp_dist.optim.refresh.refresh_batches`), the owner computes the basis
+    (once in the job) and broadcasts it; ranks that hold runs keep it. The gradients were
+    verified finite before.
     """
     comm = step.comm
     indices = list(range(len(step.params))) if indices is None else indices
@@ -117,47 +121,39 @@ def refresh_subspaces(
             store_basis(state, basis, step.group.get("proj_bits"))
         return due
     due = [i for i in indices if refresh_due(step.group, step.state(i))]
-    full_grads: dict[int, Tensor] = {}
-    handles: list[Handle | None] = []
-    for i in due:
-        numel = math.prod(step.params[i].shape)
-        full = torch.zeros(numel, dtype=step.wire_dtype(i), device=step.device)
-        fragment = step.fragments[i]
-        if fragment is not None:
-            full[fragment.start : fragment.start + fragment.numel] = fragment.grad[: fragment.numel]
-        handles.append(comm.reduce_sum(full, dst=step.owner(i)))
-        if step.owner(i) == comm.rank:
-            full_grads[i] = full
-    wait_all(handles)
-    for i, full in full_grads.items():
-        full_grads[i] = full.float()  # the SVD runs in float32 whatever travelled
-        if not step.layout.averaged:  # a sum of the ranks' own gradients: their mean
-            full_grads[i].div_(comm.world_size)
     bases: dict[int, Tensor] = {}
     next_steps: dict[int, Tensor] = {}
-    handles = []
-    for i in due:
-        shape = step.proj_shape(i)
-        # The next refresh step travels with the basis (lazy refresh lengthens it on the owner).
-        next_step = torch.full((1,), -1.0, dtype=torch.float64, device=step.device)
-        if step.owner(i) == comm.rank:
-            state = step.state(i)
-            basis = source.compute_basis(step.group, full_grads.pop(i).view(shape), state)
-            old = step.basis(i) if "proj" in state and lazy_refresh(step.group) else None
-            chosen = next_refresh_step(step.group, state, old, basis, step.side(i))
-            if chosen is not None:
-                next_step.fill_(chosen)
-        else:
-            basis_shape = projection_shape(shape, step.group["rank"], step.side(i))
-            basis = torch.empty(basis_shape, dtype=torch.float32, device=step.device)
-        handles.append(comm.broadcast(basis, src=step.owner(i)))
-        handles.append(comm.broadcast(next_step, src=step.owner(i)))
-        bases[i], next_steps[i] = basis, next_step
+    handles: list[Handle | None] = []
+    # Batch by batch, so at most REFRESH_BATCH_BYTES of whole gradients are alive at once.
+    for batch in refresh_batches(step, due):
+        full_grads = assemble_full_gradients(step, batch)
+        for i in batch:
+            shape = step.proj_shape(i)
+            # The next refresh step travels with the basis (lazy refresh lengthens it on the owner).
+            next_step = torch.full((1,), -1.0, dtype=torch.float64, device=step.device)
+            if step.owner(i) == comm.rank:
+                state = step.state(i)
+                full = full_grads.pop(i)
+                basis = source.compute_basis(step.group, full.view(shape), state)
+                release(full)  # the basis is new memory (BasisSource keeps no input)
+                old = step.basis(i) if "proj" in state and lazy_refresh(step.group) else None
+                chosen = next_refresh_step(step.group, state, old, basis, step.side(i))
+                if chosen is not None:
+                    next_step.fill_(chosen)
+            else:
+                basis_shape = projection_shape(shape, step.group["rank"], step.side(i))
+                basis = torch.empty(basis_shape, dtype=torch.float32, device=step.device)
+            handles.append(comm.broadcast(basis, src=step.owner(i)))
+            handles.append(comm.broadcast(next_step, src=step.owner(i)))
+            bases[i], next_steps[i] = basis, next_step
     wait_all(handles)
-    for i, basis in bases.items():
+    # Lazy refresh: every due matrix's next step in ONE host read per call (not one per matrix).
+    lazy = lazy_refresh(step.group) and next_steps
+    chosen = torch.cat(list(next_steps.values())).tolist() if lazy else []
+    for n, (i, basis) in enumerate(bases.items()):
         state = step.state(i)
-        if lazy_refresh(step.group):  # one read per refresh
-            keep_next_refresh(state, int(next_steps[i].item()))
+        if chosen:
+            keep_next_refresh(state, int(chosen[n]))
         if step.fragments[i] is not None:
             store_basis(state, basis, step.group.get("proj_bits"))
         else:

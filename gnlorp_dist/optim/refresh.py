@@ -10,17 +10,36 @@ the gap to its next refresh, up to ``max_update_proj_gap`` (default ``8 T``); on
 (overlap < ``s``) goes back to ``T``. The next refresh step is kept in the state
 (``next_refresh``) and travels with the basis, so every rank holding the matrix agrees on when
 the next refresh (a collective) is due. Skipped refreshes are SVDs never computed.
+
+Assembly (layouts whose gradients are not whole on the owner: ZeRO, FSDP2, the low-rank
+reduction): a due matrix's whole gradient is summed onto its owner from every rank's zero-padded
+run. At step 0 every matrix is due, so assembling them all at once would put the whole model's
+gradient on every rank; :func:`refresh_batches` cuts the due matrices into batches of at most
+:data:`REFRESH_BATCH_BYTES`, and :func:`assemble_full_gradients` assembles one batch at a time.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
+from gnlorp_dist.optim.comm import Handle, wait_all
 from gnlorp_dist.projection import Side, subspace_overlap
 
+if TYPE_CHECKING:
+    from gnlorp_dist.optim.group_step import GroupStep
+
 MAX_GAP_FACTOR = 8
+
+REFRESH_BATCH_BYTES: int | None = 256 * 2**20
+"""The most bytes of full-gradient buffers a refresh keeps alive at once on a rank (the
+zero-padded buffers in the wire dtype and, where that is not float32, their float32 copies for
+the SVD). A matrix larger than this is assembled alone; None or 0: every due matrix at once.
+Read at each refresh, so it can be set at any time, to the same value on every rank (the
+batches are collectives)."""
 
 
 def refresh_due(group: dict[str, Any], state: dict[str, Any]) -> bool:
@@ -76,3 +95,83 @@ def next_refresh_step(
 def keep_next_refresh(state: dict[str, Any], next_step: int | None) -> None:
     if next_step is not None:
         state["next_refresh"] = next_step
+
+
+def assembly_bytes(numel: int, wire_dtype: torch.dtype) -> int:
+    """Bytes one matrix's assembly keeps alive: its buffer in ``wire_dtype`` plus, unless that
+    is float32, the float32 copy the SVD reads. Every rank counts the owner's bytes, so every
+    rank cuts the same batches (a non-owner frees its buffer once the reduce completes)."""
+    wire = numel * wire_dtype.itemsize
+    return wire if wire_dtype == torch.float32 else wire + 4 * numel
+
+
+def cut_batches(sizes: list[int], cap: int | None) -> list[list[int]]:
+    """Positions ``0 .. len(sizes) - 1`` in order, cut into consecutive batches whose sizes sum
+    to at most ``cap`` (one larger than ``cap`` alone); ``cap`` None or <= 0: one batch."""
+    if not sizes:
+        return []
+    if not cap or cap <= 0:
+        return [list(range(len(sizes)))]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for position, size in enumerate(sizes):
+        if current and total + size > cap:
+            batches.append(current)
+            current, total = [], 0
+        current.append(position)
+        total += size
+    batches.append(current)
+    return batches
+
+
+def refresh_batches(step: GroupStep, due: list[int]) -> list[list[int]]:
+    """The due matrices ``due`` of ``step`` cut into batches of :data:`REFRESH_BATCH_BYTES`."""
+    sizes = [assembly_bytes(math.prod(step.params[i].shape), step.wire_dtype(i)) for i in due]
+    return [[due[p] for p in batch] for batch in cut_batches(sizes, REFRESH_BATCH_BYTES)]
+
+
+def new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zeroed full-gradient buffer: every one a refresh assembles comes from here (tests
+    replace it to count the bytes alive at once)."""
+    return torch.zeros(numel, dtype=dtype, device=device)
+
+
+def assemble_full_gradients(step: GroupStep, batch: list[int]) -> dict[int, Tensor]:
+    """The whole float32 gradient of each matrix of ``batch`` this rank owns (averaged where
+    the ranks' gradients were their own), summed from every rank's zero-padded run: each
+    element comes from the one rank holding it, so the sum is exact. A collective: every rank
+    calls it with the same ``batch``."""
+    comm = step.comm
+    owned: dict[int, Tensor] = {}
+    others: list[Tensor] = []
+    handles: list[Handle | None] = []
+    for i in batch:
+        full = new_buffer(math.prod(step.params[i].shape), step.wire_dtype(i), step.device)
+        fragment = step.fragments[i]
+        if fragment is not None:
+            full[fragment.start : fragment.start + fragment.numel] = fragment.grad[: fragment.numel]
+        handles.append(comm.reduce_sum(full, dst=step.owner(i)))
+        if step.owner(i) == comm.rank:
+            owned[i] = full
+        else:
+            others.append(full)
+    wait_all(handles)
+    for full in others:
+        release(full)
+    for i in list(owned):
+        if owned[i].dtype != torch.float32:  # the SVD runs in float32 whatever travelled
+            wire = owned.pop(i)
+            owned[i] = new_buffer(wire.numel(), torch.float32, wire.device).copy_(wire)
+            release(wire)
+        if not step.layout.averaged:  # a sum of the ranks' own gradients: their mean
+            owned[i].div_(comm.world_size)
+    return owned
+
+
+def release(buffer: Tensor) -> None:
+    """Free ``buffer``'s memory now, whoever still references it: the handle of a finished
+    collective may (gloo's worker thread drops the last one it ran a moment after ``wait()``
+    returns), which would carry the buffer into the next batch, past the cap. On a GPU the
+    caching allocator orders the reuse after the kernels already queued on the buffer."""
+    buffer.untyped_storage().resize_(0)

@@ -279,16 +279,19 @@ def restore_client_state(run: Run, state: dict[str, Any], checkpoint: Path) -> N
 
 def consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter whole, in fp32, on every rank (collective: every rank must call it)."""
+    return {name: full_fp32_param(param).cpu() for name, param in model.named_parameters()}
+
+
+def full_fp32_param(param: torch.nn.Parameter) -> torch.Tensor:
+    """One parameter whole, in fp32 (the engine's master copy where it keeps one), where the
+    engine keeps it: a collective under ZeRO, so every rank calls it in the same order."""
     import deepspeed  # noqa: PLC0415
     from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
 
-    state = {}
-    for name, param in model.named_parameters():
-        full = None
-        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
-            full = safe_get_full_fp32_param(param)  # None for frozen parameters
-        if full is None and hasattr(param, "ds_id"):
-            with deepspeed.zero.GatheredParameters([param]):
-                full = param.data.float().clone()
-        state[name] = (full if full is not None else param.detach().float()).cpu()
-    return state
+    full = None
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        full = safe_get_full_fp32_param(param)  # None for frozen parameters
+    if full is None and hasattr(param, "ds_id"):
+        with deepspeed.zero.GatheredParameters([param]):
+            full = param.data.float().clone()
+    return full if full is not None else param.detach().float()
