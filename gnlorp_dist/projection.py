@@ -12,6 +12,8 @@ ranks or processes: the optimizer (and later the distributed layer) call these f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -68,6 +70,36 @@ def low_rank_shape(shape: tuple[int, int] | torch.Size, rank: int, side: Side) -
     return (rows, rank) if side == "right" else (rank, cols)
 
 
+@contextmanager
+def full_fp32_matmuls() -> Iterator[None]:
+    """CUDA matmuls in full float32 inside, whatever the process's TF32 setting; restored after.
+
+    TF32 (on by default in training runs, ``--tf32``) keeps 10 bits of mantissa: enough for a
+    forward pass, not for a subspace. The randomized range finder's sketches and power
+    iterations and the lazy refresh's overlap would then depend on a speed switch, and a TF32
+    overlap can cross the lazy threshold where the fp32 one does not. cuSOLVER's SVD and QR do
+    not use TF32 either way. torch >= 2.9 takes the setting through ``fp32_precision`` and
+    raises when that API and the legacy ``allow_tf32`` are mixed, so each is saved and
+    restored through the API it came from. Cheap (two attribute writes): refresh steps only.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        saved = matmul.fp32_precision  # torch >= 2.9
+    except AttributeError:
+        saved_legacy = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = saved_legacy
+        return
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
+
+
 def compute_projection(
     grad_MN: Tensor,
     rank: int,
@@ -94,7 +126,8 @@ def compute_projection(
     if method == "svd":
         U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
     elif method == "randomized":
-        U, Vh = _randomized_svd(matrix, rank, oversample, power_iters, generator)
+        with full_fp32_matmuls():
+            U, Vh = _randomized_svd(matrix, rank, oversample, power_iters, generator)
     else:
         raise ValueError(f"svd method {method!r} is not supported; use one of {SVD_METHODS}")
     basis = Vh[:rank] if side == "right" else U[:, :rank]
@@ -142,7 +175,8 @@ def subspace_overlap(old_basis: Tensor, new_basis: Tensor, side: Side) -> Tensor
     tensor on the bases' device."""
     if side == "right":  # rows are the basis vectors
         old_basis, new_basis = old_basis.T, new_basis.T
-    cross = old_basis.float().T @ new_basis.float()
+    with full_fp32_matmuls():
+        cross = old_basis.float().T @ new_basis.float()
     return cross.square().sum() / new_basis.shape[1]
 
 

@@ -334,7 +334,12 @@ class GradNormLoRPTrainerMixin:
         state_dict = merged_state_dict(self.model)
         # _save hands state_dict to save_pretrained of the weight-normed model: config and
         # tokenizer are written as usual, the weights under the original architecture's keys.
-        self._save(output_dir, state_dict=state_dict)
+        # Only the writing rank calls it, as Trainer.save_model does: up to transformers 5.17
+        # _save assumes it runs on process zero and writes from any rank that calls it; 5.23
+        # returns early on the others, except for a model sharded at load time, whose other
+        # ranks must join _save's gathers.
+        if self.args.should_save or getattr(self, "is_distributed_loading_by_transformers", False):
+            self._save(output_dir, state_dict=state_dict)
         return None
 
 

@@ -41,9 +41,11 @@ Numerics:
 - fp16: the forward of a zero-norm row is finite, but its gradient (about ``m / eps``) can
   overflow; use bf16 or fp32 for training.
 
-``WeightNormLinear`` has no ``weight`` attribute: ``transformers``' LLaMA attention and MLP code,
-``generate`` and ``save_pretrained`` never read ``q_proj.weight`` and the like (checked on
-transformers 5.23 and tested). One known reader: flash-attention-2 with float32 queries and no
+``WeightNormLinear`` has no ``weight`` attribute: ``transformers``' LLaMA attention (eager and
+SDPA) and MLP code, the loss, gradient checkpointing, ``generate``, weight tying,
+``init_weights`` and ``save_pretrained`` never read ``q_proj.weight`` and the like (read in
+transformers 5.17, the GPU image's, and 5.23; tests/unit/test_weight_norm.py trips on any read
+of it on the installed version). One known reader: flash-attention-2 with float32 queries and no
 autocast looks up the dtype of the first ``nn.Linear`` inside the attention module; use bf16
 weights (what flash attention needs anyway) or another attention implementation.
 """

@@ -21,6 +21,7 @@ from gnlorp_dist import (
     projected_param_groups,
 )
 from gnlorp_dist.nn import WeightNormLinear
+from gnlorp_dist.projection import compute_projection, projection_side, subspace_error
 
 pytestmark = pytest.mark.gpu
 GALORE_TOLERANCE = 1e-5
@@ -30,10 +31,12 @@ reductions may take other kernels than the CPU's, hence a decade of margin."""
 
 @pytest.fixture
 def cuda():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """The current GPU with TF32 off, through ``fp32_precision``: torch >= 2.9 raises when that
+    API and the legacy ``allow_tf32`` flags are mixed in one process."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.fp32_precision = "ieee"
     yield torch.device("cuda", torch.cuda.current_device())
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision = saved
 
 
 def tiny_llama(device, seed=0, shape="states"):
@@ -196,3 +199,22 @@ def test_per_layer_mode_equals_the_normal_step(cuda):
     assert max_relative(layered, normal) < 1e-5
     assert max_relative(layered, apply_weight_norm(tiny_llama(cuda, seed=3))) > 1e-3
     assert_states_on(optimizers[1], cuda)
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_a_refresh_on_the_gpu_finds_the_cpus_subspace(cuda, method):
+    """cuSOLVER and LAPACK may return singular vectors of opposite signs: bases on the two
+    devices are compared by the distance of their spans, never entry by entry. Exact SVD keeps
+    the library's own signs (GaLore's), so the entries themselves may differ."""
+    gen = torch.Generator().manual_seed(5)
+    decay = torch.logspace(0, -2, 24)
+    grad = (torch.randn(96, 24, generator=gen) * decay) @ torch.randn(24, 160, generator=gen)
+    side = projection_side(grad.shape, "std")
+    bases = [
+        compute_projection(
+            grad.to(device), 8, side, method=method,
+            generator=torch.Generator(device=device).manual_seed(0),
+        ).cpu()
+        for device in (torch.device("cpu"), cuda)
+    ]  # fmt: skip
+    assert subspace_error(bases[0], bases[1], side) < 1e-4

@@ -6,17 +6,20 @@ tests/distributed/test_clients.py.
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
 import pytest
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm
 from gnlorp_dist.integrations.transformers import (
     GradNormLoRPConfig,
     GradNormLoRPTrainer,
+    GradNormLoRPTrainerMixin,
     build_gnlorp_optimizer,
     gnlorp_optimizer_cls_and_kwargs,
     has_weight_norm,
@@ -143,3 +146,52 @@ def test_imports_stay_light():
         "import gnlorp_dist.integrations.transformers; assert 'trl' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# The Trainer methods GradNormLoRPTrainerMixin overrides, and the private ones it calls: a
+# transformers release that renames one or changes its parameters would otherwise bypass the
+# override silently (the Trainer would call its own) or break the call. Checked on every version
+# the suite runs on (5.23 in the dev venv, the GPU image's 5.17 under `make device-sim`).
+OVERRIDDEN = {
+    "create_optimizer": ["self", "model"],
+    "_save_optimizer_and_scheduler": ["self", "output_dir"],
+    "save_model": ["self", "output_dir", "_internal_call"],
+}
+CALLED = {"_save": ["self", "output_dir", "state_dict"]}
+
+
+@pytest.mark.parametrize("name", [*OVERRIDDEN, *CALLED])
+def test_the_trainer_methods_we_override_or_call_keep_their_signatures(name):
+    from transformers import Trainer
+
+    expected = {**OVERRIDDEN, **CALLED}[name]
+    theirs = list(inspect.signature(getattr(Trainer, name)).parameters)
+    assert theirs == expected, f"transformers {transformers.__version__}: Trainer.{name}{theirs}"
+    if name in OVERRIDDEN:
+        ours = list(inspect.signature(getattr(GradNormLoRPTrainer, name)).parameters)
+        assert ours == expected
+        assert name in GradNormLoRPTrainerMixin.__dict__
+
+
+def test_save_model_writes_the_merged_model_that_stock_transformers_loads(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    trainer = GradNormLoRPTrainer(model=model, args=_args(tmp_path / "run"))
+    trainer.save_model(str(tmp_path / "merged"))
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not has_weight_norm(reloaded)
+    ids = torch.arange(10).reshape(1, 10)
+    with torch.no_grad():
+        diff = (reloaded(ids).logits - model(ids).logits).abs().max()
+    assert diff < 1e-5
+
+
+def test_save_model_writes_nothing_on_a_rank_that_does_not_save(tmp_path, monkeypatch):
+    """transformers 5.17's Trainer._save writes from whichever rank calls it: only the writing
+    rank (``args.should_save``) may call it, or every DDP rank writes the same files at once."""
+    trainer = GradNormLoRPTrainer(model=_model(), args=_args(tmp_path / "run"))
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: False))
+    trainer.save_model(str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 
 import pytest
 import torch
@@ -121,6 +122,50 @@ def test_generate_unchanged_and_no_weight_attribute_needed():
     apply_weight_norm(model)
     assert not hasattr(model.model.layers[0].self_attn.q_proj, "weight")
     assert torch.equal(model.generate(ids, **kwargs), before)
+
+
+@pytest.fixture
+def weight_reads(monkeypatch):
+    """Every lookup of ``.weight`` on a WeightNormLinear, ``hasattr`` and ``getattr(m, "weight",
+    None)`` included (a silent ``None`` would hide a reader), as ``file:line`` of the reader."""
+    reads: list[str] = []
+
+    def tripwire(self, name):
+        if name == "weight":
+            caller = sys._getframe(1)
+            reads.append(f"{caller.f_code.co_filename}:{caller.f_lineno}")
+        return nn.Module.__getattr__(self, name)
+
+    monkeypatch.setattr(WeightNormLinear, "__getattr__", tripwire, raising=False)
+    return reads
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_llama_never_reads_the_weight_of_a_projection(weight_reads, tmp_path, attn):
+    """What the layer's missing ``weight`` rests on, in the installed transformers (5.23 in the
+    dev venv, the GPU image's 5.17 under ``make device-sim``): the attention implementations, the
+    loss, backward with gradient checkpointing, generate, tying, re-initialisation, the model's
+    dtype and size queries, and save_pretrained of the unmerged model all leave it alone."""
+    model = tiny_llama()
+    model.config._attn_implementation = attn
+    apply_weight_norm(model, lora_rank=2)
+    ids = token_ids()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = model(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert model.model.layers[0].mlp.down_proj.lora_A.grad is not None
+    model.gradient_checkpointing_disable()
+    model.eval()
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    model.tie_weights()
+    model.init_weights()
+    assert model.dtype == torch.float32 and model.num_parameters() > 0
+    model.get_memory_footprint()
+    model.save_pretrained(tmp_path)
+    assert weight_reads == []
 
 
 # ---------------------------------------------------------------------------- gradients
