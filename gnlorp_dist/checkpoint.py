@@ -40,7 +40,6 @@ tensors and plain Python values only and loads with ``torch.load(weights_only=Tr
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -465,59 +464,3 @@ def load_checkpoint(
         # RNG states are host byte tensors, whatever device the run computes on.
         restore_rng_state(_read(path / RNG_FILE, _torch_load))
     return TrainerState(step=state["step"], data_state=state["data_state"], extra=state["extra"])
-
-
-# -------------------------------------------------------------------------------- final model
-
-
-def save_merged_model(
-    model: torch.nn.Module,
-    output_dir: str | os.PathLike,
-    *,
-    merge: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    tokenizer: Any = None,
-    info: dict[str, Any] | None = None,
-) -> Path:
-    """Save ``merge(copy of model)`` with ``save_pretrained`` (safetensors) and the tokenizer to
-    ``output_dir/final``, atomically. The training model is left untouched."""
-    final, tmp = fresh_final_tmp(output_dir)
-    merged = copy.deepcopy(model)
-    if merge is not None:
-        merged = merge(merged)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    return publish_final(tmp, final, tokenizer=tokenizer, info=info)
-
-
-def fresh_final_tmp(output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """``(output_dir/final, an empty temporary folder beside it)`` for a final model to be
-    written into, then published by :func:`publish_final`."""
-    final = Path(output_dir) / FINAL_SUBDIR
-    tmp = final.with_name(f"{FINAL_SUBDIR}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return final, tmp
-
-
-def publish_final(
-    tmp: Path, final: Path, *, tokenizer: Any = None, info: dict[str, Any] | None = None
-) -> Path:
-    """Add the tokenizer and ``info`` to ``tmp``, sync it, and put it in ``final``'s place
-    atomically (a crash leaves the old final model or the new one, never half of one)."""
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if info is not None:
-        _json_save(info, tmp / "gnlorp_train.json")
-    for file in tmp.iterdir():
-        if file.is_file():
-            _fsync_file(file)
-    _fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f"{FINAL_SUBDIR}.old-tmp-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return final

@@ -1,7 +1,7 @@
 """The merged final model, written tensor by tensor: never a second whole model in memory.
 
-:func:`gnlorp_dist.checkpoint.save_merged_model` deep-copies the model, merges the copy and
-calls ``save_pretrained``; at the end of a sharded run (DeepSpeed, FSDP2) ``gnlorp-train`` used to
+:func:`save_merged_model` deep-copies the model, merges the copy and calls
+``save_pretrained`` (gnlorp-finetune's small models); at the end of a sharded run (DeepSpeed, FSDP2) ``gnlorp-train`` used to
 rebuild a whole fp32 model on the host first (27 GB at 7B, beside the engine's own copy).
 :func:`save_merged_streamed` instead lays the safetensors header out from the shapes alone,
 then, module by module, gathers the module's parameters whole (``gather``: a collective under
@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gnlorp_dist.checkpoint import MODEL_FILE, fresh_final_tmp, publish_final
+from gnlorp_dist.checkpoint import FINAL_SUBDIR, MODEL_FILE, _fsync_dir, _fsync_file, _json_save
 from gnlorp_dist.nn import WeightNormLinear
 
 SAFETENSORS_DTYPES = {
@@ -217,3 +218,56 @@ def reloaded_logit_difference(ours: Tensor, final_dir: Path, ids: Tensor) -> flo
     reloaded = AutoModelForCausalLM.from_pretrained(str(final_dir), local_files_only=True)
     theirs = model_logits(reloaded.to(ours.device), ids)
     return float((ours - theirs).abs().max())
+
+
+def save_merged_model(
+    model: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    merge: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    tokenizer: Any = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``merge(copy of model)`` with ``save_pretrained`` (safetensors) and the tokenizer to
+    ``output_dir/final``, atomically. The training model is left untouched."""
+    final, tmp = fresh_final_tmp(output_dir)
+    merged = copy.deepcopy(model)
+    if merge is not None:
+        merged = merge(merged)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    return publish_final(tmp, final, tokenizer=tokenizer, info=info)
+
+
+def fresh_final_tmp(output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``(output_dir/final, an empty temporary folder beside it)`` for a final model to be
+    written into, then published by :func:`publish_final`."""
+    final = Path(output_dir) / FINAL_SUBDIR
+    tmp = final.with_name(f"{FINAL_SUBDIR}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return final, tmp
+
+
+def publish_final(
+    tmp: Path, final: Path, *, tokenizer: Any = None, info: dict[str, Any] | None = None
+) -> Path:
+    """Add the tokenizer and ``info`` to ``tmp``, sync it, and put it in ``final``'s place
+    atomically (a crash leaves the old final model or the new one, never half of one)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if info is not None:
+        _json_save(info, tmp / "gnlorp_train.json")
+    for file in tmp.iterdir():
+        if file.is_file():
+            _fsync_file(file)
+    _fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f"{FINAL_SUBDIR}.old-tmp-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final

@@ -17,8 +17,8 @@ from gnlorp_dist.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    save_merged_model,
 )
+from gnlorp_dist.checkpoint_merged import save_merged_model
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import WeightNormLinear, apply_weight_norm, merge_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from gnlorp_dist import apply_weight_norm, preflight
-from gnlorp_dist.checkpoint import save_merged_model
-from gnlorp_dist.checkpoint_merged import save_merged_streamed
+from gnlorp_dist.checkpoint_merged import save_merged_model, save_merged_streamed
 from gnlorp_dist.nn import merge_weight_norm
 from gnlorp_dist.run_config import config_from_args
 from gnlorp_dist.run_setup import check_space_for_run, prepare
