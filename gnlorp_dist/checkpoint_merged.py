@@ -1,8 +1,8 @@
 """The merged final model, written tensor by tensor: never a second whole model in memory.
 
-:func:`save_merged_model` deep-copies the model, merges the copy and calls
-``save_pretrained`` (gnlorp-finetune's small models); at the end of a sharded run (DeepSpeed, FSDP2) ``gnlorp-train`` used to
-rebuild a whole fp32 model on the host first (27 GB at 7B, beside the engine's own copy).
+:func:`save_merged_model` deep-copies the model, merges the copy and calls ``save_pretrained``
+(gnlorp-finetune's small models). At the end of a sharded run (DeepSpeed, FSDP2) ``gnlorp-train``
+used to rebuild a whole fp32 model on the host first (27 GB at 7B, beside the engine's copy).
 :func:`save_merged_streamed` instead lays the safetensors header out from the shapes alone,
 then, module by module, gathers the module's parameters whole (``gather``: a collective under
 ZeRO and FSDP2, so every rank iterates), merges a weight-normalised layer with the layer's own
