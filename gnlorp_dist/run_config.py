@@ -79,12 +79,15 @@ class RunConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this before the step; 0 disables."""
     clip_norm_of: str = "auto"
-    """Which norm --grad-clip bounds: full (the whole averaged gradient, torch's
-    clip_grad_norm_ before the step; needs every rank to hold it, i.e. DDP), consumed (the
-    optimizer clips what it consumes: each projected matrix's low-rank gradient and each dense
-    gradient, one global norm over the ranks; the same on one process, so a one-process run
-    reproduces a compressed one) or auto (consumed where the optimizer reduces the gradients
-    itself, --grad-reduction owners/lowrank; full otherwise)."""
+    """Which norm --grad-clip bounds: consumed (the optimizer clips what it consumes: each
+    projected matrix's low-rank gradient and each dense parameter's gradient, one global norm
+    over the ranks; unlike torch's clip_grad_norm_ the projected matrices count with their
+    low-rank gradients, not the full ones), full (the whole averaged gradient, torch's
+    clip_grad_norm_ before the step; needs a rank holding it: one process, or --grad-reduction
+    ddp) or auto: consumed for gradnormlorp/galore at every world size, so 1 and N processes
+    clip alike; full for adamw (it consumes the full gradient: the two norms are the same) and
+    under DeepSpeed (its engine clips). run_config.json records the resolved rule; a resume keeps
+    the checkpoint's rule (auto takes it; a different explicit rule is refused)."""
     on_nonfinite: str = "skip"
     """What a step with a NaN/inf gradient does: skip (weights, moments and step counters stay
     unchanged; the batch is consumed and the lr schedule and step count advance, as DeepSpeed's
@@ -314,22 +317,6 @@ def effective_grad_reduction(config: RunConfig, world_size: int) -> str:
     if world_size > 1 and config.optimizer != "adamw" and not engine:
         return "lowrank"
     return "ddp"
-
-
-def effective_clip_norm_of(config: RunConfig, world_size: int) -> str:
-    """``--clip-norm-of`` with ``auto`` resolved; a ValueError for a norm this run cannot
-    compute (the full gradient exists only on its owners once the optimizer reduces it)."""
-    reduction = effective_grad_reduction(config, world_size)
-    optimizer_reduces = world_size > 1 and reduction in ("owners", "lowrank")
-    if config.clip_norm_of == "auto":
-        return "consumed" if optimizer_reduces else "full"
-    if config.clip_norm_of == "full" and optimizer_reduces and config.grad_clip > 0:
-        raise ValueError(
-            f"--clip-norm-of full with --grad-reduction {reduction} on {world_size} processes: "
-            "no rank holds the whole averaged gradient (the optimizer reduces it to owners), so "
-            "its norm is unknown; use --clip-norm-of consumed, or --grad-reduction ddp"
-        )
-    return config.clip_norm_of
 
 
 def check_fsdp_flags(config: RunConfig) -> None:

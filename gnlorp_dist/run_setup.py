@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
+from gnlorp_dist import ds_training
 from gnlorp_dist.checkpoint import (
     all_checkpoints,
     begin_branch_if_needed,
@@ -32,6 +33,7 @@ from gnlorp_dist.checkpoint import (
 )
 from gnlorp_dist.checkpoint_dcp import check_layout_matches, load_dcp_training_checkpoint
 from gnlorp_dist.checkpoint_manifest import acquire_lock
+from gnlorp_dist.clip_rule import effective_clip_norm_of, resolve_clip_norm_of
 from gnlorp_dist.data import TrainData, build_data
 from gnlorp_dist.device import activate_device, resolve_device
 from gnlorp_dist.distributed import (
@@ -41,7 +43,6 @@ from gnlorp_dist.distributed import (
     init_single_process_group,
     wrap_for_data_parallel,
 )
-from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
@@ -56,7 +57,6 @@ from gnlorp_dist.run_config import (
     RESUME_MUST_MATCH,
     RunConfig,
     config_record,
-    effective_clip_norm_of,
     effective_grad_reduction,
     resolve,
 )
@@ -274,7 +274,9 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
             "owners: the hooks reduce each gradient to its owner themselves, and DDP would "
             "reduce it again"
         )
-    effective_clip_norm_of(config, context.world_size)  # refuses a norm no rank can compute
+    # The rule run_config.json records (never auto; a resume keeps its checkpoint's rule),
+    # refused where no rank can compute its norm.
+    config = resolve_clip_norm_of(config, context.world_size, log)
     seed_everything(config.seed)
     data = build_train_data(config, context.rank, context.world_size)
     if len(data.tokenizer) > llama.vocab_size:
@@ -316,7 +318,9 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         run.device = torch.device(run.engine.device)
         log(ds_training.describe(run.engine, context.world_size))
         if checkpoint is not None:
-            ds_training.restore_client_state(run, client_state, checkpoint)
+            branch = ds_training.restore_client_state(run, client_state, checkpoint)
+            if branch is not None:
+                _log_new_branch(checkpoint, config.output_dir, branch)
         return run
     checkpoint = find_resume_checkpoint(config)
     if checkpoint is not None:
@@ -344,10 +348,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         if context.is_main:
             branch = begin_branch_if_needed(config.output_dir, checkpoint)
             if branch is not None:
-                log(
-                    f"resumed from {checkpoint}, which is not the newest checkpoint of "
-                    f"{config.output_dir}: new branch {branch} (older branches are kept)"
-                )
+                _log_new_branch(checkpoint, config.output_dir, branch)
     if not config.fsdp:  # an FSDP2 model is its own data-parallel wrapper
         run.forward_model = wrap_for_data_parallel(model, context, reduction)
     if config.per_layer:
@@ -355,3 +356,10 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
             optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip
         )
     return run
+
+
+def _log_new_branch(checkpoint: Path, output_dir: str, branch: str) -> None:
+    log(
+        f"resumed from {checkpoint}, which is not the newest checkpoint of "
+        f"{output_dir}: new branch {branch} (older branches are kept)"
+    )

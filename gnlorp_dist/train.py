@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from gnlorp_dist import ds_training
 from gnlorp_dist.checkpoint import save_checkpoint
 from gnlorp_dist.checkpoint_dcp import save_dcp_training_checkpoint
 from gnlorp_dist.checkpoint_merged import (
@@ -27,6 +28,7 @@ from gnlorp_dist.checkpoint_merged import (
     reloaded_logit_difference,
     save_merged_streamed,
 )
+from gnlorp_dist.clip_rule import effective_clip_norm_of
 from gnlorp_dist.device import (
     activate_device,
     describe_memory,
@@ -41,7 +43,6 @@ from gnlorp_dist.distributed import (
 )
 from gnlorp_dist.evaluation import evaluate, merged_logit_difference
 from gnlorp_dist.faults import fault_point
-from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.models import count_parameters
 from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
 from gnlorp_dist.preflight import NotEnoughSpace
@@ -50,7 +51,6 @@ from gnlorp_dist.run_config import (
     build_parser,
     config_from_namespace,
     config_record,
-    effective_clip_norm_of,
     effective_grad_reduction,
 )
 from gnlorp_dist.run_setup import (
@@ -443,7 +443,9 @@ def train(
 
 def _clips_full_gradient(run: Run) -> bool:
     """Whether the loop clips the whole gradient (torch's clip_grad_norm_) before the step;
-    otherwise the optimizer clips what it consumes (or per-layer hooks clip per parameter)."""
+    otherwise the optimizer clips what it consumes (or per-layer hooks clip per parameter).
+    The rule is the resolved one (prepare() records it), the same at every world size; torch's
+    AdamW, which consumes the full gradient, is always clipped here."""
     c = run.config
     return effective_clip_norm_of(c, run.context.world_size) == "full" or c.optimizer == "adamw"
 
@@ -455,10 +457,10 @@ def _clip_description(run: Run) -> str:
     if run.per_layer is not None:
         return f"{c.grad_clip:g} per parameter (the tensor each update consumes)"
     if _clips_full_gradient(run):
-        return f"{c.grad_clip:g} (global norm of the whole gradient)"
+        return f"{c.grad_clip:g} (global norm of the whole gradient, --clip-norm-of full)"
     return (
         f"{c.grad_clip:g} (global norm of what the optimizer consumes: each projected "
-        "matrix's low-rank gradient and each dense gradient)"
+        "matrix's low-rank gradient and each dense gradient, --clip-norm-of consumed)"
     )
 
 

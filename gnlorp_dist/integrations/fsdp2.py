@@ -19,7 +19,8 @@ basis broadcast. ``optimizer.state_dict()`` hands the row-sharded states out as 
 FSDP2 path uses) saves every rank's part and reshards it to another number of ranks.
 
 Refused before the first step, naming the option: FSDP1 (flat parameters), placements other
-than ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallelism), 8-bit states, per-layer updates.
+than ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallelism), per-layer updates. 8-bit states run
+on the block grid (rows cut inside 8-bit blocks match one process; tests/distributed/test_fsdp2.py).
 ``import gnlorp_dist`` registers the layout.
 """
 

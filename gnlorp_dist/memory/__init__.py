@@ -15,12 +15,8 @@ from gnlorp_dist.memory.accounting import (
     measure_config,
     measure_training_step,
 )
-from gnlorp_dist.memory.estimator import (
-    COMPONENTS,
-    MemoryConfig,
-    MemoryEstimate,
-    estimate_memory,
-)
+from gnlorp_dist.memory.config import MemoryConfig
+from gnlorp_dist.memory.estimator import COMPONENTS, MemoryEstimate, estimate_memory
 
 __all__ = [
     "COMPONENTS",

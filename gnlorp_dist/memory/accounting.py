@@ -40,7 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gnlorp_dist.memory.arithmetic import model_shape
-from gnlorp_dist.memory.estimator import COMPONENTS, MemoryConfig
+from gnlorp_dist.memory.config import MemoryConfig
+from gnlorp_dist.memory.estimator import COMPONENTS
 from gnlorp_dist.models import build_model, llama_config
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups

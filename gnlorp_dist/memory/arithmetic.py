@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
 
+from gnlorp_dist.memory.config import DTYPE_BYTES, MemoryConfig
 from gnlorp_dist.models import build_model_on_meta, llama_config, recipe_for_config
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import projected_param_groups
@@ -20,13 +20,6 @@ from gnlorp_dist.projection import (
     projection_shape,
     projection_side,
 )
-
-if TYPE_CHECKING:
-    from gnlorp_dist.memory.estimator import MemoryConfig
-
-DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
-"""Bytes per element of each supported weight dtype."""
-
 
 # -- model shapes (meta device) ------------------------------------------------------------
 
@@ -111,11 +104,6 @@ def quantized_bytes(numel: int) -> int:
     """One 8-bit moment: uint8 codes plus one float32 scale per block."""
     return numel + 4 * math.ceil(numel / BLOCK_SIZE)
 
-
-PROJ_BITS: tuple[int, ...] = (16, 8, 4)
-"""Bits of a stored projection basis, as ``gnlorp-train --proj-bits``: 16 is the float basis in
-the gradient's dtype (4 bytes an element in fp32 runs, 2 in bf16); 8 and 4 are the codes of
-:mod:`gnlorp_dist.optim.quantized_basis`."""
 
 PROJ_GROUP_SIZE = 128
 """Elements per float32 scale of a quantised basis, along its last dimension

@@ -15,15 +15,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from gnlorp_dist.memory.arithmetic import PROJ_BITS
-from gnlorp_dist.memory.estimator import (
-    COMPONENTS,
-    DTYPE_BYTES,
-    OPTIMIZERS,
-    MemoryConfig,
-    MemoryEstimate,
-    estimate_memory,
-)
+from gnlorp_dist.memory.config import DTYPE_BYTES, OPTIMIZERS, PROJ_BITS, MemoryConfig
+from gnlorp_dist.memory.estimator import COMPONENTS, MemoryEstimate, estimate_memory
 from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
 
 

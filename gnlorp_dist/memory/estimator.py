@@ -31,8 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gnlorp_dist.memory.arithmetic import (
-    DTYPE_BYTES,
-    PROJ_BITS,
     Layout,
     ModelShape,
     ParamShape,
@@ -41,14 +39,9 @@ from gnlorp_dist.memory.arithmetic import (
     layer_activation_bytes,
     layer_backward_workspace,
 )
-from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
+from gnlorp_dist.memory.config import MemoryConfig
+from gnlorp_dist.projection import PROJ_TYPES
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "galore", "gradnormlorp")
-"""``adamw``: ``torch.optim.AdamW`` (``bits=8``: bitsandbytes' ``AdamW8bit``); ``adamw8bit``:
-bitsandbytes' ``AdamW8bit``; ``galore``: :class:`GradNormLoRPAdamW` on the plain model (weight
-norm off); ``gradnormlorp``: the same optimizer on the weight-normalised model."""
-
-PER_LAYER_OPTIMIZERS: tuple[str, ...] = ("galore", "gradnormlorp")
 COMPONENTS: tuple[str, ...] = (
     "weights",
     "gradients",
@@ -60,106 +53,6 @@ COMPONENTS: tuple[str, ...] = (
     "temporaries",
 )
 """Components of an estimate's breakdown (the measured accounting uses the same names)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class MemoryConfig:
-    """One training setup whose peak memory per GPU :func:`estimate_memory` computes."""
-
-    model: str
-    """A registered name (``llama_60m`` ... ``llama_7b``), a config JSON file, or a folder
-    holding ``config.json`` (any Hugging Face LLaMA config)."""
-    optimizer: str = "gradnormlorp"
-    """One of :data:`OPTIMIZERS`."""
-    bits: int | None = None
-    """Optimizer-state bits, 8 or 32; None means 8 for ``adamw8bit`` and 32 otherwise."""
-    rank: int | None = None
-    """Projection rank r (projected optimizers); None takes the model's recipe rank."""
-    proj_type: str = "std"
-    """Projection side rule (:data:`gnlorp_dist.projection.PROJ_TYPES`)."""
-    per_layer: bool = False
-    """Update each parameter inside the backward pass (:class:`PerLayerUpdates`)."""
-    accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    tokens: int = 256
-    """Tokens per micro-batch per GPU (batch size times sequence length)."""
-    seq_len: int | None = None
-    """Sequence length; None: one sequence of ``tokens`` tokens. Only small terms depend on it
-    (``sdpa`` never materialises the attention matrix)."""
-    dtype: str = "bf16"
-    """Weight dtype, ``bf16`` (pure bf16: no fp32 master copy, bf16 gradients) or ``fp32``."""
-    activation_checkpointing: bool = False
-    """Recompute every decoder layer in the backward pass (``gradient_checkpointing_enable``)."""
-    world_size: int = 1
-    """Data-parallel ranks; weights, gradients and activations are per rank regardless."""
-    shard_states: bool = False
-    """Each rank keeps the optimizer states (and projection matrices) of the matrices it owns:
-    modelled as an even 1/world_size split (owners are balanced by bytes)."""
-    refresh: bool = True
-    """Include a subspace refresh (SVD workspace) in the step: every ``update_proj_gap``-th
-    step has one, so it sets the peak of a run. False: the peak of the other steps."""
-    proj_bits: int = 16
-    """Bits of the stored projection bases (``gnlorp-train --proj-bits``): 16, the float basis in
-    the gradient's dtype; 8, int8 codes; 4, INT4 codes two a byte; 8 and 4 add one float32 scale
-    per group of 128 values of a row and restore the basis (float32, then the gradient's dtype)
-    for each use."""
-    second_moment: str = "adam"
-    """``adam`` (a low-rank v beside m) or ``factored`` (ProjFactor, ``gnlorp-train
-    --second-moment factored``: m low-rank, v as M + N float32 row/column sums; the update
-    divides a full-size float32 denominator, built in place, see docs/vlorp.md)."""
-    svd_method: str = "auto"
-    """How a refresh decomposes the gradient (``gnlorp-train --svd-method``): ``auto``
-    (randomized when the matrix's smaller side is at least 2048, else the full SVD), ``svd`` or
-    ``randomized``."""
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not known; use one of {OPTIMIZERS}")
-        if self.bits not in (None, 8, 32):
-            raise ValueError(f"bits={self.bits!r} is not supported; use 8 or 32")
-        if self.optimizer == "adamw8bit" and self.bits == 32:
-            raise ValueError("optimizer='adamw8bit' with bits=32: use optimizer='adamw' instead")
-        if self.proj_bits not in PROJ_BITS:
-            raise ValueError(
-                f"proj_bits={self.proj_bits!r} is not supported; use one of {PROJ_BITS}"
-            )
-        if self.second_moment not in ("adam", "factored"):
-            raise ValueError(
-                f"second_moment={self.second_moment!r} is not supported; use 'adam' or 'factored'"
-            )
-        if self.svd_method not in SVD_METHODS:
-            raise ValueError(
-                f"svd_method={self.svd_method!r} is not supported; use one of {SVD_METHODS}"
-            )
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(
-                f"dtype={self.dtype!r} is not supported; use one of {list(DTYPE_BYTES)}"
-            )
-        for name in ("tokens", "accumulation_steps", "world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.seq_len is not None and (self.seq_len < 1 or self.tokens % self.seq_len):
-            raise ValueError(
-                f"seq_len={self.seq_len!r} must be a positive divisor of tokens={self.tokens}"
-            )
-        if self.rank is not None and (isinstance(self.rank, bool) or self.rank < 1):
-            raise ValueError(f"rank={self.rank!r} must be a positive integer")
-        if self.per_layer and self.optimizer not in PER_LAYER_OPTIMIZERS:
-            raise ValueError(
-                f"per_layer=True with optimizer={self.optimizer!r}: per-layer updates need "
-                f"GradNormLoRPAdamW's per-parameter step; use one of {PER_LAYER_OPTIMIZERS}"
-            )
-
-    @property
-    def state_bits(self) -> int:
-        if self.bits is not None:
-            return self.bits
-        return 8 if self.optimizer == "adamw8bit" else 32
-
-    @property
-    def projected(self) -> bool:
-        return self.optimizer in PER_LAYER_OPTIMIZERS
 
 
 @dataclass(kw_only=True)

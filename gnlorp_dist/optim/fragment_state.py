@@ -20,7 +20,6 @@ from gnlorp_dist.optim.quantized import MOMENT_KEYS, MomentStore
 from gnlorp_dist.optim.reshard import cut_run, join_runs
 
 if TYPE_CHECKING:
-    from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
     from gnlorp_dist.optim.group_step import GroupStep
 
 STATE_PREFIX = "zero/"
@@ -30,8 +29,12 @@ tensors; ``torch.Optimizer.state_dict`` keeps string keys as they are); this ent
 engine and world size that saved it."""
 
 
-def export_flattened_state(optimizer: GradNormLoRPAdamW) -> dict[str, dict[str, Any]]:
-    """This rank's flattened state by parameter name, ready for :func:`merge_flattened_states`."""
+def export_flattened_state(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """This rank's flattened state by parameter name, ready for :func:`merge_flattened_states`.
+
+    ``optimizer`` is a :class:`~gnlorp_dist.optim.adamw.GradNormLoRPAdamW`; only its ``state`` is
+    read, so it is typed as any optimizer: adamw imports this module, not the other way round.
+    """
     exported: dict[str, dict[str, Any]] = {}
     for key, state in optimizer.state.items():
         if not (isinstance(key, str) and key.startswith(STATE_PREFIX)) or key.endswith("__"):

@@ -19,7 +19,8 @@ it loads only into that rank of that world size.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,9 +37,6 @@ from gnlorp_dist.optim.validation import (
     unmarked_state_dict_error,
 )
 from gnlorp_dist.projection import low_rank_shape, projection_shape
-
-if TYPE_CHECKING:
-    from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
 
 FORMAT_KEY = "gnlorp"
 FORMAT_VERSION = 1
@@ -84,12 +82,12 @@ def wait_for_every_rank(comm: Any) -> None:
             )
 
 
-def is_flattened(optimizer: GradNormLoRPAdamW) -> bool:
+def is_flattened(optimizer: StateDictMethods) -> bool:
     """Whether an engine (DeepSpeed ZeRO) flattened the groups: then the state stays per rank."""
     return LAYOUT_KEY in optimizer.state or any(lay.flattened for lay in optimizer.layouts())
 
 
-def with_marker(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str, Any]:
+def with_marker(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str, Any]:
     """``local`` (torch's ``state_dict()`` of this rank) marked: the whole state on one process,
     this rank's shard of flattened groups."""
     comm = optimizer.comm
@@ -101,7 +99,7 @@ def with_marker(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str
     }
 
 
-def _flat_params(optimizer: GradNormLoRPAdamW) -> list[torch.Tensor]:
+def _flat_params(optimizer: StateDictMethods) -> list[torch.Tensor]:
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 
@@ -109,7 +107,7 @@ def _bits(groups: list[dict[str, Any]]) -> list[int]:
     return [group["bits"] for group in groups for _param in group["params"]]
 
 
-def consolidate(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str, Any]:
+def consolidate(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str, Any]:
     """The whole job's state dict from this rank's ``local`` (torch's ``state_dict()`` of it).
 
     A collective: every rank gathers every rank's blocks (all_gather_object of CPU tensors), so
@@ -142,7 +140,7 @@ def consolidate(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str
     }
 
 
-def sharded_state_dict(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> dict[str, Any]:
+def sharded_state_dict(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str, Any]:
     """Parameters sharded in place (FSDP2): this rank's ``local`` state with every sharded
     tensor handed out as its layout describes it (a DTensor), the form
     ``torch.distributed.checkpoint`` saves from every rank and reshards on load."""
@@ -156,7 +154,7 @@ def sharded_state_dict(optimizer: GradNormLoRPAdamW, local: dict[str, Any]) -> d
     return {**local, "state": state, FORMAT_KEY: marked}
 
 
-def unwrap_sharded_state(optimizer: GradNormLoRPAdamW) -> None:
+def unwrap_sharded_state(optimizer: StateDictMethods) -> None:
     """After a load into parameters sharded in place: each state back in the local form the
     driver works on (the inverse of :func:`sharded_state_dict`)."""
     for param, layout, group in optimizer.named_model_parameters():
@@ -167,7 +165,7 @@ def unwrap_sharded_state(optimizer: GradNormLoRPAdamW) -> None:
 
 
 def prepare_to_load(
-    optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any], *, sharded: bool = False
+    optimizer: StateDictMethods, state_dict: dict[str, Any], *, sharded: bool = False
 ) -> dict[str, Any]:
     """What ``torch.optim.Optimizer.load_state_dict`` must load on this rank, or a ValueError
     when ``state_dict`` is one rank's shard that does not belong here, or holds states that do
@@ -191,7 +189,7 @@ def prepare_to_load(
     return loaded
 
 
-def _prepare_to_load(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
+def _prepare_to_load(optimizer: StateDictMethods, state_dict: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = optimizer.comm.rank, optimizer.comm.world_size
     meta = state_dict.get(FORMAT_KEY)
     body = {k: v for k, v in state_dict.items() if k != FORMAT_KEY}
@@ -220,7 +218,7 @@ def _prepare_to_load(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -
     return _this_ranks_shard(optimizer, body)
 
 
-def _param_names(optimizer: GradNormLoRPAdamW) -> list[str]:
+def _param_names(optimizer: StateDictMethods) -> list[str]:
     names = []
     for group_index, group in enumerate(optimizer.param_groups):
         given = group.get("param_names")
@@ -229,7 +227,7 @@ def _param_names(optimizer: GradNormLoRPAdamW) -> list[str]:
     return names
 
 
-def check_state_fits(optimizer: GradNormLoRPAdamW, body: dict[str, Any], *, whole: bool) -> None:
+def check_state_fits(optimizer: StateDictMethods, body: dict[str, Any], *, whole: bool) -> None:
     """A ValueError, naming the parameter and both shapes, when ``body`` (torch's state dict
     format) was saved for other parameters: another number of groups or of parameters in a
     group, projected moments or a projection basis of another shape, dense moments of another
@@ -270,7 +268,7 @@ def check_state_fits(optimizer: GradNormLoRPAdamW, body: dict[str, Any], *, whol
 
 
 def _expected_shapes(
-    optimizer: GradNormLoRPAdamW,
+    optimizer: StateDictMethods,
     saved_group: dict[str, Any],
     param: torch.Tensor,
     entry: dict[str, Any],
@@ -303,7 +301,7 @@ def _expected_shapes(
     return {"exp_avg": shape, "exp_avg_sq": shape}
 
 
-def _check_unmarked(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) -> None:
+def _check_unmarked(optimizer: StateDictMethods, state_dict: dict[str, Any]) -> None:
     """A state dict without our marker (older versions): one rank's shard, whose rank and world
     size are unknown. Accepted on one process only, where a dense tensor's moments must cover
     all its rows (a row block betrays a shard of a several-rank save)."""
@@ -318,7 +316,7 @@ def _check_unmarked(optimizer: GradNormLoRPAdamW, state_dict: dict[str, Any]) ->
             raise unmarked_state_dict_error(world_size, (tuple(moment.shape), tuple(param.shape)))
 
 
-def _this_ranks_shard(optimizer: GradNormLoRPAdamW, body: dict[str, Any]) -> dict[str, Any]:
+def _this_ranks_shard(optimizer: StateDictMethods, body: dict[str, Any]) -> dict[str, Any]:
     """A consolidated state dict cut to the blocks this rank owns."""
     params = _flat_params(optimizer)
     saved_ids = [i for group in body["param_groups"] for i in group["params"]]
@@ -347,7 +345,7 @@ def _this_ranks_shard(optimizer: GradNormLoRPAdamW, body: dict[str, Any]) -> dic
     return {**body, "state": shard}
 
 
-def restore_saved_dtypes(optimizer: GradNormLoRPAdamW, loaded: dict[str, Any]) -> None:
+def restore_saved_dtypes(optimizer: StateDictMethods, loaded: dict[str, Any]) -> None:
     """Undo torch's cast of every loaded state tensor to its parameter's dtype: ours keep the
     dtype they were saved in (uint8 codes, float32 block scales)."""
     saved_ids = [i for group in loaded["param_groups"] for i in group["params"]]
@@ -359,9 +357,16 @@ def restore_saved_dtypes(optimizer: GradNormLoRPAdamW, loaded: dict[str, Any]) -
 
 class StateDictMethods:
     """``state_dict()`` and ``load_state_dict()`` of :class:`GradNormLoRPAdamW` in the formats
-    above; a mixin (its methods run on the optimizer itself)."""
+    above; a mixin (its methods run on the optimizer itself).
+
+    The functions above take the optimizer as a ``StateDictMethods``: what they use of it is
+    declared here, so this module needs no import of :mod:`gnlorp_dist.optim.adamw` (which
+    imports this one) to name its type."""
 
     # Provided by GradNormLoRPAdamW.
+    owns: Callable[[torch.Tensor], bool]
+    owned_block: Callable[[torch.Tensor], Any]
+    replica_state: Callable[[torch.Tensor, dict[str, Any]], dict[str, Any] | None]
     comm: Any
     state: Any
     param_groups: Any

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gnlorp_dist import checkpoint as ckpt
+from gnlorp_dist import ds_training
 from gnlorp_dist.checkpoint import (
     all_checkpoints,
     begin_branch_if_needed,
@@ -27,7 +28,6 @@ from gnlorp_dist.checkpoint_manifest import (
     acquire_lock,
     write_manifest,
 )
-from gnlorp_dist.integrations.deepspeed import training as ds_training
 from gnlorp_dist.integrations.deepspeed.checkpoint import CLIENT_STATE_FILE, LAYOUT_FILE
 from gnlorp_dist.run_config import config_from_args
 from gnlorp_dist.train import main, train

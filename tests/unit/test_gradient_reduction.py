@@ -11,14 +11,10 @@ import torch
 from torch import nn
 
 from gnlorp_dist import GradNormLoRPAdamW
+from gnlorp_dist.clip_rule import effective_clip_norm_of
 from gnlorp_dist.optim.comm import LocalCommunicator, clip_coefficient
 from gnlorp_dist.projection import project, projection_side
-from gnlorp_dist.run_config import (
-    RunConfig,
-    effective_clip_norm_of,
-    effective_grad_reduction,
-    resolve,
-)
+from gnlorp_dist.run_config import RunConfig, effective_grad_reduction, resolve
 
 RANK, GAP = 4, 10
 
@@ -115,15 +111,18 @@ def test_train_defaults_to_the_low_rank_reduction_with_several_processes():
     assert effective_grad_reduction(_config(), 2) == "lowrank"
     assert effective_clip_norm_of(_config(), 2) == "consumed"
     assert effective_grad_reduction(_config(), 1) == "ddp"
-    assert effective_clip_norm_of(_config(), 1) == "full"
+    # One clipping rule at every world size (issue #22): one process clips what the optimizer
+    # consumes, as the low-rank reduction does (tests/unit/test_clip_rule.py).
+    assert effective_clip_norm_of(_config(), 1) == "consumed"
     # Engines and the AdamW baseline reduce gradients themselves.
     assert effective_grad_reduction(_config(optimizer="adamw"), 2) == "ddp"
     assert effective_grad_reduction(_config(fsdp=True), 2) == "ddp"
     assert effective_grad_reduction(_config(deepspeed="ds_configs/zero2.json"), 2) == "ddp"
     assert effective_grad_reduction(_config(grad_reduction="ddp"), 2) == "ddp"
-    assert effective_clip_norm_of(_config(grad_reduction="ddp"), 2) == "full"
-    # One process can clip the same way as a compressed run, for equivalence.
-    assert effective_clip_norm_of(_config(clip_norm_of="consumed"), 1) == "consumed"
+    assert effective_clip_norm_of(_config(grad_reduction="ddp"), 2) == "consumed"
+    # Full stays available where a rank holds the whole averaged gradient.
+    assert effective_clip_norm_of(_config(clip_norm_of="full"), 1) == "full"
+    assert effective_clip_norm_of(_config(grad_reduction="ddp", clip_norm_of="full"), 2) == "full"
 
 
 def test_train_refuses_a_norm_or_reduction_it_cannot_honour():

@@ -1,25 +1,44 @@
 """Import rules of the ``gnlorp_dist`` package, checked statically (``ast``; nothing is imported).
 
-What counts as an import:
+What counts as an import: every import statement anywhere in a module (module level, class
+bodies, ``try``/``if`` blocks, functions, ``if TYPE_CHECKING:``), absolute or relative, ``import
+a.b`` and ``from a import b`` alike, and ``importlib.import_module("...")`` / ``__import__("...")``
+with a literal name: a deferred or type-only import still ties its module to the one it names.
+An import is an edge to the module it names, the most specific one that exists (``from
+gnlorp_dist.optim import comm`` -> ``gnlorp_dist.optim.comm``, ``from gnlorp_dist.optim import
+GradNormLoRPAdamW`` -> ``gnlorp_dist.optim``); the parent packages Python initialises on the way
+are not edges, or every submodule would be in a cycle with ``gnlorp_dist/__init__.py``, which
+imports half the package.
 
-- The import graph (no cycles) uses *module-level* imports only: the statements that run when a
-  module is first imported. Imports inside functions (deferred until called) and under
-  ``if TYPE_CHECKING:`` (never run) do not count; imports in class bodies, ``try`` blocks and
-  other ``if`` blocks at module level do. An edge goes to the module named, the most specific
-  one that exists (``from gnlorp_dist.optim import comm`` -> ``gnlorp_dist.optim.comm``,
-  ``from gnlorp_dist.optim import GradNormLoRPAdamW`` -> ``gnlorp_dist.optim``); the parent
-  packages Python initialises on the way are not edges, or every submodule would be in a cycle
-  with ``gnlorp_dist/__init__.py``, which imports half the package.
-- ``torch.distributed`` is confined to ``gnlorp_dist/distributed/`` (README, docs/design.md):
-  every import statement counts, module-level, in a function or under ``TYPE_CHECKING``, and so
-  does ``importlib.import_module("torch.distributed...")`` with a literal name.
+The rules:
+
+- No import cycle among gnlorp_dist modules; each one found is reported as its chain of modules
+  with the file:line of every edge.
+- Layers (README, "Development": ``train -> integrations -> distributed -> optim -> (projection,
+  nn)``): every import points down the order or stays within its own layer. Each module maps to
+  exactly one layer by its place in the package (:data:`LAYERS`, bottom up):
+
+  0. ``projection, nn``: ``gnlorp_dist.projection``, ``gnlorp_dist.vlorp`` (the VLoRP/ProjFactor
+     projection math beside projection.py) and the ``gnlorp_dist.nn`` package;
+  1. ``optim``: the ``gnlorp_dist.optim`` package;
+  2. ``distributed``: the ``gnlorp_dist.distributed`` package;
+  3. ``integrations``: the ``gnlorp_dist.integrations`` package (adapters any DeepSpeed,
+     FSDP2 or transformers user needs, nothing of gnlorp-train's);
+  4. ``train``: everything else, the applications built on the layers below: the package root
+     ``gnlorp_dist/__init__.py``, gnlorp-train (train, run_setup, run_config, ds_training,
+     checkpoint*, data, corpus, models, device, schedule, steps, preflight, evaluation, faults)
+     and the ``bench``, ``finetune`` and ``memory`` packages. A new top-level module lands here
+     unless it is added to a lower layer.
+- ``torch.distributed`` is confined to ``gnlorp_dist/distributed/`` (README, docs/design.md);
+  ``from torch import distributed`` counts as well.
 - The optional engines (DeepSpeed, Accelerate) are imported at module level only under
   ``gnlorp_dist/integrations/``, so ``import gnlorp_dist`` never pays for them (DeepSpeed alone
-  takes 5 s). ``transformers`` is a hard dependency that the models, data, training and
-  fine-tuning modules are built on, so the same rule for it is narrower: the layers below
-  ``integrations`` in the dependency order ``train -> integrations -> distributed -> optim ->
-  (projection, nn)`` must not import it at module level, and no module outside those listed in
-  ``TRANSFORMERS_AT_MODULE_LEVEL`` may start to.
+  takes 5 s); the layers below ``integrations`` never import them at all (they meet an engine
+  only through the layouts integrations/ registers).
+- ``transformers`` is a hard dependency that the models, data, training and fine-tuning modules
+  are built on, so the same rule for it is narrower: the layers below ``integrations`` never
+  import it, and no module outside those listed in ``TRANSFORMERS_AT_MODULE_LEVEL`` may start to
+  import it at module level.
 """
 
 from __future__ import annotations
@@ -35,13 +54,20 @@ import pytest
 PACKAGE = "gnlorp_dist"
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 
-# The layers under gnlorp_dist.integrations in the README's dependency order: none of them may
-# need transformers to be importable.
-CORE_LAYERS = (
-    "gnlorp_dist.distributed",
-    "gnlorp_dist.optim",
-    "gnlorp_dist.projection",
-    "gnlorp_dist.nn",
+# The README's dependency order, bottom up: (layer, the modules and packages in it). The top
+# layer, "train", holds every module not named here (see the module docstring).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("projection, nn", ("gnlorp_dist.projection", "gnlorp_dist.vlorp", "gnlorp_dist.nn")),
+    ("optim", ("gnlorp_dist.optim",)),
+    ("distributed", ("gnlorp_dist.distributed",)),
+    ("integrations", ("gnlorp_dist.integrations",)),
+)
+TOP_LAYER = "train"
+
+# The layers under gnlorp_dist.integrations: none of them may need transformers or an optional
+# engine to be importable or to run.
+CORE_LAYERS = tuple(
+    prefix for layer, prefixes in LAYERS if layer != "integrations" for prefix in prefixes
 )
 
 # Modules outside integrations/ that import transformers at module level today (2026-11-29).
@@ -74,7 +100,7 @@ class Import:
     name: str  # absolute dotted name: "torch.distributed", "gnlorp_dist.optim.comm", ...
     names: tuple[str, ...]  # for ``from X import a, b``: ("a", "b"); () for ``import X``
     line: int
-    module_level: bool  # not in a function body, not under ``if TYPE_CHECKING:``
+    module_level: bool  # runs at import time: not in a function body nor under TYPE_CHECKING
 
 
 @dataclass(frozen=True)
@@ -192,13 +218,17 @@ def _targets(imp: Import, known: dict[str, Module]) -> Iterator[str]:
             yield imp.name
 
 
-def import_graph() -> dict[str, dict[str, int]]:
-    """``{module: {imported gnlorp_dist module: line}}`` over module-level imports."""
+Graph = dict[str, dict[str, int]]
+"""``{module: {imported gnlorp_dist module: line of the first import of it}}``."""
+
+
+def import_graph() -> Graph:
+    """The module graph over every import (module level, deferred and TYPE_CHECKING alike)."""
     modules = package_modules()
-    graph: dict[str, dict[str, int]] = {name: {} for name in modules}
+    graph: Graph = {name: {} for name in modules}
     for module in modules.values():
         for imp in module.imports:
-            if not imp.module_level or not imp.name.startswith(PACKAGE):
+            if not _under(imp.name, PACKAGE):
                 continue
             for target in _targets(imp, modules):
                 if target != module.name:
@@ -206,42 +236,98 @@ def import_graph() -> dict[str, dict[str, int]]:
     return graph
 
 
-def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
-    """One import cycle ``[a, b, ..., a]``, or None. Depth-first search with colours: a back edge
-    to a module still on the stack closes a cycle."""
-    on_stack: dict[str, int] = {}  # module -> its index in ``stack``
-    done: set[str] = set()
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        on_stack[node] = len(stack)
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if nxt in on_stack:
-                return stack[on_stack[nxt] :] + [nxt]
-            if nxt not in done:
-                cycle = visit(nxt)
-                if cycle:
-                    return cycle
-        stack.pop()
-        del on_stack[node]
-        done.add(node)
-        return None
-
-    for start in sorted(graph):
-        if start not in done:
-            cycle = visit(start)
-            if cycle:
-                return cycle
-    return None
+def _reachable(graph: Graph, start: str) -> set[str]:
+    """The modules ``start`` reaches by one or more edges (itself only through a cycle)."""
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph[node])
+    return seen
 
 
-def _format_cycle(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
-    modules = package_modules()
-    steps = [
-        f"  {a} ({modules[a].relpath}:{graph[a][b]}) imports {b}" for a, b in zip(cycle, cycle[1:])
-    ]
-    return " -> ".join(cycle) + "\n" + "\n".join(steps)
+def strongly_connected(graph: Graph) -> list[list[str]]:
+    """The graph's strongly connected components of two or more modules (each holds at least one
+    cycle; a module in none is in no cycle), each sorted, in sorted order. The modules that reach
+    each other; a reachability walk from every module is plenty for a package's graph."""
+    reach = {node: _reachable(graph, node) for node in graph}
+    components = {
+        tuple(sorted(other for other in reach[node] if node in reach[other]))
+        for node in graph
+        if node in reach[node]
+    }
+    return sorted(list(component) for component in components)
+
+
+def _shortest_cycle_through(graph: Graph, start: str, within: set[str]) -> list[str]:
+    """``[start, ..., start]``: a shortest cycle through ``start`` inside its component."""
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for nxt in sorted(graph[node]):
+                if nxt not in within or nxt in parents:
+                    continue
+                parents[nxt] = node
+                if nxt == start:
+                    path = [start]
+                    while path[-1] != start or len(path) == 1:
+                        path.append(parents[path[-1]])
+                    return path[::-1]
+                following.append(nxt)
+        frontier = following
+    raise AssertionError(f"{start} is in no cycle of {sorted(within)}")
+
+
+def find_cycles(graph: Graph) -> list[list[str]]:
+    """Import cycles ``[a, b, ..., a]``: for every strongly connected component, a shortest
+    cycle through each of its modules (the same cycle listed once). Empty for a DAG."""
+    cycles: list[list[str]] = []
+    seen: set[frozenset[tuple[str, str]]] = set()
+    for component in strongly_connected(graph):
+        for module in component:
+            cycle = _shortest_cycle_through(graph, module, set(component))
+            edges = frozenset(zip(cycle, cycle[1:]))
+            if edges not in seen:
+                seen.add(edges)
+                cycles.append(cycle)
+    return cycles
+
+
+def _edge(graph: Graph, a: str, b: str) -> str:
+    return f"{package_modules()[a].relpath}:{graph[a][b]}"
+
+
+def _format_cycle(cycle: list[str], graph: Graph) -> str:
+    steps = [f"    {a} ({_edge(graph, a, b)}) imports {b}" for a, b in zip(cycle, cycle[1:])]
+    return "  " + " -> ".join(cycle) + "\n" + "\n".join(steps)
+
+
+def layer_of(module: str) -> int:
+    """``module``'s layer: its index in :data:`LAYERS`, or ``len(LAYERS)`` for the top layer."""
+    for position, (_layer, prefixes) in enumerate(LAYERS):
+        if any(_under(module, prefix) for prefix in prefixes):
+            return position
+    return len(LAYERS)
+
+
+def layer_name(position: int) -> str:
+    return LAYERS[position][0] if position < len(LAYERS) else TOP_LAYER
+
+
+def upward_imports(graph: Graph) -> list[tuple[str, str]]:
+    """Every edge ``(a, b)`` that points up the layer order (``b``'s layer above ``a``'s)."""
+    return [(a, b) for a in sorted(graph) for b in sorted(graph[a]) if layer_of(b) > layer_of(a)]
+
+
+def _format_upward(graph: Graph, a: str, b: str) -> str:
+    return (
+        f"  {_edge(graph, a, b)}: {a} ({layer_name(layer_of(a))}) imports {b} "
+        f"({layer_name(layer_of(b))})"
+    )
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -288,9 +374,41 @@ def test_collector_tells_module_level_from_deferred_imports() -> None:
     }
 
 
-def test_find_cycle_reports_the_cycle_and_none_for_a_dag() -> None:
-    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {}}) is None
-    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
+def test_find_cycles_reports_every_cycle_and_none_for_a_dag() -> None:
+    assert find_cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {}}) == []
+    assert find_cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == [["a", "b", "c", "a"]]
+    # Two separate cycles, and a component holding two cycles that share a module.
+    graph = {
+        "a": {"b": 1},
+        "b": {"a": 1},
+        "c": {"d": 1},
+        "d": {"c": 1, "e": 1},
+        "e": {"d": 1},
+        "f": {"a": 1},
+    }
+    assert strongly_connected(graph) == [["a", "b"], ["c", "d", "e"]]
+    assert find_cycles(graph) == [["a", "b", "a"], ["c", "d", "c"], ["e", "d", "e"]]
+
+
+def test_layers_order_the_readme_names() -> None:
+    assert [layer_name(i) for i in range(len(LAYERS) + 1)] == [
+        "projection, nn",
+        "optim",
+        "distributed",
+        "integrations",
+        "train",
+    ]
+    assert layer_of("gnlorp_dist.nn.surgery") == layer_of("gnlorp_dist.vlorp") == 0
+    assert layer_of("gnlorp_dist.optim.adamw") == 1
+    assert layer_of("gnlorp_dist.integrations.deepspeed.config") == 3
+    assert layer_of("gnlorp_dist.train") == layer_of("gnlorp_dist") == len(LAYERS)
+    assert layer_of("gnlorp_dist.optimizers") == len(LAYERS)  # a prefix is a package, not text
+    graph = {
+        "gnlorp_dist.optim": {"gnlorp_dist.nn": 3, "gnlorp_dist.optim.comm": 4},
+        "gnlorp_dist.optim.comm": {},
+        "gnlorp_dist.nn": {"gnlorp_dist.optim": 5},
+    }
+    assert upward_imports(graph) == [("gnlorp_dist.nn", "gnlorp_dist.optim")]
 
 
 def test_the_walk_sees_the_whole_package() -> None:
@@ -298,6 +416,10 @@ def test_the_walk_sees_the_whole_package() -> None:
     assert {"gnlorp_dist", "gnlorp_dist.optim.adamw", "gnlorp_dist.distributed"} <= set(modules)
     # The package root imports the distributed layer: the graph must contain that edge.
     assert "gnlorp_dist.distributed" in import_graph()["gnlorp_dist"]
+    # Every layer below the top names modules that exist: a rename cannot empty a rule.
+    for layer, prefixes in LAYERS:
+        for prefix in prefixes:
+            assert prefix in modules, f"layer {layer!r} names {prefix}, which does not exist"
 
 
 # -- the rules -------------------------------------------------------------------------------------
@@ -305,8 +427,19 @@ def test_the_walk_sees_the_whole_package() -> None:
 
 def test_no_import_cycle_among_gnlorp_dist_modules() -> None:
     graph = import_graph()
-    cycle = find_cycle(graph)
-    assert cycle is None, "import cycle (module-level imports):\n" + _format_cycle(cycle, graph)
+    cycles = find_cycles(graph)
+    assert not cycles, f"{len(cycles)} import cycle(s), counting every import:\n" + "\n".join(
+        _format_cycle(cycle, graph) for cycle in cycles
+    )
+
+
+def test_imports_point_down_the_layers_or_stay_within_one() -> None:
+    graph = import_graph()
+    upward = upward_imports(graph)
+    assert not upward, (
+        "imports up the layer order train -> integrations -> distributed -> optim -> "
+        "(projection, nn):\n" + "\n".join(_format_upward(graph, a, b) for a, b in upward)
+    )
 
 
 def test_only_gnlorp_dist_distributed_imports_torch_distributed() -> None:
@@ -324,38 +457,43 @@ def test_only_gnlorp_dist_distributed_imports_torch_distributed() -> None:
     )
 
 
-def _module_level_importers(top: str) -> dict[str, list[str]]:
+def _importers(top: str, *, module_level_only: bool) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for module in package_modules().values():
         for imp in module.imports:
-            if imp.module_level and _under(imp.name, top):
+            if (imp.module_level or not module_level_only) and _under(imp.name, top):
                 found.setdefault(module.name, []).append(f"{module.relpath}:{imp.line}")
     return found
+
+
+def _in_core_layer(name: str) -> bool:
+    return any(_under(name, layer) for layer in CORE_LAYERS)
 
 
 @pytest.mark.parametrize("engine", OPTIONAL_ENGINES)
 def test_optional_engines_are_imported_at_module_level_only_in_integrations(engine: str) -> None:
     offenders = {
         name: where
-        for name, where in _module_level_importers(engine).items()
+        for name, where in _importers(engine, module_level_only=True).items()
         if not _under(name, "gnlorp_dist.integrations")
     }
     assert not offenders, f"{engine} imported at module level outside integrations/: {offenders}"
 
 
-def test_core_layers_do_not_import_transformers_at_module_level() -> None:
+@pytest.mark.parametrize("dependency", (*OPTIONAL_ENGINES, "transformers"))
+def test_core_layers_never_import_engines_or_transformers(dependency: str) -> None:
     offenders = {
         name: where
-        for name, where in _module_level_importers("transformers").items()
-        if any(_under(name, layer) for layer in CORE_LAYERS)
+        for name, where in _importers(dependency, module_level_only=False).items()
+        if _in_core_layer(name)
     }
-    assert not offenders, f"transformers imported at module level by {offenders}"
+    assert not offenders, f"{dependency} imported by the layers below integrations: {offenders}"
 
 
 def test_no_new_module_imports_transformers_at_module_level() -> None:
     new = {
         name: where
-        for name, where in _module_level_importers("transformers").items()
+        for name, where in _importers("transformers", module_level_only=True).items()
         if not _under(name, "gnlorp_dist.integrations") and name not in TRANSFORMERS_AT_MODULE_LEVEL
     }
     assert not new, (

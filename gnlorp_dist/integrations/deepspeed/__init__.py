@@ -14,8 +14,6 @@ low-rank moments and SVD on one owner rank, partial low-rank sums and directions
 
 from __future__ import annotations
 
-from typing import Any
-
 from gnlorp_dist.integrations.deepspeed.checkpoint import (
     initialize_from_checkpoint,
     save_checkpoint,
@@ -23,6 +21,7 @@ from gnlorp_dist.integrations.deepspeed.checkpoint import (
 from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
     fill_auto_values,
+    initialize,
     load_deepspeed_config,
 )
 from gnlorp_dist.integrations.deepspeed.layouts import (
@@ -33,15 +32,6 @@ from gnlorp_dist.integrations.deepspeed.layouts import (
 from gnlorp_dist.optim.layouts import register_engine_layout
 
 register_engine_layout(detect_deepspeed_layout)
-
-
-def initialize(*, model: Any, optimizer: Any, config: Any, **kwargs: Any) -> tuple[Any, ...]:
-    """``deepspeed.initialize`` with ``config`` checked and filled by check_deepspeed_config."""
-    import deepspeed  # noqa: PLC0415  (5 s; only when DeepSpeed is the engine)
-
-    checked = check_deepspeed_config(config)
-    return deepspeed.initialize(model=model, optimizer=optimizer, config=checked, **kwargs)
-
 
 __all__ = [
     "Zero12Layout",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
+from gnlorp_dist.integrations.deepspeed.config import initialize
 from gnlorp_dist.optim.comm import buffer_device, wait_all
 from gnlorp_dist.optim.fragment_state import (
     LAYOUT_KEY,
@@ -145,8 +146,6 @@ def initialize_from_checkpoint(
     of flattened states (ZeRO 1-3) resumes under ZeRO 1-3 only, and a ZeRO-0 one under ZeRO-0.
     """
     import deepspeed  # noqa: PLC0415
-
-    from gnlorp_dist.integrations.deepspeed import initialize  # noqa: PLC0415
 
     folder = Path(checkpoint)
     layout = read_layout(folder)

@@ -294,3 +294,11 @@ def fill_auto_values(
             f'{"bf16" if bf16 else "fp32"}; set it to "auto" or pass the matching --dtype'
         )
     return config
+
+
+def initialize(*, model: Any, optimizer: Any, config: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """``deepspeed.initialize`` with ``config`` checked and filled by check_deepspeed_config."""
+    import deepspeed  # noqa: PLC0415  (5 s; only when DeepSpeed is the engine)
+
+    checked = check_deepspeed_config(config)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=checked, **kwargs)

@@ -10,6 +10,11 @@ file's size and sha256, written by rank 0 after every rank's files are on disk).
 updates its ``latest`` file before our files are written, so ``--resume auto`` ignores it: it
 takes the newest tag folder whose manifest verifies, skipping others with a warning. A save that
 finds a non-finite tensor on any rank writes nothing and raises ValueError on every rank.
+
+This is gnlorp-train's own code (its run, checkpoints and schedule), beside
+:mod:`gnlorp_dist.run_setup` and :mod:`gnlorp_dist.train`, which call it; what any DeepSpeed user
+needs (config checks, ZeRO layouts, reshardable checkpoints) is in
+:mod:`gnlorp_dist.integrations.deepspeed`, below it.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from gnlorp_dist.checkpoint import check_compatible
 from gnlorp_dist.checkpoint_branches import (
     begin_branch_if_needed,
     branch_folders,
@@ -38,6 +44,7 @@ from gnlorp_dist.checkpoint_manifest import (
     write_manifest,
 )
 from gnlorp_dist.device import to_device
+from gnlorp_dist.distributed import DistributedContext
 from gnlorp_dist.integrations.deepspeed.checkpoint import (
     CLIENT_STATE_FILE,
     LAYOUT_FILE,
@@ -50,13 +57,29 @@ from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
     fill_auto_values,
 )
+from gnlorp_dist.run_config import RESUME_MUST_MATCH, RunConfig, config_record
 from gnlorp_dist.schedule import sync_lr_to_schedule
 from gnlorp_dist.steps import StepStats
 
-if TYPE_CHECKING:
-    from gnlorp_dist.run_setup import Run
-
 CHECKPOINT_DIR = "ds_checkpoints"
+
+
+class Run(Protocol):
+    """What these functions read and set of a run: :class:`gnlorp_dist.run_setup.Run` is the one
+    they get. Declared here because run_setup imports this module (to start the engine), so
+    this one cannot import run_setup back."""
+
+    config: RunConfig
+    llama: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    data: Any
+    context: DistributedContext
+    device: torch.device
+    engine: Any
+    start_step: int
+    resumed_from: Path | None
 
 
 def accelerate_config_file() -> str | None:
@@ -232,9 +255,6 @@ def select_tag(output_dir: str | os.PathLike) -> tuple[Path | None, dict[str, An
 def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint ``--resume`` names (auto: the newest verified tag folder) and its client
     state, checked against the run's settings before anything is loaded."""
-    from gnlorp_dist.checkpoint import check_compatible  # noqa: PLC0415
-    from gnlorp_dist.run_config import RESUME_MUST_MATCH, config_record  # noqa: PLC0415
-
     c = run.config
     if c.resume == "never":
         if step_folders(Path(c.output_dir) / CHECKPOINT_DIR, _is_tag):
@@ -258,23 +278,19 @@ def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
     return checkpoint, state
 
 
-def restore_client_state(run: Run, state: dict[str, Any], checkpoint: Path) -> None:
+def restore_client_state(run: Run, state: dict[str, Any], checkpoint: Path) -> str | None:
+    """Resume the schedule, the data position and the step from ``state``. Returns the new
+    branch's id when ``checkpoint`` is not the newest (rank 0; the caller logs it), else None."""
     run.scheduler.load_state_dict(state["scheduler"])
     # On another number of ranks the optimizer is new (DeepSpeed did not load its groups).
     sync_lr_to_schedule(run.scheduler)
     run.data.train.load_state_dict(state["data_state"])
     run.start_step, run.resumed_from = state["step"], checkpoint
     run.context.barrier()  # every rank chose its checkpoint before the branch may change
-    if run.context.is_main:
-        root = Path(run.config.output_dir) / CHECKPOINT_DIR
-        branch = begin_branch_if_needed(root, checkpoint, _is_finished)
-        if branch is not None:
-            from gnlorp_dist.run_setup import log  # noqa: PLC0415
-
-            log(
-                f"resumed from {checkpoint}, which is not the newest checkpoint of "
-                f"{run.config.output_dir}: new branch {branch} (older branches are kept)"
-            )
+    if not run.context.is_main:
+        return None
+    root = Path(run.config.output_dir) / CHECKPOINT_DIR
+    return begin_branch_if_needed(root, checkpoint, _is_finished)
 
 
 def consolidated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
