@@ -75,7 +75,7 @@ class GroupStep:
             # Before any phase: a window begun on another device type is refused here.
             owner = self.placement(0) == "owner"
             device = self.params[0].tensor.device if owner else self.device
-            states = [state for state in self.states if state is not None]
+            states = (state for state in self.states if state is not None)
             check_random_basis_device(self.group, states, device.type, self.comm)
 
     @property

@@ -183,7 +183,8 @@ class PerLayerStep:
         if projected and is_random(group):
             # Before anything changes: the device this step draws random bases on.
             where = buffer_device(self.comm, param.device) if low_rank else param.device
-            states = [self.state[p] for p in group["params"] if p in self.state]
+            # A generator: read only when the device type changes, not in every hook.
+            states = (self.state[p] for p in group["params"] if p in self.state)
             check_random_basis_device(group, states, where.type, self.comm)
         if low_rank:
             self._consume_projected_low_rank(

@@ -25,6 +25,7 @@ and never branches on VLoRP itself elsewhere:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -113,7 +114,7 @@ class _Gatherer(Protocol):
 
 
 def check_random_basis_device(
-    group: dict[str, Any], states: list[dict[str, Any]], device_type: str, comm: _Gatherer
+    group: dict[str, Any], states: Iterable[dict[str, Any]], device_type: str, comm: _Gatherer
 ) -> None:
     """Refuse to continue a refresh window of random bases on another kind of device.
 
@@ -124,9 +125,10 @@ def check_random_basis_device(
     group, on every rank, is at the start of a window (its step a multiple of
     ``update_proj_gap``): the new window's basis is then a fresh draw, like any window's.
     Otherwise a ValueError. A state saved before the record existed was drawn on the CPU.
-    ``states``: this rank's states of the group's matrices. Host work only; the ranks agree in
-    one ``all_gather_object`` when the device type changes (all together: the record is the
-    same on every rank), never on the hot path.
+    ``states``: this rank's states of the group's matrices, iterated only when the device
+    type changes (a per-layer hook passes a generator: the usual call is one lookup). Host
+    work only; the ranks agree in one ``all_gather_object`` when the device type changes (all
+    together: the record is the same on every rank), never on the hot path.
     """
     recorded = group.get(BASIS_DEVICE_KEY)
     if recorded == device_type:

@@ -109,6 +109,19 @@ def _loss(params, step: int, micro: int = 0, rank: int = 0) -> torch.Tensor:
     )
 
 
+def _reads_per_step(optimizer, params, known_finite=False):
+    """Host reads of each of STEPS whole ``step()`` calls on fresh gradients."""
+    counts = []
+    for step in range(STEPS):
+        _set_grads(params, step)
+        if known_finite:
+            optimizer.mark_gradients_finite()
+        with HostReads() as reads:
+            optimizer.step()
+        counts.append(reads.count)
+    return counts
+
+
 @pytest.mark.parametrize(
     "projection",
     [{}, {"proj_type": "random", "granularity": 2}, {"svd_method": "randomized"}],
@@ -117,37 +130,21 @@ def _loss(params, step: int, micro: int = 0, rank: int = 0) -> torch.Tensor:
 def test_whole_step_reads_once_per_step(projection):
     params = _params()
     optimizer = _optimizer(params, **projection)
-    counts = []
-    for step in range(STEPS):
-        _set_grads(params, step)
-        with HostReads() as reads:
-            optimizer.step()
-        counts.append(reads.count)
+    counts = _reads_per_step(optimizer, params)
     assert counts == [1] * STEPS  # the non-finite verdict, refresh steps included
 
 
 def test_known_finite_gradients_are_not_read():
     params = _params()
     optimizer = _optimizer(params)
-    counts = []
-    for step in range(STEPS):
-        _set_grads(params, step)
-        optimizer.mark_gradients_finite()
-        with HostReads() as reads:
-            optimizer.step()
-        counts.append(reads.count)
+    counts = _reads_per_step(optimizer, params, known_finite=True)
     assert counts == [0] * STEPS
 
 
 def test_lazy_refresh_reads_the_overlap_at_its_refreshes_only():
     params = _params()
     optimizer = _optimizer(params, lazy_refresh_threshold=0.99)
-    counts = []
-    for step in range(STEPS):
-        _set_grads(params, step)
-        with HostReads() as reads:
-            optimizer.step()
-        counts.append(reads.count)
+    counts = _reads_per_step(optimizer, params)
     # Step 0: no old basis to compare; step 3 (every subspace moved: random gradients): the
     # verdict plus one overlap per refreshed matrix, on its owner, right after its SVD.
     assert counts == [1, 1, 1, 1 + 3, 1, 1, 1 + 3]
