@@ -106,7 +106,7 @@ from gnlorp_dist.models import (  # noqa: E402
     llama_config,
     model_spec,
 )
-from gnlorp_dist.projection import low_rank_shape, projection_shape, projection_side  # noqa: E402
+from gnlorp_dist.optim.projection import low_rank_shape, projection_shape, projection_side  # noqa: E402
 
 MIB = 2**20
 

@@ -65,8 +65,8 @@ from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_gr
 from gnlorp_dist.distributed import ProcessGroupCommunicator  # noqa: E402
 from gnlorp_dist.models import build_model, llama_config, model_spec, recipe_for_config  # noqa: E402
 from gnlorp_dist.optim.comm import LocalCommunicator  # noqa: E402
+from gnlorp_dist.optim.projection import low_rank_shape, projection_side  # noqa: E402
 from gnlorp_dist.optim.quantized import state_bytes as state_bytes_of  # noqa: E402
-from gnlorp_dist.projection import low_rank_shape, projection_side  # noqa: E402
 
 STEPS = 4  # refreshes at steps 0 and 2
 GAP = 2

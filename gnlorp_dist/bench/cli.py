@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from gnlorp_dist.bench.config import BenchConfig
-from gnlorp_dist.run_config import field_docs
+from gnlorp_dist.training.config import field_docs
 
 _TYPES = {"int": int, "float": float, "str": str}
 _METAVARS = {"int": "N", "float": "X", "str": "STR"}

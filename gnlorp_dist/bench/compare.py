@@ -29,7 +29,7 @@ from gnlorp_dist.bench.runner import (
     summarize,
     train_interleaved,
 )
-from gnlorp_dist.data import TrainData, build_data
+from gnlorp_dist.data.loader import TrainData, build_data
 from gnlorp_dist.device import activate_device, to_device
 from gnlorp_dist.models import build_model_on_meta, count_parameters
 

@@ -1,7 +1,7 @@
 """The configuration of a ``gnlorp-bench`` run and its validation.
 
 Every field of :class:`BenchConfig` is one flag (``loss_window`` -> ``--loss-window``) whose help
-text is the docstring under the field (read with :func:`gnlorp_dist.run_config.field_docs`).
+text is the docstring under the field (read with :func:`gnlorp_dist.training.config.field_docs`).
 Fields left ``None`` take the model's recipe (:mod:`gnlorp_dist.models`) when resolved.
 """
 
@@ -281,7 +281,7 @@ def _check_granular(config: BenchConfig, llama: LlamaConfig, rank: int) -> None:
 def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
     """Validate ``config`` and fill its defaults; every user mistake raises ValueError naming
     the offending value. Returns the config, the model's ``LlamaConfig`` and its recipe."""
-    from gnlorp_dist.projection import PROJ_TYPES
+    from gnlorp_dist.optim.projection import PROJ_TYPES
 
     _check_methods(tuple(config.methods), "--methods", METHODS)
     if config.sweep is not None:

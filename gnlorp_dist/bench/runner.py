@@ -29,10 +29,10 @@ from gnlorp_dist.bench.methods import (
     target_state_bytes,
 )
 from gnlorp_dist.device import memory_stats
-from gnlorp_dist.evaluation import evaluate
 from gnlorp_dist.memory import measure_training_step
-from gnlorp_dist.schedule import warmup_cosine_schedule
-from gnlorp_dist.train import train_step
+from gnlorp_dist.training.evaluation import evaluate
+from gnlorp_dist.training.run import train_step
+from gnlorp_dist.training.schedule import warmup_cosine_schedule
 
 
 @dataclass(kw_only=True)

@@ -23,8 +23,8 @@ from gnlorp_dist.device import DEVICES, resolve_device
 from gnlorp_dist.finetune.data import GLUE_TASKS
 from gnlorp_dist.finetune.metrics import METRIC_NAMES
 from gnlorp_dist.finetune.models import TINY_MODELS
-from gnlorp_dist.projection import PROJ_TYPES
-from gnlorp_dist.run_config import field_docs
+from gnlorp_dist.optim.projection import PROJ_TYPES
+from gnlorp_dist.training.config import field_docs
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw", "wegeft")
 WEGEFT_DEFAULT_RANK = 8

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gnlorp_dist.corpus import read_utf8
+from gnlorp_dist.data.corpus import read_utf8
 
 Columns = dict[str, list[Any]]
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from gnlorp_dist.checkpoint_merged import save_merged_model
+from gnlorp_dist.checkpoint.merged import save_merged_model
 from gnlorp_dist.device import describe_memory, memory_stats, to_device
 from gnlorp_dist.finetune.build import FinetuneRun
 from gnlorp_dist.finetune.data import EncodedSplit, collate

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from gnlorp_dist.corpus import looks_like_hub_id
+from gnlorp_dist.data.corpus import looks_like_hub_id
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.nn.wegeft import apply_wegeft
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups

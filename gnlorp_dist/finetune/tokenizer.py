@@ -16,7 +16,7 @@ from typing import Any
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from gnlorp_dist.corpus import looks_like_hub_id
+from gnlorp_dist.data.corpus import looks_like_hub_id
 
 # Files any saved transformers tokenizer folder holds at least one of.
 TOKENIZER_FILES = (

@@ -42,8 +42,8 @@ from gnlorp_dist.distributed.dtensor import (
 )
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.layouts import Layout, LayoutDefaults, register_engine_layout
+from gnlorp_dist.optim.projection import low_rank_shape, projection_side
 from gnlorp_dist.optim.quantized import MOMENT_KEYS, MomentStore
-from gnlorp_dist.projection import low_rank_shape, projection_side
 
 
 class Fsdp2Layout(LayoutDefaults):

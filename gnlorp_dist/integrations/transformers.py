@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from gnlorp_dist.distributed import communicator_for_current_process
 from gnlorp_dist.nn import DEFAULT_TARGET_MODULES, WeightNormLinear
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
-from gnlorp_dist.projection import PROJ_TYPES as _PROJ_TYPES
+from gnlorp_dist.optim.projection import PROJ_TYPES as _PROJ_TYPES
 
 _PER_LAYER_REFUSAL = (
     "per_layer=True is not supported in the Trainer: PerLayerUpdates steps every parameter "

@@ -13,13 +13,13 @@ from gnlorp_dist.memory.config import DTYPE_BYTES, MemoryConfig
 from gnlorp_dist.models import build_model_on_meta, llama_config, recipe_for_config
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import projected_param_groups
-from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL, update_workspace_bytes
-from gnlorp_dist.projection import (
+from gnlorp_dist.optim.projection import (
     RANDOMIZED_MIN_DIM,
     low_rank_shape,
     projection_shape,
     projection_side,
 )
+from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL, update_workspace_bytes
 
 # -- model shapes (meta device) ------------------------------------------------------------
 
@@ -193,7 +193,7 @@ def randomized_svd_bytes(
 
 def svd_method_for(shape: tuple[int, ...], method: str) -> str:
     """The decomposition a refresh of a ``shape`` gradient runs (``auto`` resolved as
-    :func:`gnlorp_dist.projection.resolve_svd_method` does)."""
+    :func:`gnlorp_dist.optim.projection.resolve_svd_method` does)."""
     if method == "auto":
         return "randomized" if min(shape) >= RANDOMIZED_MIN_DIM else "svd"
     return method

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from gnlorp_dist.memory.config import DTYPE_BYTES, OPTIMIZERS, PROJ_BITS, MemoryConfig
 from gnlorp_dist.memory.estimator import COMPONENTS, MemoryEstimate, estimate_memory
-from gnlorp_dist.projection import PROJ_TYPES, SVD_METHODS
+from gnlorp_dist.optim.projection import PROJ_TYPES, SVD_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gnlorp_dist.projection import SVD_METHODS
+from gnlorp_dist.optim.projection import SVD_METHODS
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
 """Bytes per element of each supported weight dtype."""
@@ -43,7 +43,7 @@ class MemoryConfig:
     rank: int | None = None
     """Projection rank r (projected optimizers); None takes the model's recipe rank."""
     proj_type: str = "std"
-    """Projection side rule (:data:`gnlorp_dist.projection.PROJ_TYPES`)."""
+    """Projection side rule (:data:`gnlorp_dist.optim.projection.PROJ_TYPES`)."""
     per_layer: bool = False
     """Update each parameter inside the backward pass (:class:`PerLayerUpdates`)."""
     accumulation_steps: int = 1

@@ -6,7 +6,7 @@ over shapes, mirroring what the code does step by step:
 
 - states: the optimizer's real layout (:mod:`gnlorp_dist.optim.quantized`: uint8 codes plus one
   float32 scale per 256-element block, tensors under 4096 elements kept in the moment dtype;
-  projected moments have the low-rank shape of :mod:`gnlorp_dist.projection`); projection bases
+  projected moments have the low-rank shape of :mod:`gnlorp_dist.optim.projection`); projection bases
   in the gradient's dtype or, with ``proj_bits`` 8/4, as INT8/INT4 codes plus float32 scales
   (:mod:`gnlorp_dist.optim.quantized_basis`), restored for each use;
 - update workspaces: 8-bit moments decoded and re-encoded chunk by chunk
@@ -40,7 +40,7 @@ from gnlorp_dist.memory.arithmetic import (
     layer_backward_workspace,
 )
 from gnlorp_dist.memory.config import MemoryConfig
-from gnlorp_dist.projection import PROJ_TYPES
+from gnlorp_dist.optim.projection import PROJ_TYPES
 
 COMPONENTS: tuple[str, ...] = (
     "weights",

@@ -1,6 +1,6 @@
 """GradNormLoRPAdamW: AdamW whose states live in a low-rank gradient subspace.
 
-The class holds state and loops over parameters; the math is in :mod:`gnlorp_dist.projection`
+The class holds state and loops over parameters; the math is in :mod:`gnlorp_dist.optim.projection`
 and :mod:`gnlorp_dist.optim.functional`.
 """
 
@@ -31,6 +31,7 @@ from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, Layout, dete
 from gnlorp_dist.optim.nonfinite_guard import NonFiniteGuard
 from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
 from gnlorp_dist.optim.per_layer_step import PerLayerStep
+from gnlorp_dist.optim.projection import compute_projection, projection_side, resolve_svd_method
 from gnlorp_dist.optim.projector import is_random, planning_proj_type, projected_shape
 from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL
 from gnlorp_dist.optim.validation import (
@@ -42,7 +43,6 @@ from gnlorp_dist.optim.validation import (
     validate_projected_group,
     warn_if_nothing_is_projected,
 )
-from gnlorp_dist.projection import compute_projection, projection_side, resolve_svd_method
 
 
 class GradNormLoRPAdamW(

@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gnlorp_dist.optim.comm import Handle, buffer_device, wait_all
 from gnlorp_dist.optim.data_parallel import reduce_to_owners
+from gnlorp_dist.optim.projection import project
 from gnlorp_dist.optim.projector import (
     group_side,
     is_random,
@@ -34,7 +35,6 @@ from gnlorp_dist.optim.projector import (
 )
 from gnlorp_dist.optim.quantized_basis import load_basis
 from gnlorp_dist.optim.refresh import refresh_due
-from gnlorp_dist.projection import project
 
 
 class BackwardReduction:

@@ -61,6 +61,7 @@ from gnlorp_dist.optim.functional import (
     update_moments_,
 )
 from gnlorp_dist.optim.group_step import GroupStep
+from gnlorp_dist.optim.projection import low_rank_shape, project, project_back, projection_shape
 from gnlorp_dist.optim.quantized import (
     FIRST_MOMENT_ONLY,
     MIN_8BIT_NUMEL,
@@ -77,7 +78,6 @@ from gnlorp_dist.optim.refresh import (
     refresh_due,
     release,
 )
-from gnlorp_dist.projection import low_rank_shape, project, project_back, projection_shape
 
 
 class BasisSource(Protocol):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gnlorp_dist.projection import Side
+from gnlorp_dist.optim.projection import Side
 
 
 @dataclass(frozen=True, kw_only=True)

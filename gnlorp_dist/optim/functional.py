@@ -19,7 +19,7 @@ import math
 
 from torch import Tensor
 
-from gnlorp_dist.projection import Side, project_back
+from gnlorp_dist.optim.projection import Side, project_back
 
 
 def update_moments_(

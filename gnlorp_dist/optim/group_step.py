@@ -19,6 +19,7 @@ from gnlorp_dist.optim.comm import Communicator
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
+from gnlorp_dist.optim.projection import low_rank_shape
 from gnlorp_dist.optim.projector import (
     back_divisor,
     check_random_basis_device,
@@ -30,7 +31,6 @@ from gnlorp_dist.optim.projector import (
 )
 from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, SharedBlock
 from gnlorp_dist.optim.quantized_basis import load_basis
-from gnlorp_dist.projection import low_rank_shape
 
 Placement = Literal["owner", "reduce", "rows"]
 

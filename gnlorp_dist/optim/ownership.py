@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gnlorp_dist.projection import low_rank_shape, projection_side
+from gnlorp_dist.optim.projection import low_rank_shape, projection_side
 
 SPLIT_MIN_NUMEL = 1 << 16
 

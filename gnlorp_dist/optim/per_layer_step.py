@@ -36,10 +36,10 @@ from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.functional import clip_by_norm_
 from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, detect_layout
 from gnlorp_dist.optim.nonfinite_guard import consumed_gradients, zero_non_finite_
+from gnlorp_dist.optim.projection import project
 from gnlorp_dist.optim.projector import check_random_basis_device, is_random
 from gnlorp_dist.optim.refresh import refresh_due
 from gnlorp_dist.optim.validation import flat_gradient_error
-from gnlorp_dist.projection import project
 
 
 @dataclass

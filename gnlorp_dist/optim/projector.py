@@ -12,8 +12,8 @@ and never branches on VLoRP itself elsewhere:
   projected shape (``c > 1`` must resolve to the right: validated at construction);
 - the **basis**: an SVD basis is stored in the state (``proj``); a random one
   (``proj_type="random"``) is regenerated wherever it is needed from
-  :func:`gnlorp_dist.vlorp.window_seed` of ``(projection_seed, parameter position, the step of
-  the update, update_proj_gap)``, on the device that uses it (:func:`gnlorp_dist.vlorp.random_basis`):
+  :func:`gnlorp_dist.optim.vlorp.window_seed` of ``(projection_seed, parameter position, the step of
+  the update, update_proj_gap)``, on the device that uses it (:func:`gnlorp_dist.optim.vlorp.random_basis`):
   every micro-batch of a refresh window, every rank and a resumed run on the same kind of device
   get the same basis, and nothing is stored, computed by SVD or broadcast. The group records
   the device type that draws its bases (:func:`check_random_basis_device`): a run resumed on
@@ -31,12 +31,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from gnlorp_dist.projection import PROJ_TYPES, Side, projection_side
-from gnlorp_dist.vlorp import random_basis, window_seed
+from gnlorp_dist.optim.projection import PROJ_TYPES, Side, projection_side
+from gnlorp_dist.optim.vlorp import random_basis, window_seed
 
 SECOND_MOMENTS: tuple[str, ...] = ("adam", "factored")
 OPTIMIZER_PROJ_TYPES: tuple[str, ...] = (*PROJ_TYPES, "random")
-"""The SVD side rules of :data:`gnlorp_dist.projection.PROJ_TYPES` and ``"random"`` (VLoRP's
+"""The SVD side rules of :data:`gnlorp_dist.optim.projection.PROJ_TYPES` and ``"random"`` (VLoRP's
 seeded Gaussian or Rademacher basis, right side)."""
 FACTORED_KEYS = ("row_sq", "col_sq")
 

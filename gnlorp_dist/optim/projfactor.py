@@ -1,11 +1,11 @@
 """ProjFactor's second moment in the driver (``second_moment="factored"``): state and traffic.
 
-The math is :mod:`gnlorp_dist.vlorp`'s; this module says where it lives on the ranks. The first
+The math is :mod:`gnlorp_dist.optim.vlorp`'s; this module says where it lives on the ranks. The first
 moment stays in the subspace (the projected shape's ``M c x r``, 8-bit capable, in the
 :class:`~gnlorp_dist.optim.quantized.MomentStore`); the second is the running row and column sums
 ``row_sq`` (M) and ``col_sq`` (N) of the squared back-projected gradient of the TRUE ``M x N``
 shape, float32, kept where the moments are kept (the owner). They are computed from the
-low-rank gradient (:func:`~gnlorp_dist.vlorp.square_sums_low_rank`): no ``M x N`` gradient is
+low-rank gradient (:func:`~gnlorp_dist.optim.vlorp.square_sums_low_rank`): no ``M x N`` gradient is
 built. The update of element ``(i, j)`` is ``back(m)_ij / (sqrt(V^_ij / (1 - b2^t)) + eps)``
 with ``V^ = row ⊗ col / sum(row)``, stepped by ``lr * scale / (1 - b1^t)``: Adam's bias
 corrections, ``eps`` added after the square root of the corrected ``V^`` (Adam's convention, not
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from gnlorp_dist.optim.fragments import covering_rows, run_of_rows
 from gnlorp_dist.optim.projector import granularity, is_random
-from gnlorp_dist.vlorp import (
+from gnlorp_dist.optim.vlorp import (
     factored_denominator_rows,
     factored_second_moment_update,
     square_sums_low_rank,

@@ -49,6 +49,15 @@ FIRST_MOMENT_ONLY = ("exp_avg",)
 SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
+def stores_8bit(bits: int, numel: int, min_8bit_size: int = MIN_8BIT_NUMEL) -> bool:
+    """Whether a tensor of ``numel`` elements keeps its Adam moments as 8-bit codes: the one
+    rule the optimizer, the memory estimator, the preflight and the benchmarks all ask.
+
+    ``bits`` is the group's ``bits`` (8 or 32); tensors under ``min_8bit_size`` elements stay
+    float32 (bitsandbytes' ``min_8bit_size`` rule: small tensors gain little and lose most)."""
+    return bits == 8 and numel >= min_8bit_size
+
+
 @functools.cache
 def _dynamic_map(signed: bool, device: str) -> Tensor:
     """bitsandbytes' dynamic map (256 sorted values: code k's neighbours are k - 1 and k + 1)."""
@@ -190,7 +199,7 @@ class MomentStore:
 
     def quantised(self, like: Tensor) -> bool:
         numel = self.param_numel if self.param_numel is not None else like.numel()
-        return self.bits == 8 and numel >= self.min_numel
+        return stores_8bit(self.bits, numel, self.min_numel)
 
     def initialise(self, like: Tensor) -> None:
         for key in self.keys:
@@ -359,7 +368,7 @@ def update_workspace_bytes(
     copy of the 256-value map: ``10P (+4P) + 8 blocks + 1024`` (larger than the update only for
     chunks of under ~1000 elements).
     """
-    if bits != 8 or numel < min_numel:
+    if not stores_8bit(bits, numel, min_numel):
         return 2 * element_size * numel
 
     def chunk_peak(count: int) -> int:

@@ -4,7 +4,7 @@ Fixed (GaLore, the default): at steps 0, T, 2T, ... of the matrix (``T = update_
 
 Lazy (``lazy_refresh_threshold = s`` in ``(0, 1]``; Q-GaLore's idea, measured on the whole
 subspace): at each refresh the owner compares the new basis with the one it replaces by
-:func:`gnlorp_dist.projection.subspace_overlap` (the mean squared cosine of ALL principal angles,
+:func:`gnlorp_dist.optim.projection.subspace_overlap` (the mean squared cosine of ALL principal angles,
 not the first singular vector's alone). A subspace that has settled (overlap >= ``s``) doubles
 the gap to its next refresh, up to ``max_update_proj_gap`` (default ``8 T``); one that moved
 (overlap < ``s``) goes back to ``T``. The next refresh step is kept in the state
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import Handle, wait_all
-from gnlorp_dist.projection import Side, subspace_overlap
+from gnlorp_dist.optim.projection import Side, subspace_overlap
 
 if TYPE_CHECKING:
     from gnlorp_dist.optim.group_step import GroupStep

@@ -27,6 +27,7 @@ import torch
 from gnlorp_dist.optim.fragment_state import LAYOUT_KEY
 from gnlorp_dist.optim.fragments import ModelParameter
 from gnlorp_dist.optim.layouts import Layout, detect_layout
+from gnlorp_dist.optim.projection import low_rank_shape, projection_shape
 from gnlorp_dist.optim.projector import group_side, projected_shape
 from gnlorp_dist.optim.quantized_basis import stored_shape
 from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
@@ -36,7 +37,6 @@ from gnlorp_dist.optim.validation import (
     shard_state_dict_error,
     unmarked_state_dict_error,
 )
-from gnlorp_dist.projection import low_rank_shape, projection_shape
 
 FORMAT_KEY = "gnlorp"
 FORMAT_VERSION = 1

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gnlorp_dist.optim.projection import SVD_METHODS, projection_shape
 from gnlorp_dist.optim.projector import (
     OPTIMIZER_PROJ_TYPES,
     SECOND_MOMENTS,
@@ -20,8 +21,7 @@ from gnlorp_dist.optim.projector import (
     projected_shape,
 )
 from gnlorp_dist.optim.quantized_basis import PROJ_BITS
-from gnlorp_dist.projection import SVD_METHODS, projection_shape
-from gnlorp_dist.vlorp import BASIS_KINDS, check_granularity
+from gnlorp_dist.optim.vlorp import BASIS_KINDS, check_granularity
 
 PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 

@@ -90,8 +90,8 @@ def _save_on_ranks(rank, world_size, out_dir):
     rank 1's optimizer shard holds an infinity (every rank raises; nothing is written)."""
     import torch.distributed as dist  # noqa: PLC0415
 
-    from gnlorp_dist.checkpoint import all_checkpoints, check_checkpoint, save_checkpoint  # noqa: PLC0415
-    from gnlorp_dist.schedule import warmup_cosine_schedule  # noqa: PLC0415
+    from gnlorp_dist.checkpoint.store import all_checkpoints, check_checkpoint, save_checkpoint  # noqa: PLC0415
+    from gnlorp_dist.training.schedule import warmup_cosine_schedule  # noqa: PLC0415
 
     out = Path(out_dir)
     model = DistributedDataParallel(_model())

@@ -71,7 +71,7 @@ def test_deepspeed_launcher_zero3(setting):
     out = root / "deepspeed"
     command = [
         str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-        "--module", "gnlorp_dist.train", *_train_args(config, out, "zero3.json"),
+        "--module", "gnlorp_dist.training.run", *_train_args(config, out, "zero3.json"),
     ]  # fmt: skip
     _assert_trained(*_run(command, env), out, 3)
 
@@ -100,7 +100,7 @@ def test_torchrun_zero2_resumes_on_two_ranks_and_reshards_to_one(setting):
     out = root / "torchrun"
     torchrun = [
         str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "gnlorp_dist.train",
+        "--master_port", str(_free_port()), "-m", "gnlorp_dist.training.run",
     ]  # fmt: skip
     args = _train_args(config, out, "zero2.json", "--save-every", "2")
     _assert_trained(*_run([*torchrun, *args], env), out, 2)
@@ -118,7 +118,7 @@ def test_torchrun_zero2_resumes_on_two_ranks_and_reshards_to_one(setting):
     _rewind(out, moved, 2)
     args = _train_args(config, moved, "zero3.json", "--batch-size", "4")
     args[args.index("--world-size") + 1] = "1"
-    code, output = _run([sys.executable, "-m", "gnlorp_dist.train", *args], env)
+    code, output = _run([sys.executable, "-m", "gnlorp_dist.training.run", *args], env)
     assert code == 0, output[-6000:]
     assert "resumed from" in output and "(step 2)" in output
     error = _rel(_final_weights(moved), straight)
@@ -137,7 +137,7 @@ def test_mpirun_zero1_through_mpi4py_discovery(setting):
         mpirun, "-n", "2", "--allow-run-as-root", "--oversubscribe",
         *[arg for name in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "GNLORP_CACHE_DIR",
                            "DS_ACCELERATOR", "PATH") for arg in ("-x", name)],
-        sys.executable, "-m", "gnlorp_dist.train", *_train_args(config, out, "zero1.json"),
+        sys.executable, "-m", "gnlorp_dist.training.run", *_train_args(config, out, "zero1.json"),
     ]  # fmt: skip
     _assert_trained(*_run(command, env), out, 1)
 
@@ -151,7 +151,7 @@ def test_accelerate_launch_with_the_deepspeed_plugin(setting):
         str(BIN / "accelerate"), "launch", "--config_file",
         str(REPO / "launch" / "accelerate_deepspeed.yaml"), "--use_deepspeed",
         "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-        "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.train", *args,
+        "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.training.run", *args,
     ]  # fmt: skip
     _assert_trained(*_run(command, env), out, 2)
 
@@ -166,7 +166,7 @@ def test_config_naming_an_optimizer_fails_before_training(setting):
     args = _train_args(config, out, "zero2.json")
     args[args.index("--deepspeed") + 1] = str(bad)
     args[args.index("--world-size") + 1] = "1"
-    code, output = _run([sys.executable, "-m", "gnlorp_dist.train", *args], env)
+    code, output = _run([sys.executable, "-m", "gnlorp_dist.training.run", *args], env)
     assert code == 2
     assert "names an optimizer ('AdamW')" in output and 'Delete the "optimizer" block' in output
     assert not out.exists() or not any(out.rglob("step-*"))

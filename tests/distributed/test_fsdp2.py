@@ -201,7 +201,7 @@ def _accumulation_scenario(rank, world_size, comm):
     once per step (the last micro-batch), counted, and the weights of one process."""
     import torch.distributed as dist  # noqa: PLC0415
 
-    from gnlorp_dist.steps import train_step  # noqa: PLC0415
+    from gnlorp_dist.training.steps import train_step  # noqa: PLC0415
 
     calls = [0]
     # FSDP2's gradient collective (torch 2.13: reduce_scatter_single; older: _tensor).
@@ -334,7 +334,7 @@ def test_a_checkpoint_saved_on_two_ranks_resumes_on_another_number(runs, world_s
 
 
 def test_accumulation_reduce_scatters_once_per_step_and_matches_one_process(runs):
-    from gnlorp_dist.steps import train_step  # noqa: PLC0415
+    from gnlorp_dist.training.steps import train_step  # noqa: PLC0415
 
     reference = _model()
     optimizer = _optimizer(reference, LocalCommunicator())

@@ -109,7 +109,7 @@ def _save_then_continue(rank, world, folder):
 
 def _nonfinite_save_is_refused_on_every_rank(rank, model, optimizer, folder):
     """A NaN in rank 1's shard only: both ranks raise the same error and nothing is written."""
-    from gnlorp_dist.checkpoint_dcp import save_dcp_training_checkpoint  # noqa: PLC0415
+    from gnlorp_dist.checkpoint.dcp import save_dcp_training_checkpoint  # noqa: PLC0415
     from gnlorp_dist.distributed import (  # noqa: PLC0415
         DistributedContext,
         ProcessGroupCommunicator,
@@ -186,7 +186,7 @@ def uninterrupted(setting):
     root, config, env = setting
     out = root / "fsdp-2"
     command = [
-        *_torchrun(2), "-m", "gnlorp_dist.train", "--world-size", "2",
+        *_torchrun(2), "-m", "gnlorp_dist.training.run", "--world-size", "2",
         *_train_args(config, out, 3),
     ]  # fmt: skip
     code, output = _run(command, env)
@@ -225,7 +225,7 @@ def test_the_step_4_checkpoint_resumes_on_another_world_size_like_the_uninterrup
     )
     launcher = [*_torchrun(nproc), "-m"] if nproc > 1 else [sys.executable, "-m"]
     command = [
-        *launcher, "gnlorp_dist.train", "--world-size", str(nproc),
+        *launcher, "gnlorp_dist.training.run", "--world-size", str(nproc),
         *_train_args(config, out, batch_size),
     ]  # fmt: skip
     code, output = _run(command, env)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gnlorp_dist.checkpoint_manifest import write_manifest
+from gnlorp_dist.checkpoint.manifest import write_manifest
 
 TINY_JSON = {
     "model_type": "llama", "vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128,
@@ -67,7 +67,7 @@ def test_torchrun_two_processes_then_resume_on_one(setting):
     out = root / "torchrun"
     command = [
         str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "gnlorp_dist.train", "--world-size", "2",
+        "--master_port", str(_free_port()), "-m", "gnlorp_dist.training.run", "--world-size", "2",
         *_train_args(config, out),
     ]  # fmt: skip
     code, output = _run(command, env)
@@ -87,7 +87,7 @@ def test_torchrun_two_processes_then_resume_on_one(setting):
 
     # Same global batch (2 x 2) on one process: the sharded state is resharded to one rank.
     code, output = _run(
-        [sys.executable, "-m", "gnlorp_dist.train",
+        [sys.executable, "-m", "gnlorp_dist.training.run",
          *_train_args(config, out, "--batch-size", "4", "--max-steps", "6")],
         env,
     )  # fmt: skip
@@ -118,7 +118,7 @@ def test_defaults_on_one_process_match_two_processes_on_the_same_global_batch(se
     root, config, env = setting
     out = root / "one-process"
     code, output = _run(
-        [sys.executable, "-m", "gnlorp_dist.train",
+        [sys.executable, "-m", "gnlorp_dist.training.run",
          *_train_args(config, out, "--batch-size", "4")],
         env,
     )  # fmt: skip
@@ -147,7 +147,7 @@ def test_a_two_process_checkpoint_from_before_the_rule_was_recorded_resumes_on_o
     manifest = json.loads((step2 / "manifest.json").read_text())
     write_manifest(step2, step=manifest["step"], branch=manifest["branch"])
     code, output = _run(
-        [sys.executable, "-m", "gnlorp_dist.train",
+        [sys.executable, "-m", "gnlorp_dist.training.run",
          *_train_args(config, out, "--batch-size", "4")],
         env,
     )  # fmt: skip
@@ -168,7 +168,7 @@ def test_accelerate_multi_gpu_on_cpu_matches_torchrun(setting):
     command = [
         str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.train",
+        "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.training.run",
         "--world-size", "2", "--overlap-reduction", "off", *_train_args(config, out),
     ]  # fmt: skip
     code, output = _run(command, dict(env, ACCELERATE_USE_CPU="1"))
@@ -188,7 +188,7 @@ def test_torchrun_per_layer_8bit_accumulation_with_low_rank_reduction(setting):
     out = root / "per-layer"
     command = [
         str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "gnlorp_dist.train", "--world-size", "2",
+        "--master_port", str(_free_port()), "-m", "gnlorp_dist.training.run", "--world-size", "2",
         "--per-layer", "--bits", "8", "--grad-accum", "2", "--grad-reduction", "lowrank",
         "--grad-clip", "0", *_train_args(config, out),
     ]  # fmt: skip
@@ -204,7 +204,7 @@ def test_accelerate_cpu_flag_starting_one_process_is_refused(setting):
     root, config, env = setting
     command = [
         str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gnlorp_dist.train",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gnlorp_dist.training.run",
         *_train_args(config, root / "refused"),
     ]  # fmt: skip
     code, output = _run(command, env)
@@ -223,7 +223,7 @@ def test_torchrun_killed_during_a_checkpoint_write_resumes_like_the_uninterrupte
     def torchrun(extra_env):
         command = [
             str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "gnlorp_dist.train", "--world-size", "2",
+            "--master_port", str(_free_port()), "-m", "gnlorp_dist.training.run", "--world-size", "2",
             *_train_args(config, out),
         ]  # fmt: skip
         return _run(command, dict(env, **extra_env))

@@ -21,7 +21,7 @@ from gnlorp_dist import (
     projected_param_groups,
 )
 from gnlorp_dist.nn import WeightNormLinear
-from gnlorp_dist.projection import compute_projection, projection_side, subspace_error
+from gnlorp_dist.optim.projection import compute_projection, projection_side, subspace_error
 
 pytestmark = pytest.mark.gpu
 GALORE_TOLERANCE = 1e-5

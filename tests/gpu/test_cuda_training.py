@@ -1,4 +1,4 @@
-"""gnlorp_dist.train on a CUDA device: a bf16-autocast run, and checkpoints that move between
+"""gnlorp_dist.training.run on a CUDA device: a bf16-autocast run, and checkpoints that move between
 the GPU and the CPU. Skipped without a GPU (``tests/conftest.py``)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from gnlorp_dist.corpus import shakespeare_documents
-from gnlorp_dist.run_config import RunConfig
-from gnlorp_dist.train import train
+from gnlorp_dist.data.corpus import shakespeare_documents
+from gnlorp_dist.training.config import RunConfig
+from gnlorp_dist.training.run import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("offline_shared_cache")]
 

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import _common, optimizer_memory, step_time  # noqa: E402
 from gnlorp_dist.models import build_model_on_meta, llama_config, model_spec  # noqa: E402
-from gnlorp_dist.projection import low_rank_shape, projection_side  # noqa: E402
+from gnlorp_dist.optim.projection import low_rank_shape, projection_side  # noqa: E402
 
 HAS_GALORE_TORCH = True
 try:

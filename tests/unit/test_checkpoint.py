@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from gnlorp_dist import checkpoint as ckpt
-from gnlorp_dist.checkpoint import (
+from gnlorp_dist.checkpoint.merged import save_merged_model
+from gnlorp_dist.checkpoint.store import (
     capture_rng_state,
     check_compatible,
     complete_checkpoints,
@@ -18,11 +18,11 @@ from gnlorp_dist.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from gnlorp_dist.checkpoint_merged import save_merged_model
+from gnlorp_dist.checkpoint import store as ckpt
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import WeightNormLinear, apply_weight_norm, merge_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
-from gnlorp_dist.schedule import warmup_cosine_schedule
+from gnlorp_dist.training.schedule import warmup_cosine_schedule
 
 TINY = LlamaConfig(
     vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -176,7 +176,7 @@ def test_merged_model_reloads_in_stock_transformers_with_the_same_logits(tmp_pat
 
 
 def test_resume_with_more_steps_takes_the_new_schedules_lr_at_once():
-    from gnlorp_dist.schedule import sync_lr_to_schedule, warmup_cosine_factor
+    from gnlorp_dist.training.schedule import sync_lr_to_schedule, warmup_cosine_factor
 
     param = torch.nn.Parameter(torch.zeros(2))
     old_opt = torch.optim.SGD([param], lr=1.0)

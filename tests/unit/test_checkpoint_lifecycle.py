@@ -10,9 +10,14 @@ import sys
 import pytest
 import torch
 
-from gnlorp_dist import checkpoint as ckpt
-from gnlorp_dist import ds_training
-from gnlorp_dist.checkpoint import (
+from gnlorp_dist.checkpoint.branches import step_dir_name
+from gnlorp_dist.checkpoint.manifest import (
+    LOCK_FILE,
+    CheckpointWarning,
+    acquire_lock,
+    write_manifest,
+)
+from gnlorp_dist.checkpoint.store import (
     all_checkpoints,
     begin_branch_if_needed,
     check_checkpoint,
@@ -21,16 +26,11 @@ from gnlorp_dist.checkpoint import (
     load_checkpoint,
     select_checkpoint,
 )
-from gnlorp_dist.checkpoint_branches import step_dir_name
-from gnlorp_dist.checkpoint_manifest import (
-    LOCK_FILE,
-    CheckpointWarning,
-    acquire_lock,
-    write_manifest,
-)
+from gnlorp_dist.checkpoint import store as ckpt
 from gnlorp_dist.integrations.deepspeed.checkpoint import CLIENT_STATE_FILE, LAYOUT_FILE
-from gnlorp_dist.run_config import config_from_args
-from gnlorp_dist.train import main, train
+from gnlorp_dist.training import deepspeed_step as ds_training
+from gnlorp_dist.training.config import config_from_args
+from gnlorp_dist.training.run import main, train
 from tests.tiny_llama import tiny_args
 
 from .test_checkpoint import make_run, save, step
@@ -287,7 +287,7 @@ def test_kill_during_write_leaves_the_verified_checkpoints(tmp_path, monkeypatch
 
 
 def test_deepspeed_branches(tmp_path):
-    from gnlorp_dist.checkpoint_branches import begin_branch_if_needed as begin  # noqa: PLC0415
+    from gnlorp_dist.checkpoint.branches import begin_branch_if_needed as begin  # noqa: PLC0415
 
     root = tmp_path / ds_training.CHECKPOINT_DIR
     first = _ds_tag(root, 2)

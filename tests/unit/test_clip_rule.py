@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from gnlorp_dist.clip_rule import clip_rule_before_it_was_recorded, resolve_clip_norm_of
-from gnlorp_dist.run_config import RunConfig, config_record, resolve
+from gnlorp_dist.training.clip_rule import clip_rule_before_it_was_recorded, resolve_clip_norm_of
+from gnlorp_dist.training.config import RunConfig, config_record, resolve
 
 
 def _config(tmp_path, **overrides):

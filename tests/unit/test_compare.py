@@ -17,7 +17,7 @@ from gnlorp_dist.bench import BenchConfig
 from gnlorp_dist.bench.cli import config_from_args, main
 from gnlorp_dist.bench.config import hyper, resolve
 from gnlorp_dist.bench.methods import build_method, state_bytes
-from gnlorp_dist.corpus import shakespeare_documents
+from gnlorp_dist.data.corpus import shakespeare_documents
 
 pytestmark = pytest.mark.usefixtures("offline_shared_cache")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gnlorp_dist import corpus
-from gnlorp_dist.corpus import (
+from gnlorp_dist.data import corpus
+from gnlorp_dist.data.corpus import (
     load_tokenizer,
     local_documents,
     looks_like_hub_id,
@@ -17,7 +17,7 @@ from gnlorp_dist.corpus import (
     strip_markdown,
     tokenize_documents,
 )
-from gnlorp_dist.data import (
+from gnlorp_dist.data.loader import (
     BlockSampler,
     StreamingBatches,
     blocks_from_ids,

@@ -19,8 +19,8 @@ from gnlorp_dist.device import (
     to_device,
 )
 from gnlorp_dist.models import build_model, llama_config
-from gnlorp_dist.run_config import config_from_args
-from gnlorp_dist.train import estimated_peak_bytes, main, prepare, run_training, train
+from gnlorp_dist.training.config import config_from_args
+from gnlorp_dist.training.run import estimated_peak_bytes, main, prepare, run_training, train
 from tests.tiny_llama import tiny_args
 
 pytestmark = pytest.mark.usefixtures("offline_shared_cache")
@@ -172,7 +172,7 @@ def test_the_estimate_beside_the_measured_peak_is_gnlorp_memorys(tmp_path, tiny_
 
 
 def test_tf32_flag_is_generated_from_the_config():
-    from gnlorp_dist.run_config import build_parser
+    from gnlorp_dist.training.config import build_parser
 
     parser = build_parser()
     assert parser.parse_args([]).tf32 is True

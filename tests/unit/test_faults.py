@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gnlorp_dist.faults import ENV_VAR, POINTS, fault_point, parse_fault
-from gnlorp_dist.run_config import config_from_args
-from gnlorp_dist.train import main, train
+from gnlorp_dist.training.config import config_from_args
+from gnlorp_dist.training.faults import ENV_VAR, POINTS, fault_point, parse_fault
+from gnlorp_dist.training.run import main, train
 from tests.tiny_llama import tiny_args
 
 pytestmark = pytest.mark.usefixtures("offline_shared_cache")
@@ -58,7 +58,7 @@ def test_a_kill_resumes_bitwise_from_the_last_complete_checkpoint(
     out = tmp_path / "killed"
     args = tiny_args(tiny_config, out, *EXTRA)
     proc = subprocess.run(
-        [sys.executable, "-m", "gnlorp_dist.train", *args],
+        [sys.executable, "-m", "gnlorp_dist.training.run", *args],
         capture_output=True, text=True, timeout=300, env={**os.environ, ENV_VAR: spec},
     )  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

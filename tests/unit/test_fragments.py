@@ -19,7 +19,7 @@ from gnlorp_dist.optim.fragments import (
     rows_block,
     run_of_rows,
 )
-from gnlorp_dist.projection import compute_projection, low_rank_shape, project, project_back
+from gnlorp_dist.optim.projection import compute_projection, low_rank_shape, project, project_back
 
 
 def _cuts(numel, parts, seed):

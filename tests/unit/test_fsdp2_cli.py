@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from gnlorp_dist.checkpoint_dcp import LAYOUT, check_layout_matches, is_dcp_checkpoint
+from gnlorp_dist.checkpoint.dcp import LAYOUT, check_layout_matches, is_dcp_checkpoint
 from gnlorp_dist.distributed import fsdp2
-from gnlorp_dist.run_config import config_from_args, resolve
+from gnlorp_dist.training.config import config_from_args, resolve
 
 
 def test_the_flag_parses_and_defaults_off():

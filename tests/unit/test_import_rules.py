@@ -18,16 +18,17 @@ The rules:
   nn)``): every import points down the order or stays within its own layer. Each module maps to
   exactly one layer by its place in the package (:data:`LAYERS`, bottom up):
 
-  0. ``projection, nn``: ``gnlorp_dist.projection``, ``gnlorp_dist.vlorp`` (the VLoRP/ProjFactor
-     projection math beside projection.py) and the ``gnlorp_dist.nn`` package;
+  0. ``projection, nn``: the projection math inside ``optim/`` (``gnlorp_dist.optim.projection``,
+     and ``gnlorp_dist.optim.vlorp`` for VLoRP/ProjFactor), which may not import the rest of
+     ``optim/``, and the ``gnlorp_dist.nn`` package;
   1. ``optim``: the ``gnlorp_dist.optim`` package;
   2. ``distributed``: the ``gnlorp_dist.distributed`` package;
   3. ``integrations``: the ``gnlorp_dist.integrations`` package (adapters any DeepSpeed,
      FSDP2 or transformers user needs, nothing of gnlorp-train's);
   4. ``train``: everything else, the applications built on the layers below: the package root
-     ``gnlorp_dist/__init__.py``, gnlorp-train (train, run_setup, run_config, ds_training,
-     checkpoint*, data, corpus, models, device, schedule, steps, preflight, evaluation, faults)
-     and the ``bench``, ``finetune`` and ``memory`` packages. A new top-level module lands here
+     ``gnlorp_dist/__init__.py``, gnlorp-train (the ``training``, ``checkpoint`` and ``data``
+     packages, ``models``, ``device`` and the ``train`` entry module) and the ``bench``,
+     ``finetune`` and ``memory`` packages. A new top-level module lands here
      unless it is added to a lower layer.
 - ``torch.distributed`` is confined to ``gnlorp_dist/distributed/`` (README, docs/design.md);
   ``from torch import distributed`` counts as well.
@@ -57,7 +58,10 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 # The README's dependency order, bottom up: (layer, the modules and packages in it). The top
 # layer, "train", holds every module not named here (see the module docstring).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("projection, nn", ("gnlorp_dist.projection", "gnlorp_dist.vlorp", "gnlorp_dist.nn")),
+    (
+        "projection, nn",
+        ("gnlorp_dist.optim.projection", "gnlorp_dist.optim.vlorp", "gnlorp_dist.nn"),
+    ),
     ("optim", ("gnlorp_dist.optim",)),
     ("distributed", ("gnlorp_dist.distributed",)),
     ("integrations", ("gnlorp_dist.integrations",)),
@@ -78,15 +82,15 @@ TRANSFORMERS_AT_MODULE_LEVEL = frozenset(
         "gnlorp_dist.bench.config",
         "gnlorp_dist.bench.methods",
         "gnlorp_dist.bench.runner",
-        "gnlorp_dist.corpus",
-        "gnlorp_dist.data",
-        "gnlorp_dist.evaluation",
+        "gnlorp_dist.data.corpus",
+        "gnlorp_dist.data.loader",
+        "gnlorp_dist.training.evaluation",
         "gnlorp_dist.finetune.loop",
         "gnlorp_dist.finetune.models",
         "gnlorp_dist.finetune.tokenizer",
         "gnlorp_dist.models",
-        "gnlorp_dist.run_setup",
-        "gnlorp_dist.train",
+        "gnlorp_dist.training.setup",
+        "gnlorp_dist.training.run",
     }
 )
 
@@ -344,7 +348,7 @@ def test_collector_tells_module_level_from_deferred_imports() -> None:
         "from . import sibling\n"
         "from ..nn import WeightNormLinear\n"
         "if TYPE_CHECKING:\n"
-        "    import gnlorp_dist.train\n"
+        "    import gnlorp_dist.training.run\n"
         "else:\n"
         "    import gnlorp_dist.models\n"
         "try:\n"
@@ -365,7 +369,7 @@ def test_collector_tells_module_level_from_deferred_imports() -> None:
         ("gnlorp_dist.optim.comm", True),
         ("gnlorp_dist.optim", True),
         ("gnlorp_dist.nn", True),
-        ("gnlorp_dist.train", False),
+        ("gnlorp_dist.training.run", False),
         ("gnlorp_dist.models", True),
         ("deepspeed", True),
         ("accelerate", True),
@@ -398,10 +402,10 @@ def test_layers_order_the_readme_names() -> None:
         "integrations",
         "train",
     ]
-    assert layer_of("gnlorp_dist.nn.surgery") == layer_of("gnlorp_dist.vlorp") == 0
+    assert layer_of("gnlorp_dist.nn.surgery") == layer_of("gnlorp_dist.optim.vlorp") == 0
     assert layer_of("gnlorp_dist.optim.adamw") == 1
     assert layer_of("gnlorp_dist.integrations.deepspeed.config") == 3
-    assert layer_of("gnlorp_dist.train") == layer_of("gnlorp_dist") == len(LAYERS)
+    assert layer_of("gnlorp_dist.training.run") == layer_of("gnlorp_dist") == len(LAYERS)
     assert layer_of("gnlorp_dist.optimizers") == len(LAYERS)  # a prefix is a package, not text
     graph = {
         "gnlorp_dist.optim": {"gnlorp_dist.nn": 3, "gnlorp_dist.optim.comm": 4},

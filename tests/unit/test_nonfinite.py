@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates
 from gnlorp_dist.optim.comm import non_finite_count
-from gnlorp_dist.run_config import RunConfig, resolve
-from gnlorp_dist.train import main
+from gnlorp_dist.training.config import RunConfig, resolve
+from gnlorp_dist.training.run import main
 from tests.tiny_llama import tiny_args
 
 STEPS = 7

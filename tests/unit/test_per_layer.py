@@ -13,7 +13,7 @@ from gnlorp_dist import (
     apply_weight_norm,
     projected_param_groups,
 )
-from gnlorp_dist.projection import compute_projection, projection_side, subspace_error
+from gnlorp_dist.optim.projection import compute_projection, projection_side, subspace_error
 
 from .test_groups import tiny_llama
 

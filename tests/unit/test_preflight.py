@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnlorp_dist import preflight
-from gnlorp_dist.corpus import local_documents
+from gnlorp_dist.data.corpus import local_documents
 from gnlorp_dist.finetune.data import read_table
 from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
@@ -18,9 +17,10 @@ from gnlorp_dist.integrations.deepspeed.config import (
     known_zero_keys,
 )
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
-from gnlorp_dist.run_config import config_from_args, resolve
-from gnlorp_dist.run_setup import build_optimizer, build_training_model
-from gnlorp_dist.train import main
+from gnlorp_dist.training import preflight
+from gnlorp_dist.training.config import config_from_args, resolve
+from gnlorp_dist.training.run import main
+from gnlorp_dist.training.setup import build_optimizer, build_training_model
 from tests.tiny_llama import small_llama, tiny_args
 
 pytestmark = pytest.mark.usefixtures("offline_shared_cache")

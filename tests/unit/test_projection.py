@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gnlorp_dist.projection import (
+from gnlorp_dist.optim.projection import (
     compute_projection,
     low_rank_shape,
     project,

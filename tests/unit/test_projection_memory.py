@@ -8,6 +8,13 @@ import pytest
 import torch
 
 from gnlorp_dist import GradNormLoRPAdamW
+from gnlorp_dist.optim.projection import (
+    RANDOMIZED_MIN_DIM,
+    compute_projection,
+    project,
+    resolve_svd_method,
+    subspace_overlap,
+)
 from gnlorp_dist.optim.quantized_basis import (
     PROJ_GROUP_SIZE,
     basis_bytes,
@@ -15,13 +22,6 @@ from gnlorp_dist.optim.quantized_basis import (
     quantize_basis,
 )
 from gnlorp_dist.optim.refresh import next_gap, refresh_due
-from gnlorp_dist.projection import (
-    RANDOMIZED_MIN_DIM,
-    compute_projection,
-    project,
-    resolve_svd_method,
-    subspace_overlap,
-)
 
 
 def _low_rank_gradient(rows, cols, rank, seed, noise=0.05):

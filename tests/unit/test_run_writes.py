@@ -1,6 +1,6 @@
 """What a run writes at its end, and the disk check that counts exactly that.
 
-- The merged model is streamed module by module (:mod:`gnlorp_dist.checkpoint_merged`): the
+- The merged model is streamed module by module (:mod:`gnlorp_dist.checkpoint.merged`): the
   same files, byte for byte, as ``save_merged_model`` (deep copy, merge, ``save_pretrained``),
   with at most one module's tensors alive (measured: peak bytes gathered at once).
 - The disk check counts one checkpoint only when the run trains, plus the merged model; a
@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnlorp_dist import apply_weight_norm, preflight
-from gnlorp_dist.checkpoint_merged import save_merged_model, save_merged_streamed
+from gnlorp_dist import apply_weight_norm
+from gnlorp_dist.checkpoint.merged import save_merged_model, save_merged_streamed
 from gnlorp_dist.nn import merge_weight_norm
-from gnlorp_dist.run_config import config_from_args
-from gnlorp_dist.run_setup import check_space_for_run, prepare
-from gnlorp_dist.train import main
+from gnlorp_dist.training import preflight
+from gnlorp_dist.training.config import config_from_args
+from gnlorp_dist.training.run import main
+from gnlorp_dist.training.setup import check_space_for_run, prepare
 from tests.tiny_llama import small_llama, tiny_args
 
 pytestmark = pytest.mark.usefixtures("offline_shared_cache")

@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     import os, sys
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
-    from gnlorp_dist.projection import compute_projection, subspace_overlap
+    from gnlorp_dist.optim.projection import compute_projection, subspace_overlap
 
     MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
@@ -93,7 +93,7 @@ def test_subspace_matmuls_are_full_fp32_whatever_the_users_tf32_api():
 
 def test_without_the_new_api_the_legacy_flag_is_switched_and_restored(monkeypatch):
     """torch < 2.9 (no ``fp32_precision``): the legacy flag is saved, cleared and restored."""
-    from gnlorp_dist.projection import full_fp32_matmuls
+    from gnlorp_dist.optim.projection import full_fp32_matmuls
 
     class Legacy:
         allow_tf32 = True

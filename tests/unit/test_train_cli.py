@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gnlorp_dist.corpus import load_tokenizer
+from gnlorp_dist.data.corpus import load_tokenizer
 from gnlorp_dist.nn import WeightNormLinear
 from gnlorp_dist.optim import GradNormLoRPAdamW
-from gnlorp_dist.run_config import RunConfig, config_from_args, resolve
-from gnlorp_dist.train import build_training_model, main, prepare, run_training, train
+from gnlorp_dist.training.config import RunConfig, config_from_args, resolve
+from gnlorp_dist.training.run import build_training_model, main, prepare, run_training, train
 from tests.tiny_llama import tiny_args
 
 pytestmark = pytest.mark.usefixtures("offline_shared_cache")
@@ -60,9 +60,9 @@ def test_default_style_run_lowers_loss_and_saves_a_reloadable_merged_model(tmp_p
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    from gnlorp_dist import checkpoint
-    from gnlorp_dist.run_config import config_from_args
-    from gnlorp_dist.train import train
+    from gnlorp_dist.checkpoint import store as checkpoint
+    from gnlorp_dist.training.config import config_from_args
+    from gnlorp_dist.training.run import train
 
     real_torch_save = checkpoint._torch_save
 
@@ -184,7 +184,7 @@ def test_resume_refuses_an_incompatible_checkpoint(tmp_path, tiny_config, capsys
 
 def test_module_entry_point_reports_a_missing_data_path(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "gnlorp_dist.train", "--data", str(tmp_path / "missing.jsonl")],
+        [sys.executable, "-m", "gnlorp_dist.training.run", "--data", str(tmp_path / "missing.jsonl")],
         capture_output=True, text=True, env=dict(os.environ), timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -194,7 +194,7 @@ def test_module_entry_point_reports_a_missing_data_path(tmp_path):
 def test_run_config_is_keyword_only_and_documents_every_flag():
     with pytest.raises(TypeError):
         RunConfig("llama_nano")  # noqa
-    from gnlorp_dist.run_config import build_parser, field_docs
+    from gnlorp_dist.training.config import build_parser, field_docs
 
     docs = field_docs(RunConfig)
     assert set(docs) == {f for f in RunConfig.__dataclass_fields__}

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gnlorp_dist.projection import compute_projection, project, project_back
-from gnlorp_dist.vlorp import (
+from gnlorp_dist.optim.projection import compute_projection, project, project_back
+from gnlorp_dist.optim.vlorp import (
     check_granularity,
     factored_denominator,
     factored_second_moment_update,

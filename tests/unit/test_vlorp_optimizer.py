@@ -1,6 +1,6 @@
 """VLoRP (granularity, random bases) and ProjFactor inside GradNormLoRPAdamW, on one process.
 
-The math is checked against hand-written loops over :mod:`gnlorp_dist.vlorp`'s pure functions;
+The math is checked against hand-written loops over :mod:`gnlorp_dist.optim.vlorp`'s pure functions;
 the seeding (one random basis per refresh window, never stored) against resumed and
 accumulated runs.
 """
@@ -20,8 +20,8 @@ from gnlorp_dist import (
     projected_param_groups,
 )
 from gnlorp_dist.optim.functional import galore_step_size, projected_adamw_step
-from gnlorp_dist.projection import compute_projection, projection_side
-from gnlorp_dist.vlorp import (
+from gnlorp_dist.optim.projection import compute_projection, projection_side
+from gnlorp_dist.optim.vlorp import (
     factored_second_moment_update,
     project_back_granular,
     project_granular,

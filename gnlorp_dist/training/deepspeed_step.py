@@ -12,7 +12,7 @@ takes the newest tag folder whose manifest verifies, skipping others with a warn
 finds a non-finite tensor on any rank writes nothing and raises ValueError on every rank.
 
 This is gnlorp-train's own code (its run, checkpoints and schedule), beside
-:mod:`gnlorp_dist.run_setup` and :mod:`gnlorp_dist.train`, which call it; what any DeepSpeed user
+:mod:`gnlorp_dist.training.setup` and :mod:`gnlorp_dist.training.run`, which call it; what any DeepSpeed user
 needs (config checks, ZeRO layouts, reshardable checkpoints) is in
 :mod:`gnlorp_dist.integrations.deepspeed`, below it.
 """
@@ -27,8 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gnlorp_dist.checkpoint import check_compatible
-from gnlorp_dist.checkpoint_branches import (
+from gnlorp_dist.checkpoint.branches import (
     begin_branch_if_needed,
     branch_folders,
     read_branch,
@@ -36,13 +35,14 @@ from gnlorp_dist.checkpoint_branches import (
     step_dir_name,
     step_folders,
 )
-from gnlorp_dist.checkpoint_manifest import (
+from gnlorp_dist.checkpoint.manifest import (
     MANIFEST_FILE,
     model_and_optimizer_nonfinite,
     verify_manifest,
     warn,
     write_manifest,
 )
+from gnlorp_dist.checkpoint.store import check_compatible
 from gnlorp_dist.device import to_device
 from gnlorp_dist.distributed import DistributedContext
 from gnlorp_dist.integrations.deepspeed.checkpoint import (
@@ -57,15 +57,15 @@ from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
     fill_auto_values,
 )
-from gnlorp_dist.run_config import RESUME_MUST_MATCH, RunConfig, config_record
-from gnlorp_dist.schedule import sync_lr_to_schedule
-from gnlorp_dist.steps import StepStats
+from gnlorp_dist.training.config import RESUME_MUST_MATCH, RunConfig, config_record
+from gnlorp_dist.training.schedule import sync_lr_to_schedule
+from gnlorp_dist.training.steps import StepStats
 
 CHECKPOINT_DIR = "ds_checkpoints"
 
 
 class Run(Protocol):
-    """What these functions read and set of a run: :class:`gnlorp_dist.run_setup.Run` is the one
+    """What these functions read and set of a run: :class:`gnlorp_dist.training.setup.Run` is the one
     they get. Declared here because run_setup imports this module (to start the engine), so
     this one cannot import run_setup back."""
 
@@ -230,7 +230,7 @@ def _is_finished(folder: Path) -> bool:
 
 def tag_folders(output_dir: str | os.PathLike) -> list[Path]:
     """The current branch's tag folders under ``output_dir/ds_checkpoints``, newest first, then
-    the one the branch started from (see :mod:`gnlorp_dist.checkpoint_branches`)."""
+    the one the branch started from (see :mod:`gnlorp_dist.checkpoint.branches`)."""
     return resume_candidates(Path(output_dir) / CHECKPOINT_DIR, _is_tag)
 
 

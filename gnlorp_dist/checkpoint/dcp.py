@@ -1,6 +1,6 @@
 """``gnlorp-train --fsdp`` checkpoints: DCP shards plus the loop's state, in the usual layout.
 
-Same folder names, branches, manifest and pruning as :mod:`gnlorp_dist.checkpoint`; the model
+Same folder names, branches, manifest and pruning as :mod:`gnlorp_dist.checkpoint.store`; the model
 and optimizer are ``torch.distributed.checkpoint`` shards instead of ``model.safetensors`` and
 ``optimizer-shard-*.pt``::
 
@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gnlorp_dist.checkpoint import (
+from gnlorp_dist.checkpoint.branches import step_dir_name
+from gnlorp_dist.checkpoint.manifest import nonfinite_tensors, read_json, write_manifest
+from gnlorp_dist.checkpoint.store import (
     CONFIG_FILE,
     FORMAT_VERSION,
     STATE_FILE,
@@ -38,11 +40,9 @@ from gnlorp_dist.checkpoint import (
     remove_stale_tmp_dirs,
     restore_rng_state,
 )
-from gnlorp_dist.checkpoint_branches import step_dir_name
-from gnlorp_dist.checkpoint_manifest import nonfinite_tensors, read_json, write_manifest
 from gnlorp_dist.distributed import DistributedContext, load_dcp_checkpoint, save_dcp_checkpoint
 from gnlorp_dist.distributed.fsdp2 import local_tensor
-from gnlorp_dist.schedule import sync_lr_to_schedule
+from gnlorp_dist.training.schedule import sync_lr_to_schedule
 
 LAYOUT = "fsdp2-dcp"
 """``trainer_state.json``'s ``layout`` in a checkpoint written under ``--fsdp``."""

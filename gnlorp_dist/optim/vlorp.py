@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gnlorp_dist.projection import compute_projection
+from gnlorp_dist.optim.projection import compute_projection
 
 BasisKind = Literal["gaussian", "rademacher"]
 BASIS_KINDS: tuple[str, ...] = ("gaussian", "rademacher")

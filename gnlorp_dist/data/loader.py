@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gnlorp_dist.corpus import (
+from gnlorp_dist.data.corpus import (
     EMBEDDED_CORPUS,
     load_tokenizer,
     local_documents,

@@ -1,6 +1,6 @@
 """One training step without an engine: gradient accumulation, clipping, the optimizer step.
 
-(With ``--deepspeed`` the engine's step is in :mod:`gnlorp_dist.ds_training`.)
+(With ``--deepspeed`` the engine's step is in :mod:`gnlorp_dist.training.deepspeed_step`.)
 """
 
 from __future__ import annotations

@@ -16,8 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gnlorp_dist.checkpoint import CONFIG_FILE, STATE_FILE, checkpoints_root, resume_candidates
-from gnlorp_dist.run_config import RunConfig, effective_grad_reduction
+from gnlorp_dist.checkpoint.store import (
+    CONFIG_FILE,
+    STATE_FILE,
+    checkpoints_root,
+    resume_candidates,
+)
+from gnlorp_dist.training.config import RunConfig, effective_grad_reduction
 
 
 def effective_clip_norm_of(config: RunConfig, world_size: int) -> str:

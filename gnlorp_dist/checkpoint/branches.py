@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gnlorp_dist.checkpoint_manifest import read_json
+from gnlorp_dist.checkpoint.manifest import read_json
 
 MAIN_BRANCH = "main"
 BRANCH_FILE = "branch.json"

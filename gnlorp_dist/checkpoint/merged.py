@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gnlorp_dist.checkpoint import FINAL_SUBDIR, MODEL_FILE, _fsync_dir, _fsync_file, _json_save
+from gnlorp_dist.checkpoint.store import (
+    FINAL_SUBDIR,
+    MODEL_FILE,
+    _fsync_dir,
+    _fsync_file,
+    _json_save,
+)
 from gnlorp_dist.nn import WeightNormLinear
 
 SAFETENSORS_DTYPES = {

@@ -7,7 +7,7 @@ probe file; :func:`check_free_space` compares its free space with what the run w
 merged model, :func:`merged_model_bytes_estimate`), checked by the training loop itself.
 
 Every rank runs the checks (``gnlorp-train`` calls them from
-:func:`gnlorp_dist.run_setup.prepare`): every rank writes its optimizer shard into the same
+:func:`gnlorp_dist.training.setup.prepare`): every rank writes its optimizer shard into the same
 checkpoint folder, and all ranks compute the same estimate and see the same file system, so
 they fail together instead of one rank raising while the others wait in a collective.
 """

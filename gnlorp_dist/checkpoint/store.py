@@ -25,7 +25,7 @@ named by --resume, or the previous one when the newest fails verification) start
 current branch (then at the checkpoint it started from). The first branch ("main") keeps the
 plain ``step-XXXXXXXX`` names.
 
-Verification (:mod:`gnlorp_dist.checkpoint_manifest`): before a checkpoint is used, every file
+Verification (:mod:`gnlorp_dist.checkpoint.manifest`): before a checkpoint is used, every file
 is checked against the manifest; ``--resume auto`` skips one that fails with a warning naming
 the file and takes the previous one. Checkpoints of format 1 (no manifest) load with a warning
 that they are unverified. A save that finds a NaN or infinity in the model or the optimizer
@@ -55,15 +55,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 
-from gnlorp_dist.checkpoint_branches import begin_branch_if_needed as begin_branch
-from gnlorp_dist.checkpoint_branches import (
+from gnlorp_dist.checkpoint.branches import begin_branch_if_needed as begin_branch
+from gnlorp_dist.checkpoint.branches import (
     branch_folders,
     read_branch,
     step_dir_name,
     step_folders,
 )
-from gnlorp_dist.checkpoint_branches import resume_candidates as branch_candidates
-from gnlorp_dist.checkpoint_manifest import (
+from gnlorp_dist.checkpoint.branches import resume_candidates as branch_candidates
+from gnlorp_dist.checkpoint.manifest import (
     MANIFEST_FILE,
     model_and_optimizer_nonfinite,
     read_json,
@@ -72,9 +72,9 @@ from gnlorp_dist.checkpoint_manifest import (
     write_manifest,
 )
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
-from gnlorp_dist.faults import fault_point
 from gnlorp_dist.optim import GradNormLoRPAdamW
-from gnlorp_dist.schedule import sync_lr_to_schedule
+from gnlorp_dist.training.faults import fault_point
+from gnlorp_dist.training.schedule import sync_lr_to_schedule
 
 FORMAT_VERSION = 2
 """2: manifest.json and branches. Version 1 checkpoints (no manifest) still load, unverified."""

@@ -2,7 +2,7 @@
 
 :func:`prepare` resolves a :class:`RunConfig`, puts the model on its device, builds the optimizer,
 the schedule and the data, wraps the model for data parallelism (or starts DeepSpeed's engine)
-and resumes from a checkpoint; the loop in :mod:`gnlorp_dist.train` then only steps.
+and resumes from a checkpoint; the loop in :mod:`gnlorp_dist.training.run` then only steps.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
-from gnlorp_dist import ds_training
-from gnlorp_dist.checkpoint import (
+from gnlorp_dist.checkpoint.dcp import check_layout_matches, load_dcp_training_checkpoint
+from gnlorp_dist.checkpoint.manifest import acquire_lock
+from gnlorp_dist.checkpoint.store import (
     all_checkpoints,
     begin_branch_if_needed,
     check_checkpoint,
@@ -31,10 +32,7 @@ from gnlorp_dist.checkpoint import (
     read_run_config,
     select_checkpoint,
 )
-from gnlorp_dist.checkpoint_dcp import check_layout_matches, load_dcp_training_checkpoint
-from gnlorp_dist.checkpoint_manifest import acquire_lock
-from gnlorp_dist.clip_rule import effective_clip_norm_of, resolve_clip_norm_of
-from gnlorp_dist.data import TrainData, build_data
+from gnlorp_dist.data.loader import TrainData, build_data
 from gnlorp_dist.device import activate_device, resolve_device
 from gnlorp_dist.distributed import (
     SINGLE_PROCESS,
@@ -46,21 +44,23 @@ from gnlorp_dist.distributed import (
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
-from gnlorp_dist.preflight import (
-    check_free_space,
-    check_output_dir,
-    checkpoint_bytes_estimate,
-    merged_model_bytes_estimate,
-    run_writes,
-)
-from gnlorp_dist.run_config import (
+from gnlorp_dist.training import deepspeed_step as ds_training
+from gnlorp_dist.training.clip_rule import effective_clip_norm_of, resolve_clip_norm_of
+from gnlorp_dist.training.config import (
     RESUME_MUST_MATCH,
     RunConfig,
     config_record,
     effective_grad_reduction,
     resolve,
 )
-from gnlorp_dist.schedule import warmup_cosine_schedule
+from gnlorp_dist.training.preflight import (
+    check_free_space,
+    check_output_dir,
+    checkpoint_bytes_estimate,
+    merged_model_bytes_estimate,
+    run_writes,
+)
+from gnlorp_dist.training.schedule import warmup_cosine_schedule
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -208,8 +208,8 @@ def merged_dtype(config: RunConfig) -> torch.dtype:
 
 
 def check_space_for_run(run: Run) -> None:
-    """:class:`~gnlorp_dist.preflight.NotEnoughSpace` unless the output folder has room for
-    what :func:`gnlorp_dist.train.run_training` will write (:func:`run_writes`). Every rank
+    """:class:`~gnlorp_dist.training.preflight.NotEnoughSpace` unless the output folder has room for
+    what :func:`gnlorp_dist.training.run.run_training` will write (:func:`run_writes`). Every rank
     checks the same numbers (all write checkpoint shards), so they fail together."""
     c = run.config
     writes = run_writes(

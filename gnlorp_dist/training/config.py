@@ -20,9 +20,9 @@ from typing import Any
 
 from gnlorp_dist.device import AUTOCAST_DTYPES, DEVICES, check_autocast
 from gnlorp_dist.models import known_model_names, llama_config, recipe_for_config
+from gnlorp_dist.optim.projection import SVD_METHODS
 from gnlorp_dist.optim.projector import OPTIMIZER_PROJ_TYPES, SECOND_MOMENTS
-from gnlorp_dist.projection import SVD_METHODS
-from gnlorp_dist.vlorp import BASIS_KINDS
+from gnlorp_dist.optim.vlorp import BASIS_KINDS
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
 GRAD_REDUCTIONS = ("auto", "ddp", "owners", "lowrank")
