@@ -134,14 +134,8 @@ def _tokenizer_for(
     return tokenizer, f"word-level, learnt from the training split ({len(tokenizer)} tokens)"
 
 
-def prepare(config: FinetuneConfig) -> FinetuneRun:
-    """Resolve ``config`` and build the run. Raises ValueError on any user mistake."""
-    config = resolve(config)
-    if config.tensorboard:
-        check_tensorboard()
-    source = model_source(config.model, config.model_config)
-    seed_everything(config.seed)
-    raw = load_raw_data(
+def _load_data(config: FinetuneConfig) -> RawData:
+    return load_raw_data(
         task=config.task,
         train_file=config.train_file,
         validation_file=config.validation_file,
@@ -153,22 +147,30 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         max_eval_samples=config.max_eval_samples,
         seed=config.seed,
     )
+
+
+def _metric_names(config: FinetuneConfig, raw: RawData) -> tuple[str, ...]:
+    """``--metric`` if given, else the GLUE task's metrics, else the defaults for the labels."""
     regression = raw.labels.regression
     if config.metric is not None:
-        metric_names = parse_metric_names(config.metric, regression)
-    elif config.task is not None:
-        metric_names = GLUE_TASKS[config.task].metrics
-    else:
-        metric_names = default_metric_names(regression, raw.labels.num_labels)
-    labels = label_kwargs(raw.labels.num_labels, regression, raw.labels.names)
+        return parse_metric_names(config.metric, regression)
+    if config.task is not None:
+        return GLUE_TASKS[config.task].metrics
+    return default_metric_names(regression, raw.labels.num_labels)
 
+
+def _random_init_config(config: FinetuneConfig, source: str) -> Any:
+    """The architecture of a random-init model (built-in or ``--model-config``); None for
+    pre-trained weights, whose config comes with them."""
     if source == "builtin":
-        model_config = tiny_config(config.model, config.vocab_size, config.max_seq_len)
-    elif source == "config":
-        model_config = config_from_json(config.model_config)
-    else:
-        model_config = None
-    tokenizer, tokenizer_source = _tokenizer_for(config, source, raw, model_config)
+        return tiny_config(config.model, config.vocab_size, config.max_seq_len)
+    if source == "config":
+        return config_from_json(config.model_config)
+    return None
+
+
+def _ensure_pad_token(tokenizer: Any, tokenizer_source: str) -> None:
+    """Batches need a pad token: a tokenizer without one pads with its eos token."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -176,20 +178,37 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
                 "--tokenizer with one that can pad"
             )
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def _build_model(
+    config: FinetuneConfig,
+    source: str,
+    model_config: Any,
+    raw: RawData,
+    tokenizer: Any,
+    tokenizer_source: str,
+) -> nn.Module:
+    """The sequence classifier with a head for ``raw``'s labels: random init from
+    ``model_config`` (the built-ins' vocabulary sized to the tokenizer), else the pre-trained
+    weights, whose embeddings must cover the tokenizer."""
+    labels = label_kwargs(raw.labels.num_labels, raw.labels.regression, raw.labels.names)
     if model_config is not None:
         if source == "builtin":
             model_config.vocab_size = len(tokenizer)
         for key, value in labels.items():
             setattr(model_config, key, value)
-        model = build_from_config(model_config, tokenizer, config.seed)
-    else:
-        model = load_pretrained(config.model, labels, local=source == "local")
-        if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer {tokenizer_source!r} has {len(tokenizer)} tokens but the model "
-                f"{config.model!r} embeds only {model.config.vocab_size}; pass --tokenizer with "
-                "the model's own tokenizer"
-            )
+        return build_from_config(model_config, tokenizer, config.seed)
+    model = load_pretrained(config.model, labels, local=source == "local")
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_source!r} has {len(tokenizer)} tokens but the model "
+            f"{config.model!r} embeds only {model.config.vocab_size}; pass --tokenizer with "
+            "the model's own tokenizer"
+        )
+    return model
+
+
+def _check_max_seq_len(config: FinetuneConfig, model: nn.Module) -> None:
     limit = max_tokens(model.config)
     if limit is not None and config.max_seq_len > limit:
         raise ValueError(
@@ -197,11 +216,13 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
             f"use --max-seq-len {limit} or less"
         )
 
-    if config.threads is None and _hidden_size(model.config) < SMALL_MODEL_HIDDEN:
-        config = dataclasses.replace(config, threads=1)
 
-    targets = target_modules_for(model.config, split_names(config.target_modules))
-    parts = prepare_for_training(
+def _adapt_model(
+    config: FinetuneConfig, model: nn.Module, targets: tuple[str, ...]
+) -> list[tuple[str, nn.Module]]:
+    """The method's surgery on the body (weight norm, LoRA, WeGeFT or none); returns the
+    parts :func:`build_optimizer` groups."""
+    return prepare_for_training(
         model,
         optimizer=config.optimizer,
         targets=targets,
@@ -213,10 +234,15 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         wegeft_shared=config.wegeft_shared,
         wegeft_dropout=config.wegeft_dropout,
     )
-    device = resolve_device(config.device)
-    activate_device(device, tf32=config.tf32)  # set_device before the first GPU allocation
-    model.to(device)
-    optimizer = build_optimizer(
+
+
+def _optimizer(
+    config: FinetuneConfig,
+    model: nn.Module,
+    parts: list[tuple[str, nn.Module]],
+    targets: tuple[str, ...],
+) -> torch.optim.Optimizer:
+    return build_optimizer(
         model,
         parts,
         targets,
@@ -229,12 +255,45 @@ def prepare(config: FinetuneConfig) -> FinetuneRun:
         proj_type=config.proj_type,
         bits=config.bits,
     )
+
+
+def _encode(
+    config: FinetuneConfig, tokenizer: Any, raw: RawData
+) -> tuple[EncodedSplit, EncodedSplit]:
+    """The training and validation splits as token ids."""
     train = encode_split(
         tokenizer, raw.train, raw.text_columns, raw.train_labels, config.max_seq_len
     )
     validation = encode_split(
         tokenizer, raw.validation, raw.text_columns, raw.validation_labels, config.max_seq_len
     )
+    return train, validation
+
+
+def prepare(config: FinetuneConfig) -> FinetuneRun:
+    """Resolve ``config`` and build the run. Raises ValueError on any user mistake."""
+    config = resolve(config)
+    if config.tensorboard:
+        check_tensorboard()
+    source = model_source(config.model, config.model_config)
+    seed_everything(config.seed)
+    raw = _load_data(config)
+    metric_names = _metric_names(config, raw)
+    model_config = _random_init_config(config, source)
+    tokenizer, tokenizer_source = _tokenizer_for(config, source, raw, model_config)
+    _ensure_pad_token(tokenizer, tokenizer_source)
+    model = _build_model(config, source, model_config, raw, tokenizer, tokenizer_source)
+    _check_max_seq_len(config, model)
+    if config.threads is None and _hidden_size(model.config) < SMALL_MODEL_HIDDEN:
+        config = dataclasses.replace(config, threads=1)
+
+    targets = target_modules_for(model.config, split_names(config.target_modules))
+    parts = _adapt_model(config, model, targets)
+    device = resolve_device(config.device)
+    activate_device(device, tf32=config.tf32)  # set_device before the first GPU allocation
+    model.to(device)
+    optimizer = _optimizer(config, model, parts, targets)
+    train, validation = _encode(config, tokenizer, raw)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = config.max_steps or config.epochs * steps_per_epoch
     warmup = round(config.warmup_ratio * total)

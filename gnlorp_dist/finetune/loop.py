@@ -211,76 +211,29 @@ def run_finetune(run: FinetuneRun) -> FinetuneResult:
         torch.set_num_threads(previous_threads)
 
 
+@dataclass(kw_only=True)
+class _LogWindow:
+    """The training steps since the last log line."""
+
+    losses: list[float] = field(default_factory=list)
+    """Loss of every step in the window."""
+    seconds: float = 0.0
+    """Wall time of those steps."""
+    samples: int = 0
+    """Examples in those steps."""
+
+
 def _run(run: FinetuneRun) -> FinetuneResult:
-    c = run.config
     started = time.perf_counter()
     _describe(run)
-    output_dir = Path(c.output_dir)
+    output_dir = Path(run.config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    writer = MetricWriter(output_dir / "tensorboard" if c.tensorboard else None)
-    eval_kwargs = {
-        "batch_size": 2 * c.batch_size,
-        "pad_token_id": run.tokenizer.pad_token_id,
-        "device": run.device,
-        "regression": run.raw.labels.regression,
-        "metric_names": run.metric_names,
-    }
+    writer = MetricWriter(output_dir / "tensorboard" if run.config.tensorboard else None)
     result = FinetuneResult(metrics={})
-    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = _batches(run)
-    train_time = window_time = 0.0
-    window_losses: list[float] = []
-    window_samples = samples = 0
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     try:
-        model.train()
-        for step in range(1, run.total_steps + 1):
-            step_start = time.perf_counter()
-            batch = _to(next(batches), run.device)
-            lr = optimizer.param_groups[0]["lr"]
-            loss = model(**batch).loss
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}; lower --lr")
-            loss.backward()
-            grad_norm = None
-            if c.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            elapsed = time.perf_counter() - step_start
-            size = int(batch["labels"].shape[0])
-            train_time, window_time = train_time + elapsed, window_time + elapsed
-            samples, window_samples = samples + size, window_samples + size
-            result.train_losses.append(loss_value)
-            window_losses.append(loss_value)
-            result.steps = step
-            if step % c.log_every == 0 or step == run.total_steps:
-                mean_loss = sum(window_losses) / len(window_losses)
-                gnorm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
-                memory = describe_memory(memory_stats(run.device))
-                log(
-                    f"step {step:>5}/{run.total_steps} | epoch {step / run.steps_per_epoch:5.2f} "
-                    f"| loss {mean_loss:.4f} | lr {lr:.3e}{gnorm} | "
-                    f"{window_samples / window_time:,.0f} samples/s"
-                    + (f" | {memory}" if memory else "")
-                )
-                stats = {"loss": mean_loss, "lr": lr}
-                if grad_norm is not None:
-                    stats["grad_norm"] = grad_norm
-                writer.scalars("train", stats, step)
-                window_losses, window_time, window_samples = [], 0.0, 0
-            every = c.eval_every or run.steps_per_epoch
-            if step % every == 0 or step == run.total_steps:
-                metrics = evaluate(model, run.validation, **eval_kwargs)
-                epoch = step / run.steps_per_epoch
-                result.history.append({"step": step, "epoch": epoch, **metrics})
-                log(f"eval @ step {step} (epoch {epoch:.2f}) | {_format(metrics)}")
-                writer.scalars("eval", metrics, step)
-                result.metrics = metrics
+        samples, train_time = _train(run, result, writer)
     finally:
         writer.close()
     result.train_samples_per_s = samples / train_time if train_time else 0.0
@@ -297,6 +250,99 @@ def _run(run: FinetuneRun) -> FinetuneResult:
         f"{_format(result.metrics)}; metrics in {result.metrics_file}"
     )
     return result
+
+
+def _train(run: FinetuneRun, result: FinetuneResult, writer: MetricWriter) -> tuple[int, float]:
+    """Every training step, logged every ``log_every`` steps and evaluated every
+    ``eval_every`` (default: each epoch) and at the end; fills ``result``'s losses, steps,
+    history and metrics. Returns the examples trained on and the wall time of the steps."""
+    c = run.config
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    batches = _batches(run)
+    train_time, samples = 0.0, 0
+    window = _LogWindow()
+    run.model.train()
+    for step in range(1, run.total_steps + 1):
+        step_start = time.perf_counter()
+        batch = _to(next(batches), run.device)
+        lr = run.optimizer.param_groups[0]["lr"]
+        loss_value, grad_norm = _train_step(run, params, batch, step)
+        elapsed = time.perf_counter() - step_start
+        size = int(batch["labels"].shape[0])
+        train_time, window.seconds = train_time + elapsed, window.seconds + elapsed
+        samples, window.samples = samples + size, window.samples + size
+        result.train_losses.append(loss_value)
+        window.losses.append(loss_value)
+        result.steps = step
+        if step % c.log_every == 0 or step == run.total_steps:
+            _log_window(run, writer, window, step=step, lr=lr, grad_norm=grad_norm)
+            window = _LogWindow()
+        every = c.eval_every or run.steps_per_epoch
+        if step % every == 0 or step == run.total_steps:
+            _evaluate_at(run, result, writer, step)
+    return samples, train_time
+
+
+def _train_step(
+    run: FinetuneRun, params: list[nn.Parameter], batch: dict[str, torch.Tensor], step: int
+) -> tuple[float, float | None]:
+    """One optimizer step on ``batch``; returns the loss and, when clipping, the gradient norm
+    before clipping."""
+    loss = run.model(**batch).loss
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss is {loss_value} at step {step}; lower --lr")
+    loss.backward()
+    grad_norm = None
+    if run.config.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.config.grad_clip))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return loss_value, grad_norm
+
+
+def _log_window(
+    run: FinetuneRun,
+    writer: MetricWriter,
+    window: _LogWindow,
+    *,
+    step: int,
+    lr: float,
+    grad_norm: float | None,
+) -> None:
+    """The log line (and TensorBoard scalars) of the steps in ``window``."""
+    mean_loss = sum(window.losses) / len(window.losses)
+    gnorm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
+    memory = describe_memory(memory_stats(run.device))
+    log(
+        f"step {step:>5}/{run.total_steps} | epoch {step / run.steps_per_epoch:5.2f} "
+        f"| loss {mean_loss:.4f} | lr {lr:.3e}{gnorm} | "
+        f"{window.samples / window.seconds:,.0f} samples/s" + (f" | {memory}" if memory else "")
+    )
+    stats = {"loss": mean_loss, "lr": lr}
+    if grad_norm is not None:
+        stats["grad_norm"] = grad_norm
+    writer.scalars("train", stats, step)
+
+
+def _evaluate_at(run: FinetuneRun, result: FinetuneResult, writer: MetricWriter, step: int) -> None:
+    """Evaluate on the validation split; the metrics join ``result``'s history and become its
+    current metrics."""
+    metrics = evaluate(
+        run.model,
+        run.validation,
+        batch_size=2 * run.config.batch_size,
+        pad_token_id=run.tokenizer.pad_token_id,
+        device=run.device,
+        regression=run.raw.labels.regression,
+        metric_names=run.metric_names,
+    )
+    epoch = step / run.steps_per_epoch
+    result.history.append({"step": step, "epoch": epoch, **metrics})
+    log(f"eval @ step {step} (epoch {epoch:.2f}) | {_format(metrics)}")
+    writer.scalars("eval", metrics, step)
+    result.metrics = metrics
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import sys
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
@@ -112,6 +112,35 @@ def matched_linears(
     return found
 
 
+def target_set(target_modules: Iterable[str], *, purpose: str) -> frozenset[str]:
+    """``target_modules`` as a set (a single name counts as one); ValueError when empty
+    (``purpose``: what the surgery does to the layers, for the message)."""
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    targets = frozenset(target_modules)
+    if not targets:
+        raise ValueError(
+            f"target_modules=() is empty; name the layers to {purpose}, e.g. 'q_proj'."
+        )
+    return targets
+
+
+def replace_matched(
+    found: list[tuple[nn.Module, str, str, nn.Linear]],
+    build: Callable[[str, nn.Linear], nn.Module],
+) -> None:
+    """Swap every matched child (as :func:`matched_linears` lists them) for
+    ``build(qualified name, child)``."""
+    # Build every replacement before swapping any, so a failure leaves the model untouched. A
+    # Linear shared by several parents is built once, so the sharing survives.
+    built: dict[int, nn.Module] = {}
+    for _, _, qualified, child in found:
+        if id(child) not in built:
+            built[id(child)] = build(qualified, child)
+    for parent, name, _, child in found:
+        setattr(parent, name, built[id(child)])
+
+
 def apply_weight_norm(
     model: nn.Module,
     target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
@@ -136,11 +165,27 @@ def apply_weight_norm(
     LoRA/DoRA adapters are trained through ``projected_param_groups(peft_model)`` instead. All
     checks run before any layer is replaced.
     """
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
-    targets = frozenset(target_modules)
-    if not targets:
-        raise ValueError("target_modules=() is empty; name the layers to normalise, e.g. 'q_proj'.")
+    targets = target_set(target_modules, purpose="normalise")
+    _refuse_peft_or_weight_normed(model)
+    found = matched_linears(
+        model,
+        targets,
+        "weight normalisation needs whole weights. Build or load the model without zero.Init, "
+        "call apply_weight_norm, then deepspeed.initialize (it partitions the result), or train "
+        "GaLore (no weight norm) on the partitioned model.",
+    )
+    _check_lora_options(lora_rank, lora_alpha, found)
+    replace_matched(
+        found,
+        lambda _, child: WeightNormLinear.from_linear(
+            child, lora_rank=lora_rank, lora_alpha=lora_alpha, detach_norm=detach_norm
+        ),
+    )
+    return model
+
+
+def _refuse_peft_or_weight_normed(model: nn.Module) -> None:
+    """A ValueError for a PEFT model and for one that already holds WeightNormLinear layers."""
     if is_peft_model(model):
         # PEFT's LoRA layers wrap the nn.Linear (base_layer + lora_A/lora_B dicts): swapping them
         # would drop the adapters, and weight-normalising the base under them is not DoRA.
@@ -155,42 +200,29 @@ def apply_weight_norm(
             f"model already has WeightNormLinear layers ({already[:3]}...); apply_weight_norm "
             "was called twice. Call merge_weight_norm(model) first to start over."
         )
-    found = matched_linears(
-        model,
-        targets,
-        "weight normalisation needs whole weights. Build or load the model without zero.Init, "
-        "call apply_weight_norm, then deepspeed.initialize (it partitions the result), or train "
-        "GaLore (no weight norm) on the partitioned model.",
-    )
+
+
+def _check_lora_options(
+    lora_rank: int | None,
+    lora_alpha: float | None,
+    found: list[tuple[nn.Module, str, str, nn.Linear]],
+) -> None:
+    """A ValueError for ``lora_alpha`` without ``lora_rank``, a rank that is not a positive int
+    or exceeds the smallest matched layer, and ``lora_alpha <= 0``."""
     if lora_rank is None and lora_alpha is not None:
         raise ValueError(f"lora_alpha={lora_alpha!r} given without lora_rank; set lora_rank.")
-    if lora_rank is not None:
-        smallest = min(min(c.in_features, c.out_features) for *_, c in found)
-        if (
-            isinstance(lora_rank, bool)
-            or not isinstance(lora_rank, numbers.Integral)
-            or lora_rank <= 0
-        ):
-            raise ValueError(f"lora_rank={lora_rank!r} must be a positive int (or None).")
-        if lora_rank > smallest:
-            raise ValueError(
-                f"lora_rank={lora_rank} exceeds min(out_features, in_features)={smallest} of the "
-                "smallest targeted layer; use a smaller rank."
-            )
-        if lora_alpha is not None and not lora_alpha > 0:
-            raise ValueError(f"lora_alpha={lora_alpha!r} must be > 0.")
-
-    # Build every replacement before swapping any, so a failure leaves the model untouched. A
-    # Linear shared by several parents gets one WeightNormLinear, so the sharing survives.
-    built: dict[int, WeightNormLinear] = {}
-    for _, _, _, child in found:
-        if id(child) not in built:
-            built[id(child)] = WeightNormLinear.from_linear(
-                child, lora_rank=lora_rank, lora_alpha=lora_alpha, detach_norm=detach_norm
-            )
-    for parent, name, _, child in found:
-        setattr(parent, name, built[id(child)])
-    return model
+    if lora_rank is None:
+        return
+    smallest = min(min(c.in_features, c.out_features) for *_, c in found)
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, numbers.Integral) or lora_rank <= 0:
+        raise ValueError(f"lora_rank={lora_rank!r} must be a positive int (or None).")
+    if lora_rank > smallest:
+        raise ValueError(
+            f"lora_rank={lora_rank} exceeds min(out_features, in_features)={smallest} of the "
+            "smallest targeted layer; use a smaller rank."
+        )
+    if lora_alpha is not None and not lora_alpha > 0:
+        raise ValueError(f"lora_alpha={lora_alpha!r} must be > 0.")
 
 
 def merge_weight_norm(model: nn.Module) -> nn.Module:

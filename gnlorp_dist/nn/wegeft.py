@@ -42,7 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnlorp_dist.nn.surgery import DEFAULT_TARGET_MODULES, is_peft_model, matched_linears
+from gnlorp_dist.nn.surgery import (
+    DEFAULT_TARGET_MODULES,
+    is_peft_model,
+    matched_linears,
+    replace_matched,
+    target_set,
+)
 from gnlorp_dist.nn.weight_norm import plain_linear
 
 # --------------------------------------------------------------------------------------------
@@ -243,27 +249,9 @@ def apply_wegeft(
     ``[0, 1)``, or if ``model`` is (or contains) a PEFT model. All checks run before any layer
     is replaced.
     """
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
-    targets = frozenset(target_modules)
-    if not targets:
-        raise ValueError("target_modules=() is empty; name the layers to adapt, e.g. 'q_proj'.")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"rank={rank!r} must be a positive int.")
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"alpha={alpha!r} must be > 0.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1).")
-    if is_peft_model(model):
-        raise ValueError(
-            f"apply_wegeft got a PEFT model ({type(model).__name__}); apply it to the plain model."
-        )
-    already = [name for name, m in model.named_modules() if isinstance(m, WeGeFTLinear)]
-    if already:
-        raise ValueError(
-            f"model already has WeGeFTLinear layers ({already[:3]}...); apply_wegeft was called "
-            "twice. Call merge_wegeft(model) first to start over."
-        )
+    targets = target_set(target_modules, purpose="adapt")
+    _check_wegeft_options(rank, alpha, dropout)
+    _refuse_peft_or_wrapped(model)
     found = matched_linears(
         model,
         targets,
@@ -276,23 +264,41 @@ def apply_wegeft(
             f"rank={rank} exceeds in_features={smallest} of the smallest targeted layer; use a "
             "smaller rank."
         )
-
-    # Build every replacement before swapping any, so a failure leaves the model untouched. A
-    # Linear shared by several parents gets one WeGeFTLinear, so the sharing survives.
     generators: dict[object, WeGeFTGenerator] = {}
-    built: dict[int, WeGeFTLinear] = {}
-    for _, _, qualified, child in found:
-        if id(child) in built:
-            continue
+
+    def wrap(qualified: str, child: nn.Linear) -> WeGeFTLinear:
         key = (share_key(qualified), child.in_features) if shared else qualified
         if key not in generators:
             generators[key] = WeGeFTGenerator(
                 child.in_features, rank, device=child.weight.device, dtype=child.weight.dtype
             )
-        built[id(child)] = WeGeFTLinear(child, generators[key], alpha=alpha, dropout=dropout)
-    for parent, name, _, child in found:
-        setattr(parent, name, built[id(child)])
+        return WeGeFTLinear(child, generators[key], alpha=alpha, dropout=dropout)
+
+    replace_matched(found, wrap)
     return model
+
+
+def _check_wegeft_options(rank: int, alpha: float | None, dropout: float) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ValueError(f"rank={rank!r} must be a positive int.")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha={alpha!r} must be > 0.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be in [0, 1).")
+
+
+def _refuse_peft_or_wrapped(model: nn.Module) -> None:
+    """A ValueError for a PEFT model and for one that already holds WeGeFTLinear layers."""
+    if is_peft_model(model):
+        raise ValueError(
+            f"apply_wegeft got a PEFT model ({type(model).__name__}); apply it to the plain model."
+        )
+    already = [name for name, m in model.named_modules() if isinstance(m, WeGeFTLinear)]
+    if already:
+        raise ValueError(
+            f"model already has WeGeFTLinear layers ({already[:3]}...); apply_wegeft was called "
+            "twice. Call merge_wegeft(model) first to start over."
+        )
 
 
 def wegeft_generators(model: nn.Module) -> list[WeGeFTGenerator]:

@@ -186,11 +186,11 @@ def check_deepspeed_config(
 
     Raises ValueError, naming the setting and what to use instead, for: a top-level or
     ``zero_optimization`` key DeepSpeed does not know (with the nearest known key), an
-    ``optimizer`` block
-    (ours is the client optimizer), fp16 loss scaling (use bf16), a ZeRO stage outside 0-3,
-    optimizer offload at stage 0/1 or to NVMe, ZeRO++ hierarchical partitioning, MiCS and
-    elastic ZeRO checkpoints (they assume optimizer states shaped like the flat partition), and,
-    unless ``allow_auto`` (Accelerate and the Trainer resolve them), leftover ``"auto"`` values.
+    ``optimizer`` block (ours is the client optimizer), fp16 loss scaling (use bf16), a ZeRO
+    stage outside 0-3, optimizer offload at stage 0/1 or to NVMe, ZeRO++ hierarchical
+    partitioning, MiCS and elastic ZeRO checkpoints (they assume optimizer states shaped like
+    the flat partition), and, unless ``allow_auto`` (Accelerate and the Trainer resolve them),
+    leftover ``"auto"`` values.
 
     Fills in ``zero_allow_untested_optimizer: true`` (stages 1-3) and, with optimizer offload,
     ``zero_force_ds_cpu_optimizer: false``: without them DeepSpeed refuses or replaces a client
@@ -198,6 +198,28 @@ def check_deepspeed_config(
     """
     config = load_deepspeed_config(config)
     check_known_keys(config)
+    _check_client_optimizer_fits(config)
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    device = _offload_device(zero, "offload_optimizer")
+    _check_zero(zero, stage, device)
+    if not allow_auto:
+        auto = unresolved_auto(config)
+        if auto:
+            raise ValueError(
+                f'the DeepSpeed config still has "auto" values at {auto}: Accelerate and the '
+                "transformers Trainer fill them; for deepspeed.initialize give numbers (gnlorp-"
+                "train --deepspeed fills them from its flags)"
+            )
+    if stage >= 1:
+        config["zero_allow_untested_optimizer"] = True
+    if device is not None:
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def _check_client_optimizer_fits(config: dict[str, Any]) -> None:
+    """A ValueError for an ``optimizer`` block (ours is the client optimizer) and fp16."""
     if "optimizer" in config:
         kind = config["optimizer"].get("type") if isinstance(config["optimizer"], dict) else None
         raise ValueError(
@@ -210,13 +232,16 @@ def check_deepspeed_config(
             '"fp16": {"enabled": true} is not supported with GradNormLoRPAdamW (fp16 loss '
             'scaling is untested with subspace refreshes); use "bf16": {"enabled": true}'
         )
-    zero = config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
+
+
+def _check_zero(zero: dict[str, Any], stage: Any, device: str | None) -> None:
+    """A ValueError for a ``zero_optimization`` section our low-rank states do not fit:
+    ``stage`` outside 0-3, optimizer offload (to ``device``) below stage 2 or to NVMe,
+    ZeRO++ hierarchical partitioning, MiCS and elastic checkpoints."""
     if stage not in SUPPORTED_STAGES:
         raise ValueError(
             f"zero_optimization.stage={stage!r} is not a ZeRO stage; use one of {SUPPORTED_STAGES}"
         )
-    device = _offload_device(zero, "offload_optimizer")
     if device is not None and stage not in OFFLOAD_STAGES:
         raise ValueError(
             f"zero_optimization.offload_optimizer at stage {stage} is not supported; use stage 2 "
@@ -243,19 +268,6 @@ def check_deepspeed_config(
             "partition, which low-rank states are not; remove it and resume at another world "
             "size with gnlorp_dist.integrations.deepspeed.checkpoint.initialize_from_checkpoint"
         )
-    if not allow_auto:
-        auto = unresolved_auto(config)
-        if auto:
-            raise ValueError(
-                f'the DeepSpeed config still has "auto" values at {auto}: Accelerate and the '
-                "transformers Trainer fill them; for deepspeed.initialize give numbers (gnlorp-"
-                "train --deepspeed fills them from its flags)"
-            )
-    if stage >= 1:
-        config["zero_allow_untested_optimizer"] = True
-    if device is not None:
-        config["zero_force_ds_cpu_optimizer"] = False
-    return config
 
 
 def fill_auto_values(
