@@ -21,7 +21,7 @@ FSDP2 path uses) saves every rank's part and reshards it to another number of ra
 Refused before the first step, naming the option: FSDP1 (flat parameters), placements other
 than ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallelism), per-layer updates. 8-bit states run
 on the block grid (rows cut inside 8-bit blocks match one process; tests/distributed/test_fsdp2.py).
-``import gnlorp_dist`` registers the layout.
+``import gnlorp_dist`` hands :func:`detect_fsdp2_layout` to the optimizer.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from gnlorp_dist.distributed.dtensor import (
     sharded_like,
 )
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
-from gnlorp_dist.optim.layouts import Layout, LayoutDefaults, register_engine_layout
+from gnlorp_dist.optim.layouts import Layout, LayoutDefaults
 from gnlorp_dist.optim.projection import low_rank_shape, projection_side
 from gnlorp_dist.optim.quantized import MOMENT_KEYS, MomentStore
 
@@ -183,6 +183,3 @@ def detect_fsdp2_layout(model_params: list[Tensor], engine_params: list[Tensor])
                 "fully_shard(module) over all ranks"
             )
     return Fsdp2Layout()
-
-
-register_engine_layout(detect_fsdp2_layout)

@@ -1,7 +1,12 @@
 """GradNormLoRPAdamW: AdamW whose states live in a low-rank gradient subspace.
 
-The class holds state and loops over parameters; the math is in :mod:`gnlorp_dist.optim.projection`
-and :mod:`gnlorp_dist.optim.functional`.
+The class holds state and delegates: its groups are parsed into typed specs
+(:mod:`gnlorp_dist.optim.spec`) and kept with their parameters in a
+:class:`~gnlorp_dist.optim.param_table.ParamTable`; a step is built per group
+(:mod:`gnlorp_dist.optim.stepping`), verified (:mod:`gnlorp_dist.optim.nonfinite_guard`) and run
+by :mod:`gnlorp_dist.optim.driver`; per-layer mode is :mod:`gnlorp_dist.optim.per_layer_step`,
+the state-dict formats :mod:`gnlorp_dist.optim.state_dict`. The math is in
+:mod:`gnlorp_dist.optim.projection` and :mod:`gnlorp_dist.optim.functional`.
 """
 
 from __future__ import annotations
@@ -14,40 +19,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gnlorp_dist.optim import per_layer_step
 from gnlorp_dist.optim import state_dict as state_io
 from gnlorp_dist.optim.backward_reduction import BackwardReduction
-from gnlorp_dist.optim.comm import (
-    Communicator,
-    buffer_device,
-    default_communicator,
-    wait_all,
-)
-from gnlorp_dist.optim.data_parallel import check_replicated_gradients, reduce_to_owners
+from gnlorp_dist.optim.comm import Communicator, default_communicator
+from gnlorp_dist.optim.data_parallel import reduce_gradients_to_owners
 from gnlorp_dist.optim.driver import step_groups
-from gnlorp_dist.optim.fragment_state import LAYOUT_KEY, STATE_PREFIX, adopt_loaded_state
-from gnlorp_dist.optim.fragments import ModelParameter
 from gnlorp_dist.optim.group_step import GroupStep
-from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, Layout, detect_layout
-from gnlorp_dist.optim.nonfinite_guard import NonFiniteGuard
-from gnlorp_dist.optim.ownership import OwnedBlock, plan_ownership
-from gnlorp_dist.optim.per_layer_step import PerLayerStep
+from gnlorp_dist.optim.layouts import detect_layout
+from gnlorp_dist.optim.nonfinite_guard import verify_gradients
+from gnlorp_dist.optim.ownership import OwnedBlock
+from gnlorp_dist.optim.param_table import ParamTable
 from gnlorp_dist.optim.projection import compute_projection, projection_side, resolve_svd_method
-from gnlorp_dist.optim.projector import is_random, planning_proj_type, projected_shape
 from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL
+from gnlorp_dist.optim.spec import ProjectionSpec, group_params, parse_group
+from gnlorp_dist.optim.stepping import group_steps
 from gnlorp_dist.optim.validation import (
-    check_finite_hyperparameters,
+    check_defaults,
     check_gradient_reduction,
     check_max_grad_norm,
-    check_min_8bit_size,
+    check_non_finite_policy,
     missing_communicator_error,
-    validate_projected_group,
     warn_if_nothing_is_projected,
 )
 
 
-class GradNormLoRPAdamW(
-    PerLayerStep, NonFiniteGuard, state_io.StateDictMethods, torch.optim.Optimizer
-):
+class GradNormLoRPAdamW(torch.optim.Optimizer):
     """AdamW with GaLore-style low-rank projection of 2-D gradients.
 
     A drop-in for ``galore_torch.GaLoreAdamW``: parameter groups that carry ``rank`` (with
@@ -80,7 +77,7 @@ class GradNormLoRPAdamW(
     - DeepSpeed ZeRO 1/2/3: the engine hands flat partitions; each rank projects its runs of
       each matrix and the partial low-rank sums go to the owner, which alone keeps the moments
       and computes the SVD and broadcasts the low-rank direction;
-    - FSDP2 (``fully_shard``; ``import gnlorp_dist`` registers the layout): each rank holds a
+    - FSDP2 (``fully_shard``; ``import gnlorp_dist`` hands the layout over): each rank holds a
       block of rows; right-projected matrices update their rows with no communication between
       refreshes (moments sharded with the rows), left-projected ones reduce their ``r x n``
       partial sums to the owner.
@@ -164,18 +161,9 @@ class GradNormLoRPAdamW(
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         """> 0: clip what the optimizer consumes to this global norm (see
         :func:`gnlorp_dist.optim.driver.step_groups`)."""
-        check_finite_hyperparameters(
-            "", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay
+        check_defaults(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
         )
-        if not (isinstance(lr, (int, float)) and lr >= 0.0):
-            raise ValueError(f"lr={lr!r} must be a number >= 0")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
-        if not eps >= 0.0:
-            raise ValueError(f"eps={eps!r} must be >= 0")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
-        check_min_8bit_size(min_8bit_size, "")
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -184,8 +172,10 @@ class GradNormLoRPAdamW(
             "bits": bits,
             "min_8bit_size": min_8bit_size,
         }
+        self.table = ParamTable()
+        """Every group's dict, spec, model tensors and true shapes; the ownership plan."""
         self._per_layer: Any = None
-        self._per_layer_tally = None  # per-layer mode's device-side non-finite verdict
+        self._per_layer_tally: per_layer_step.NonFiniteTally | None = None
         self._backward_reduction: BackwardReduction | None = None
         self._loaded_engine_state: dict[str, dict[str, Any]] | None = None
         super().__init__(params, defaults)
@@ -200,7 +190,6 @@ class GradNormLoRPAdamW(
         self.last_step_skipped = False
         """Whether the latest ``step()`` was skipped for a non-finite gradient."""
         self._gradients_known_finite = False
-        self._check_non_finite = True  # private: benchmarks/nonfinite_check.py's baseline
 
     @property
     def comm(self) -> Communicator:
@@ -211,36 +200,19 @@ class GradNormLoRPAdamW(
                 raise missing_communicator_error(os.environ.get("WORLD_SIZE"))
         return self._comm
 
-    # -- construction-time validation ------------------------------------------------------
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._lookup: dict[Tensor, tuple[dict[str, Any], str]] | None = None
-        self._blocks: list[list[OwnedBlock]] | None = None
-        self._ownership_cache: tuple[tuple[int, ...], dict[Tensor, list[OwnedBlock]]] | None = None
+        """torch's ``add_param_group``, then the group parsed (and so checked) into its spec."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # Engines that flatten parameters (DeepSpeed ZeRO) replace group["params"]; the model's
-        # own tensors, their shapes now and the group dicts map their flat runs back to matrices.
-        if not hasattr(self, "model_params"):
-            self.model_params: list[list[Tensor]] = []
-            self.true_shapes: list[list[tuple[int, ...]]] = []
-            self.groups_at_construction: list[dict[str, Any]] = []
-        params = list(group["params"])
-        # Refuses here, before any step, a layout an engine integration knows it cannot run.
+        index = len(self.param_groups) - 1
+        params = list(group_params(group))
+        # Engines that flatten parameters (DeepSpeed ZeRO) replace the group's params later; the
+        # model's own tensors and their shapes now map their flat runs back to matrices. A
+        # layout an engine integration knows it cannot run is refused here, before any step.
         layout = detect_layout(params, params)
-        layout.check_group(group, len(self.param_groups) - 1)
-        self.model_params.append(params)
-        self.true_shapes.append([layout.true_shape(p) for p in params])
-        self.groups_at_construction.append(group)
-        if group["bits"] not in (8, 32):
-            raise ValueError(f"bits={group['bits']!r} is not supported; use 32 or 8")
-        check_min_8bit_size(group["min_8bit_size"], f"param_groups[{len(self.param_groups) - 1}]: ")
-        if "rank" in group:
-            validate_projected_group(group, len(self.param_groups) - 1)
-        where = f"param_groups[{len(self.param_groups) - 1}]: "
-        check_finite_hyperparameters(
-            where, **{k: group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in group}
-        )
+        layout.check_group(group, index)
+        spec = parse_group(group, index, params)
+        self.table.add(group, spec, params, [layout.true_shape(p) for p in params])
 
     # -- the step ------------------------------------------------------------------------
 
@@ -254,21 +226,30 @@ class GradNormLoRPAdamW(
             )
         self._consolidated = None
         if not self._groups_checked:
-            self._groups_checked = warn_if_nothing_is_projected(self.param_groups)
+            self._groups_checked = warn_if_nothing_is_projected(self.table.specs)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         known_finite, self._gradients_known_finite = self._gradients_known_finite, False
         self.last_step_skipped = False
         steps = self.group_steps()
+        reduction = self._backward_reduction
         if self.gradient_reduction != "none":
-            self._reduce_gradients_to_owners(steps)
-        if not self._verify_gradients(steps, known_finite):
-            if self._backward_reduction is not None:
-                self._backward_reduction.drain()
-            self._skip_step()
+            take = reduction.take_dense if reduction is not None else None
+            reduce_gradients_to_owners(steps, self.comm, take)
+        if not verify_gradients(
+            steps,
+            self.comm,
+            skip=self.on_nonfinite == "skip",
+            known_finite=known_finite,
+            compare_replicas=not self.reduce_gradients,
+        ):
+            if reduction is not None:
+                reduction.drain()
+            # Nothing changed; every rank reaches this together.
+            self.skipped_steps += 1
+            self.last_step_skipped = True
             return loss
         step_groups(steps, self, self.max_grad_norm)
         return loss
@@ -278,15 +259,15 @@ class GradNormLoRPAdamW(
         parameter's reduction then starts as soon as its gradient is final, overlapping the rest
         of backward (:mod:`gnlorp_dist.optim.backward_reduction`); ``step()`` waits for them.
         Elsewhere (one process, DDP, engines, per-layer mode) it does nothing."""
-        if (
-            self.gradient_reduction != "low_rank"
-            or self.comm.world_size == 1
-            or self._per_layer is not None
-        ):
+        if not self._low_rank_reduction() or self._per_layer is not None:
             return contextlib.nullcontext()
         if self._backward_reduction is None:
-            self._backward_reduction = BackwardReduction(self)
+            self._backward_reduction = BackwardReduction(self, self.table, self.comm)
         return self._backward_reduction.armed()
+
+    def _low_rank_reduction(self) -> bool:
+        """The optimizer reduces low-rank gradients over several ranks."""
+        return self.gradient_reduction == "low_rank" and self.comm.world_size > 1
 
     @property
     def reduce_gradients(self) -> bool:
@@ -295,92 +276,17 @@ class GradNormLoRPAdamW(
 
     def group_steps(self) -> list[GroupStep]:
         """One :class:`GroupStep` per param group an engine is stepping now (all of them,
-        outside engines), each with its layout, this rank's runs and states."""
-        steps = []
-        comm = self.comm
-        for group in self.param_groups:
-            engine_params = list(group["params"])
-            if not engine_params:
-                continue  # engines that step one group at a time empty the others
-            index = self._construction_index(group)
-            layout = detect_layout(self.model_params[index], engine_params)
-            if (
-                layout is REPLICATED
-                and self.gradient_reduction == "low_rank"
-                and comm.world_size > 1
-            ):
-                layout = LOW_RANK_REDUCED
-            params = self._model_parameters(index, None if layout.flattened else engine_params)
-            if layout.replicated:
-                check_replicated_gradients(group, params)
-            fragments = layout.fragments(params, engine_params, comm.rank, comm.world_size)
-            active = [layout.has_gradient(p.tensor) for p in params]
-            blocks = [self._plan()[self._position(index, i)] for i in range(len(params))]
-            if layout.flattened:
-                self.state[LAYOUT_KEY] = {"engine": layout.name, "world_size": comm.world_size}
-            states: list[dict[str, Any] | None] = []
-            for i, (param, param_blocks) in enumerate(zip(params, blocks)):
-                if layout.replicated and (layout.averaged or "rank" not in group):
-                    keeps = any(b.owner == comm.rank for b in param_blocks)  # owner's only
-                else:  # a projected matrix's step counter (and basis) lives on every rank
-                    keeps = "rank" in group or fragments[i] is not None
-                keeps = keeps and active[i]
-                states.append(self.state[self._state_key(layout, param)] if keeps else None)
-            held = [f.grad.device for f in fragments if f is not None]
-            like = held[0] if held else params[0].tensor.device
-            group_step = GroupStep(
-                group=self.groups_at_construction[index],
-                layout=layout,
-                params=params,
-                fragments=fragments,
-                states=states,
-                active=active,
-                blocks=blocks,
-                comm=comm,
-                device=buffer_device(comm, like),
-            )
-            if self._loaded_engine_state:
-                adopt_loaded_state(group_step, self._loaded_engine_state)
-            if self._backward_reduction is not None and layout is LOW_RANK_REDUCED:
-                for i, param in enumerate(params):
-                    low = self._backward_reduction.take_low_rank(param.tensor)
-                    if low is not None:
-                        group_step.reduced[i] = low
-            steps.append(group_step)
-        return steps
-
-    def _construction_index(self, group: dict[str, Any]) -> int:
-        for index, candidate in enumerate(self.groups_at_construction):
-            if candidate is group:
-                return index
-        raise ValueError(
-            "a param group reached GradNormLoRPAdamW.step() that this optimizer did not "
-            "build (an engine replaced the group dicts); add every group before "
-            "deepspeed.initialize and load state with optimizer.load_state_dict"
+        outside engines): see :func:`gnlorp_dist.optim.stepping.group_steps`."""
+        reduction = self._backward_reduction
+        return group_steps(
+            self.table,
+            self.param_groups,
+            self.state,
+            self.comm,
+            low_rank_reduction=self._low_rank_reduction(),
+            take_low_rank=reduction.take_low_rank if reduction is not None else None,
+            loaded_engine_state=self._loaded_engine_state,
         )
-
-    def _model_parameters(
-        self, group_index: int, stepped: list[Tensor] | None = None
-    ) -> list[ModelParameter]:
-        """The group's parameters with their true shapes and names; their tensors are the ones
-        ``step()`` updates (``stepped``: an engine's same-shaped copies, as ZeRO-0 steps fp32
-        copies), else the model's own."""
-        group = self.groups_at_construction[group_index]
-        names = group.get("param_names")
-        tensors = stepped if stepped is not None else self.model_params[group_index]
-        return [
-            ModelParameter(
-                tensor=param,
-                shape=self.true_shapes[group_index][i],
-                name=names[i] if names else f"param_groups[{group_index}][{i}]",
-            )
-            for i, param in enumerate(tensors)
-        ]
-
-    def _state_key(self, layout: Layout, param: ModelParameter) -> Any:
-        """THE state keying: a parameter's own tensor, or its name where an engine replaced the
-        group's tensors (torch's ``state_dict()`` can only index the tensors it steps)."""
-        return STATE_PREFIX + param.name if layout.flattened else param.tensor
 
     def load_engine_state(self, merged: dict[str, dict[str, Any]]) -> None:
         """State of flattened groups read from an engine checkpoint saved on any number of ranks
@@ -388,123 +294,198 @@ class GradNormLoRPAdamW(
         rank's runs and ownership at the first step."""
         self._loaded_engine_state = merged
 
-    def _plan(self) -> list[list[OwnedBlock]]:
-        """THE ownership plan (one per optimizer, cached): the blocks of every parameter, by its
-        position over all groups, from the true shapes recorded at construction."""
-        if self._blocks is None:
-            shapes, ranks, proj_types = [], [], []
-            for index, group in enumerate(self.groups_at_construction):
-                for shape in self.true_shapes[index]:
-                    # A projected matrix is owned whole: sized by its projected state.
-                    projected = "rank" in group and len(shape) == 2
-                    shapes.append(projected_shape(shape, group) if projected else shape)
-                    ranks.append(group.get("rank"))
-                    proj_types.append(planning_proj_type(group))
-            plan = plan_ownership(shapes, ranks, proj_types, self.comm.world_size)
-            self._blocks = [[] for _ in shapes]
-            for block in plan:
-                self._blocks[block.param_index].append(block)
-        return self._blocks
-
-    def _position(self, group_index: int, index: int) -> int:
-        return sum(len(p) for p in self.model_params[:group_index]) + index
-
-    def ownership(self) -> dict[Tensor, list[OwnedBlock]]:
-        """The ownership plan: for each parameter, its blocks and their owners (cached: hooks
-        ask per parameter; rebuilt when an engine swaps a group's parameter list)."""
-        lists = tuple(id(group["params"]) for group in self.groups_at_construction)
-        if self._ownership_cache is None or self._ownership_cache[0] != lists:
-            params = []
-            for index, group in enumerate(self.groups_at_construction):
-                stepped = list(group["params"])  # an engine's same-shaped copies (ZeRO-0)
-                same = len(stepped) == len(self.model_params[index])
-                params += stepped if same else self.model_params[index]
-            self._ownership_cache = (lists, dict(zip(params, self._plan(), strict=True)))
-        return self._ownership_cache[1]
-
-    def owns(self, param: Tensor) -> bool:
-        """Whether this rank holds (part of) ``param``'s optimizer state."""
-        return any(b.owner == self.comm.rank for b in self.ownership()[param])
-
-    def replica_state(self, param: Tensor, owner_state: dict[str, Any]) -> dict[str, Any] | None:
-        """What a rank that does not own ``param`` keeps of its owner's state: under the
-        low-rank reduction every rank projects with the basis and counts the steps of every
-        projected matrix (``{"step", "proj"}``); otherwise nothing (None)."""
-        group, _name = self.group_and_name(param)
-        if self.gradient_reduction != "low_rank" or self.comm.world_size == 1:
-            return None
-        if "rank" not in group:
-            return None
-        if is_random(group):  # nothing stored: the step count alone regenerates the basis
-            return {"step": owner_state["step"]} if "step" in owner_state else None
-        if "proj" not in owner_state:
-            return None
-        kept = ("step", "proj", "proj_scale", "next_refresh")
-        return {key: owner_state[key] for key in kept if key in owner_state}
-
-    def owned_block(self, param: Tensor) -> OwnedBlock:
-        """The block of ``param`` this rank owns (it must own one)."""
-        (block,) = [b for b in self.ownership()[param] if b.owner == self.comm.rank]
-        return block
-
-    def _reduce_gradients_to_owners(self, steps: list[GroupStep]) -> None:
-        """Replicated layouts without DDP: each block's gradient summed on its owner, then
-        averaged there, instead of DDP's all-reduce to every rank."""
-        if self.comm.world_size == 1:
-            return
-        handles, owned = [], []
-        for group_step in steps:
-            if not group_step.layout.replicated:
-                continue
-            if group_step.projected and not group_step.layout.averaged:
-                continue  # low-rank reduction: only the projected gradients travel, in the step
-            for i, param in enumerate(group_step.params):
-                if not group_step.active[i]:
-                    continue
-                started = None
-                if self._backward_reduction is not None:
-                    started = self._backward_reduction.take_dense(param.tensor)
-                if started is not None:  # its reduce started inside backward
-                    owned += started
-                else:
-                    owned += reduce_to_owners(
-                        self.comm, param.tensor, group_step.blocks[i], handles
-                    )
-        wait_all(handles)
-        for rows in owned:
-            rows.div_(self.comm.world_size)
-
     def compute_basis(
-        self, group: dict[str, Any], grad_MN: Tensor, state: dict[str, Any]
+        self, projection: ProjectionSpec, grad_MN: Tensor, state: dict[str, Any]
     ) -> Tensor:
         """A new subspace basis from a whole 2-D gradient (counted in ``refresh_count``)."""
-        side = projection_side(grad_MN.shape, group["proj_type"])
-        method = resolve_svd_method(group.get("svd_method", "auto"), grad_MN.shape)
+        side = projection_side(grad_MN.shape, projection.proj_type)  # of the projected shape
+        method = resolve_svd_method(projection.svd_method, grad_MN.shape)
         generator = None
         if method == "randomized":
             generator = torch.Generator(device=grad_MN.device)
             generator.manual_seed(int(state.get("step", 0)))
         self.refresh_count += 1
         return compute_projection(
-            grad_MN,
-            group["rank"],
-            side,
-            method=method,
-            generator=generator,
+            grad_MN, projection.rank, side, method=method, generator=generator
         )
+
+    # -- ownership -------------------------------------------------------------------------
+
+    def _shards(self) -> state_io.Shards:
+        return state_io.Shards(
+            comm=self.comm, table=self.table, low_rank_reduction=self._low_rank_reduction()
+        )
+
+    def ownership(self) -> dict[Tensor, list[OwnedBlock]]:
+        """The ownership plan: for each parameter, its blocks and their owners (cached: hooks
+        ask per parameter; rebuilt when an engine swaps a group's parameter list)."""
+        return self.table.ownership(self.comm.world_size)
+
+    def owns(self, param: Tensor) -> bool:
+        """Whether this rank holds (part of) ``param``'s optimizer state."""
+        return self._shards().owns(param)
+
+    def owned_block(self, param: Tensor) -> OwnedBlock:
+        """The block of ``param`` this rank owns (it must own one)."""
+        return self._shards().owned_block(param)
+
+    def replica_state(self, param: Tensor, owner_state: dict[str, Any]) -> dict[str, Any] | None:
+        """What a rank that does not own ``param`` keeps of its owner's state (see
+        :meth:`gnlorp_dist.optim.state_dict.Shards.replica_state`)."""
+        return self._shards().replica_state(param, owner_state)
 
     def group_and_name(self, param: Tensor) -> tuple[dict[str, Any], str]:
         """``param``'s group and its name (from ``param_names``, else its position)."""
-        if self._lookup is None:
-            self._lookup = {}
-            for group_index, group in enumerate(self.param_groups):
-                names = group.get("param_names")
-                for index, candidate in enumerate(group["params"]):
-                    name = names[index] if names else f"param_groups[{group_index}][{index}]"
-                    self._lookup[candidate] = (group, name)
-        if param not in self._lookup:
-            raise ValueError(f"parameter of shape {tuple(param.shape)} is not in this optimizer")
-        return self._lookup[param]
+        group_index, name = self.table.find(param)
+        return self.table.groups[group_index], name
+
+    # -- non-finite gradients ----------------------------------------------------------------
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"raise"`` or ``"skip"``: what ``step()`` does with a non-finite gradient."""
+        return self._on_nonfinite
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, policy: str) -> None:
+        self._on_nonfinite = check_non_finite_policy(policy)
+
+    def mark_gradients_finite(self) -> None:
+        """The caller knows every gradient of the next ``step()`` is finite (e.g. the total norm
+        ``clip_grad_norm_`` returned is finite): on one process that step skips its own check
+        (and its host sync). Several ranks still run their verdict (it carries the checksums)."""
+        self._gradients_known_finite = True
+
+    # -- per-layer mode (gnlorp_dist.optim.per_layer_step) ----------------------------------
+
+    def attach_per_layer(self, per_layer: Any) -> None:
+        """Called by :class:`PerLayerUpdates`; ``step()`` is refused while attached."""
+        if self._per_layer is not None:
+            raise ValueError("per-layer updates are already attached to this optimizer")
+        per_layer_step.check_layouts(self.table.layouts(self.table.groups))
+        self._per_layer = per_layer
+
+    def detach_per_layer(self) -> None:
+        self._per_layer = None
+
+    @property
+    def per_layer(self) -> Any:
+        """The attached :class:`PerLayerUpdates`, if any (then ``step()`` is refused)."""
+        return self._per_layer
+
+    @torch.no_grad()
+    def step_parameter(
+        self,
+        param: Tensor,
+        *,
+        first_micro_batch: bool = True,
+        last_micro_batch: bool = True,
+        max_grad_norm: float = 0.0,
+    ) -> None:
+        """Per-layer mode: consume one micro-batch's ``param.grad`` and free it when possible;
+        at the last micro-batch, update ``param`` with exactly the math of :meth:`step`.
+
+        Called from a post-accumulate-grad hook (see :class:`PerLayerUpdates`).
+        ``max_grad_norm > 0`` clips, per parameter, the tensor Adam consumes. Non-finite
+        gradients raise only once the step is over (:meth:`finish_per_layer_step`), after every
+        parameter was updated with non-finite entries taken as zero. The mode is documented in
+        :mod:`gnlorp_dist.optim.per_layer_step`.
+        """
+        self._consolidated = None
+        self.table.find(param)  # refuses a parameter this optimizer does not hold
+        if param.grad is None:
+            return
+        if self._per_layer_tally is None:
+            self._per_layer_tally = per_layer_step.new_tally(self.table, self.comm, param.device)
+        view = per_layer_step.view_of(
+            param,
+            self.table,
+            self.state,
+            self.comm,
+            low_rank_reduction=self.gradient_reduction == "low_rank",
+            source=self,
+            tally=self._per_layer_tally,
+        )
+        per_layer_step.step_parameter(
+            view, first=first_micro_batch, last=last_micro_batch, max_grad_norm=max_grad_norm
+        )
+
+    def finish_per_layer_step(self) -> None:
+        """Read the non-finite verdict of the per-layer step that just ended: THE host sync of
+        per-layer mode (one scalar all-reduce over the ranks, one ``.item()``).
+
+        :class:`PerLayerUpdates` calls it (on every rank) when the backward pass that ended the
+        step is over, so the ValueError comes out of that ``backward()``. A caller that drives
+        :meth:`step_parameter` itself calls it after each step's last hooks; a step begun
+        without it is refused. Nothing counted since the last call: nothing to read."""
+        per_layer_step.finish_step(self._per_layer_tally, self.comm, self.table.names())
+
+    # -- saving and loading (the formats: gnlorp_dist.optim.state_dict) ----------------------
+
+    def consolidate_state_dict(self) -> dict[str, Any]:
+        """Gather the whole job's state (a collective: EVERY rank calls it), cache and return it.
+
+        :meth:`state_dict` then returns it on any rank without communicating, until the next
+        ``step()``, ``step_parameter()`` or ``load_state_dict()``: call this on every rank before
+        a rank-0-only save (``transformers.Trainer``). Cost: one ``all_gather_object`` of every
+        rank's state (CPU tensors); each rank holds the full state in host memory while cached.
+        A rank whose peers do not join within ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default
+        60) raises a ValueError naming the fix instead of hanging. Under DeepSpeed ZeRO
+        (flattened groups) nothing is gathered: this rank's shard is returned, as state_dict().
+        """
+        layouts = self.table.layouts(self.param_groups)
+        if self.comm.world_size > 1 and (
+            state_io.is_flattened(self.state, layouts) or state_io.sharded_in_place(layouts)
+        ):
+            return self.state_dict()  # ZeRO, FSDP2: every rank saves its own shard
+        state_io.wait_for_every_rank(self.comm)
+        self._consolidated = state_io.consolidate(self._shards(), super().state_dict())
+        return self._consolidated
+
+    def drop_consolidated_state(self) -> None:
+        """Free the state cached by :meth:`consolidate_state_dict` (after the save)."""
+        self._consolidated = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole job's optimizer state, the same on every rank and for any world size.
+
+        Torch's format plus ``"gnlorp": {"format": 1, "consolidated": True, "world_size": N}``;
+        tensors and plain values only (``torch.load(weights_only=True)``). One process: torch's
+        ``state_dict()``. Several ranks: the state cached by :meth:`consolidate_state_dict`
+        since the last step, else this call consolidates, which needs EVERY rank to call it
+        (``accelerate``'s ``save_state`` does); called on one rank alone it raises a ValueError
+        after ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default 60) instead of hanging. Under
+        DeepSpeed ZeRO (flattened groups; the engine saves one per rank): this rank's shard,
+        marked ``"consolidated": False`` with its rank and world size. Under FSDP2: this rank's
+        state as DTensors, for ``torch.distributed.checkpoint``.
+        """
+        layouts = self.table.layouts(self.param_groups)
+        if state_io.sharded_in_place(layouts):
+            named = self.table.named_parameters()
+            return state_io.sharded_state_dict(named, self.comm.world_size, super().state_dict())
+        if self.comm.world_size == 1 or state_io.is_flattened(self.state, layouts):
+            return state_io.with_marker(self.comm, super().state_dict())
+        if self._consolidated is None:
+            self.consolidate_state_dict()
+        assert self._consolidated is not None
+        return self._consolidated
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` saved on any number of ranks, keeping this rank's shard.
+
+        A state dict holding one rank's shard only (a ZeRO rank's, or one saved by an older
+        gnlorp_dist) is refused with a ValueError unless it belongs to this rank and world size.
+        """
+        sharded = state_io.sharded_in_place(self.table.layouts(self.param_groups))
+        loaded = state_io.prepare_to_load(self._shards(), state_dict, sharded=sharded)
+        self._consolidated = None
+        super().load_state_dict(loaded)
+        # torch rebuilt the group dicts from the saved values: parsed again, and what engines
+        # step from now on.
+        self.table.replace_groups(self.param_groups)
+        if sharded:
+            state_io.unwrap_sharded_state(self.table.named_parameters(), self.state)
+        state_io.restore_saved_dtypes(self._shards(), self.state, loaded)
 
 
 class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):

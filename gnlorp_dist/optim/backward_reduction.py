@@ -18,39 +18,40 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from gnlorp_dist.optim.comm import Handle, buffer_device, wait_all
+from gnlorp_dist.optim.comm import Communicator, Handle, buffer_device, wait_all
 from gnlorp_dist.optim.data_parallel import reduce_to_owners
+from gnlorp_dist.optim.param_table import ParamTable
 from gnlorp_dist.optim.projection import project
-from gnlorp_dist.optim.projector import (
-    group_side,
-    is_random,
-    projected_shape,
-    regenerate_basis,
-)
+from gnlorp_dist.optim.projector import regenerate_basis
 from gnlorp_dist.optim.quantized_basis import load_basis
 from gnlorp_dist.optim.refresh import refresh_due
+from gnlorp_dist.optim.spec import group_params
 
 
 class BackwardReduction:
     """The hooks of one optimizer (see the module docstring); built by
-    :meth:`GradNormLoRPAdamW.reducing_in_backward`."""
+    :meth:`GradNormLoRPAdamW.reducing_in_backward`. ``optimizer``: where the states are read
+    (its ``state``, which ``load_state_dict`` replaces); ``table``: its groups."""
 
-    def __init__(self, optimizer: Any) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, table: ParamTable, comm: Communicator
+    ) -> None:
         self.optimizer = optimizer
+        self.table = table
+        self.comm = comm
         self.low_rank: dict[Tensor, tuple[Tensor, list[Handle | None]]] = {}
         """Projected matrix -> its low-rank gradient (summed on its owner once waited for)."""
         self.dense: dict[Tensor, tuple[list[Tensor], list[Handle | None]]] = {}
         """Dense parameter -> the gradient rows this rank owns (summed once waited for)."""
         self._armed = False
         self._handles: list[RemovableHandle] = []
-        for group in optimizer.param_groups:
-            for param in group["params"]:
+        for group in table.groups:
+            for param in group_params(group):
                 if param.requires_grad:
                     self._handles.append(param.register_post_accumulate_grad_hook(self._hook))
 
@@ -67,35 +68,40 @@ class BackwardReduction:
     def _hook(self, param: Tensor) -> None:
         if not self._armed or param.grad is None:
             return
-        optimizer = self.optimizer
-        comm = optimizer.comm
-        group, _name = optimizer.group_and_name(param)
-        blocks = optimizer.ownership()[param]
+        comm = self.comm
+        group_index, _name = self.table.find(param)
+        projection = self.table.specs[group_index].projection
+        blocks = self.table.ownership(comm.world_size)[param]
         handles: list[Handle | None] = []
-        if "rank" not in group:
+        if projection is None:
             self.dense[param] = (reduce_to_owners(comm, param, blocks, handles), handles)
             return
-        state = optimizer.state.get(param)
+        state = self.optimizer.state.get(param)
         (block,) = blocks
-        if is_random(group) and param.grad.dim() == 2:
+        if projection.random and param.grad.dim() == 2:
             # Regenerated from the window's seed, as step() would: never stored, never due.
             step_count = int(state.get("step", 0)) if state else 0
             proj = regenerate_basis(
-                group,
+                projection,
                 block.param_index,
                 step_count,
                 tuple(param.shape),
                 dtype=torch.float32,
                 device=buffer_device(comm, param.device),
             )
-        elif not state or "proj" not in state or refresh_due(group, state) or param.grad.dim() != 2:
+        elif (
+            not state
+            or "proj" not in state
+            or refresh_due(projection, state)
+            or param.grad.dim() != 2
+        ):
             return  # step() refreshes it first (or refuses it)
         else:
             # Float32 when assembled from several ranks (bf16 weights too).
             proj = load_basis(state, torch.float32)
-        side = group_side(tuple(param.shape), group)
+        side = projection.side(tuple(param.shape))
         # In the weights' dtype on the wire (bf16 weights: bf16, as DDP's buckets).
-        grad = param.grad.reshape(projected_shape(tuple(param.shape), group)).to(proj.dtype)
+        grad = param.grad.reshape(projection.projected_shape(tuple(param.shape))).to(proj.dtype)
         low = project(grad, proj, side).to(param.dtype)
         low = low.to(buffer_device(comm, param.device)).contiguous()
         handles.append(comm.reduce_sum(low, dst=block.owner))

@@ -184,18 +184,19 @@ def step_verdict(
     return values[0] > 0, differ
 
 
-_default_factory: Callable[[], Communicator | None] | None = None
+_job_communicator: Callable[[], Communicator | None] | None = None
 
 
-def register_default_communicator(factory: Callable[[], Communicator | None]) -> None:
-    """The communicator an optimizer built without one uses when the job has several ranks.
+def use_job_communicator(factory: Callable[[], Communicator | None]) -> None:
+    """Set how an optimizer built without a communicator reaches the job's ranks.
 
-    ``gnlorp_dist.distributed`` registers one over the default ``torch.distributed`` group, so
-    the plain ``GradNormLoRPAdamW(groups)`` that DeepSpeed, Accelerate and the Trainer build
-    shards its state once the engine has initialised the process group.
+    The package root (``gnlorp_dist/__init__.py``) sets the one over the default
+    ``torch.distributed`` group (:mod:`gnlorp_dist.distributed`, a layer above this one), so the
+    plain ``GradNormLoRPAdamW(groups)`` that DeepSpeed, Accelerate and the Trainer build shards
+    its state once the engine has initialised the process group. It replaces, never appends.
     """
-    global _default_factory
-    _default_factory = factory
+    global _job_communicator
+    _job_communicator = factory
 
 
 def default_communicator() -> Communicator | None:
@@ -207,8 +208,8 @@ def default_communicator() -> Communicator | None:
     whole state on every rank). Otherwise one process (no ``WORLD_SIZE``, or 1) gets a
     :class:`LocalCommunicator`, and a job whose group is not up yet None.
     """
-    if _default_factory is not None:
-        found = _default_factory()
+    if _job_communicator is not None:
+        found = _job_communicator()
         if found is not None:
             return found
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -8,18 +8,19 @@ rows, moves what one all-reduce moves.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from torch import Tensor
 
 from gnlorp_dist.nn.surgery import was_merged_away
-from gnlorp_dist.optim.comm import Communicator, Handle
+from gnlorp_dist.optim.comm import Communicator, Handle, wait_all
 from gnlorp_dist.optim.fragments import ModelParameter
+from gnlorp_dist.optim.group_step import GroupStep
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.validation import flat_gradient_error, merged_away_error
 
 
-def check_replicated_gradients(group: dict[str, Any], params: list[ModelParameter]) -> None:
+def check_replicated_gradients(projected: bool, params: list[ModelParameter]) -> None:
     """What a replicated step refuses before it starts: a parameter merged away by
     :func:`~gnlorp_dist.merge_weight_norm`, a sparse gradient, a projected gradient that is not
     a matrix (an engine flattened it behind the optimizer's back)."""
@@ -31,7 +32,7 @@ def check_replicated_gradients(group: dict[str, Any], params: list[ModelParamete
             continue
         if grad.is_sparse:
             raise ValueError("GradNormLoRPAdamW does not support sparse gradients")
-        if "rank" in group and grad.dim() != 2:
+        if projected and grad.dim() != 2:
             raise flat_gradient_error(param.name, grad)
 
 
@@ -48,3 +49,33 @@ def reduce_to_owners(
         if block.owner == comm.rank:
             owned.append(rows)
     return owned
+
+
+def reduce_gradients_to_owners(
+    steps: list[GroupStep],
+    comm: Communicator,
+    take_started: Callable[[Tensor], list[Tensor] | None] | None = None,
+) -> None:
+    """Replicated layouts without DDP: each block's gradient summed on its owner, then
+    averaged there, instead of DDP's all-reduce to every rank. ``take_started``: the rows whose
+    reduce already started inside backward (:mod:`gnlorp_dist.optim.backward_reduction`)."""
+    if comm.world_size == 1:
+        return
+    handles: list[Handle | None] = []
+    owned: list[Tensor] = []
+    for group_step in steps:
+        if not group_step.layout.replicated:
+            continue
+        if group_step.projected and not group_step.layout.averaged:
+            continue  # low-rank reduction: only the projected gradients travel, in the step
+        for i, param in enumerate(group_step.params):
+            if not group_step.active[i]:
+                continue
+            started = take_started(param.tensor) if take_started is not None else None
+            if started is not None:  # its reduce started inside backward
+                owned += started
+            else:
+                owned += reduce_to_owners(comm, param.tensor, group_step.blocks[i], handles)
+    wait_all(handles)
+    for rows in owned:
+        rows.div_(comm.world_size)

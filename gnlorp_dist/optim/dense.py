@@ -13,12 +13,14 @@ from typing import Any
 from torch import Tensor
 
 from gnlorp_dist.optim.functional import dense_adamw_step
-from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, MomentStore, SharedBlock
+from gnlorp_dist.optim.quantized import MomentStore, SharedBlock
+from gnlorp_dist.optim.spec import MomentSpec, StepHyperparameters
 
 
 def update_dense_block(
     state: dict[str, Any],
-    group: dict[str, Any],
+    moments_spec: MomentSpec,
+    hyper: StepHyperparameters,
     param_block: Tensor,
     grad_block: Tensor,
     *,
@@ -35,13 +37,13 @@ def update_dense_block(
     assert param_block.is_contiguous(), "dense blocks are updated through a flat view"
     moments = MomentStore(
         state,
-        group["bits"],
+        moments_spec.bits,
         param_numel=param_numel,
         offset=offset,
-        min_numel=group.get("min_8bit_size", MIN_8BIT_NUMEL),
+        min_numel=moments_spec.min_8bit_size,
     )
     state["step"] = int(state.get("step", 0)) + 1
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = hyper.betas
     weights, grads = param_block.view(-1), grad_block.reshape(-1)
     for start, stop, exp_avg, exp_avg_sq in moments.chunks(param_block):
         dense_adamw_step(
@@ -50,10 +52,10 @@ def update_dense_block(
             exp_avg,
             exp_avg_sq,
             step=state["step"],
-            lr=group["lr"],
+            lr=hyper.lr,
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            eps=hyper.eps,
+            weight_decay=hyper.weight_decay,
         )
     return moments.shared

@@ -114,7 +114,7 @@ def adopt_loaded_state(step: GroupStep, pending: dict[str, dict[str, Any]]) -> N
                     whole,
                     fragment.start,
                     fragment.numel,
-                    step.group["bits"],
+                    step.spec.moments.bits,
                     torch.float32,
                     param_numel=math.prod(param.shape),
                 )

@@ -18,7 +18,7 @@ So a rank holding a run never needs the whole gradient except at a subspace refr
 functions here are pure; :mod:`gnlorp_dist.optim.driver` runs them across ranks and the
 engine integrations tell the optimizer where the runs are (a
 :class:`~gnlorp_dist.optim.layouts.Layout`, registered with
-:func:`~gnlorp_dist.optim.layouts.register_engine_layout`).
+:func:`~gnlorp_dist.optim.layouts.use_engine_layouts`).
 """
 
 from __future__ import annotations

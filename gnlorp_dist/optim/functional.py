@@ -2,10 +2,12 @@
 
 Two conventions live side by side, each matching its reference bit for bit in intent:
 
-- :func:`projected_adamw_step` is GaLore's AdamW on a low-rank gradient: ``denom = sqrt(v) + eps``
-  with both bias corrections folded into the step size, the update projected back and scaled by
-  ``alpha``, then decoupled weight decay ``p -= lr * wd * p`` *after* the update
-  (``galore_torch.GaLoreAdamW``).
+- GaLore's AdamW on a low-rank gradient (``galore_torch.GaLoreAdamW``), in the pieces the driver
+  runs on runs of a matrix: :func:`update_moments_`, :func:`normalized_low_rank_update`
+  (``denom = sqrt(v) + eps``), the projection back, then :func:`apply_projected_update_` (both
+  bias corrections folded into the step size, scaled by ``alpha``, then decoupled weight decay
+  ``p -= lr * wd * p`` *after* the update). tests/unit/reference_math.py composes them into the
+  whole-matrix step the tests compare with GaLore.
 - :func:`dense_adamw_step` is ``torch.optim.AdamW``: weight decay ``p *= 1 - lr * wd`` *before*
   the update and ``denom = sqrt(v) / sqrt(bc2) + eps``.
 
@@ -18,8 +20,6 @@ from __future__ import annotations
 import math
 
 from torch import Tensor
-
-from gnlorp_dist.optim.projection import Side, project_back
 
 
 def update_moments_(
@@ -40,42 +40,6 @@ def normalized_low_rank_update(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) 
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
 
 
-def projected_adamw_step(
-    param: Tensor,
-    low_rank_grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    proj: Tensor,
-    side: Side,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    scale: float,
-) -> None:
-    """One GaLore-convention AdamW update of ``param`` from its projected gradient, in place.
-
-    ``step`` is the 1-based count of updates including this one. ``exp_avg``/``exp_avg_sq``
-    have ``low_rank_grad``'s shape and are updated in place.
-    """
-    update_moments_(exp_avg, exp_avg_sq, low_rank_grad, beta1, beta2)
-    # 8-bit moments come back as float32: project back in the basis's dtype (bf16 runs).
-    direction_low = normalized_low_rank_update(exp_avg, exp_avg_sq, eps).to(proj.dtype)
-    apply_projected_update_(
-        param,
-        project_back(direction_low, proj, side),
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        scale=scale,
-    )
-
-
 def apply_projected_update_(
     param: Tensor,
     direction_full: Tensor,
@@ -87,7 +51,7 @@ def apply_projected_update_(
     weight_decay: float,
     scale: float,
 ) -> None:
-    """The element-wise tail of :func:`projected_adamw_step`, in place on ``param``.
+    """The element-wise tail of GaLore's projected AdamW step, in place on ``param``.
 
     ``direction_full`` is the back-projected Adam direction of the elements of ``param``; any
     slice of a matrix can be updated on its own, which is what sharded (ZeRO) layouts do.

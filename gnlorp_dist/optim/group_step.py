@@ -1,38 +1,84 @@
 """What one param group's ``step()`` is on this rank: :class:`GroupStep` and its questions.
 
 The phases of :mod:`gnlorp_dist.optim.driver` ask a ``GroupStep`` where each matrix's low-rank
-work happens (its placement), what it is projected in (its projected shape, side and basis:
-:mod:`gnlorp_dist.optim.projector`) and who owns it; the answers live here so the driver reads
-as its phases only.
+work happens (its :class:`Placement`, an object chosen once from the layout:
+:mod:`gnlorp_dist.optim.placements`), what it is projected in (its projected shape, side and
+basis: the group's :class:`~gnlorp_dist.optim.spec.ProjectionSpec`) and who owns it; the answers
+live here so the driver reads as its phases only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import Communicator
+from gnlorp_dist.optim.comm import Communicator, Handle
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.layouts import Layout
 from gnlorp_dist.optim.ownership import OwnedBlock
-from gnlorp_dist.optim.projection import low_rank_shape
-from gnlorp_dist.optim.projector import (
-    back_divisor,
-    check_random_basis_device,
-    group_side,
-    is_factored,
-    is_random,
-    projected_shape,
-    regenerate_basis,
-)
-from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL, SharedBlock
+from gnlorp_dist.optim.projection import Side, low_rank_shape
+from gnlorp_dist.optim.projector import check_random_basis_device, regenerate_basis
+from gnlorp_dist.optim.quantized import SharedBlock, stores_8bit
 from gnlorp_dist.optim.quantized_basis import load_basis
+from gnlorp_dist.optim.spec import GroupSpec, ProjectionSpec, StepHyperparameters
 
-Placement = Literal["owner", "reduce", "rows"]
+ReceivedDirection = Callable[[], tuple[Tensor, tuple[Tensor, Tensor] | None]]
+"""Called once a direction's broadcast has arrived: the direction and, under ProjFactor, the
+row and column sums that travelled with it."""
+
+
+class Placement(Protocol):
+    """Where a projected matrix's low-rank work happens on the ranks, as phase methods (the
+    three placements are :mod:`gnlorp_dist.optim.placements`)."""
+
+    batched: bool
+    """Its matrices' collectives are started together for the whole group (their handles
+    overlap); else the phases run matrix by matrix, so one low-rank workspace is alive."""
+    cuts_moment_blocks: bool
+    """Each rank keeps the moments of its own rows: 8-bit blocks may be cut between ranks."""
+
+    def basis_home(self, step: GroupStep, index: int) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device the matrix's basis is used in on this rank."""
+        ...
+
+    def low_rank_gradient(
+        self, step: GroupStep, index: int, partial: Tensor | None, handles: list[Handle | None]
+    ) -> Tensor | None:
+        """Form (and start sending) the low-rank gradient; the tensor this rank keeps the
+        moments of once ``handles`` are waited for, else None. ``partial``: this rank's
+        contribution already projected (per-layer mode's micro-batch sum)."""
+        ...
+
+    def mean_over_ranks(self, step: GroupStep, low: Tensor) -> Tensor:
+        """The low-rank gradient Adam consumes, from what :meth:`low_rank_gradient` kept."""
+        ...
+
+    def moment_offset(self, step: GroupStep, index: int) -> int:
+        """Where this rank's moments start in the matrix's whole low-rank moments."""
+        ...
+
+    def share_direction(
+        self,
+        step: GroupStep,
+        index: int,
+        direction: Tensor | None,
+        handles: list[Handle | None],
+    ) -> ReceivedDirection | None:
+        """Start sending the normalised direction to the ranks that apply it (None: the rank
+        that computed it applies it alone)."""
+        ...
+
+    def update_target(
+        self, step: GroupStep, index: int, direction: Tensor, proj: Tensor
+    ) -> tuple[Tensor, Tensor, int, int]:
+        """``(weights, back-projected update, start, numel)``: the weights this rank updates,
+        the update of the same shape, and where they sit in the matrix's flat elements."""
+        ...
 
 
 @dataclass(kw_only=True)
@@ -40,7 +86,11 @@ class GroupStep:
     """One param group as one ``step()`` sees it on this rank."""
 
     group: dict[str, Any]
-    """The group dict (hyperparameters)."""
+    """The group dict (only where a record is kept with it: the random bases' device)."""
+    spec: GroupSpec
+    """The group's spec (projection and moments), parsed when the group was added."""
+    hyper: StepHyperparameters
+    """The group's lr, betas, eps and weight decay as this step reads them."""
     layout: Layout
     """Where this rank holds each parameter."""
     params: list[ModelParameter]
@@ -52,6 +102,8 @@ class GroupStep:
     active: list[bool]
     """Whether each parameter takes part in this step (it has a gradient; the same answer on
     every rank)."""
+    placements: list[Placement]
+    """Where each matrix's low-rank work happens (projected groups; empty for dense ones)."""
     reduced: dict[int, Tensor] = field(default_factory=dict)
     """Low-rank gradients whose reduce to the owner already ran (started inside backward by
     :mod:`gnlorp_dist.optim.backward_reduction`): summed over the ranks, not yet averaged."""
@@ -73,40 +125,45 @@ class GroupStep:
     def __post_init__(self) -> None:
         if self.random and self.params:
             # Before any phase: a window begun on another device type is refused here.
-            owner = self.placement(0) == "owner"
-            device = self.params[0].tensor.device if owner else self.device
+            _dtype, device = self.placement(0).basis_home(self, 0)
             states = (state for state in self.states if state is not None)
-            check_random_basis_device(self.group, states, device.type, self.comm)
+            check_random_basis_device(self.projection, self.group, states, device.type, self.comm)
 
     @property
     def projected(self) -> bool:
-        return "rank" in self.group
+        return self.spec.projection is not None
+
+    @property
+    def projection(self) -> ProjectionSpec:
+        """The group's projection (a projected group's step only)."""
+        assert self.spec.projection is not None, "a dense group has no projection"
+        return self.spec.projection
 
     def owner(self, index: int) -> int:
         (block,) = self.blocks[index]
         return block.owner
 
-    def side(self, index: int) -> Any:
-        return group_side(self.params[index].shape, self.group)
+    def side(self, index: int) -> Side:
+        return self.projection.side(self.params[index].shape)
 
     @property
     def random(self) -> bool:
         """Random bases (VLoRP): regenerated from seeds, never stored, refreshed or sent."""
-        return is_random(self.group)
+        return self.projected and self.projection.random
 
     @property
     def factored(self) -> bool:
         """ProjFactor's factored second moment (:mod:`gnlorp_dist.optim.projfactor`)."""
-        return is_factored(self.group)
+        return self.spec.moments.factored
 
     def proj_shape(self, index: int) -> tuple[int, int]:
         """The shape parameter ``index`` is projected in (``(M c, N / c)`` with granularity:
         the same flat indices, so runs of the matrix are runs of it)."""
-        return projected_shape(self.params[index].shape, self.group)
+        return self.projection.projected_shape(self.params[index].shape)
 
     @property
     def back_divisor(self) -> int:
-        return back_divisor(self.group)
+        return self.projection.back_divisor
 
     @property
     def owner_alone(self) -> bool:
@@ -114,11 +171,7 @@ class GroupStep:
         return self.layout.replicated and self.layout.averaged
 
     def placement(self, index: int) -> Placement:
-        if self.layout.replicated:
-            return "owner" if self.layout.averaged else "reduce"
-        if self.layout.row_aligned and self.side(index) == "right":
-            return "rows"
-        return "reduce"
+        return self.placements[index]
 
     def holds(self, index: int) -> bool:
         """Whether this rank updates (part of) parameter ``index``'s weights itself."""
@@ -149,16 +202,14 @@ class GroupStep:
         per step (per hook in per-layer mode), and kept for the step's phases only: holding it
         for its whole window would cost what a stored SVD basis does, which random bases exist
         to avoid; a draw is one RNG kernel, with no host work but seeding."""
-        owner = self.placement(index) == "owner"
-        dtype = self.params[index].tensor.dtype if owner else torch.float32
+        dtype, device = self.placement(index).basis_home(self, index)
         if not self.random:
             return load_basis(self.state(index), dtype)
         if index not in self.random_bases:
             (block, *_) = self.blocks[index]
             window = self.counted.get(index, int(self.state(index).get("step", 0)))
-            device = self.params[index].tensor.device if owner else self.device
             self.random_bases[index] = regenerate_basis(
-                self.group,
+                self.projection,
                 block.param_index,
                 window,
                 self.params[index].shape,
@@ -171,16 +222,17 @@ class GroupStep:
         """Elements of one Adam moment of the whole parameter ``index`` (low-rank if projected)."""
         if self.projected:
             shape = self.proj_shape(index)
-            return math.prod(low_rank_shape(shape, self.group["rank"], self.side(index)))
+            return math.prod(low_rank_shape(shape, self.projection.rank, self.side(index)))
         return math.prod(self.params[index].shape)
 
     def cut_8bit(self, index: int) -> bool:
         """Whether parameter ``index``'s 8-bit moments may be cut between ranks (the same answer
         on every rank): its blocks' scales are then agreed at the end of the step."""
-        if self.group["bits"] != 8 or self.comm.world_size == 1:
+        moments = self.spec.moments
+        if self.comm.world_size == 1:
             return False
-        if self.moments_numel(index) < self.group.get("min_8bit_size", MIN_8BIT_NUMEL):
+        if not stores_8bit(moments.bits, self.moments_numel(index), moments.min_8bit_size):
             return False
         if self.projected:
-            return self.placement(index) == "rows"
+            return self.placement(index).cuts_moment_blocks
         return not self.layout.replicated or len(self.blocks[index]) > 1

@@ -114,60 +114,15 @@ def projected_param_groups(
     ``proj_type="random"``), ``projection_seed`` and ``second_moment`` (``"adam"`` or ProjFactor's
     ``"factored"``): see docs/vlorp.md.
     """
-    unknown = set(projection_options) - set(PROJECTION_OPTIONS)
-    if unknown:
-        raise ValueError(
-            f"unknown projection options {sorted(unknown)}; use {list(PROJECTION_OPTIONS)}"
-        )
+    _check_projection_options(projection_options)
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     peft = is_peft_model(model)
     lora_factors = _peft_lora_factors(model) if peft else {}
-
-    projected: dict[int, str] = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, WeightNormLinear):
-            for param in module.projected_parameters():
-                projected[id(param)] = module_name
-    if target_modules is None and peft:
-        projected.update(lora_factors)
-    else:
-        targets = tuple(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
-        for module_name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and any(
-                target_matches(module_name, t) for t in targets
-            ):
-                projected.setdefault(id(module.weight), module_name)
-    if not projected:
-        if peft and target_modules is None:
-            raise ValueError(
-                f"{type(model).__name__} is a PEFT model without LoRA linear layers (no lora_A/"
-                "lora_B nn.Linear); pass target_modules naming the matrices to project, e.g. "
-                "target_modules=('*.lora_A.*', '*.lora_B.*')."
-            )
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
-        raise ValueError(
-            f"no parameter matched target_modules={tuple(target_modules or DEFAULT_TARGET_MODULES)}"
-            f"; linear layers in this model include {linear_names}. Pass target_modules naming "
-            "them (qualified names, dotted components or globs such as 'layers.*.q_proj')."
-        )
-
-    projected_named, dense_params, dense_names = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if id(param) in projected:
-            projected_named.append((name, param))
-        else:
-            dense_params.append(param)
-            dense_names.append(name)
+    projected = _projected_matrices(model, target_modules, lora_factors if peft else None)
+    projected_named, dense_named = _split_trainable(model, projected)
     if peft and not projected_named:
-        # PEFT freezes the base model: a match on frozen weights only would train no adapter.
-        raise ValueError(
-            f"every matrix matched by target_modules={target_modules!r} on this PEFT model is "
-            "frozen (requires_grad=False); leave target_modules unset to project the trainable "
-            "lora_A/lora_B factors."
-        )
+        raise _frozen_match_error(target_modules)
     _check_lora_factor_ranks(rank, projected_named, set(lora_factors))
     groups: list[dict[str, Any]] = [
         {
@@ -180,6 +135,82 @@ def projected_param_groups(
             **projection_options,
         }
     ]
-    if dense_params:
-        groups.append({"params": dense_params, "param_names": dense_names})
+    if dense_named:
+        groups.append(
+            {
+                "params": [param for _, param in dense_named],
+                "param_names": [name for name, _ in dense_named],
+            }
+        )
     return groups
+
+
+def _check_projection_options(options: dict[str, Any]) -> None:
+    unknown = set(options) - set(PROJECTION_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown projection options {sorted(unknown)}; use {list(PROJECTION_OPTIONS)}"
+        )
+
+
+def _frozen_match_error(target_modules: Sequence[str] | None) -> ValueError:
+    # PEFT freezes the base model: a match on frozen weights only would train no adapter.
+    return ValueError(
+        f"every matrix matched by target_modules={target_modules!r} on this PEFT model is "
+        "frozen (requires_grad=False); leave target_modules unset to project the trainable "
+        "lora_A/lora_B factors."
+    )
+
+
+def _projected_matrices(
+    model: nn.Module, target_modules: Sequence[str] | None, lora_factors: dict[int, str] | None
+) -> dict[int, str]:
+    """``{id(weight): module name}`` of every matrix to project: the weight-normalized
+    layers' projected parameters, then the LoRA factors of a PEFT model (``lora_factors``; None:
+    not a PEFT model) when no target is named, else every ``nn.Linear`` a target names."""
+    projected: dict[int, str] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, WeightNormLinear):
+            for param in module.projected_parameters():
+                projected[id(param)] = module_name
+    if target_modules is None and lora_factors is not None:
+        projected.update(lora_factors)
+    else:
+        targets = tuple(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
+        for module_name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and any(
+                target_matches(module_name, t) for t in targets
+            ):
+                projected.setdefault(id(module.weight), module_name)
+    if not projected:
+        raise _nothing_matched_error(model, target_modules, peft=lora_factors is not None)
+    return projected
+
+
+def _nothing_matched_error(
+    model: nn.Module, target_modules: Sequence[str] | None, *, peft: bool
+) -> ValueError:
+    if peft and target_modules is None:
+        return ValueError(
+            f"{type(model).__name__} is a PEFT model without LoRA linear layers (no lora_A/"
+            "lora_B nn.Linear); pass target_modules naming the matrices to project, e.g. "
+            "target_modules=('*.lora_A.*', '*.lora_B.*')."
+        )
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
+    return ValueError(
+        f"no parameter matched target_modules={tuple(target_modules or DEFAULT_TARGET_MODULES)}"
+        f"; linear layers in this model include {linear_names}. Pass target_modules naming "
+        "them (qualified names, dotted components or globs such as 'layers.*.q_proj')."
+    )
+
+
+def _split_trainable(
+    model: nn.Module, projected: dict[int, str]
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """``(projected, dense)``: every trainable parameter with its name, in the model's order
+    (frozen ones are in neither)."""
+    projected_named, dense_named = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (projected_named if id(param) in projected else dense_named).append((name, param))
+    return projected_named, dense_named

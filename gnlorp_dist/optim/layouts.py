@@ -13,8 +13,10 @@ layout is the only thing that differs between them. It answers, for one param gr
 - where its optimizer state is keyed (``flattened``: the engine replaced the group's parameters
   by flat tensors, so states are keyed by parameter name, not by tensor).
 
-Engines teach the optimizer their layouts with :func:`register_engine_layout` (the
-``gnlorp_dist.integrations`` packages do, on import); a group no detector claims is replicated.
+The engines' layouts live above this layer (``gnlorp_dist.integrations``), so the optimizer
+cannot import them: the package root, ``gnlorp_dist/__init__.py``, which Python runs before any
+submodule, hands them over in one explicit call, :func:`use_engine_layouts`. No module
+registers itself on import. A group no engine layout claims is replicated.
 """
 
 from __future__ import annotations
@@ -144,18 +146,25 @@ LayoutDetector = Callable[[list[Tensor], list[Tensor]], "Layout | None"]
 Called at construction (``engine_params`` are the model parameters then) and at every step; a
 detector refuses, with a ValueError naming the option, a layout it recognises but cannot run."""
 
-_DETECTORS: list[LayoutDetector] = []
+_engine_layouts: tuple[LayoutDetector, ...] = ()
 
 
-def register_engine_layout(detector: LayoutDetector) -> None:
-    """Teach the optimizer an engine's layout (called by ``gnlorp_dist.integrations``)."""
-    if detector not in _DETECTORS:
-        _DETECTORS.append(detector)
+def use_engine_layouts(*detectors: LayoutDetector) -> None:
+    """Set the engine layouts :func:`detect_layout` tries, in order (``gnlorp_dist/__init__.py``
+    sets DeepSpeed ZeRO's and FSDP2's). It replaces the table, never appends to it: the same
+    call twice is the call once, and the table never depends on what was imported when."""
+    global _engine_layouts
+    _engine_layouts = tuple(detectors)
+
+
+def engine_layouts() -> tuple[LayoutDetector, ...]:
+    """The engine layouts :func:`detect_layout` tries, in order."""
+    return _engine_layouts
 
 
 def detect_layout(model_params: list[Tensor], engine_params: list[Tensor]) -> Layout:
-    """The registered layout that explains ``engine_params``, else :data:`REPLICATED`."""
-    for detector in _DETECTORS:
+    """The engine layout that explains ``engine_params``, else :data:`REPLICATED`."""
+    for detector in _engine_layouts:
         layout = detector(model_params, engine_params)
         if layout is not None:
             return layout
@@ -165,6 +174,6 @@ def detect_layout(model_params: list[Tensor], engine_params: list[Tensor]) -> La
     raise ValueError(
         f"a param group reached GradNormLoRPAdamW.step() holding {len(engine_params)} tensors in "
         f"place of its {len(model_params)} parameters, in a layout no engine integration "
-        "explains (DeepSpeed ZeRO and FSDP2 are known: `import gnlorp_dist` registers them); "
+        "explains (DeepSpeed ZeRO and FSDP2 are known: `import gnlorp_dist` hands them to the optimizer); "
         "build the optimizer from the parameters the engine trains"
     )

@@ -1,100 +1,71 @@
 """The non-finite policy of :class:`GradNormLoRPAdamW`'s ``step()``: verify, then skip or raise.
 
-A mixin, like :class:`~gnlorp_dist.optim.per_layer_step.PerLayerStep`: it reads the step's
-:class:`~gnlorp_dist.optim.driver.GroupStep` list and keeps the one check of a step, for every
-layout, in one place. Every gradient a rank consumes is counted in one fused reduction and the
-verdict travels in one small all-reduce (:func:`gnlorp_dist.optim.comm.step_verdict`), so every
-rank skips or raises together, before anything changes.
+Plain functions of the step's :class:`~gnlorp_dist.optim.group_step.GroupStep` list: the one
+check of a step, for every layout, in one place. Every gradient a rank consumes is counted in
+one fused reduction and the verdict travels in one small all-reduce
+(:func:`gnlorp_dist.optim.comm.step_verdict`), so every rank skips or raises together, before
+anything changes.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import step_verdict
+from gnlorp_dist.optim.comm import Communicator, step_verdict
 from gnlorp_dist.optim.group_step import GroupStep
 from gnlorp_dist.optim.refresh import refresh_due
 from gnlorp_dist.optim.validation import (
-    check_non_finite_policy,
     gradients_differ_error,
     non_finite_refresh_error,
     non_finite_step_error,
 )
 
 
-class NonFiniteGuard:
-    """``on_nonfinite``, ``mark_gradients_finite`` and the step's gradient verification."""
+def verify_gradients(
+    steps: list[GroupStep],
+    comm: Communicator,
+    *,
+    skip: bool,
+    known_finite: bool,
+    compare_replicas: bool,
+) -> bool:
+    """THE check of a step: whether it may go on (False: skip it), before anything changes.
 
-    # Provided by GradNormLoRPAdamW.
-    comm: Any
-    state: Any
-    reduce_gradients: bool
-    skipped_steps: int
-    last_step_skipped: bool
-    _check_non_finite: bool
-    _gradients_known_finite: bool
-    _on_nonfinite: str
+    Every gradient this rank consumes (:func:`consumed_gradients`) is checked in one fused
+    count, the verdict summed over ranks (one small all-reduce, one host read) so every rank
+    skips or raises together. ``skip``: a non-finite gradient skips the step (``on_nonfinite=
+    "skip"``), else it raises a ValueError naming the parameters. ``known_finite``: the caller
+    vouched for the gradients (:meth:`GradNormLoRPAdamW.mark_gradients_finite`): one process
+    then checks nothing. ``compare_replicas`` (replicated layouts over several ranks whose
+    gradients DDP averaged): the ranks' gradient checksums travel in the same all-reduce, since
+    un-averaged gradients would make each owner update from its own data."""
+    consumed = consumed_gradients(steps)
+    if comm.world_size == 1 and (known_finite or not consumed):
+        return True  # nothing to verify: no host sync
+    like = steps[0].device if steps else torch.device("cpu")
+    compare = comm.world_size > 1 and compare_replicas and any(s.owner_alone for s in steps)
+    checked = replicated_gradients(steps) if compare else None
+    non_finite, differ = step_verdict(comm, [g for _n, g in consumed], like, checked)
+    if differ:
+        raise gradients_differ_error(comm.world_size)
+    if not non_finite:
+        return True
+    if skip:
+        return False
+    raise non_finite_error(steps, consumed)
 
-    @property
-    def on_nonfinite(self) -> str:
-        """``"raise"`` or ``"skip"``: what ``step()`` does with a non-finite gradient."""
-        return self._on_nonfinite
 
-    @on_nonfinite.setter
-    def on_nonfinite(self, policy: str) -> None:
-        self._on_nonfinite = check_non_finite_policy(policy)
-
-    def mark_gradients_finite(self) -> None:
-        """The caller knows every gradient of the next ``step()`` is finite (e.g. the total norm
-        ``clip_grad_norm_`` returned is finite): on one process that step skips its own check
-        (and its host sync). Several ranks still run their verdict (it carries the checksums)."""
-        self._gradients_known_finite = True
-
-    def _skip_step(self) -> None:
-        """``on_nonfinite="skip"``: nothing changed; count it (every rank reaches this together)."""
-        self.skipped_steps += 1
-        self.last_step_skipped = True
-
-    def _verify_gradients(self, steps: list[GroupStep], known_finite: bool) -> bool:
-        """THE check of a step: whether it may go on (False: skip it), before anything changes.
-
-        Every gradient this rank consumes (:func:`consumed_gradients`) is checked in one fused
-        count, the verdict summed over ranks (one small all-reduce, one host read) so every
-        rank skips or raises together. Replicated layouts over several ranks with DDP-averaged
-        gradients (``reduce_gradients=False``) carry the ranks' gradient checksums in the same
-        all-reduce: un-averaged gradients would make each owner update from its own data."""
-        due = due_matrices(steps)
-        if self._check_non_finite:
-            consumed = consumed_gradients(steps)
-        else:  # the benchmark's baseline: what was checked before the policy (refreshes only)
-            consumed = [(name, grad) for name, grad in consumed_gradients(steps) if name in due]
-        if self.comm.world_size == 1 and (known_finite or not consumed):
-            return True  # nothing to verify: no host sync
-        like = steps[0].device if steps else torch.device("cpu")
-        compare = (
-            self.comm.world_size > 1
-            and not self.reduce_gradients
-            and any(s.owner_alone for s in steps)
-        )
-        checked = replicated_gradients(steps) if compare else None
-        non_finite, differ = step_verdict(self.comm, [g for _n, g in consumed], like, checked)
-        if differ:
-            raise gradients_differ_error(self.comm.world_size)
-        if not non_finite:
-            return True
-        if self.on_nonfinite == "skip":
-            return False
-        # The error path only: name the offenders (one host read each).
-        bad = list(dict.fromkeys(n for n, g in consumed if not bool(torch.isfinite(g).all())))
-        steps_of = {name: taken for name, taken in matrix_steps(steps)}
-        counted = sorted(steps_of[n] for n in bad if n in steps_of) or sorted(steps_of.values())
-        step = counted[0] if counted else "?"
-        if bad and all(n in due for n in bad):
-            raise non_finite_refresh_error(bad, step)
-        raise non_finite_step_error(bad or ["a parameter owned by another rank"], step)
+def non_finite_error(steps: list[GroupStep], consumed: list[tuple[str, Tensor]]) -> ValueError:
+    """The error path only: the ValueError naming the offenders (one host read each)."""
+    due = due_matrices(steps)
+    bad = list(dict.fromkeys(n for n, g in consumed if not bool(torch.isfinite(g).all())))
+    steps_of = {name: taken for name, taken in matrix_steps(steps)}
+    counted = sorted(steps_of[n] for n in bad if n in steps_of) or sorted(steps_of.values())
+    step = counted[0] if counted else "?"
+    if bad and all(n in due for n in bad):
+        return non_finite_refresh_error(bad, step)
+    return non_finite_step_error(bad or ["a parameter owned by another rank"], step)
 
 
 def zero_non_finite_(tensor: Tensor) -> Tensor:
@@ -143,7 +114,9 @@ def due_matrices(steps: list[GroupStep]) -> set[str]:
         for step in steps
         if step.projected
         for i, p in enumerate(step.params)
-        if step.active[i] and step.states[i] is not None and refresh_due(step.group, step.state(i))
+        if step.active[i]
+        and step.states[i] is not None
+        and refresh_due(step.projection, step.state(i))
     }
 
 

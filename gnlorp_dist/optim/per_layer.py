@@ -16,6 +16,7 @@ from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
 from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
+from gnlorp_dist.optim.spec import group_params
 
 
 class PerLayerUpdates:
@@ -88,7 +89,7 @@ class PerLayerUpdates:
         """The autograd graph task whose end reads the step's verdict (one per backward)."""
         self._handles: list[RemovableHandle] = []
         for group in optimizer.param_groups:
-            for param in group["params"]:
+            for param in group_params(group):
                 if param.requires_grad:
                     self._micro_batch[param] = 0
                     self._handles.append(param.register_post_accumulate_grad_hook(self._hook))

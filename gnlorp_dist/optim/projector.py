@@ -1,7 +1,9 @@
 """How a projected group projects: granularity, the basis kind and the second-moment mode.
 
-The driver asks these questions of a group (through :class:`~gnlorp_dist.optim.driver.GroupStep`)
-and never branches on VLoRP itself elsewhere:
+The driver asks these questions of a group's :class:`~gnlorp_dist.optim.spec.ProjectionSpec`
+(through :class:`~gnlorp_dist.optim.group_step.GroupStep`) and never branches on VLoRP itself
+elsewhere; the shape and side rules are the spec's methods, the basis regeneration and its
+device record are here:
 
 - the **projected shape** of a matrix: ``(M c, N / c)`` with ``granularity=c`` (VLoRP), else
   its true shape. The row-major reshape keeps every element's flat index, so a flat run of ``G``
@@ -31,55 +33,33 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.projection import PROJ_TYPES, Side, projection_side
+from gnlorp_dist.optim.spec import (
+    BASIS_DEVICE_KEY,
+    OPTIMIZER_PROJ_TYPES,
+    SECOND_MOMENTS,
+    ProjectionSpec,
+    moments_of,
+    projection_of,
+    record_basis_device,
+    recorded_basis_device,
+)
 from gnlorp_dist.optim.vlorp import random_basis, window_seed
 
-SECOND_MOMENTS: tuple[str, ...] = ("adam", "factored")
-OPTIMIZER_PROJ_TYPES: tuple[str, ...] = (*PROJ_TYPES, "random")
-"""The SVD side rules of :data:`gnlorp_dist.optim.projection.PROJ_TYPES` and ``"random"`` (VLoRP's
-seeded Gaussian or Rademacher basis, right side)."""
+__all__ = [
+    "BASIS_DEVICE_KEY",
+    "FACTORED_KEYS",
+    "OPTIMIZER_PROJ_TYPES",
+    "SECOND_MOMENTS",
+    "check_random_basis_device",
+    "regenerate_basis",
+    "state_layout",
+]
+
 FACTORED_KEYS = ("row_sq", "col_sq")
 
 
-def granularity(group: dict[str, Any]) -> int:
-    return int(group.get("granularity", 1))
-
-
-def is_random(group: dict[str, Any]) -> bool:
-    return group.get("proj_type") == "random"
-
-
-def is_factored(group: dict[str, Any]) -> bool:
-    return group.get("second_moment", "adam") == "factored"
-
-
-def projected_shape(shape: tuple[int, ...], group: dict[str, Any]) -> tuple[int, int]:
-    """The shape the group projects a ``shape`` matrix in: ``(M c, N / c)``, or ``shape``."""
-    rows, cols = shape
-    c = granularity(group)
-    return (rows * c, cols // c) if c > 1 else (rows, cols)
-
-
-def group_side(shape: tuple[int, ...], group: dict[str, Any]) -> Side:
-    """The side a ``shape`` matrix is projected on (of its projected shape)."""
-    if is_random(group):
-        return "right"
-    return projection_side(projected_shape(shape, group), group["proj_type"])
-
-
-def planning_proj_type(group: dict[str, Any]) -> str | None:
-    """The proj_type the ownership plan may size states with (it knows the SVD rules only)."""
-    proj_type = group.get("proj_type")
-    return "right" if proj_type == "random" else proj_type
-
-
-def back_divisor(group: dict[str, Any]) -> int:
-    """What the back-projection divides by: ``r`` for a random basis, 1 for an orthonormal one."""
-    return int(group["rank"]) if is_random(group) else 1
-
-
 def regenerate_basis(
-    group: dict[str, Any],
+    projection: ProjectionSpec,
     position: int,
     step: int,
     shape: tuple[int, ...],
@@ -89,22 +69,15 @@ def regenerate_basis(
 ) -> Tensor:
     """The random basis ``(rank, N / c)`` of the refresh window holding ``step`` (0-based, the
     update being taken) for the parameter at ``position`` among all the optimizer's parameters."""
-    seed = window_seed(
-        int(group.get("projection_seed", 0)), position, step, int(group["update_proj_gap"])
-    )
+    seed = window_seed(projection.projection_seed, position, step, projection.update_proj_gap)
     return random_basis(
-        projected_shape(shape, group)[1],
-        int(group["rank"]),
+        projection.projected_shape(shape)[1],
+        projection.rank,
         seed=seed,
-        kind=group.get("random_basis", "gaussian"),
+        kind=projection.random_basis,
         dtype=dtype,
         device=device,
     )
-
-
-BASIS_DEVICE_KEY = "random_basis_device"
-"""The param-group key (saved in ``state_dict()["param_groups"]``) recording the device type
-(``"cpu"``, ``"cuda"``, ...) whose generator draws the group's random bases."""
 
 
 class _Gatherer(Protocol):
@@ -114,26 +87,31 @@ class _Gatherer(Protocol):
 
 
 def check_random_basis_device(
-    group: dict[str, Any], states: Iterable[dict[str, Any]], device_type: str, comm: _Gatherer
+    projection: ProjectionSpec,
+    group: dict[str, Any],
+    states: Iterable[dict[str, Any]],
+    device_type: str,
+    comm: _Gatherer,
 ) -> None:
     """Refuse to continue a refresh window of random bases on another kind of device.
 
     CPU and CUDA generators draw different numbers for the same seed, so a window begun on one
     would go on with another basis on the other: the low-rank moments would silently change
-    subspace mid-window. ``group`` records the device type its bases are drawn on; when this
-    step draws elsewhere, it goes on (and records the new type) only if every matrix of the
-    group, on every rank, is at the start of a window (its step a multiple of
-    ``update_proj_gap``): the new window's basis is then a fresh draw, like any window's.
-    Otherwise a ValueError. A state saved before the record existed was drawn on the CPU.
-    ``states``: this rank's states of the group's matrices, iterated only when the device
-    type changes (a per-layer hook passes a generator: the usual call is one lookup). Host
-    work only; the ranks agree in one ``all_gather_object`` when the device type changes (all
-    together: the record is the same on every rank), never on the hot path.
+    subspace mid-window. ``group`` (the param-group dict: the record is saved with it) records
+    the device type its bases are drawn on; when this step draws elsewhere, it goes on (and
+    records the new type) only if every matrix of the group, on every rank, is at the start of
+    a window (its step a multiple of ``update_proj_gap``): the new window's basis is then a
+    fresh draw, like any window's. Otherwise a ValueError. A state saved before the record
+    existed was drawn on the CPU. ``states``: this rank's states of the group's matrices,
+    iterated only when the device type changes (a per-layer hook passes a generator: the usual
+    call is one lookup). Host work only; the ranks agree in one ``all_gather_object`` when the
+    device type changes (all together: the record is the same on every rank), never on the hot
+    path.
     """
-    recorded = group.get(BASIS_DEVICE_KEY)
+    recorded = recorded_basis_device(group)
     if recorded == device_type:
         return
-    gap = int(group["update_proj_gap"])
+    gap = projection.update_proj_gap
     steps = [int(state.get("step", 0)) for state in states]
     mine = (any(step % gap for step in steps), any(step > 0 for step in steps))
     seen = comm.all_gather_object(mine) if comm.world_size > 1 else [mine]
@@ -151,21 +129,23 @@ def check_random_basis_device(
             f"checkpoint saved at a multiple of update_proj_gap={gap} steps (the next window "
             f"then draws on {device_type})."
         )
-    group[BASIS_DEVICE_KEY] = device_type
+    record_basis_device(group, device_type)
 
 
 def state_layout(
     shape: tuple[int, ...], group: dict[str, Any]
 ) -> tuple[int, tuple[int, int] | None, int]:
-    """What a projected ``shape`` matrix keeps in the state, for estimators: ``(elements of one
-    low-rank moment, the stored basis's shape or None for a random basis, float32 elements of
-    the factored second moment (0 under Adam's))``. Under ``second_moment="factored"`` only the
-    first low-rank moment is kept."""
-    projected = projected_shape(shape, group)
-    rank = min(int(group["rank"]), *projected)
-    side = group_side(shape, group)
+    """What a matrix of ``shape`` in the projected param group ``group`` (a dict) keeps in the
+    state, for estimators: ``(elements of one low-rank moment, the stored basis's shape or None
+    for a random basis, float32 elements of the factored second moment (0 under Adam's))``.
+    Under ``second_moment="factored"`` only the first low-rank moment is kept."""
+    projection = projection_of(group)
+    assert projection is not None, "state_layout is for projected groups"
+    projected = projection.projected_shape(shape)
+    rank = min(projection.rank, *projected)
+    side = projection.side(shape)
     rows, cols = projected
     moment = rows * rank if side == "right" else rank * cols
-    basis = None if is_random(group) else ((rank, cols) if side == "right" else (rows, rank))
-    factored = shape[0] + shape[1] if is_factored(group) else 0
+    basis = None if projection.random else ((rank, cols) if side == "right" else (rows, rank))
+    factored = shape[0] + shape[1] if moments_of(group).factored else 0
     return moment, basis, factored

@@ -11,9 +11,10 @@ with ``V^ = row ⊗ col / sum(row)``, stepped by ``lr * scale / (1 - b1^t)``: Ad
 corrections, ``eps`` added after the square root of the corrected ``V^`` (Adam's convention, not
 GaLore's ``sqrt(v) + eps`` before correction).
 
-Under a ``"reduce"`` placement the owner broadcasts one packet: the low-rank first moment, then
-the row and column sums (``M + N`` floats), float32; each rank back-projects the moment onto its
-own run and divides by the denominator of the rows its run covers.
+Under the reduce placement (:mod:`gnlorp_dist.optim.placements`) the owner broadcasts one
+packet: the low-rank first moment, then the row and column sums (``M + N`` floats), float32;
+each rank back-projects the moment onto its own run and divides by the denominator of the rows
+its run covers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.fragments import covering_rows, run_of_rows
-from gnlorp_dist.optim.projector import granularity, is_random
+from gnlorp_dist.optim.spec import ProjectionSpec
 from gnlorp_dist.optim.vlorp import (
     factored_denominator_rows,
     factored_second_moment_update,
@@ -37,18 +38,18 @@ def update_statistics(
     state: dict[str, Any],
     low: Tensor,
     proj: Tensor,
-    group: dict[str, Any],
+    projection: ProjectionSpec,
     shape: tuple[int, ...],
+    beta2: float,
 ) -> None:
     """Fold this step's low-rank gradient ``low`` into ``state``'s row/column sums."""
     rows, cols = shape
-    sums = square_sums_low_rank(low, proj, granularity(group), shape, random=is_random(group))
+    sums = square_sums_low_rank(low, proj, projection.granularity, shape, random=projection.random)
     row = state.get("row_sq")
     col = state.get("col_sq")
     if row is None or col is None:
         row = torch.zeros(rows, dtype=torch.float32, device=low.device)
         col = torch.zeros(cols, dtype=torch.float32, device=low.device)
-    beta2 = group["betas"][1]
     state["row_sq"], state["col_sq"] = factored_second_moment_update(row, col, sums, beta2)
 
 
@@ -77,14 +78,15 @@ def divide_by_denominator(
     numel: int,
     shape: tuple[int, ...],
     statistics: tuple[Tensor, Tensor],
-    group: dict[str, Any],
     step: int,
+    *,
+    beta2: float,
+    eps: float,
 ) -> Tensor:
     """Elements ``[start, +numel)`` of the back-projected first moment (``back_flat``, flat in
     the true shape's row-major order) over their factored denominators, float32."""
     row, col = statistics
     first, stop = covering_rows(start, numel, shape[1])
-    beta2 = group["betas"][1]
-    rows = factored_denominator_rows(row, col, first, stop, step, beta2, group["eps"])
+    rows = factored_denominator_rows(row, col, first, stop, step, beta2, eps)
     # back_flat is the back-projection's own fresh buffer: divided in place when float32.
     return back_flat.float().div_(run_of_rows(rows, start, numel))

@@ -255,16 +255,7 @@ class MomentStore:
         """
         self.ensure(like)
         self.shared = []
-        # Float moments of an 8-bit tensor (loaded from a checkpoint that stores them
-        # dequantised, FSDP2's): this pass reads them as they are and writes codes.
-        floats = None
-        if self.quantised(like) and not self.is_8bit:
-            floats = {key: self.state.pop(key).reshape(-1) for key in self.keys}
-            self.initialise(like)
-        elif self.is_8bit and not self.quantised(like):
-            for key, value in zip(self.keys, self.load()):
-                self.state[key] = value.to(like.dtype).view(like.shape)
-                del self.state[f"{key}_absmax"]
+        floats = self._adopt_other_kind(like)
         if not self.is_8bit:
             second = self.state["exp_avg_sq"].view(-1) if len(self.keys) > 1 else None
             yield 0, like.numel(), self.state["exp_avg"].view(-1), second
@@ -272,11 +263,7 @@ class MomentStore:
         numel = like.numel()
         codes = {key: self.state[key].view(-1) for key in self.keys}
         scales = {key: self.state[f"{key}_absmax"] for key in self.keys}
-        first_block, stop_block = block_span(self.offset, numel)
-        total = self.param_numel if self.param_numel is not None else numel
-        shared_first = self.head != 0
-        end = self.offset + numel
-        shared_last = end % BLOCK_SIZE != 0 and end < total
+        first_block = block_span(self.offset, numel)[0]
         start = 0
         while start < numel:
             # Chunks end on grid boundaries, so every chunk after the first is whole blocks.
@@ -293,39 +280,72 @@ class MomentStore:
             else:
                 values = {key: floats[key][start:stop].float() for key in self.keys}
             yield start, stop, values["exp_avg"], values.get("exp_avg_sq")
-            encoded = {key: encode(values[key], head, SIGNED[key]) for key in self.keys}
-            absmax = {key: scale for key, (_codes, scale) in encoded.items()}
-            defer = []
-            if shared_first and block0 == 0:
-                defer.append(0)
-            if shared_last and blocks.stop == stop_block - first_block:
-                defer.append(blocks.stop - blocks.start - 1)
-            for key in self.keys:
-                kept = absmax[key].clone()
-                for d in defer:  # written once the ranks agree on the scale
-                    kept[d] = scales[key][blocks][d]
-                new_codes = encoded[key][0]
-                for d in sorted(set(defer)):
-                    lo, hi = self._block_elements(d, head, stop - start)
-                    new_codes[lo:hi] = codes[key][start + lo : start + hi]
-                codes[key][start:stop] = new_codes
-                scales[key][blocks] = kept
+            self._write_chunk(codes, scales, values, (start, stop), head, blocks, numel)
+            # Nothing of this chunk outlives it: the next one decodes into an empty workspace.
+            del values
+            start = stop
+
+    def _adopt_other_kind(self, like: Tensor) -> dict[str, Tensor] | None:
+        """A state of the other kind made this kind: float moments of an 8-bit tensor (loaded
+        from a checkpoint that stores them dequantised, FSDP2's) are returned flat, to be read
+        as they are by this pass, which writes codes; codes of a float tensor are decoded."""
+        if self.quantised(like) and not self.is_8bit:
+            floats = {key: self.state.pop(key).reshape(-1) for key in self.keys}
+            self.initialise(like)
+            return floats
+        if self.is_8bit and not self.quantised(like):
+            for key, value in zip(self.keys, self.load()):
+                self.state[key] = value.to(like.dtype).view(like.shape)
+                del self.state[f"{key}_absmax"]
+        return None
+
+    def _write_chunk(
+        self,
+        codes: dict[str, Tensor],
+        scales: dict[str, Tensor],
+        values: dict[str, Tensor],
+        span: tuple[int, int],
+        head: int,
+        blocks: slice,
+        numel: int,
+    ) -> None:
+        """Re-quantise one updated chunk (elements ``span`` of the run, grid blocks ``blocks``
+        of the run's scales) into the state; a block shared with another rank keeps its old
+        codes and scale until the ranks agree on its scale (:attr:`shared`)."""
+        start, stop = span
+        first_block, stop_block = block_span(self.offset, numel)
+        total = self.param_numel if self.param_numel is not None else numel
+        end = self.offset + numel
+        encoded = {key: encode(values[key], head, SIGNED[key]) for key in self.keys}
+        absmax = {key: scale for key, (_codes, scale) in encoded.items()}
+        defer = []
+        if self.head != 0 and blocks.start == 0:
+            defer.append(0)
+        if end % BLOCK_SIZE != 0 and end < total and blocks.stop == stop_block - first_block:
+            defer.append(blocks.stop - blocks.start - 1)
+        for key in self.keys:
+            kept = absmax[key].clone()
+            for d in defer:  # written once the ranks agree on the scale
+                kept[d] = scales[key][blocks][d]
+            new_codes = encoded[key][0]
             for d in sorted(set(defer)):
                 lo, hi = self._block_elements(d, head, stop - start)
-                self.shared.append(
-                    SharedBlock(
-                        state=self.state,
-                        block=first_block + block0 + d,
-                        position=block0 + d,
-                        elements=(start + lo, start + hi),
-                        head=(head if d == 0 else 0),
-                        values={key: values[key][lo:hi].clone() for key in self.keys},
-                        absmax={key: absmax[key][d] for key in self.keys},
-                    )
+                new_codes[lo:hi] = codes[key][start + lo : start + hi]
+            codes[key][start:stop] = new_codes
+            scales[key][blocks] = kept
+        for d in sorted(set(defer)):
+            lo, hi = self._block_elements(d, head, stop - start)
+            self.shared.append(
+                SharedBlock(
+                    state=self.state,
+                    block=first_block + blocks.start + d,
+                    position=blocks.start + d,
+                    elements=(start + lo, start + hi),
+                    head=(head if d == 0 else 0),
+                    values={key: values[key][lo:hi].clone() for key in self.keys},
+                    absmax={key: absmax[key][d] for key in self.keys},
                 )
-            # Nothing of this chunk outlives it: the next one decodes into an empty workspace.
-            del values, encoded, absmax, new_codes, kept
-            start = stop
+            )
 
     @staticmethod
     def _block_elements(block: int, head: int, numel: int) -> tuple[int, int]:

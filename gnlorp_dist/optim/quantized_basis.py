@@ -104,12 +104,3 @@ def basis_state(state: dict[str, Any]) -> dict[str, Tensor]:
 def stored_shape(shape: tuple[int, int], bits: int | None) -> tuple[int, int]:
     """The shape of ``proj`` in a state for a basis of ``shape`` stored at ``bits``."""
     return (shape[0], shape[1] // 2) if bits == 4 else shape
-
-
-def basis_bytes(shape: tuple[int, int], bits: int | None, element_size: int) -> int:
-    """Bytes a basis of ``shape`` keeps in the state (float: ``element_size`` per value)."""
-    rows, cols = shape
-    if bits is None:
-        return rows * cols * element_size
-    scales = rows * -(-cols // _group_width(cols)) * 4
-    return rows * cols * bits // 8 + scales

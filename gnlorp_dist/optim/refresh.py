@@ -28,11 +28,10 @@ from torch import Tensor
 
 from gnlorp_dist.optim.comm import Handle, wait_all
 from gnlorp_dist.optim.projection import Side, subspace_overlap
+from gnlorp_dist.optim.spec import ProjectionSpec
 
 if TYPE_CHECKING:
     from gnlorp_dist.optim.group_step import GroupStep
-
-MAX_GAP_FACTOR = 8
 
 REFRESH_BATCH_BYTES: int | None = 256 * 2**20
 """The most bytes of full-gradient buffers a refresh keeps alive at once on a rank (the
@@ -42,35 +41,25 @@ Read at each refresh, so it can be set at any time, to the same value on every r
 batches are collectives)."""
 
 
-def refresh_due(group: dict[str, Any], state: dict[str, Any]) -> bool:
+def refresh_due(projection: ProjectionSpec, state: dict[str, Any]) -> bool:
     """THE refresh rule: at ``state["next_refresh"]`` once set by a refresh, else at steps 0,
     T, 2T, ... of the matrix (``T = update_proj_gap``)."""
     step = int(state.get("step", 0))
     if "next_refresh" in state:
         return step >= int(state["next_refresh"])
-    return step % group["update_proj_gap"] == 0
+    return step % projection.update_proj_gap == 0
 
 
-def lazy_refresh(group: dict[str, Any]) -> bool:
-    return float(group.get("lazy_refresh_threshold", 0.0)) > 0.0
-
-
-def max_gap(group: dict[str, Any]) -> int:
-    return int(group.get("max_update_proj_gap", MAX_GAP_FACTOR * group["update_proj_gap"]))
-
-
-def next_gap(group: dict[str, Any], gap: int, overlap: float | None) -> int:
+def next_gap(projection: ProjectionSpec, gap: int, overlap: float | None) -> int:
     """The gap after a refresh whose new basis overlaps the old one by ``overlap`` (None: no
     old basis, the first refresh)."""
-    base = int(group["update_proj_gap"])
-    threshold = float(group.get("lazy_refresh_threshold", 0.0))
-    if threshold <= 0.0 or overlap is None or overlap < threshold:
-        return base
-    return min(2 * gap, max_gap(group))
+    if not projection.lazy or overlap is None or overlap < projection.lazy_refresh_threshold:
+        return projection.update_proj_gap
+    return min(2 * gap, projection.max_gap)
 
 
 def next_refresh_step(
-    group: dict[str, Any],
+    projection: ProjectionSpec,
     state: dict[str, Any],
     old_basis: Tensor | None,
     new_basis: Tensor,
@@ -80,14 +69,14 @@ def next_refresh_step(
     (``state`` records the gap and the overlap measured, for reports). None under the fixed
     gap, whose rule needs no state."""
     step = int(state.get("step", 0))
-    if not lazy_refresh(group):
+    if not projection.lazy:
         return None
     overlap = None
     if old_basis is not None:
         # One host read per refresh (the SVD before it synchronised already).
         overlap = float(subspace_overlap(old_basis, new_basis, side))
         state["subspace_overlap"] = overlap
-    gap = next_gap(group, int(state.get("proj_gap", group["update_proj_gap"])), overlap)
+    gap = next_gap(projection, int(state.get("proj_gap", projection.update_proj_gap)), overlap)
     state["proj_gap"] = gap
     return step + gap
 

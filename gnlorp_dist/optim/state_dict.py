@@ -19,18 +19,22 @@ it loads only into that rank of that world size.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gnlorp_dist.optim.comm import Communicator
 from gnlorp_dist.optim.fragment_state import LAYOUT_KEY
 from gnlorp_dist.optim.fragments import ModelParameter
-from gnlorp_dist.optim.layouts import Layout, detect_layout
+from gnlorp_dist.optim.layouts import Layout
+from gnlorp_dist.optim.ownership import OwnedBlock
+from gnlorp_dist.optim.param_table import ParamTable
 from gnlorp_dist.optim.projection import low_rank_shape, projection_shape
-from gnlorp_dist.optim.projector import group_side, projected_shape
 from gnlorp_dist.optim.quantized_basis import stored_shape
 from gnlorp_dist.optim.reshard import join_states, rows_of_state, saved_state
+from gnlorp_dist.optim.spec import group_params, moments_of, projection_of
 from gnlorp_dist.optim.validation import (
     layout_world_size_error,
     ranks_missing_error,
@@ -68,6 +72,56 @@ def marker(*, consolidated: bool, rank: int | None, world_size: int) -> dict[str
     return entry
 
 
+@dataclass(frozen=True, kw_only=True)
+class Shards:
+    """What the formats need to know of an optimizer: its parameters, who owns which block of
+    each, and the ranks."""
+
+    comm: Communicator
+    """The ranks the state is sharded over."""
+    table: ParamTable
+    """The optimizer's groups and parameters."""
+    low_rank_reduction: bool
+    """Every rank keeps each projected matrix's basis and step (the low-rank reduction)."""
+
+    def params(self) -> list[torch.Tensor]:
+        """Every tensor the groups hold now, in torch's state-dict order."""
+        return [param for group in self.table.groups for param in group_params(group)]
+
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether this rank holds (part of) ``param``'s optimizer state."""
+        return any(b.owner == self.comm.rank for b in self._blocks(param))
+
+    def owned_block(self, param: torch.Tensor) -> OwnedBlock:
+        """The block of ``param`` this rank owns (it must own one)."""
+        (block,) = [b for b in self._blocks(param) if b.owner == self.comm.rank]
+        return block
+
+    def _blocks(self, param: torch.Tensor) -> list[OwnedBlock]:
+        return self.table.ownership(self.comm.world_size)[param]
+
+    def replica_state(
+        self, param: torch.Tensor, owner_state: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """What a rank that does not own ``param`` keeps of its owner's state: under the
+        low-rank reduction every rank projects with the basis and counts the steps of every
+        projected matrix (``{"step", "proj"}``); otherwise nothing (None)."""
+        group_index, _name = self.table.find(param)
+        projection = self.table.specs[group_index].projection
+        if not self.low_rank_reduction or self.comm.world_size == 1 or projection is None:
+            return None
+        if projection.random:  # nothing stored: the step count alone regenerates the basis
+            return {"step": owner_state["step"]} if "step" in owner_state else None
+        if "proj" not in owner_state:
+            return None
+        kept = ("step", "proj", "proj_scale", "next_refresh")
+        return {key: owner_state[key] for key in kept if key in owner_state}
+
+
+NamedParameters = list[tuple[ModelParameter, Layout, dict[str, Any]]]
+"""Every parameter with its true shape and name, its group's layout and its group."""
+
+
 def wait_for_every_rank(comm: Any) -> None:
     """Return once every rank has arrived here; a ValueError naming the fix if they do not
     within :func:`arrival_timeout_s` (a rank-0-only save without consolidation)."""
@@ -82,15 +136,19 @@ def wait_for_every_rank(comm: Any) -> None:
             )
 
 
-def is_flattened(optimizer: StateDictMethods) -> bool:
+def is_flattened(state: MutableMapping[Any, Any], layouts: list[Layout]) -> bool:
     """Whether an engine (DeepSpeed ZeRO) flattened the groups: then the state stays per rank."""
-    return LAYOUT_KEY in optimizer.state or any(lay.flattened for lay in optimizer.layouts())
+    return LAYOUT_KEY in state or any(lay.flattened for lay in layouts)
 
 
-def with_marker(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str, Any]:
+def sharded_in_place(layouts: list[Layout]) -> bool:
+    """Whether the parameters are sharded where they are (FSDP2), not replaced (ZeRO)."""
+    return any(not (lay.replicated or lay.flattened) for lay in layouts)
+
+
+def with_marker(comm: Communicator, local: dict[str, Any]) -> dict[str, Any]:
     """``local`` (torch's ``state_dict()`` of this rank) marked: the whole state on one process,
     this rank's shard of flattened groups."""
-    comm = optimizer.comm
     if comm.world_size == 1:
         return {**local, FORMAT_KEY: marker(consolidated=True, rank=None, world_size=1)}
     return {
@@ -99,32 +157,29 @@ def with_marker(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str,
     }
 
 
-def _flat_params(optimizer: StateDictMethods) -> list[torch.Tensor]:
-    return [param for group in optimizer.param_groups for param in group["params"]]
-
-
 def _bits(groups: list[dict[str, Any]]) -> list[int]:
-    return [group["bits"] for group in groups for _param in group["params"]]
+    """Each parameter's moment bits, from its group (ours, or a saved one)."""
+    return [moments_of(group).bits for group in groups for _param in group_params(group)]
 
 
-def consolidate(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str, Any]:
+def consolidate(shards: Shards, local: dict[str, Any]) -> dict[str, Any]:
     """The whole job's state dict from this rank's ``local`` (torch's ``state_dict()`` of it).
 
     A collective: every rank gathers every rank's blocks (all_gather_object of CPU tensors), so
     each holds the full state for a moment.
     """
-    params = _flat_params(optimizer)
+    params = shards.params()
     pieces = []
     for index, state in local["state"].items():
-        if not optimizer.owns(params[index]):
+        if not shards.owns(params[index]):
             continue  # a replica (basis and step counter) whose owner saves the whole state
-        block = optimizer.owned_block(params[index])
+        block = shards.owned_block(params[index])
         pieces.append((index, block.row_start, block.row_stop, block.whole, saved_state(state)))
     by_index: dict[int, list[tuple[int, int, bool, dict[str, Any]]]] = {}
-    for rank_pieces in optimizer.comm.all_gather_object(pieces):
+    for rank_pieces in shards.comm.all_gather_object(pieces):
         for index, start, stop, whole, state in rank_pieces:  # type: ignore[attr-defined]
             by_index.setdefault(index, []).append((start, stop, whole, state))
-    bits = _bits(optimizer.param_groups)
+    bits = _bits(shards.table.groups)
     merged: dict[int, dict[str, Any]] = {}
     for index in sorted(by_index):
         found = by_index[index]
@@ -136,36 +191,36 @@ def consolidate(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str,
     return {
         "state": merged,
         "param_groups": local["param_groups"],
-        FORMAT_KEY: marker(consolidated=True, rank=None, world_size=optimizer.comm.world_size),
+        FORMAT_KEY: marker(consolidated=True, rank=None, world_size=shards.comm.world_size),
     }
 
 
-def sharded_state_dict(optimizer: StateDictMethods, local: dict[str, Any]) -> dict[str, Any]:
+def sharded_state_dict(
+    named: NamedParameters, world_size: int, local: dict[str, Any]
+) -> dict[str, Any]:
     """Parameters sharded in place (FSDP2): this rank's ``local`` state with every sharded
     tensor handed out as its layout describes it (a DTensor), the form
-    ``torch.distributed.checkpoint`` saves from every rank and reshards on load."""
-    named = optimizer.named_model_parameters()  # in param_groups order: torch's indices
+    ``torch.distributed.checkpoint`` saves from every rank and reshards on load. ``named``:
+    every parameter in param_groups order (torch's indices)."""
     state = {}
     for index, entry in local["state"].items():
         param, layout, group = named[index]
         state[index] = layout.state_for_saving(param, group, entry)
-    marked = marker(consolidated=False, rank=None, world_size=optimizer.comm.world_size)
+    marked = marker(consolidated=False, rank=None, world_size=world_size)
     marked["sharded"] = True
     return {**local, "state": state, FORMAT_KEY: marked}
 
 
-def unwrap_sharded_state(optimizer: StateDictMethods) -> None:
+def unwrap_sharded_state(named: NamedParameters, state: MutableMapping[Any, Any]) -> None:
     """After a load into parameters sharded in place: each state back in the local form the
     driver works on (the inverse of :func:`sharded_state_dict`)."""
-    for param, layout, group in optimizer.named_model_parameters():
-        if param.tensor in optimizer.state:
-            optimizer.state[param.tensor] = layout.state_from_loading(
-                param, group, optimizer.state[param.tensor]
-            )
+    for param, layout, group in named:
+        if param.tensor in state:
+            state[param.tensor] = layout.state_from_loading(param, group, state[param.tensor])
 
 
 def prepare_to_load(
-    optimizer: StateDictMethods, state_dict: dict[str, Any], *, sharded: bool = False
+    shards: Shards, state_dict: dict[str, Any], *, sharded: bool = False
 ) -> dict[str, Any]:
     """What ``torch.optim.Optimizer.load_state_dict`` must load on this rank, or a ValueError
     when ``state_dict`` is one rank's shard that does not belong here, or holds states that do
@@ -183,14 +238,14 @@ def prepare_to_load(
                 "optimizer state with torch.distributed.checkpoint (get/set_state_dict)"
             )
         return {k: v for k, v in state_dict.items() if k != FORMAT_KEY}
-    loaded = _prepare_to_load(optimizer, state_dict)
+    loaded = _prepare_to_load(shards, state_dict)
     if LAYOUT_KEY not in loaded["state"]:
-        check_state_fits(optimizer, loaded, whole=False)
+        check_state_fits(shards, loaded, whole=False)
     return loaded
 
 
-def _prepare_to_load(optimizer: StateDictMethods, state_dict: dict[str, Any]) -> dict[str, Any]:
-    rank, world_size = optimizer.comm.rank, optimizer.comm.world_size
+def _prepare_to_load(shards: Shards, state_dict: dict[str, Any]) -> dict[str, Any]:
+    rank, world_size = shards.comm.rank, shards.comm.world_size
     meta = state_dict.get(FORMAT_KEY)
     body = {k: v for k, v in state_dict.items() if k != FORMAT_KEY}
     layout = state_dict["state"].get(LAYOUT_KEY)
@@ -201,7 +256,7 @@ def _prepare_to_load(optimizer: StateDictMethods, state_dict: dict[str, Any]) ->
             raise shard_state_dict_error(meta["rank"], meta["world_size"], rank, world_size)
         return body
     if meta is None:
-        _check_unmarked(optimizer, state_dict)
+        _check_unmarked(shards, state_dict)
         return body
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(
@@ -214,53 +269,44 @@ def _prepare_to_load(optimizer: StateDictMethods, state_dict: dict[str, Any]) ->
         return body
     if world_size == 1:
         return body
-    check_state_fits(optimizer, body, whole=True)  # before cutting rows out of it
-    return _this_ranks_shard(optimizer, body)
+    check_state_fits(shards, body, whole=True)  # before cutting rows out of it
+    return _this_ranks_shard(shards, body)
 
 
-def _param_names(optimizer: StateDictMethods) -> list[str]:
-    names = []
-    for group_index, group in enumerate(optimizer.param_groups):
-        given = group.get("param_names")
-        for index in range(len(group["params"])):
-            names.append(given[index] if given else f"param_groups[{group_index}][{index}]")
-    return names
-
-
-def check_state_fits(optimizer: StateDictMethods, body: dict[str, Any], *, whole: bool) -> None:
+def check_state_fits(shards: Shards, body: dict[str, Any], *, whole: bool) -> None:
     """A ValueError, naming the parameter and both shapes, when ``body`` (torch's state dict
     format) was saved for other parameters: another number of groups or of parameters in a
     group, projected moments or a projection basis of another shape, dense moments of another
     shape. ``whole``: the dense moments are the whole parameter's (a consolidated state dict),
     else this rank's row block. The shapes follow the saved groups' ``rank`` and ``proj_type``
     (what the optimizer steps with once loaded)."""
-    saved_groups, groups = body["param_groups"], optimizer.param_groups
-    if len(saved_groups) != len(groups):
+    saved_groups, table = body["param_groups"], shards.table
+    if len(saved_groups) != len(table.groups):
         raise ValueError(
             f"the optimizer state dict has {len(saved_groups)} parameter groups, this optimizer "
-            f"{len(groups)}: it was saved for another model or other parameter groups"
+            f"{len(table.groups)}: it was saved for another model or other parameter groups"
         )
-    names = iter(_param_names(optimizer))
-    for group_index, (saved, group) in enumerate(zip(saved_groups, groups)):
-        if len(saved["params"]) != len(group["params"]):
-            group_names = group.get("param_names")
-            which = f" ({group_names[0]} ... {group_names[-1]})" if group_names else ""
+    for group_index, (saved, group) in enumerate(zip(saved_groups, table.groups)):
+        saved_ids, params = group_params(saved), group_params(group)
+        spec = table.specs[group_index]
+        if len(saved_ids) != len(params):
+            names = spec.param_names
+            which = f" ({names[0]} ... {names[-1]})" if names else ""
             raise ValueError(
                 f"param_groups[{group_index}]{which}: the optimizer state dict holds "
-                f"{len(saved['params'])} parameters for this group, this optimizer "
-                f"{len(group['params'])}: it was saved for another model or other parameter groups"
+                f"{len(saved_ids)} parameters for this group, this optimizer "
+                f"{len(params)}: it was saved for another model or other parameter groups"
             )
-        for saved_id, param in zip(saved["params"], group["params"]):
-            name = next(names)
+        for index, (saved_id, param) in enumerate(zip(saved_ids, params)):
             entry = body["state"].get(saved_id)
             if not entry:
                 continue
-            for key, expected in _expected_shapes(optimizer, saved, param, entry, whole).items():
+            for key, expected in _expected_shapes(shards, saved, param, entry, whole).items():
                 value = entry.get(key)
                 if torch.is_tensor(value) and tuple(value.shape) != expected:
                     raise ValueError(
-                        f"{name}: the optimizer state dict's {key!r} has shape "
-                        f"{tuple(value.shape)} but this optimizer's parameter of shape "
+                        f"{spec.name(group_index, index)}: the optimizer state dict's {key!r} "
+                        f"has shape {tuple(value.shape)} but this optimizer's parameter of shape "
                         f"{tuple(param.shape)} needs {expected}: it was saved for another model "
                         "(or another rank / projection type); load it into the model it was "
                         "saved from"
@@ -268,58 +314,61 @@ def check_state_fits(optimizer: StateDictMethods, body: dict[str, Any], *, whole
 
 
 def _expected_shapes(
-    optimizer: StateDictMethods,
+    shards: Shards,
     saved_group: dict[str, Any],
     param: torch.Tensor,
     entry: dict[str, Any],
     whole: bool,
 ) -> dict[str, tuple[int, ...]]:
     """The shapes ``entry``'s tensors must have for ``param`` under ``saved_group``."""
-    rank = saved_group.get("rank")
-    if rank is not None:
+    projection = projection_of(saved_group)
+    if projection is not None:
         if "proj" not in entry:
             return {}  # no subspace yet: nothing to compare
         if param.dim() != 2:
             return {"proj": ()}  # a projected state for a parameter that is not a matrix
-        saved = {"proj_type": "std", **saved_group}
-        if saved_group.get("granularity", 1) > 1 and param.shape[1] % saved["granularity"]:
+        if projection.granularity > 1 and param.shape[1] % projection.granularity:
             return {"proj": ()}  # saved for matrices of another width
-        shape = projected_shape(tuple(param.shape), saved)
-        side = group_side(tuple(param.shape), saved)
+        rank = projection.rank
+        shape = projection.projected_shape(tuple(param.shape))
+        side = projection.side(tuple(param.shape))
         moments = low_rank_shape(shape, rank, side)
         basis = projection_shape(shape, min(rank, *shape), side)
         if "proj_scale" in entry:  # proj_bits: INT4 codes pack two per byte
             basis = stored_shape(basis, 4 if entry["proj"].dtype == torch.uint8 else 8)
         return {"proj": basis, "exp_avg": moments, "exp_avg_sq": moments}
     shape = tuple(param.shape)
-    if not whole and optimizer.comm.world_size > 1:
-        if not optimizer.owns(param):
+    if not whole and shards.comm.world_size > 1:
+        if not shards.owns(param):
             return {}
-        block = optimizer.owned_block(param)
+        block = shards.owned_block(param)
         if not block.whole:
             shape = (block.row_stop - block.row_start, *shape[1:])
     return {"exp_avg": shape, "exp_avg_sq": shape}
 
 
-def _check_unmarked(optimizer: StateDictMethods, state_dict: dict[str, Any]) -> None:
+def _saved_ids(body: dict[str, Any]) -> list[Any]:
+    return [i for group in body["param_groups"] for i in group_params(group)]
+
+
+def _check_unmarked(shards: Shards, state_dict: dict[str, Any]) -> None:
     """A state dict without our marker (older versions): one rank's shard, whose rank and world
     size are unknown. Accepted on one process only, where a dense tensor's moments must cover
     all its rows (a row block betrays a shard of a several-rank save)."""
-    world_size = optimizer.comm.world_size
+    world_size = shards.comm.world_size
     if world_size > 1:
         raise unmarked_state_dict_error(world_size, None)
-    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-    for saved_id, param in zip(saved_ids, _flat_params(optimizer)):
+    for saved_id, param in zip(_saved_ids(state_dict), shards.params()):
         entry = state_dict["state"].get(saved_id, {})
         moment = entry.get("exp_avg")
         if "proj" not in entry and torch.is_tensor(moment) and moment.shape != param.shape:
             raise unmarked_state_dict_error(world_size, (tuple(moment.shape), tuple(param.shape)))
 
 
-def _this_ranks_shard(optimizer: StateDictMethods, body: dict[str, Any]) -> dict[str, Any]:
+def _this_ranks_shard(shards: Shards, body: dict[str, Any]) -> dict[str, Any]:
     """A consolidated state dict cut to the blocks this rank owns."""
-    params = _flat_params(optimizer)
-    saved_ids = [i for group in body["param_groups"] for i in group["params"]]
+    params = shards.params()
+    saved_ids = _saved_ids(body)
     if len(saved_ids) != len(params):
         raise ValueError(
             f"the optimizer state dict holds {len(saved_ids)} parameters, this optimizer "
@@ -330,12 +379,12 @@ def _this_ranks_shard(optimizer: StateDictMethods, body: dict[str, Any]) -> dict
         entry = body["state"].get(saved_id)
         if entry is None:
             continue
-        if not optimizer.owns(param):
-            replica = optimizer.replica_state(param, entry)
+        if not shards.owns(param):
+            replica = shards.replica_state(param, entry)
             if replica is not None:
                 shard[saved_id] = replica
             continue
-        block = optimizer.owned_block(param)
+        block = shards.owned_block(param)
         if block.whole:
             shard[saved_id] = entry
         else:
@@ -345,118 +394,12 @@ def _this_ranks_shard(optimizer: StateDictMethods, body: dict[str, Any]) -> dict
     return {**body, "state": shard}
 
 
-def restore_saved_dtypes(optimizer: StateDictMethods, loaded: dict[str, Any]) -> None:
+def restore_saved_dtypes(
+    shards: Shards, state: MutableMapping[Any, Any], loaded: dict[str, Any]
+) -> None:
     """Undo torch's cast of every loaded state tensor to its parameter's dtype: ours keep the
     dtype they were saved in (uint8 codes, float32 block scales)."""
-    saved_ids = [i for group in loaded["param_groups"] for i in group["params"]]
-    for saved_id, param in zip(saved_ids, _flat_params(optimizer), strict=True):
+    for saved_id, param in zip(_saved_ids(loaded), shards.params(), strict=True):
         for key, value in loaded["state"].get(saved_id, {}).items():
-            if torch.is_tensor(value) and optimizer.state[param][key].dtype != value.dtype:
-                optimizer.state[param][key] = value.to(device=param.device, copy=True)
-
-
-class StateDictMethods:
-    """``state_dict()`` and ``load_state_dict()`` of :class:`GradNormLoRPAdamW` in the formats
-    above; a mixin (its methods run on the optimizer itself).
-
-    The functions above take the optimizer as a ``StateDictMethods``: what they use of it is
-    declared here, so this module needs no import of :mod:`gnlorp_dist.optim.adamw` (which
-    imports this one) to name its type."""
-
-    # Provided by GradNormLoRPAdamW.
-    owns: Callable[[torch.Tensor], bool]
-    owned_block: Callable[[torch.Tensor], Any]
-    replica_state: Callable[[torch.Tensor, dict[str, Any]], dict[str, Any] | None]
-    comm: Any
-    state: Any
-    param_groups: Any
-    groups_at_construction: Any
-    model_params: Any
-    _consolidated: Any
-    _lookup: Any
-    _construction_index: Any
-    _model_parameters: Any
-
-    # -- saving and loading (the formats: gnlorp_dist.optim.state_dict) ------------------
-
-    def consolidate_state_dict(self) -> dict[str, Any]:
-        """Gather the whole job's state (a collective: EVERY rank calls it), cache and return it.
-
-        :meth:`state_dict` then returns it on any rank without communicating, until the next
-        ``step()``, ``step_parameter()`` or ``load_state_dict()``: call this on every rank before
-        a rank-0-only save (``transformers.Trainer``). Cost: one ``all_gather_object`` of every
-        rank's state (CPU tensors); each rank holds the full state in host memory while cached.
-        A rank whose peers do not join within ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default
-        60) raises a ValueError naming the fix instead of hanging. Under DeepSpeed ZeRO
-        (flattened groups) nothing is gathered: this rank's shard is returned, as state_dict().
-        """
-        if self.comm.world_size > 1 and (is_flattened(self) or self._sharded_in_place()):
-            return self.state_dict()  # ZeRO, FSDP2: every rank saves its own shard
-        wait_for_every_rank(self.comm)
-        self._consolidated = consolidate(self, super().state_dict())
-        return self._consolidated
-
-    def drop_consolidated_state(self) -> None:
-        """Free the state cached by :meth:`consolidate_state_dict` (after the save)."""
-        self._consolidated = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The whole job's optimizer state, the same on every rank and for any world size.
-
-        Torch's format plus ``"gnlorp": {"format": 1, "consolidated": True, "world_size": N}``;
-        tensors and plain values only (``torch.load(weights_only=True)``). One process: torch's
-        ``state_dict()``. Several ranks: the state cached by :meth:`consolidate_state_dict`
-        since the last step, else this call consolidates, which needs EVERY rank to call it
-        (``accelerate``'s ``save_state`` does); called on one rank alone it raises a ValueError
-        after ``$GNLORP_STATE_DICT_TIMEOUT_S`` seconds (default 60) instead of hanging. Under
-        DeepSpeed ZeRO (flattened groups; the engine saves one per rank): this rank's shard,
-        marked ``"consolidated": False`` with its rank and world size.
-        """
-        if self._sharded_in_place():
-            return sharded_state_dict(self, super().state_dict())
-        if self.comm.world_size == 1 or is_flattened(self):
-            return with_marker(self, super().state_dict())
-        if self._consolidated is None:
-            self.consolidate_state_dict()
-        assert self._consolidated is not None
-        return self._consolidated
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` saved on any number of ranks, keeping this rank's shard.
-
-        A state dict holding one rank's shard only (a ZeRO rank's, or one saved by an older
-        gnlorp_dist) is refused with a ValueError unless it belongs to this rank and world size.
-        """
-        sharded = self._sharded_in_place()
-        loaded = prepare_to_load(self, state_dict, sharded=sharded)
-        self._consolidated = None
-        super().load_state_dict(loaded)
-        # torch rebuilt the group dicts; the new ones are what engines step from now on.
-        self.groups_at_construction = list(self.param_groups)
-        self._lookup = None
-        if sharded:
-            unwrap_sharded_state(self)
-        restore_saved_dtypes(self, loaded)
-
-    def layouts(self) -> list[Layout]:
-        """The layout of each group as the engine holds it now (empty groups skipped)."""
-        found = []
-        for group in self.param_groups:
-            if group["params"]:
-                index = self._construction_index(group)
-                found.append(detect_layout(self.model_params[index], list(group["params"])))
-        return found
-
-    def _sharded_in_place(self) -> bool:
-        """Whether the parameters are sharded where they are (FSDP2), not replaced (ZeRO)."""
-        return any(not (lay.replicated or lay.flattened) for lay in self.layouts())
-
-    def named_model_parameters(self) -> list[tuple[ModelParameter, Layout, dict[str, Any]]]:
-        """Every parameter with its true shape and name, its group's layout and its group."""
-        found = []
-        for index, group in enumerate(self.groups_at_construction):
-            stepped = list(group["params"])
-            layout = detect_layout(self.model_params[index], stepped)
-            params = self._model_parameters(index, None if layout.flattened else stepped)
-            found += [(param, layout, group) for param in params]
-        return found
+            if torch.is_tensor(value) and state[param][key].dtype != value.dtype:
+                state[param][key] = value.to(device=param.device, copy=True)

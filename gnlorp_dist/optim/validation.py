@@ -6,29 +6,13 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.projection import SVD_METHODS, projection_shape
-from gnlorp_dist.optim.projector import (
-    OPTIMIZER_PROJ_TYPES,
-    SECOND_MOMENTS,
-    granularity,
-    group_side,
-    is_random,
-    projected_shape,
-)
-from gnlorp_dist.optim.quantized_basis import PROJ_BITS
-from gnlorp_dist.optim.vlorp import BASIS_KINDS, check_granularity
-
-PROJECTED_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
-
-
-def non_finite_error(names: list[str], state: Any, due: list[Any]) -> ValueError:
-    steps = sorted({int(state[param].get("step", 0)) for _g, param, _n in due}) or ["?"]
-    return non_finite_refresh_error(names, steps[0])
+from gnlorp_dist.optim.spec import GroupSpec, check_finite_hyperparameters, check_min_8bit_size
 
 
 def non_finite_refresh_error(names: list[str], step: int | str) -> ValueError:
@@ -51,15 +35,6 @@ def check_non_finite_policy(policy: object) -> str:
     return str(policy)
 
 
-def check_finite_hyperparameters(where: str, **values: object) -> None:
-    """NaN or infinite lr / eps / weight_decay / betas would poison every weight at once."""
-    for name, value in values.items():
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for item in items:
-            if isinstance(item, (int, float)) and not math.isfinite(item):
-                raise ValueError(f"{where}{name}={value!r} must be finite")
-
-
 def non_finite_step_error(names: list[str], step: int | str) -> ValueError:
     return ValueError(
         f"{', '.join(names)}: non-finite gradient (step {step}); no parameter, moment, "
@@ -77,144 +52,6 @@ def flat_gradient_error(name: str, grad: Tensor) -> ValueError:
         "use gnlorp_dist's DeepSpeed integration instead of passing this optimizer to the engine "
         "directly."
     )
-
-
-def validate_projected_group(group: dict[str, Any], group_index: int) -> None:
-    """User mistakes in a projected group, raised at construction with the value and the fix."""
-    where = f"param_groups[{group_index}]"
-    missing = [key for key in PROJECTED_GROUP_KEYS if key not in group]
-    if missing:
-        raise ValueError(
-            f"{where} has 'rank' but lacks {missing}; a projected group needs "
-            f"{list(PROJECTED_GROUP_KEYS)} (see gnlorp_dist.projected_param_groups)"
-        )
-    rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"{where}: rank={rank!r} must be a positive integer")
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(
-            f"{where}: update_proj_gap={gap!r} must be a positive integer (steps between "
-            "subspace refreshes; GaLore uses 200)"
-        )
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{where}: scale={scale!r} must be a finite number")
-    if group["proj_type"] not in OPTIMIZER_PROJ_TYPES:
-        raise ValueError(
-            f"{where}: proj_type={group['proj_type']!r} is not supported; use one of "
-            f"{OPTIMIZER_PROJ_TYPES}"
-        )
-    validate_vlorp_options(group, where)
-    if group.get("svd_method", "auto") not in SVD_METHODS:
-        raise ValueError(
-            f"{where}: svd_method={group['svd_method']!r} is not supported; use one of {SVD_METHODS}"
-        )
-    proj_bits = group.get("proj_bits")
-    if proj_bits not in PROJ_BITS or isinstance(proj_bits, bool):
-        raise ValueError(
-            f"{where}: proj_bits={proj_bits!r} is not supported; use None (bases in the "
-            "gradient's dtype), 8 (INT8) or 4 (INT4, two per byte)"
-        )
-    threshold = group.get("lazy_refresh_threshold", 0.0)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ValueError(f"{where}: lazy_refresh_threshold={threshold!r} must be a number")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"{where}: lazy_refresh_threshold={threshold!r} must be in [0, 1] (the subspace "
-            "overlap above which the refresh gap doubles; 0 turns lazy refresh off)"
-        )
-    most = group.get("max_update_proj_gap", gap)
-    if isinstance(most, bool) or not isinstance(most, int) or most < gap:
-        raise ValueError(
-            f"{where}: max_update_proj_gap={most!r} must be an integer >= update_proj_gap={gap}"
-        )
-    names = group.get("param_names")
-    for index, param in enumerate(group["params"]):
-        name = names[index] if names else f"{where}['params'][{index}]"
-        # A ZeRO-3 partitioned parameter (built under deepspeed.zero.Init) is empty here; its
-        # true shape is ds_shape, and the DeepSpeed layout finds its runs at the first step.
-        shape = tuple(getattr(param, "ds_shape", param.shape))
-        if len(shape) != 2:
-            raise ValueError(
-                f"{name}: shape {shape} cannot be projected; a projected group takes 2-D matrices "
-                "only. Put 1-D tensors (biases, norms, magnitudes) in a group without 'rank'."
-            )
-        c = granularity(group)
-        if c > 1:
-            try:
-                check_granularity(shape, c)
-            except ValueError as error:
-                raise ValueError(
-                    f"{name}: {error}; pick a granularity dividing every projected matrix's "
-                    "columns, or leave this matrix out of the projected group"
-                ) from None
-        projected = projected_shape(shape, group)
-        if rank > min(projected):
-            reshaped = f" (reshaped to {projected} by granularity={c})" if c > 1 else ""
-            raise ValueError(
-                f"{name}: rank={rank} exceeds min(shape)={min(projected)} of shape "
-                f"{shape}{reshaped}; use rank <= {min(projected)} or leave this matrix out of "
-                "the projected group"
-            )
-        side = group_side(shape, group)
-        if c > 1 and side != "right":
-            raise ValueError(
-                f"{name}: granularity={c} reshapes the {shape} gradient to {projected} and "
-                f"projects it on the right, but proj_type={group['proj_type']!r} resolves to the "
-                "left side for that shape; use proj_type='right' (SVD basis) or "
-                "proj_type='random', or granularity=1"
-            )
-        if side != "right" and group.get("second_moment", "adam") == "factored":
-            raise ValueError(
-                f"{name}: second_moment='factored' (ProjFactor) needs a right-side projection, "
-                f"but proj_type={group['proj_type']!r} projects the {shape} matrix on the left; "
-                "use proj_type='right' or proj_type='random'"
-            )
-        basis_cols = projection_shape(projected, rank, side)[1]
-        if proj_bits == 4 and basis_cols % 2:
-            raise ValueError(
-                f"{name}: proj_bits=4 packs two values per byte along the basis's last "
-                f"dimension, which is {basis_cols} (odd) for shape {shape} projected on the "
-                f"{side} at rank={rank}; use an even rank, or proj_bits=8"
-            )
-
-
-def validate_vlorp_options(group: dict[str, Any], where: str) -> None:
-    """VLoRP's and ProjFactor's group options (granularity, random bases, second moment)."""
-    c = group.get("granularity", 1)
-    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-        raise ValueError(
-            f"{where}: granularity={c!r} must be a positive integer (1: project rows as "
-            "GaLore does; c > 1 reshapes each M x N gradient to (M c, N / c))"
-        )
-    seed = group.get("projection_seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{where}: projection_seed={seed!r} must be an integer >= 0")
-    kind = group.get("random_basis", "gaussian")
-    if kind not in BASIS_KINDS:
-        raise ValueError(
-            f"{where}: random_basis={kind!r} is not supported; use one of {BASIS_KINDS}"
-        )
-    moment = group.get("second_moment", "adam")
-    if moment not in SECOND_MOMENTS:
-        raise ValueError(
-            f"{where}: second_moment={moment!r} is not supported; use 'adam' (a low-rank v) or "
-            "'factored' (ProjFactor: row and column sums of the full-shape squared gradient)"
-        )
-    if not is_random(group):
-        return
-    if group.get("proj_bits") is not None:
-        raise ValueError(
-            f"{where}: proj_bits={group['proj_bits']!r} quantises stored bases, but "
-            "proj_type='random' stores none (each basis is regenerated from its seed); drop "
-            "proj_bits, or use an SVD proj_type"
-        )
-    if float(group.get("lazy_refresh_threshold", 0.0)) > 0.0:
-        raise ValueError(
-            f"{where}: lazy_refresh_threshold={group['lazy_refresh_threshold']!r} lengthens the "
-            "gap after a refresh whose subspace did not move, but random bases of different "
-            "windows are independent draws (their overlap measures nothing); drop "
-            "lazy_refresh_threshold with proj_type='random', or use an SVD proj_type"
-        )
 
 
 def missing_communicator_error(world_size: str | None) -> ValueError:
@@ -280,9 +117,9 @@ def unmarked_state_dict_error(world_size: int, shapes: tuple[Any, Any] | None) -
     )
 
 
-def warn_if_nothing_is_projected(groups: list[dict[str, Any]]) -> bool:
+def warn_if_nothing_is_projected(specs: list[GroupSpec]) -> bool:
     """A UserWarning if no group carries ``rank`` (checked once, at the first step); True."""
-    if not any("rank" in group for group in groups):
+    if not any(spec.projection is not None for spec in specs):
         warnings.warn(rankless_groups_warning(), UserWarning, stacklevel=_user_stacklevel())
     return True
 
@@ -358,9 +195,17 @@ def check_max_grad_norm(value: float) -> float:
     return float(value)
 
 
-def check_min_8bit_size(value: int, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{where}min_8bit_size={value!r} must be an int >= 1 (tensors with fewer elements "
-            "keep float32 moments; bitsandbytes' default is 4096)"
-        )
+def check_defaults(
+    *, lr: float, betas: Sequence[float], eps: float, weight_decay: float, min_8bit_size: int
+) -> None:
+    """The optimizer's defaults (its keyword arguments), with the value and the fix."""
+    check_finite_hyperparameters("", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if not (isinstance(lr, (int, float)) and lr >= 0.0):
+        raise ValueError(f"lr={lr!r} must be a number >= 0")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
+    if not eps >= 0.0:
+        raise ValueError(f"eps={eps!r} must be >= 0")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+    check_min_8bit_size(min_8bit_size, "")

@@ -1,4 +1,4 @@
-"""VLoRP (various-grained low-rank projection) and ProjFactor as pure functions.
+"""VLoRP (various-grained low-rank projection) and ProjFactor: the pure functions the driver runs.
 
 VLoRP (Wang et al. 2025, arXiv 2505.01744) adds a second knob beside the rank ``r``: the
 projection granularity ``c``. A gradient ``grad_MN`` (M rows, N columns) is reshaped row-major to
@@ -7,10 +7,14 @@ projected on the RIGHT, exactly like ``projection.py``'s right side:
 
 - basis ``proj_RK`` (``r x K``, the same convention as ``projection.proj_RN``);
 - ``low_LR = reshape(grad_MN, c) @ proj_RK.T`` with ``L = M*c`` (shape ``M*c x r``);
-- back: ``restore_shape(low_LR @ proj_RK / s, (M, N))`` with ``s = r`` for a random basis and
-  ``s = 1`` for an orthonormal (SVD) basis.
+- back: ``(low_LR @ proj_RK / s)`` reshaped to ``(M, N)``, with ``s = r`` for a random basis
+  and ``s = 1`` for an orthonormal (SVD) basis.
 
-The optimizer state per matrix is ``M*c x r``: the memory budget is ``c*r`` values per row.
+The optimizer state per matrix is ``M*c x r``: the memory budget is ``c*r`` values per row. The
+reshape itself is :func:`gnlorp_dist.optim.projector.projected_shape` (a row-major reshape keeps
+every flat index, so the driver projects runs of the reshaped matrix with
+:mod:`gnlorp_dist.optim.projection`); this module holds what is VLoRP's own: the
+granularity rule, the seeded random bases, and ProjFactor's second moment.
 
 Random bases have i.i.d. entries of mean 0 and variance 1 (N(0, 1) or Rademacher +-1), so
 ``E[proj_RK.T @ proj_RK] = r * I_K`` and the back-projection ``G P^T P / r`` is an unbiased
@@ -23,6 +27,9 @@ SMs), and a different one on another (CPU and CUDA generators are different stre
 ProjFactor keeps the first moment in the subspace (``M*c x r``) and the second moment
 Adafactor-style as ``M + N`` running row/column sums of the squared back-projected gradient of
 the ORIGINAL ``M x N`` shape (see ``factored_second_moment_update``).
+
+tests/unit/reference_math.py holds the whole-matrix forms (granular projection and back-projection,
+the full denominator, ProjFactor's direction) that the tests check these and the driver against.
 """
 
 from __future__ import annotations
@@ -31,8 +38,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-
-from gnlorp_dist.optim.projection import compute_projection
 
 BasisKind = Literal["gaussian", "rademacher"]
 BASIS_KINDS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -52,20 +57,6 @@ def check_granularity(shape: tuple[int, int] | torch.Size, granularity: int) -> 
             f"granularity c={granularity} must divide the number of columns m={cols} "
             f"of the {rows} x {cols} gradient"
         )
-
-
-def reshape_for_granularity(grad_MN: Tensor, c: int) -> Tensor:
-    """``grad_MN`` as ``(M*c, N/c)``: row i becomes rows ``i*c .. i*c+c-1`` (row-major chunks)."""
-    check_granularity(grad_MN.shape, c)
-    rows, cols = grad_MN.shape
-    return grad_MN.reshape(rows * c, cols // c)
-
-
-def restore_shape(grad_LK: Tensor, shape: tuple[int, int] | torch.Size) -> Tensor:
-    """Inverse of ``reshape_for_granularity``: the ``(M*c, N/c)`` tensor back as ``shape``."""
-    if grad_LK.numel() != shape[0] * shape[1]:
-        raise ValueError(f"cannot restore a {tuple(grad_LK.shape)} tensor to shape {tuple(shape)}")
-    return grad_LK.reshape(shape[0], shape[1])
 
 
 def random_basis(
@@ -129,45 +120,9 @@ def window_seed(base_seed: int, param_index: int, step: int, update_proj_gap: in
     return x >> 1
 
 
-def svd_basis(grad_MN: Tensor, rank: int, c: int, *, method: str = "svd") -> Tensor:
-    """Orthonormal ``proj_RK``: top-``rank`` right singular vectors of the reshaped gradient."""
-    return compute_projection(reshape_for_granularity(grad_MN, c), rank, "right", method=method)
-
-
-def project_granular(grad_MN: Tensor, proj_RK: Tensor, c: int) -> Tensor:
-    """Low-rank form ``(M*c, r)`` of ``grad_MN``: ``reshape(grad, c) @ proj_RK.T``."""
-    return reshape_for_granularity(grad_MN, c) @ proj_RK.T
-
-
-def project_back_granular(
-    low_LR: Tensor,
-    proj_RK: Tensor,
-    c: int,
-    shape: tuple[int, int] | torch.Size,
-    *,
-    random: bool,
-) -> Tensor:
-    """Full ``shape`` form of ``low_LR``: ``low @ proj_RK`` (``/ r`` if ``random``), reshaped back.
-
-    ``c`` is only checked against ``shape``; the reshape itself follows from the shapes.
-    """
-    check_granularity(shape, c)
-    back_LK = low_LR @ proj_RK
-    if random:
-        # E[P^T P] = r I for unit-variance entries: dividing by r makes the estimate unbiased.
-        back_LK = back_LK / proj_RK.shape[0]
-    return restore_shape(back_LK, shape)
-
-
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     # Sums of squares over thousands of bf16 values lose digits: accumulate in >= float32.
     return torch.promote_types(dtype, torch.float32)
-
-
-def square_sums(full_MN: Tensor) -> tuple[Tensor, Tensor]:
-    """Row sums ``(M,)`` and column sums ``(N,)`` of ``full_MN ** 2`` (in >= float32)."""
-    sq_MN = full_MN.to(_stat_dtype(full_MN.dtype)).square()
-    return sq_MN.sum(dim=1), sq_MN.sum(dim=0)
 
 
 def square_sums_low_rank(
@@ -178,7 +133,8 @@ def square_sums_low_rank(
     *,
     random: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``square_sums(project_back_granular(...))`` without building the ``M x N`` matrix.
+    """Row sums ``(M,)`` and column sums ``(N,)`` of the squared back-projection of ``low_LR``
+    (shape ``shape``, in >= float32), without building the ``M x N`` matrix.
 
     Row i of the back-projection is ``c`` chunks ``low[i*c+k] @ P / s``, so its squared norm is
     ``sum_k low[i*c+k] (P P^T) low[i*c+k]^T / s^2``; column ``k*K+q`` gathers chunk k of every
@@ -206,7 +162,7 @@ def factored_second_moment_update(
     """Adafactor's running row/column sums, decayed with ``beta2`` (new tensors returned).
 
     With ``(rs, cs) = sq_sums`` the row/column sums of the squared back-projected gradient
-    ``G^_t`` of the ORIGINAL shape (``square_sums`` or ``square_sums_low_rank``):
+    ``G^_t`` of the ORIGINAL shape (:func:`square_sums_low_rank`):
     ``R_t = beta2 R_{t-1} + (1 - beta2) rs`` and ``C_t = beta2 C_{t-1} + (1 - beta2) cs``,
     starting from zeros; i.e. the row/column sums of Adam's ``v_t`` of ``G^``. Sums, not means
     (Adafactor's ``R C^T / 1^T R`` is then exact for a rank-1 ``v``). No eps is added here.
@@ -217,51 +173,19 @@ def factored_second_moment_update(
     return row, col
 
 
-def factored_denominator(
-    row_M: Tensor, col_N: Tensor, step: int, beta2: float, eps: float
+def factored_denominator_rows(
+    row_M: Tensor, col_N: Tensor, first: int, stop: int, step: int, beta2: float, eps: float
 ) -> Tensor:
-    """``sqrt(V^ / (1 - beta2**step)) + eps`` with ``V^ = R C^T / sum(R)`` (shape ``M x N``).
+    """Rows ``first:stop`` (shape ``(stop - first) x N``) of ProjFactor's denominator
+    ``sqrt(V^ / (1 - beta2**step)) + eps`` with ``V^ = R C^T / sum(R)``: a rank holding a run of
+    the matrix builds the denominator of the rows its run covers only.
 
     ``step`` is 1-based (updates including this one), as Adam's bias correction. ``V^`` is
     homogeneous of degree 1 in (R, C), so correcting it equals correcting R and C. eps is added
     after the square root, as Adam's; ``sum(R)`` (= ``sum(C)``) is floored at the dtype's
     ``tiny`` so an all-zero history gives ``V^ = 0`` instead of 0/0.
     """
-    return factored_denominator_rows(row_M, col_N, 0, row_M.shape[0], step, beta2, eps)
-
-
-def factored_denominator_rows(
-    row_M: Tensor, col_N: Tensor, first: int, stop: int, step: int, beta2: float, eps: float
-) -> Tensor:
-    """Rows ``first:stop`` of :func:`factored_denominator` (shape ``(stop - first) x N``): a
-    rank holding a run of the matrix builds the denominator of the rows its run covers only."""
     total = row_M.sum().clamp_min(torch.finfo(row_M.dtype).tiny)
     # In place on the one (rows x N) buffer: the same operations, no second full-size temporary.
     denom = torch.outer(row_M[first:stop], col_N).div_(total)
     return denom.div_(1 - beta2**step).sqrt_().add_(eps)
-
-
-def projfactor_direction(
-    exp_avg_LR: Tensor,
-    proj_RK: Tensor,
-    c: int,
-    shape: tuple[int, int] | torch.Size,
-    row_M: Tensor,
-    col_N: Tensor,
-    step: int,
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    random: bool,
-) -> Tensor:
-    """ProjFactor's full-size direction ``back(m_t / (1 - beta1**step)) / denominator``.
-
-    ``exp_avg_LR`` is the subspace first moment ``m_t = beta1 m_{t-1} + (1 - beta1) low_t``
-    (already updated), ``row_M``/``col_N`` the statistics after ``factored_second_moment_update``
-    of this step; ``step`` is 1-based. The optimizer applies ``-lr * scale * direction``.
-    """
-    m_hat_LR = exp_avg_LR / (1 - beta1**step)
-    back_MN = project_back_granular(m_hat_LR, proj_RK, c, shape, random=random)
-    denom_MN = factored_denominator(row_M, col_N, step, beta2, eps)
-    return (back_MN.to(denom_MN.dtype) / denom_MN).to(exp_avg_LR.dtype)

@@ -121,7 +121,7 @@ def _two_ranks(rank, world_size, out_dir):
     comm.all_gather_object(None)  # rank 1 waits here until rank 0 gave up
 
     # Rank 0's shard loaded into rank 1.
-    shard = state_io.with_marker(optimizer, torch.optim.Optimizer.state_dict(optimizer))
+    shard = state_io.with_marker(comm, torch.optim.Optimizer.state_dict(optimizer))
     shards = comm.all_gather_object(shard)
     try:
         _optimizer(_model(), comm).load_state_dict(shards[0])

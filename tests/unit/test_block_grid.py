@@ -8,6 +8,8 @@ as large as a moment is ever created by an 8-bit update.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,17 +28,12 @@ from gnlorp_dist.optim.quantized import (
     settle_shared,
 )
 from gnlorp_dist.optim.reshard import cut_run, join_runs
+from gnlorp_dist.optim.spec import MomentSpec, StepHyperparameters
 
 pytest.importorskip("bitsandbytes")
 
-GROUP = {
-    "lr": 1e-2,
-    "betas": (0.9, 0.999),
-    "eps": 1e-6,
-    "weight_decay": 0.01,
-    "bits": 8,
-    "min_8bit_size": 1024,
-}
+MOMENTS = MomentSpec(bits=8, min_8bit_size=1024)
+HYPER = StepHyperparameters(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
 
 def _moments(numel, seed):
@@ -69,7 +66,7 @@ def test_chunked_update_writes_the_whole_tensor_codes(monkeypatch, chunk):
     grad = torch.randn(numel) * 1e-2
     expected_param = param.clone()
     expected = _whole_reference(reference_state, expected_param, grad, step=4)
-    assert update_dense_block(state, GROUP, param, grad) == []
+    assert update_dense_block(state, MOMENTS, HYPER, param, grad) == []
     assert state["step"] == 4
     assert torch.equal(param, expected_param)
     for key in MOMENT_KEYS:
@@ -91,7 +88,13 @@ def _run_updates(offset, numel, total, values, grad):
         state[f"{key}_absmax"] = whole[key][1][first:stop].clone()
     param = torch.zeros(numel)
     shared = update_dense_block(
-        state, GROUP, param, grad[offset : offset + numel], param_numel=total, offset=offset
+        state,
+        MOMENTS,
+        HYPER,
+        param,
+        grad[offset : offset + numel],
+        param_numel=total,
+        offset=offset,
     )
     return state, shared
 
@@ -186,7 +189,7 @@ def test_a_float_state_loaded_into_an_8bit_tensor_is_read_exactly_and_quantised(
     float_state = {"step": 2, "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
     copy = {"step": 2, "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
     expected_param = param.clone()
-    update_dense_block(copy, dict(GROUP, bits=32), expected_param, grad)
-    update_dense_block(float_state, GROUP, param, grad)
+    update_dense_block(copy, replace(MOMENTS, bits=32), HYPER, expected_param, grad)
+    update_dense_block(float_state, MOMENTS, HYPER, param, grad)
     assert torch.equal(param, expected_param)  # the float values, not codes, fed the step
     assert float_state["exp_avg"].dtype == torch.uint8

@@ -24,7 +24,7 @@ from gnlorp_dist.optim.comm import LocalCommunicator
 from gnlorp_dist.optim.fragments import Fragment
 from gnlorp_dist.optim.functional import clip_by_norm_
 from gnlorp_dist.optim.groups import projected_param_groups
-from gnlorp_dist.optim.layouts import register_engine_layout
+from gnlorp_dist.optim.layouts import engine_layouts, use_engine_layouts
 
 SHAPES = [(256, 48), (48, 256), (64, 64)]
 """Projected matrices: with rank 16 the first two have 4096-element low-rank moments (8-bit)."""
@@ -301,7 +301,23 @@ def detect_fake_layout(model_params, engine_params):
     return None
 
 
-register_engine_layout(detect_fake_layout)
+@contextlib.contextmanager
+def fake_engine_layout():
+    """The fake engine's layout beside the real ones while inside: the table is restored after,
+    so nothing outside meets it (it claims only ``fake_partition`` tensors). Forked ranks
+    (tests/distributed/test_device_rule.py) enter it through :func:`run_fragments`."""
+    saved = engine_layouts()
+    use_engine_layouts(*saved, detect_fake_layout)
+    try:
+        yield
+    finally:
+        use_engine_layouts(*saved)
+
+
+@pytest.fixture(autouse=True)
+def fake_engine():
+    with fake_engine_layout():
+        yield
 
 
 def flatten_group(group: dict, lo: int, hi: int) -> nn.Parameter:
@@ -333,6 +349,11 @@ def partition(numel: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def run_fragments(meta, bits, communicator, proj_type="std", steps=STEPS):
     """ZeRO-style steps of both groups through the fragment driver on this rank's runs."""
+    with fake_engine_layout():
+        return _run_fragments(meta, bits, communicator, proj_type, steps)
+
+
+def _run_fragments(meta, bits, communicator, proj_type, steps):
     projected, dense = make_params()
     optimizer = GradNormLoRPAdamW(
         groups(projected, dense, proj_type),

@@ -126,10 +126,10 @@ def test_finite_runs_are_bitwise_unchanged_by_the_check():
     params, opt = _run(None)
     base_params = _params()
     base = _optimizer(base_params)
-    base._check_non_finite = False  # the benchmark's baseline: refresh-step checks only
     for step in range(STEPS):
         for p, g in zip(base_params, _grads(step, base_params)):
             p.grad = g
+        base.mark_gradients_finite()  # the baseline: no check at all (one process)
         base.step()
     for p, r in zip(params, base_params):
         assert torch.equal(p.detach(), r.detach())
@@ -147,7 +147,10 @@ def test_mark_gradients_finite_skips_the_check_once():
     params[2].grad[0] = 0.0
     opt.mark_gradients_finite()
     opt.step()
-    assert not opt.last_step_skipped and not opt._gradients_known_finite
+    assert not opt.last_step_skipped
+    params[2].grad[0] = math.nan  # the promise held for one step only: checked again
+    opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 2
 
 
 def test_non_finite_count_is_one_fused_count():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import pytest
 import torch
 
 from gnlorp_dist import GradNormLoRPAdamW
+from gnlorp_dist.memory.bytes import basis_bytes
 from gnlorp_dist.optim.projection import (
     RANDOMIZED_MIN_DIM,
     compute_projection,
@@ -17,11 +19,11 @@ from gnlorp_dist.optim.projection import (
 )
 from gnlorp_dist.optim.quantized_basis import (
     PROJ_GROUP_SIZE,
-    basis_bytes,
     dequantize_basis,
     quantize_basis,
 )
 from gnlorp_dist.optim.refresh import next_gap, refresh_due
+from gnlorp_dist.optim.spec import ProjectionSpec
 
 
 def _low_rank_gradient(rows, cols, rank, seed, noise=0.05):
@@ -142,16 +144,17 @@ def test_int4_refuses_an_odd_basis_dimension():
 
 
 def test_next_gap_doubles_for_a_settled_subspace_and_resets_when_it_moves():
-    group = {"update_proj_gap": 10, "lazy_refresh_threshold": 0.9}
+    fixed = ProjectionSpec(rank=4, update_proj_gap=10, scale=1.0)
+    group = replace(fixed, lazy_refresh_threshold=0.9)
     assert next_gap(group, 10, None) == 10  # first refresh: nothing to compare
     assert next_gap(group, 10, 0.95) == 20
     assert next_gap(group, 40, 0.99) == 80
     assert next_gap(group, 80, 0.99) == 80  # 8x the gap at most
     assert next_gap(group, 80, 0.5) == 10
-    assert next_gap({"update_proj_gap": 10}, 10, 0.99) == 10  # lazy refresh off
+    assert next_gap(fixed, 10, 0.99) == 10  # lazy refresh off
     assert refresh_due(group, {"step": 7, "next_refresh": 7})
     assert not refresh_due(group, {"step": 7, "next_refresh": 9})
-    assert refresh_due({"update_proj_gap": 10}, {"step": 20})
+    assert refresh_due(fixed, {"step": 20})
 
 
 def test_subspace_overlap_measures_every_direction():

@@ -1,4 +1,8 @@
-"""VLoRP granular projection and ProjFactor's factored second moment (pure functions)."""
+"""VLoRP granular projection and ProjFactor's factored second moment (pure functions).
+
+The library's functions (:mod:`gnlorp_dist.optim.vlorp`) against the whole-matrix references of
+tests/unit/reference_math.py, and those references against the math they stand for.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,22 @@ import torch
 from gnlorp_dist.optim.projection import compute_projection, project, project_back
 from gnlorp_dist.optim.vlorp import (
     check_granularity,
-    factored_denominator,
+    factored_denominator_rows,
     factored_second_moment_update,
+    random_basis,
+    square_sums_low_rank,
+    window_seed,
+)
+
+from .reference_math import (
+    factored_denominator,
     project_back_granular,
     project_granular,
     projfactor_direction,
-    random_basis,
     reshape_for_granularity,
     restore_shape,
     square_sums,
-    square_sums_low_rank,
     svd_basis,
-    window_seed,
 )
 
 
@@ -198,8 +206,18 @@ def test_factored_running_average_and_projfactor_direction():
 
 
 def test_zero_history_gives_eps_denominator():
-    denom = factored_denominator(torch.zeros(3), torch.zeros(5), 1, 0.999, 1e-8)
+    denom = factored_denominator_rows(torch.zeros(3), torch.zeros(5), 0, 3, 1, 0.999, 1e-8)
     assert torch.equal(denom, torch.full((3, 5), 1e-8))
+
+
+def test_denominator_rows_are_the_rows_of_the_whole_denominator():
+    """What a rank holding rows ``first:stop`` of the matrix builds is that slice, bitwise."""
+    generator = torch.Generator().manual_seed(3)
+    row, col = torch.rand(6, generator=generator), torch.rand(5, generator=generator)
+    whole = factored_denominator(row, col, 4, 0.99, 1e-8)
+    for first, stop in ((0, 6), (0, 2), (2, 5), (5, 6), (3, 3)):
+        rows = factored_denominator_rows(row, col, first, stop, 4, 0.99, 1e-8)
+        assert torch.equal(rows, whole[first:stop])
 
 
 @pytest.mark.parametrize("c", [0, -2, 3, 1.0, True])
@@ -210,8 +228,8 @@ def test_bad_granularity_raises(c):
 
 def test_non_dividing_granularity_names_c_and_m():
     with pytest.raises(ValueError, match=r"c=3 must divide the number of columns m=10"):
-        reshape_for_granularity(torch.zeros(4, 10), 3)
+        check_granularity((4, 10), 3)
     with pytest.raises(ValueError, match=r"c=4 .* m=10"):
-        project_back_granular(torch.zeros(16, 2), torch.zeros(2, 2), 4, (4, 10), random=True)
+        check_granularity(torch.Size((4, 10)), 4)
     with pytest.raises(ValueError, match="2-D"):
         check_granularity((2, 3, 4), 1)

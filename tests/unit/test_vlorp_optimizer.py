@@ -1,6 +1,7 @@
 """VLoRP (granularity, random bases) and ProjFactor inside GradNormLoRPAdamW, on one process.
 
-The math is checked against hand-written loops over :mod:`gnlorp_dist.optim.vlorp`'s pure functions;
+The math is checked against hand-written loops over :mod:`gnlorp_dist.optim.vlorp`'s pure functions
+and the whole-matrix references of tests/unit/reference_math.py;
 the seeding (one random basis per refresh window, never stored) against resumed and
 accumulated runs.
 """
@@ -19,19 +20,22 @@ from gnlorp_dist import (
     apply_weight_norm,
     projected_param_groups,
 )
-from gnlorp_dist.optim.functional import galore_step_size, projected_adamw_step
+from gnlorp_dist.optim.functional import galore_step_size
 from gnlorp_dist.optim.projection import compute_projection, projection_side
 from gnlorp_dist.optim.vlorp import (
     factored_second_moment_update,
-    project_back_granular,
-    project_granular,
-    projfactor_direction,
     random_basis,
     square_sums_low_rank,
-    svd_basis,
     window_seed,
 )
 
+from .reference_math import (
+    project_back_granular,
+    project_granular,
+    projected_adamw_step,
+    projfactor_direction,
+    svd_basis,
+)
 from .test_groups import tiny_llama
 
 SHAPE = (24, 16)

@@ -29,9 +29,6 @@ from gnlorp_dist.integrations.deepspeed.layouts import (
     Zero12Layout,
     detect_deepspeed_layout,
 )
-from gnlorp_dist.optim.layouts import register_engine_layout
-
-register_engine_layout(detect_deepspeed_layout)
 
 __all__ = [
     "Zero12Layout",
