@@ -7,6 +7,7 @@
     gnlorp-bench --methods galore vlorp vlorp-projfactor gradnormlorp-granular --granularity 4
     gnlorp-bench --sweep granularity              # VLoRP's c = 1,2,4,8 at c * r = --rank
     gnlorp-bench --device cuda --model llama_60m --seq-len 256   # + peak GPU memory, tokens/s
+    gnlorp-bench --config sweep.yaml --steps 40   # options from a YAML/JSON file, flags win
 
 Every flag is a field of :class:`gnlorp_dist.bench.config.BenchConfig`, helped by its docstring.
 """
@@ -15,81 +16,26 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import sys
-from typing import Any
 
 from gnlorp_dist.bench.config import BenchConfig
-from gnlorp_dist.training.config import field_docs
-
-_TYPES = {"int": int, "float": float, "str": str}
-_METAVARS = {"int": "N", "float": "X", "str": "STR"}
-_LISTS = {"methods": "METHOD", "sweep_methods": "METHOD", "sweep_values": "N"}
-_NEGATED = {"measure_memory"}
-
-
-def _split(values: list[str]) -> list[str]:
-    """``--methods a b``, ``--methods a,b`` and mixtures of both."""
-    return [part for value in values for part in value.split(",") if part]
-
-
-def _int_value(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--sweep-values: {text!r} is not a positive integer") from None
+from gnlorp_dist.options.parser import build_parser as build_options_parser
+from gnlorp_dist.options.parser import config_from_namespace, parse_namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`BenchConfig` field (lists: space- or comma-separated)."""
-    parser = argparse.ArgumentParser(
+    return build_options_parser(
+        BenchConfig,
         prog="gnlorp-bench",
         description=__doc__.split("\n\n")[0]
         + " Prints a table and writes JSON, a text log and PNG plots to --output-dir.",
     )
-    docs = field_docs(BenchConfig)
-    for f in dataclasses.fields(BenchConfig):
-        help_text = docs.get(f.name, "").replace("%", "%%")
-        flag = f"--{f.name.replace('_', '-')}"
-        default = f.default
-        if f.name in _NEGATED:
-            parser.add_argument(
-                f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
-                help=help_text,
-            )  # fmt: skip
-        elif f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text)
-        elif f.name in _LISTS:
-            if isinstance(default, tuple):
-                help_text += f" (default: {','.join(map(str, default))})"
-            parser.add_argument(
-                flag, nargs="+", default=None, metavar=_LISTS[f.name], help=help_text
-            )
-        else:
-            base = str(f.type).split("|")[0].strip()
-            if default is not None and "default" not in help_text:
-                help_text += f" (default: {default})"
-            parser.add_argument(
-                flag, type=_TYPES[base], default=default, metavar=_METAVARS[base], help=help_text
-            )
-    return parser
 
 
 def config_from_args(argv: list[str] | None = None) -> BenchConfig:
     """The :class:`BenchConfig` of a command line (ValueError for a bad list value)."""
-    args = vars(build_parser().parse_args(argv))
-    fields: dict[str, Any] = {}
-    for name, value in args.items():
-        if name in _LISTS:
-            if value is None:
-                continue
-            parts = _split(value)
-            fields[name] = (
-                tuple(_int_value(p) for p in parts) if name == "sweep_values" else (tuple(parts))
-            )
-        else:
-            fields[name] = value
-    return BenchConfig(**fields)
+    return config_from_namespace(BenchConfig, parse_namespace(build_parser(), argv))
 
 
 def keep_freed_memory_for_reuse() -> bool:

@@ -1,8 +1,10 @@
 """The configuration of a ``gnlorp-bench`` run and its validation.
 
-Every field of :class:`BenchConfig` is one flag (``loss_window`` -> ``--loss-window``) whose help
-text is the docstring under the field (read with :func:`gnlorp_dist.training.config.field_docs`).
-Fields left ``None`` take the model's recipe (:mod:`gnlorp_dist.models`) when resolved.
+:class:`BenchConfig` takes the model, schedule and data groups of :mod:`gnlorp_dist.options` and
+the fields it shares with the other CLIs (rank, device, threads, ...: same flag, same help),
+plus its own (methods, sweeps). Every field is one flag (``loss_window`` -> ``--loss-window``)
+whose help text is the docstring under the field (:mod:`gnlorp_dist.options.parser`). Fields
+left ``None`` take the model's recipe (:mod:`gnlorp_dist.models`) when resolved.
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ from transformers import LlamaConfig
 
 from gnlorp_dist.device import resolve_device
 from gnlorp_dist.models import ModelSpec, known_model_names, llama_config, recipe_for_config
+from gnlorp_dist.options.fields import option, shared
+from gnlorp_dist.options.groups import (
+    DataOptions,
+    LoopOptions,
+    MethodOptions,
+    ModelOptions,
+    RuntimeOptions,
+    ScheduleOptions,
+)
+from gnlorp_dist.options.optimizer import PROJ_TYPES, ProjectionOptions
 
 METHODS: tuple[str, ...] = (
     "adamw",
@@ -60,106 +72,62 @@ DEFAULT_OUTPUT_DIR = "benchmarks/results/compare"
 DEFAULT_ADAMW_LR = 1e-3
 
 
-@dataclass(kw_only=True)
-class BenchConfig:
+# The bases are listed last group first: a dataclass orders inherited fields from the end of
+# the MRO, so --help starts with the model.
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig(DataOptions, ScheduleOptions, ModelOptions):
     """One comparison (or sweep): the same model, data, seed, schedule, batch and steps for every
     method. Defaults: all eight methods on llama_nano, 80 steps of 4 x 128 tokens, one CPU
     thread: about 6-8 minutes on a 2-core CPU."""
 
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, metavar="METHOD")
     """Methods to compare (adamw is the baseline of the time ratio): adamw, adamw8bit, galore,
     galore-torch, lora, dora, gradnormlorp, gradnormlorp8bit (the default eight); wegeft
     (weight-generative fine-tuning, rank --lora-rank, AdamW at --adamw-lr); and the granular
     methods at granularity --granularity and rank --vlorp-rank: vlorp (plain model, random
     bases), vlorp-projfactor (the same with ProjFactor's factored second moment) and
     gradnormlorp-granular (weight-normed model, SVD bases on the right)."""
-    model: str = "llama_nano"
-    """Named LLaMA shape and recipe: llama_nano, llama_micro, llama_60m ... llama_7b."""
-    model_config: str | None = None
-    """Path to a GaLore-style JSON or a Hugging Face config.json; replaces --model's shape."""
     steps: int = 80
     """Optimizer steps per method."""
-    batch_size: int = 4
-    """Sequences per optimizer step (the global batch; no accumulation)."""
     seq_len: int = 128
-    """Tokens per sequence (128 keeps the default run of eight methods within minutes on 2 CPU
-    cores; gnlorp-train and GaLore's benchmarks use 256)."""
-    lr: float | None = None
-    """Peak lr of the projected methods (galore, galore-torch, gradnormlorp, gradnormlorp8bit;
-    default: the model's recipe, 0.01)."""
+    eval_batches: int = 8
     adamw_lr: float = DEFAULT_ADAMW_LR
     """Peak lr of adamw, adamw8bit and of the LoRA/DoRA adapters (GaLore's full-rank lr)."""
-    rank: int | None = None
-    """Projection rank r (default: the model's recipe); also the LoRA/DoRA rank unless set."""
-    update_proj_gap: int | None = None
-    """Subspace refresh gap T in steps (default: the model's recipe)."""
-    scale: float | None = None
-    """Scale alpha of the projected update (default: the model's recipe)."""
-    proj_type: str = "std"
-    """Which side to project: std (GaLore's rule), reverse_std, left, right."""
-    granularity: int = DEFAULT_GRANULARITY
-    """Projection granularity c of vlorp, vlorp-projfactor and gradnormlorp-granular: each
-    M x N gradient is reshaped to (M c, N / c) before projection; c must divide every targeted
-    matrix's input size."""
+    rank: int | None = shared(ProjectionOptions, "rank")
+    update_proj_gap: int | None = shared(ProjectionOptions, "update_proj_gap")
+    scale: float | None = shared(ProjectionOptions, "scale")
+    proj_type: str = shared(ProjectionOptions, "proj_type", choices=PROJ_TYPES)
+    granularity: int = shared(ProjectionOptions, "granularity", default=DEFAULT_GRANULARITY)
     vlorp_rank: int | None = None
     """Projection rank r of the granular methods (default: --rank / --granularity, so that their
     state c * r per matrix row equals the other projected methods' rank: an equal budget)."""
-    galore_torch_dense: str = "adamw"
+    galore_torch_dense: str = option("adamw", choices=GALORE_TORCH_DENSE)
     """Dense groups of galore-torch: adamw (torch.optim.AdamW, the convention of our dense
     groups, so galore vs galore-torch checks the projected update alone) or galore
     (GaLoreAdamW for every group, as GaLore's own script; its eps placement differs)."""
-    lora_rank: int | None = None
-    """Adapter rank of lora, dora and wegeft (default: --rank, so adapters and projections
-    match)."""
-    lora_alpha: float | None = None
-    """LoRA (and WeGeFT) alpha (default: the adapter rank, i.e. scaling alpha/r = 1)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay, every method."""
-    warmup_steps: int | None = None
-    """Linear warmup steps (default: 10% of --steps), then cosine decay."""
-    min_lr_ratio: float = 0.1
-    """The cosine decays to min_lr_ratio * lr."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this before every step; 0 disables."""
-    seed: int = 0
-    """Seeds model init, adapter init and the batch order; every method gets the same."""
-    data: str = "shakespeare"
-    """shakespeare (embedded, offline) or a local .txt/.jsonl file or folder."""
-    tokenizer: str | None = None
-    """Tokenizer folder; default: the LLaMA SentencePiece model of mistral-common."""
-    eval_batches: int = 8
-    """Held-out batches (of --batch-size sequences) for the evaluation perplexity."""
+    lora_rank: int | None = shared(MethodOptions, "lora_rank")
+    lora_alpha: float | None = shared(MethodOptions, "lora_alpha")
     loss_window: int = 10
     """The final train loss is the mean over this many last steps."""
     measure_memory: bool = True
     """Measure each method's peak live-tensor bytes on one extra step of a fresh copy
     (--no-measure-memory skips it)."""
-    sweep: str | None = None
+    sweep: str | None = option(None, choices=SWEEPS)
     """rank, gap or granularity: instead of the comparison, final loss of --sweep-methods over
     --sweep-values of the projection rank, of the refresh gap T, or of the granularity c of the
     granular methods with rank --rank / c (c * r fixed at --rank)."""
-    sweep_values: tuple[int, ...] | None = None
+    sweep_values: tuple[int, ...] | None = option(None, metavar="N")
     """Values of the swept setting (default: rank 8,16,32,64; gap 10,25,50,100; granularity
     1,2,4,8)."""
-    sweep_methods: tuple[str, ...] = DEFAULT_SWEEP_METHODS
+    sweep_methods: tuple[str, ...] = option(DEFAULT_SWEEP_METHODS, metavar="METHOD")
     """Methods of a sweep (projected ones: they are the ones with a rank and a gap; a
     granularity sweep takes granular ones, and the default pair becomes vlorp,
     vlorp-projfactor, gradnormlorp-granular)."""
-    output_dir: str = DEFAULT_OUTPUT_DIR
-    """Where the table, JSON, text log, PNG plots and TensorBoard events go."""
-    tensorboard: bool = False
-    """Also write TensorBoard events under OUTPUT_DIR/tensorboard/ (needs tensorboard)."""
-    log_every: int = 10
-    """Write one log line per method every this many steps."""
-    device: str = "auto"
-    """Where every method trains: auto (cuda:<LOCAL_RANK> when torch sees a GPU, else the CPU),
-    cpu, or cuda (an error without a GPU). On a GPU the report adds each method's peak GPU
-    memory (torch.cuda.max_memory_allocated over two fresh steps) and tokens/s, both as ratios
-    to adamw."""
-    threads: int = 1
-    """torch intra-op threads. One by default: on a machine whose cores other processes share,
-    OpenMP threads spin-wait for each other and a 2-thread step was measured up to 6x slower
-    than a 1-thread one; on an idle machine pass --threads with the core count."""
+    output_dir: str = shared(LoopOptions, "output_dir", default=DEFAULT_OUTPUT_DIR)
+    tensorboard: bool = shared(LoopOptions, "tensorboard")
+    log_every: int = shared(LoopOptions, "log_every")
+    device: str = shared(RuntimeOptions, "device")
+    threads: int = shared(LoopOptions, "threads", default=1)
 
 
 DEFAULT_SWEEP_VALUES = {
@@ -278,30 +246,32 @@ def _check_granular(config: BenchConfig, llama: LlamaConfig, rank: int) -> None:
             )
 
 
-def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
-    """Validate ``config`` and fill its defaults; every user mistake raises ValueError naming
-    the offending value. Returns the config, the model's ``LlamaConfig`` and its recipe."""
-    from gnlorp_dist.optim.projection import PROJ_TYPES
-
+def _check_sweep(config: BenchConfig) -> BenchConfig:
+    """The methods and the sweep are known; a granularity sweep's default methods are the
+    granular ones (returned in ``config``)."""
     _check_methods(tuple(config.methods), "--methods", METHODS)
-    if config.sweep is not None:
-        if config.sweep not in SWEEPS:
-            raise ValueError(f"unknown --sweep {config.sweep!r}; choose one of {', '.join(SWEEPS)}")
-        if config.sweep == "granularity":
-            if tuple(config.sweep_methods) == DEFAULT_SWEEP_METHODS:
-                config = dataclasses.replace(
-                    config, sweep_methods=DEFAULT_GRANULARITY_SWEEP_METHODS
-                )
-            _check_methods(tuple(config.sweep_methods), "--sweep-methods", GRANULAR_METHODS)
-        _check_methods(tuple(config.sweep_methods), "--sweep-methods", PROJECTED_METHODS)
-        values = config.sweep_values or DEFAULT_SWEEP_VALUES[config.sweep]
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"--sweep-values: {value!r} is not a positive integer")
-        if len(set(values)) != len(values):
-            raise ValueError(f"--sweep-values {values!r} lists a value twice")
-    elif config.sweep_values is not None:
-        raise ValueError(f"--sweep-values {config.sweep_values!r} needs --sweep rank or gap")
+    if config.sweep is None:
+        if config.sweep_values is not None:
+            raise ValueError(f"--sweep-values {config.sweep_values!r} needs --sweep rank or gap")
+        return config
+    if config.sweep not in SWEEPS:
+        raise ValueError(f"unknown --sweep {config.sweep!r}; choose one of {', '.join(SWEEPS)}")
+    if config.sweep == "granularity":
+        if tuple(config.sweep_methods) == DEFAULT_SWEEP_METHODS:
+            config = dataclasses.replace(config, sweep_methods=DEFAULT_GRANULARITY_SWEEP_METHODS)
+        _check_methods(tuple(config.sweep_methods), "--sweep-methods", GRANULAR_METHODS)
+    _check_methods(tuple(config.sweep_methods), "--sweep-methods", PROJECTED_METHODS)
+    values = config.sweep_values or DEFAULT_SWEEP_VALUES[config.sweep]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"--sweep-values: {value!r} is not a positive integer")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--sweep-values {values!r} lists a value twice")
+    return config
+
+
+def _check_settings(config: BenchConfig) -> LlamaConfig:
+    """Choices known and numbers in range; returns the model's ``LlamaConfig``."""
     if config.proj_type not in PROJ_TYPES:
         raise ValueError(f"unknown --proj-type {config.proj_type!r}; choose one of {PROJ_TYPES}")
     if config.galore_torch_dense not in GALORE_TORCH_DENSE:
@@ -331,6 +301,14 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
             f"--seq-len {config.seq_len} exceeds the model's max_position_embeddings "
             f"{llama.max_position_embeddings}"
         )
+    return llama
+
+
+def resolve(config: BenchConfig) -> tuple[BenchConfig, LlamaConfig, ModelSpec]:
+    """Validate ``config`` and fill its defaults; every user mistake raises ValueError naming
+    the offending value. Returns the config, the model's ``LlamaConfig`` and its recipe."""
+    config = _check_sweep(config)
+    llama = _check_settings(config)
     recipe = recipe_for_config(llama)
     _check_ranks(config, llama)
     _check_granular(config, llama, config.rank if config.rank is not None else recipe.rank)

@@ -64,13 +64,13 @@ SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, communic
 def wrap_for_data_parallel(
     model: torch.nn.Module, context: DistributedContext, grad_reduction: str
 ) -> torch.nn.Module:
-    """The module the training loop calls: DDP-wrapped (``ddp``), or ``model`` itself with rank
-    0's weights copied everywhere (``owners``, ``lowrank``: the optimizer reduces gradients
-    itself)."""
+    """The module the training loop calls: DDP-wrapped (``none``: the optimizer reduces
+    nothing), or ``model`` itself with rank 0's weights copied everywhere (``full``,
+    ``low_rank``: the optimizer reduces gradients itself)."""
     if context.world_size == 1:
         return model
     assert context.communicator is not None
-    if grad_reduction == "ddp":
+    if grad_reduction == "none":
         # DDP puts its buckets where the module is: the module must be on the device already.
         device = next(model.parameters()).device
         assert device == context.device, (device, context.device)

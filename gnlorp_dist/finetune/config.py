@@ -1,8 +1,11 @@
-"""The configuration of a ``gnlorp-finetune`` run, and the command line generated from it.
+"""The configuration of a ``gnlorp-finetune`` run, and its command line.
 
-Every field of :class:`FinetuneConfig` is one flag (``max_seq_len`` -> ``--max-seq-len``)
-whose help text is the docstring under the field. Fields left ``None`` are filled by
-:func:`resolve` from one of two recipes:
+:class:`FinetuneConfig` takes the model and device groups of :mod:`gnlorp_dist.options` and the
+fields it shares with the other CLIs (rank, lr, batch size, ...: same flag, same help), plus its
+own (task, data files, WeGeFT). Every field is one flag (``max_seq_len`` -> ``--max-seq-len``)
+whose help text is the docstring under the field (:func:`gnlorp_dist.options.parser.
+build_parser`; ``--config FILE`` reads them from YAML or JSON). Fields left ``None`` are filled
+by :func:`resolve` from one of two recipes:
 
 - pre-trained weights (a local folder or a hub name): GaLore's GLUE recipe for RoBERTa-base,
   rank 8, refresh gap T = 500, scale 4, lr 3e-5 (AdamW baseline: 2e-5, the usual RoBERTa
@@ -19,12 +22,22 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from gnlorp_dist.device import DEVICES, resolve_device
+from gnlorp_dist.device import resolve_device
 from gnlorp_dist.finetune.data import GLUE_TASKS
 from gnlorp_dist.finetune.metrics import METRIC_NAMES
 from gnlorp_dist.finetune.models import TINY_MODELS
-from gnlorp_dist.optim.projection import PROJ_TYPES
-from gnlorp_dist.training.config import field_docs
+from gnlorp_dist.options.fields import option, shared
+from gnlorp_dist.options.groups import (
+    DataOptions,
+    LoopOptions,
+    MethodOptions,
+    ModelOptions,
+    RuntimeOptions,
+    ScheduleOptions,
+)
+from gnlorp_dist.options.optimizer import PROJ_TYPES, MomentOptions, ProjectionOptions
+from gnlorp_dist.options.parser import build_parser as build_options_parser
+from gnlorp_dist.options.parser import config_from_namespace, parse_namespace
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw", "wegeft")
 WEGEFT_DEFAULT_RANK = 8
@@ -52,40 +65,33 @@ FROM_SCRATCH_RECIPE = Recipe(
 )
 
 
-@dataclass(kw_only=True)
-class FinetuneConfig:
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(RuntimeOptions, ModelOptions):
     """One fine-tuning run. Defaults: GradNormLoRP (full mode) on tiny-roberta, from scratch."""
 
     model: str = "tiny-roberta"
-    """tiny-roberta, tiny-bert, tiny-bart (built in, random init, offline), a local model folder
-    (config + weights), or a hub name such as roberta-base (downloaded)."""
-    model_config: str | None = None
-    """A config.json (e.g. {"model_type": "roberta", ...}): that architecture, random init;
-    replaces --model."""
-    tokenizer: str | None = None
-    """Tokenizer folder or hub name (default: the model's own; for random-init models a
-    word-level tokenizer learnt from the training split)."""
-    target_modules: str | None = None
+    tokenizer: str | None = shared(DataOptions, "tokenizer")
+    target_modules: str | None = option(None, metavar="NAMES")
     """Comma-separated names of the body's linear layers to normalise and project (default
     per architecture: query,key,value,dense for BERT/RoBERTa;
     q_proj,k_proj,v_proj,out_proj,fc1,fc2 for BART)."""
-    task: str | None = None
+    task: str | None = option(None, choices=tuple(GLUE_TASKS))
     """A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): its columns and
     metrics; without --train-file its data is downloaded from the hub (nyu-mll/glue)."""
-    train_file: str | None = None
+    train_file: str | None = option(None, metavar="PATH")
     """Local training data: .csv, .tsv, .json or .jsonl with a header / keys."""
-    validation_file: str | None = None
+    validation_file: str | None = option(None, metavar="PATH")
     """Local validation data (default: --validation-fraction of the training file)."""
     validation_fraction: float = 0.1
     """Share of the training file held out for validation when there is no validation file."""
-    text_columns: str | None = None
+    text_columns: str | None = option(None, metavar="COL[,COL2]", aliases=["--text-column"])
     """Text column, or two comma-separated columns for sentence pairs (default: the task's, or
     the first of sentence1,sentence2 / sentence / text found)."""
-    label_column: str = "label"
+    label_column: str = option("label", metavar="COL")
     """Column holding the label (a class id, a class name, or a float score)."""
-    problem_type: str = "auto"
+    problem_type: str = option("auto", choices=PROBLEM_TYPES)
     """auto (float labels: regression, else classification), classification or regression."""
-    metric: str | None = None
+    metric: str | None = option(None, metavar="NAMES")
     """Comma-separated metrics: accuracy, f1, matthews, pearson, spearman (default: GLUE's for
     the task; else pearson,spearman for regression, accuracy,f1,matthews for two classes)."""
     max_train_samples: int = 0
@@ -96,25 +102,14 @@ class FinetuneConfig:
     """Tokens per example (longer ones are truncated)."""
     vocab_size: int = 8000
     """Size cap of the word-level tokenizer learnt for random-init models."""
-    optimizer: str = "gradnormlorp"
-    """The method (alias --method): gradnormlorp (weight norm + projected AdamW), galore
-    (projection, no weight norm), adamw, or wegeft (weight-generative fine-tuning: frozen body,
-    AdamW on the generated updates dW = s (W0 phi^T) psi and the head; see docs/finetune.md)."""
-    rank: int | None = None
-    """Projection rank r (default 8, GaLore's GLUE rank; in LoRA mode at most --lora-rank)."""
-    update_proj_gap: int | None = None
-    """Subspace refresh gap T in steps (default: 500 pre-trained, 50 random init)."""
-    scale: float | None = None
-    """Scale alpha of the projected update (default: 4 pre-trained, 1 random init)."""
-    proj_type: str = "std"
-    """Which side to project: std (GaLore's rule), reverse_std, left, right."""
-    lora_rank: int | None = None
-    """gradnormlorp only: LoRA mode (V = W0 + sBA, W0 frozen, adapters projected) with this
-    adapter rank; embeddings and body frozen, head trained."""
-    lora_alpha: float | None = None
-    """LoRA scaling numerator (s = alpha / lora_rank; default alpha = lora_rank)."""
-    detach_norm: bool = False
-    """gradnormlorp only: treat ||V|| as a constant in backward, as DoRA does."""
+    optimizer: str = shared(MethodOptions, "optimizer", choices=OPTIMIZERS, aliases=["--method"])
+    rank: int | None = shared(ProjectionOptions, "rank")
+    update_proj_gap: int | None = shared(ProjectionOptions, "update_proj_gap")
+    scale: float | None = shared(ProjectionOptions, "scale")
+    proj_type: str = shared(ProjectionOptions, "proj_type", choices=PROJ_TYPES)
+    lora_rank: int | None = shared(MethodOptions, "lora_rank")
+    lora_alpha: float | None = shared(MethodOptions, "lora_alpha")
+    detach_norm: bool = shared(MethodOptions, "detach_norm")
     wegeft_rank: int | None = None
     """wegeft only: rank r of the generator (phi, psi of shape r x in; default 8)."""
     wegeft_alpha: float | None = None
@@ -124,102 +119,38 @@ class FinetuneConfig:
     tied modules) instead of one per layer."""
     wegeft_dropout: float = 0.0
     """wegeft only: dropout on W0 inside the generator while training."""
-    bits: int = 32
-    """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments)."""
-    lr: float | None = None
-    """Peak learning rate (default: 3e-5 pre-trained, 2e-3 random init; AdamW 2e-5 / 1e-3)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    bits: int = shared(MomentOptions, "bits")
+    lr: float | None = shared(ScheduleOptions, "lr")
+    weight_decay: float = shared(ScheduleOptions, "weight_decay")
     warmup_ratio: float = 0.06
     """Share of the steps with linear warmup (RoBERTa's GLUE recipe); then linear decay to 0."""
     epochs: int | None = None
     """Passes over the training data (default: 3 pre-trained, 10 random init)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0: --epochs decides)."""
-    batch_size: int = 16
-    """Examples per optimizer step (GaLore's GLUE batch)."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this before the step; 0 disables."""
-    eval_every: int = 0
-    """Evaluate every this many steps (0: at the end of every epoch); always at the end."""
-    log_every: int = 10
-    """Print a log line every this many steps."""
-    output_dir: str | None = None
-    """Where the merged model, metrics.json and TensorBoard logs go (default:
-    runs/finetune-<data>-<model>-<optimizer>)."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars to <output-dir>/tensorboard (needs the tensorboard
-    package)."""
-    device: str = "auto"
-    """auto (the GPU when torch sees one, else the CPU), cpu, or cuda (an error when torch
-    sees no GPU)."""
-    tf32: bool = True
-    """TF32 matmuls on Ampere and newer GPUs (--no-tf32 keeps full fp32 matmuls); no effect on
-    the CPU."""
-    threads: int | None = None
-    """CPU threads torch uses during the run (default: 1 for models of hidden size < 256, whose
-    matrices are too small to split and which slow down badly on a busy machine with more;
-    torch's default otherwise)."""
-    seed: int = 0
-    """Seeds model init, the validation hold-out, data order and dropout."""
-
-
-_CHOICES = {
-    "optimizer": OPTIMIZERS,
-    "proj_type": PROJ_TYPES,
-    "bits": (32, 8),
-    "problem_type": PROBLEM_TYPES,
-    "task": tuple(GLUE_TASKS),
-    "device": DEVICES,
-}
-_TYPES = {"int": int, "float": float, "str": str}
-_METAVARS = {"int": "N", "float": "X", "str": "STR"}
-_NAMED_METAVARS = {
-    "model": "NAME|PATH", "model_config": "PATH", "tokenizer": "PATH", "train_file": "PATH",
-    "validation_file": "PATH", "output_dir": "PATH", "text_columns": "COL[,COL2]",
-    "label_column": "COL", "metric": "NAMES", "target_modules": "NAMES",
-}  # fmt: skip
-_ALIASES = {"text_columns": ["--text-column"], "optimizer": ["--method"]}
+    max_steps: int = shared(LoopOptions, "max_steps", default=0)
+    batch_size: int = shared(DataOptions, "batch_size", default=16)
+    grad_clip: float = shared(ScheduleOptions, "grad_clip")
+    eval_every: int = shared(LoopOptions, "eval_every")
+    log_every: int = shared(LoopOptions, "log_every")
+    output_dir: str | None = shared(LoopOptions, "output_dir")
+    tensorboard: bool = shared(LoopOptions, "tensorboard")
+    threads: int | None = shared(LoopOptions, "threads")
+    seed: int = shared(DataOptions, "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`FinetuneConfig` field, helped by its docstring."""
-    parser = argparse.ArgumentParser(
+    return build_options_parser(
+        FinetuneConfig,
         prog="gnlorp-finetune",
         description="Fine-tune a sequence classifier (RoBERTa, BERT, BART) with GradNormLoRP, "
         "GaLore, AdamW or WeGeFT on a GLUE task or local CSV/JSON files, then save the merged "
         "model.",
     )
-    docs = field_docs(FinetuneConfig)
-    for f in dataclasses.fields(FinetuneConfig):
-        help_text = docs.get(f.name, "")
-        if not any(f.default is v for v in (None, False, True)) and "default" not in help_text:
-            help_text += f" (default: {f.default})"
-        help_text = help_text.replace("%", "%%")
-        flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
-        if f.type == "bool" and f.default is True:
-            # A flag that could only set True again would be useless: offer the way out.
-            flag = f"--no-{f.name.replace('_', '-')}"
-            parser.add_argument(flag, dest=f.name, action="store_false", help=help_text)
-            continue
-        if f.type == "bool":
-            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
-            continue
-        base = str(f.type).split("|")[0].strip()
-        parser.add_argument(
-            *flags,
-            dest=f.name,
-            type=_TYPES[base],
-            default=f.default,
-            choices=_CHOICES.get(f.name),
-            help=help_text,
-            metavar=None if f.name in _CHOICES else _NAMED_METAVARS.get(f.name, _METAVARS[base]),
-        )
-    return parser
 
 
 def config_from_args(argv: list[str] | None = None) -> FinetuneConfig:
-    return FinetuneConfig(**vars(build_parser().parse_args(argv)))
+    """The :class:`FinetuneConfig` of a command line (``--config FILE`` under its flags)."""
+    return config_from_namespace(FinetuneConfig, parse_namespace(build_parser(), argv))
 
 
 def split_names(text: str | None) -> tuple[str, ...] | None:
@@ -240,13 +171,12 @@ def _check_choice(value: object, choices: tuple, flag: str) -> None:
         )
 
 
-def resolve(config: FinetuneConfig) -> FinetuneConfig:
-    """Check ``config`` and fill its recipe defaults. User mistakes raise ValueError."""
+def _check_methods(config: FinetuneConfig) -> None:
+    """Known choices, and each method's flags only with that method."""
     _check_choice(config.optimizer, OPTIMIZERS, "--optimizer")
     _check_choice(config.proj_type, PROJ_TYPES, "--proj-type")
     _check_choice(config.bits, (32, 8), "--bits")
     _check_choice(config.problem_type, PROBLEM_TYPES, "--problem-type")
-    _check_choice(config.device, DEVICES, "--device")
     resolve_device(config.device)  # --device cuda on a host without one fails before any work
     if config.task is not None:
         _check_choice(config.task, tuple(GLUE_TASKS), "--task")
@@ -276,33 +206,26 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
             f"--bits {config.bits} needs a projected optimizer (gradnormlorp or galore); "
             f"got --optimizer {config.optimizer}"
         )
-    names = (
-        "rank",
-        "update_proj_gap",
-        "scale",
-        "lr",
-        "epochs",
-        "lora_rank",
-        "lora_alpha",
-        "wegeft_rank",
-        "wegeft_alpha",
-        "threads",
-    )
-    for name in names:
+
+
+_POSITIVE_OR_NONE = (
+    "rank", "update_proj_gap", "scale", "lr", "epochs", "lora_rank", "lora_alpha",
+    "wegeft_rank", "wegeft_alpha", "threads",
+)  # fmt: skip
+_POSITIVE = ("batch_size", "max_seq_len", "log_every", "vocab_size")
+_NON_NEGATIVE = (
+    "max_steps", "eval_every", "weight_decay", "grad_clip", "max_train_samples",
+    "max_eval_samples",
+)  # fmt: skip
+
+
+def _check_numbers(config: FinetuneConfig) -> None:
+    """Counts, rates and shares in range; metric names known."""
+    for name in _POSITIVE_OR_NONE + _POSITIVE:
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("batch_size", "max_seq_len", "log_every", "vocab_size"):
-        if getattr(config, name) <= 0:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}"
-            )
-    for name in ("max_steps", "eval_every", "weight_decay", "grad_clip"):
-        if getattr(config, name) < 0:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}"
-            )
-    for name in ("max_train_samples", "max_eval_samples"):
+    for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             raise ValueError(
                 f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}"
@@ -319,6 +242,10 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
             raise ValueError(
                 f"--metric {unknown[0]!r} is unknown; choose from {', '.join(METRIC_NAMES)}"
             )
+
+
+def _with_recipe(config: FinetuneConfig) -> FinetuneConfig:
+    """``config`` with the fields left None filled from its recipe."""
     recipe = FROM_SCRATCH_RECIPE if is_from_scratch(config) else PRETRAINED_RECIPE
     rank = config.rank if config.rank is not None else recipe.rank
     if config.lora_rank is not None:
@@ -344,6 +271,13 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
         ),
         output_dir=config.output_dir or str(Path("runs") / f"finetune-{_run_label(config)}"),
     )
+
+
+def resolve(config: FinetuneConfig) -> FinetuneConfig:
+    """Check ``config`` and fill its recipe defaults. User mistakes raise ValueError."""
+    _check_methods(config)
+    _check_numbers(config)
+    return _with_recipe(config)
 
 
 def _run_label(config: FinetuneConfig) -> str:

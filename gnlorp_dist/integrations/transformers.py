@@ -30,7 +30,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from gnlorp_dist.distributed import communicator_for_current_process
 from gnlorp_dist.nn import DEFAULT_TARGET_MODULES, WeightNormLinear
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
-from gnlorp_dist.optim.projection import PROJ_TYPES as _PROJ_TYPES
+from gnlorp_dist.optim.projection import SVD_METHODS
+from gnlorp_dist.optim.spec import SECOND_MOMENTS
+from gnlorp_dist.optim.vlorp import BASIS_KINDS
+from gnlorp_dist.options.optimizer import (
+    BASIS_BITS,
+    OPTIMIZER_PROJ_TYPES,
+    STATE_BITS,
+    MomentOptions,
+    ProjectionOptions,
+)
 
 _PER_LAYER_REFUSAL = (
     "per_layer=True is not supported in the Trainer: PerLayerUpdates steps every parameter "
@@ -41,14 +50,18 @@ _PER_LAYER_REFUSAL = (
 )
 
 
-@dataclasses.dataclass(kw_only=True)
-class GradNormLoRPConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradNormLoRPConfig(MomentOptions, ProjectionOptions):
     """The GradNormLoRP options a Trainer run adds to its ``TrainingArguments``.
 
-    ``lr``, betas, eps and weight decay come from the ``TrainingArguments``
-    (``learning_rate``, ``adam_beta1``/``adam_beta2``, ``adam_epsilon``, ``weight_decay``; the
-    decay applies to every group, as in GaLore). Build one directly, or from the Trainer's own
-    ``optim_args`` / ``optim_target_modules`` with :meth:`from_training_args`.
+    The projection and moment options are gnlorp-train's (:class:`~gnlorp_dist.options.
+    optimizer.ProjectionOptions`, :class:`~gnlorp_dist.options.optimizer.MomentOptions`: the
+    same names, values and meanings as its flags and as the optimizer's param-group keys);
+    ``rank``, ``update_proj_gap`` and ``scale`` default to GaLore's Trainer values here. ``lr``,
+    betas, eps and weight decay come from the ``TrainingArguments`` (``learning_rate``,
+    ``adam_beta1``/``adam_beta2``, ``adam_epsilon``, ``weight_decay``; the decay applies to
+    every group, as in GaLore). Build one directly, or from the Trainer's own ``optim_args`` /
+    ``optim_target_modules`` with :meth:`from_training_args`.
     """
 
     rank: int = 128
@@ -57,10 +70,6 @@ class GradNormLoRPConfig:
     """Subspace refresh gap T, in optimizer steps."""
     scale: float = 0.25
     """Scale alpha of the projected update."""
-    proj_type: str = "std"
-    """Which side to project: std (GaLore's rule), reverse_std, left, right."""
-    bits: int = 32
-    """Optimizer-state bits: 32, or 8 (block-wise 8-bit moments)."""
     per_layer: bool = False
     """Refused in a Trainer (it steps, clips and accumulates itself); kept so the refusal is
     explicit rather than an unknown-option error."""
@@ -69,45 +78,65 @@ class GradNormLoRPConfig:
     projected_param_groups)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
-            self.target_modules = (self.target_modules,)
-        self.target_modules = tuple(self.target_modules)
+        targets = self.target_modules
+        object.__setattr__(
+            self, "target_modules", (targets,) if isinstance(targets, str) else tuple(targets)
+        )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank={self.rank!r} must be a positive int, e.g. 128")
         if not isinstance(self.update_proj_gap, int) or self.update_proj_gap < 1:
             raise ValueError(f"update_proj_gap={self.update_proj_gap!r} must be an int >= 1")
         if not self.scale > 0:
             raise ValueError(f"scale={self.scale!r} must be > 0, e.g. 0.25")
-        if self.proj_type not in _PROJ_TYPES:
-            raise ValueError(f"proj_type={self.proj_type!r} is not one of {_PROJ_TYPES}")
-        if self.bits not in (8, 32):
+        if self.bits not in STATE_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use 32 or 8")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+
+    def param_group_options(self) -> dict[str, Any]:
+        """``projected_param_groups(**options)`` beyond GaLore's four keys (only those set)."""
+        options = {**self.projection_group_options(), **self.moment_group_options()}
+        if options["svd_method"] == "auto":  # the optimizer's default: keep GaLore's keys
+            del options["svd_method"]
+        return options
 
     @classmethod
     def from_training_args(cls, args: TrainingArguments) -> GradNormLoRPConfig:
         """Options from ``args.optim_args`` (``"rank=128,update_proj_gap=200,scale=0.25,
-        proj_type=std,bits=8"``, GaLore's syntax) and ``args.optim_target_modules``."""
+        proj_type=std,bits=8"``, GaLore's syntax; any field but target_modules) and
+        ``args.optim_target_modules``."""
         kwargs: dict[str, Any] = {}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults.pop("target_modules")
         for item in filter(None, (args.optim_args or "").replace(" ", "").split(",")):
             key, sep, value = item.partition("=")
-            if not sep or key not in fields or key == "target_modules":
+            if not sep or key not in defaults:
                 raise ValueError(
                     f"optim_args item {item!r} is not key=value with key in "
-                    f"{sorted(set(fields) - {'target_modules'})}; e.g. 'rank=128,update_proj_gap=200'"
+                    f"{sorted(defaults)}; e.g. 'rank=128,update_proj_gap=200'"
                 )
-            if key in ("rank", "update_proj_gap", "bits"):
-                kwargs[key] = int(value)
-            elif key == "scale":
-                kwargs[key] = float(value)
-            elif key == "per_layer":
-                kwargs[key] = value.lower() in ("1", "true", "yes")
-            else:
-                kwargs[key] = value
+            kwargs[key] = _option_value(value, type(defaults[key]))
         targets = args.optim_target_modules
         if targets:
             kwargs["target_modules"] = (targets,) if isinstance(targets, str) else tuple(targets)
         return cls(**kwargs)
+
+
+_CHOICES = {
+    "proj_type": OPTIMIZER_PROJ_TYPES,
+    "proj_bits": BASIS_BITS,
+    "svd_method": SVD_METHODS,
+    "random_basis": BASIS_KINDS,
+    "second_moment": SECOND_MOMENTS,
+}
+
+
+def _option_value(text: str, kind: type) -> Any:
+    """``text`` of an ``optim_args`` item as the option's type (that of its default)."""
+    if kind is bool:
+        return text.lower() in ("1", "true", "yes")
+    return kind(text)
 
 
 def _refuse_per_layer(config: GradNormLoRPConfig) -> None:
@@ -134,6 +163,7 @@ def gnlorp_optimizer_cls_and_kwargs(
         scale=config.scale,
         proj_type=config.proj_type,
         target_modules=config.target_modules,
+        **config.param_group_options(),
     )
     kwargs = {
         "params": groups,

@@ -3,6 +3,7 @@
     gnlorp-memory --model llama_7b --optimizer gradnormlorp --bits 8 --per-layer \\
         --rank 1024 --tokens 256
     gnlorp-memory --model-config path/to/config.json --tokens 2048 --json
+    gnlorp-memory --config setup.yaml --world-size 8   # options from a YAML/JSON file, flags win
 
 ``--json`` prints exactly one JSON object (``total_bytes``, ``<component>_bytes`` for every
 component, the moment of the step where the peak is, every candidate moment, notes).
@@ -15,56 +16,28 @@ import json
 import sys
 from collections.abc import Sequence
 
-from gnlorp_dist.memory.config import DTYPE_BYTES, OPTIMIZERS, PROJ_BITS, MemoryConfig
+from gnlorp_dist.memory.config import MemoryConfig
 from gnlorp_dist.memory.estimator import COMPONENTS, MemoryEstimate, estimate_memory
-from gnlorp_dist.optim.projection import PROJ_TYPES, SVD_METHODS
+from gnlorp_dist.options.fields import field_docs
+from gnlorp_dist.options.groups import ModelOptions
+from gnlorp_dist.options.parser import build_parser as build_options_parser
+from gnlorp_dist.options.parser import config_from_namespace, parse_namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """One flag per :class:`MemoryConfig` field, plus --model-config, --json and --config."""
+    parser = build_options_parser(
+        MemoryConfig,
         prog="gnlorp-memory",
         description="Estimate the peak training memory per GPU (shape arithmetic, no model is "
         "allocated): weights, gradients, optimizer states, projection matrices, activations.",
     )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="registered model name, e.g. llama_60m or llama_7b")
-    model.add_argument("--model-config", help="a LLaMA config.json (or a folder holding one)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="gradnormlorp")
+    # --model or --model-config (checked in config_from_args, so a --config file may give it).
+    model = next(a for a in parser._actions if a.dest == "model")
+    model.required = False
     parser.add_argument(
-        "--bits", type=int, choices=(8, 32), default=None,
-        help="optimizer-state bits (default: 8 for adamw8bit, else 32)",
-    )  # fmt: skip
-    parser.add_argument("--rank", type=int, default=None, help="projection rank (default: recipe)")
-    parser.add_argument("--proj-type", choices=PROJ_TYPES, default="std")
-    parser.add_argument(
-        "--per-layer", action="store_true", help="update each parameter inside backward"
-    )
-    parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per step")
-    parser.add_argument(
-        "--tokens", type=int, default=256, help="tokens per micro-batch per GPU (default 256)"
-    )
-    parser.add_argument(
-        "--seq-len", type=int, default=None, help="sequence length (default: tokens)"
-    )
-    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="weight dtype")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
-    parser.add_argument(
-        "--shard-states", action="store_true", help="optimizer states sharded over the ranks"
-    )
-    parser.add_argument(
-        "--no-refresh", dest="refresh", action="store_false",
-        help="peak of a step without a subspace refresh (default: include the SVD workspace)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--proj-bits", type=int, choices=PROJ_BITS, default=16,
-        help="bits of the stored projection bases, as gnlorp-train --proj-bits: 16 (the "
-        "gradient's dtype), 8 (INT8) or 4 (INT4), with a float32 scale per 128 values",
-    )  # fmt: skip
-    parser.add_argument(
-        "--svd-method", choices=SVD_METHODS, default="auto",
-        help="refresh decomposition, as gnlorp-train --svd-method: auto (randomized when the "
-        "smaller side is >= 2048, else the full SVD), svd or randomized",
+        "--model-config", "--model_config", metavar="PATH",
+        help=field_docs(ModelOptions)["model_config"],
     )  # fmt: skip
     parser.add_argument(
         "--assume-fused-8bit-update", dest="fused_8bit_update", action="store_true",
@@ -75,24 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> MemoryConfig:
-    return MemoryConfig(
-        model=args.model or args.model_config,
-        optimizer=args.optimizer,
-        bits=args.bits,
-        rank=args.rank,
-        proj_type=args.proj_type,
-        per_layer=args.per_layer,
-        accumulation_steps=args.accumulation_steps,
-        tokens=args.tokens,
-        seq_len=args.seq_len,
-        dtype=args.dtype,
-        activation_checkpointing=args.activation_checkpointing,
-        world_size=args.world_size,
-        shard_states=args.shard_states,
-        refresh=args.refresh,
-        proj_bits=args.proj_bits,
-        svd_method=args.svd_method,
-    )
+    """The :class:`MemoryConfig` of parsed flags; ValueError unless exactly one of --model and
+    --model-config names the model."""
+    if (args.model is None) == (getattr(args, "model_config", None) is None):
+        raise ValueError(
+            "name the model with exactly one of --model NAME and --model-config PATH (got "
+            f"--model {args.model!r}, --model-config {getattr(args, 'model_config', None)!r})"
+        )
+    namespace = argparse.Namespace(**{**vars(args), "model": args.model or args.model_config})
+    return config_from_namespace(MemoryConfig, namespace)
 
 
 def format_estimate(estimate: MemoryEstimate) -> str:
@@ -136,7 +100,7 @@ def format_estimate(estimate: MemoryEstimate) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_namespace(parser, argv)
     if args.fused_8bit_update:
         parser.error(
             "--assume-fused-8bit-update was removed: GradNormLoRPAdamW updates 8-bit moments "

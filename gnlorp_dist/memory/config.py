@@ -4,18 +4,33 @@ the values its fields may take.
 Below both :mod:`~gnlorp_dist.memory.arithmetic` (whose byte sizes read a config) and
 :mod:`~gnlorp_dist.memory.estimator` (which builds on the arithmetic): the config is what they
 share, so neither has to import the other's module to name it.
+
+The fields gnlorp-train has too (model, optimizer, bits, rank, proj_type, per_layer, seq_len,
+dtype, activation_checkpointing, world_size, proj_bits, second_moment, svd_method) are the
+option groups' fields of :mod:`gnlorp_dist.options` (:func:`~gnlorp_dist.options.fields.shared`):
+one docstring, one set of choices, the same ``--help`` in ``gnlorp-memory`` as in the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from gnlorp_dist.optim.projection import SVD_METHODS
+from gnlorp_dist.options.fields import shared
+from gnlorp_dist.options.groups import (
+    DataOptions,
+    MethodOptions,
+    ModelOptions,
+    ParallelOptions,
+    PrecisionOptions,
+)
+from gnlorp_dist.options.optimizer import BASIS_BITS, PROJ_TYPES, MomentOptions, ProjectionOptions
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
 """Bytes per element of each supported weight dtype."""
 
-PROJ_BITS: tuple[int, ...] = (16, 8, 4)
+PROJ_BITS: tuple[int, ...] = BASIS_BITS
 """Bits of a stored projection basis, as ``gnlorp-train --proj-bits``: 16 is the float basis in
 the gradient's dtype (4 bytes an element in fp32 runs, 2 in bf16); 8 and 4 are the codes of
 :mod:`gnlorp_dist.optim.quantized_basis`."""
@@ -33,51 +48,29 @@ class MemoryConfig:
     """One training setup whose peak memory per GPU
     :func:`~gnlorp_dist.memory.estimator.estimate_memory` computes."""
 
-    model: str
-    """A registered name (``llama_60m`` ... ``llama_7b``), a config JSON file, or a folder
-    holding ``config.json`` (any Hugging Face LLaMA config)."""
-    optimizer: str = "gradnormlorp"
-    """One of :data:`OPTIMIZERS`."""
-    bits: int | None = None
-    """Optimizer-state bits, 8 or 32; None means 8 for ``adamw8bit`` and 32 otherwise."""
-    rank: int | None = None
-    """Projection rank r (projected optimizers); None takes the model's recipe rank."""
-    proj_type: str = "std"
-    """Projection side rule (:data:`gnlorp_dist.optim.projection.PROJ_TYPES`)."""
-    per_layer: bool = False
-    """Update each parameter inside the backward pass (:class:`PerLayerUpdates`)."""
+    model: str = shared(ModelOptions, "model", default=dataclasses.MISSING)
+    optimizer: str = shared(MethodOptions, "optimizer", choices=OPTIMIZERS)
+    bits: int | None = shared(MomentOptions, "bits", default=None)
+    rank: int | None = shared(ProjectionOptions, "rank")
+    proj_type: str = shared(ProjectionOptions, "proj_type", choices=PROJ_TYPES)
+    per_layer: bool = shared(ParallelOptions, "per_layer")
     accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     tokens: int = 256
     """Tokens per micro-batch per GPU (batch size times sequence length)."""
-    seq_len: int | None = None
-    """Sequence length; None: one sequence of ``tokens`` tokens. Only small terms depend on it
-    (``sdpa`` never materialises the attention matrix)."""
-    dtype: str = "bf16"
-    """Weight dtype, ``bf16`` (pure bf16: no fp32 master copy, bf16 gradients) or ``fp32``."""
-    activation_checkpointing: bool = False
-    """Recompute every decoder layer in the backward pass (``gradient_checkpointing_enable``)."""
-    world_size: int = 1
-    """Data-parallel ranks; weights, gradients and activations are per rank regardless."""
+    seq_len: int | None = shared(DataOptions, "seq_len", default=None)
+    dtype: str = shared(PrecisionOptions, "dtype", default="bf16")
+    activation_checkpointing: bool = shared(ParallelOptions, "activation_checkpointing")
+    world_size: int = shared(ParallelOptions, "world_size", default=1)
     shard_states: bool = False
     """Each rank keeps the optimizer states (and projection matrices) of the matrices it owns:
     modelled as an even 1/world_size split (owners are balanced by bytes)."""
     refresh: bool = True
-    """Include a subspace refresh (SVD workspace) in the step: every ``update_proj_gap``-th
-    step has one, so it sets the peak of a run. False: the peak of the other steps."""
-    proj_bits: int = 16
-    """Bits of the stored projection bases (``gnlorp-train --proj-bits``): 16, the float basis in
-    the gradient's dtype; 8, int8 codes; 4, INT4 codes two a byte; 8 and 4 add one float32 scale
-    per group of 128 values of a row and restore the basis (float32, then the gradient's dtype)
-    for each use."""
-    second_moment: str = "adam"
-    """``adam`` (a low-rank v beside m) or ``factored`` (ProjFactor, ``gnlorp-train
-    --second-moment factored``: m low-rank, v as M + N float32 row/column sums; the update
-    divides a full-size float32 denominator, built in place, see docs/vlorp.md)."""
-    svd_method: str = "auto"
-    """How a refresh decomposes the gradient (``gnlorp-train --svd-method``): ``auto``
-    (randomized when the matrix's smaller side is at least 2048, else the full SVD), ``svd`` or
-    ``randomized``."""
+    """Include a subspace refresh (SVD workspace) in the step: every update_proj_gap-th step has
+    one, so it sets the peak of a run (--no-refresh: the peak of the other steps)."""
+    proj_bits: int = shared(ProjectionOptions, "proj_bits")
+    second_moment: str = shared(MomentOptions, "second_moment")
+    svd_method: str = shared(ProjectionOptions, "svd_method")
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -1,35 +1,53 @@
-"""The configuration of a ``gnlorp-train`` run, and the command line generated from it.
+"""The configuration of a ``gnlorp-train`` run, and its command line.
 
-Every field of :class:`RunConfig` is one flag (``max_steps`` -> ``--max-steps``) whose help
-text is the docstring under the field, so the two never drift apart. Fields left ``None`` take
-the model's recipe (models.py) when the run is resolved.
+:class:`RunConfig` is built from the option groups of :mod:`gnlorp_dist.options` (the model,
+the projection and moments, device and precision, schedule, data, parallelism), which
+``gnlorp-finetune``, ``gnlorp-bench`` and ``gnlorp-memory`` share, plus the fields only
+gnlorp-train has (reduction, engines, checkpoints). Every field is one flag (``max_steps`` ->
+``--max-steps``) whose help text is the docstring under the field, made by
+:func:`gnlorp_dist.options.parser.build_parser`; ``--config run.yaml`` reads options from a
+file. Fields left ``None`` take the model's recipe (models.py) when the run is resolved.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gnlorp_dist.device import AUTOCAST_DTYPES, DEVICES, check_autocast
+from gnlorp_dist.device import DEVICES, check_autocast
 from gnlorp_dist.models import known_model_names, llama_config, recipe_for_config
-from gnlorp_dist.optim.projection import SVD_METHODS
-from gnlorp_dist.optim.projector import OPTIMIZER_PROJ_TYPES, SECOND_MOMENTS
-from gnlorp_dist.optim.vlorp import BASIS_KINDS
+from gnlorp_dist.optim.validation import GRADIENT_REDUCTIONS
+from gnlorp_dist.options.fields import field_docs, option, shared
+from gnlorp_dist.options.groups import (
+    DTYPES,
+    DataOptions,
+    LoopOptions,
+    MethodOptions,
+    ModelOptions,
+    ParallelOptions,
+    PrecisionOptions,
+    RuntimeOptions,
+    ScheduleOptions,
+)
+from gnlorp_dist.options.optimizer import OPTIMIZER_PROJ_TYPES, MomentOptions, ProjectionOptions
+from gnlorp_dist.options.parser import build_parser as build_options_parser
+from gnlorp_dist.options.parser import config_from_namespace as options_from_namespace
+from gnlorp_dist.options.parser import parse_namespace
+
+__all__ = ["RunConfig", "build_parser", "config_from_args", "field_docs", "resolve"]
 
 OPTIMIZERS = ("gradnormlorp", "galore", "adamw")
-GRAD_REDUCTIONS = ("auto", "ddp", "owners", "lowrank")
+GRAD_REDUCTION_ALIASES = {"ddp": "none", "owners": "full", "lowrank": "low_rank"}
+"""Deprecated ``--grad-reduction`` spellings and the API's names they mean."""
+GRAD_REDUCTIONS = ("auto", *GRADIENT_REDUCTIONS)
 CLIP_NORMS = ("auto", "full", "consumed")
 OVERLAP_REDUCTIONS = ("on", "off")
 NON_FINITE_POLICIES = ("skip", "raise")
-DTYPES = ("fp32", "bf16")
 # GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
 ADAMW_DEFAULT_LR = 1e-3
 # Settings a resumed run must share with its checkpoint: the model and optimizer structure,
@@ -41,114 +59,51 @@ RESUME_MUST_MATCH = (
 )  # fmt: skip
 
 
-@dataclass(kw_only=True)
-class RunConfig:
+def canonical_grad_reduction(name: str) -> str:
+    """``name`` with a deprecated spelling (ddp, owners, lowrank) replaced by the API's."""
+    return GRAD_REDUCTION_ALIASES.get(name, name)
+
+
+# The bases are listed last group first: a dataclass orders inherited fields from the end of
+# the MRO, so --help starts with the model.
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(
+    ParallelOptions,
+    DataOptions,
+    ScheduleOptions,
+    PrecisionOptions,
+    RuntimeOptions,
+    MomentOptions,
+    ProjectionOptions,
+    ModelOptions,
+):
     """One pre-training run. Defaults: a 1-2 minute GradNormLoRP run of llama_nano on the
     embedded Shakespeare corpus, on a CPU."""
 
-    model: str = "llama_nano"
-    """Named LLaMA shape and recipe: llama_nano, llama_micro, llama_60m ... llama_7b."""
-    model_config: str | None = None
-    """Path to a GaLore-style JSON or a Hugging Face config.json; replaces --model's shape."""
-    optimizer: str = "gradnormlorp"
-    """gradnormlorp (weight norm + projected AdamW), galore (projection, no weight norm), adamw."""
-    rank: int | None = None
-    """Projection rank r (default: the model's recipe; in LoRA mode at most --lora-rank)."""
-    update_proj_gap: int | None = None
-    """Subspace refresh gap T in steps (default: the model's recipe)."""
-    scale: float | None = None
-    """Scale alpha of the projected update (default: the model's recipe)."""
-    proj_type: str = "std"
-    """Which side to project: std (GaLore's rule), reverse_std, left, right (SVD bases), or
-    random (VLoRP: a seeded Gaussian/Rademacher basis on the right, regenerated per refresh
-    window, never stored; see --random-basis, --projection-seed)."""
-    lora_rank: int | None = None
-    """gradnormlorp only: LoRA mode (V = W0 + BA, W0 frozen) with this adapter rank."""
-    detach_norm: bool = False
-    """gradnormlorp only: treat ||V|| as a constant in backward, as DoRA does."""
-    lr: float | None = None
-    """Peak learning rate (default: the recipe's for gradnormlorp/galore, 1e-3 for adamw)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-    warmup_steps: int | None = None
-    """Linear warmup steps (default: 10% of --max-steps)."""
-    max_steps: int = 120
-    """Optimizer steps to train for (a resumed run continues up to this)."""
-    min_lr_ratio: float = 0.1
-    """The cosine decays to min_lr_ratio * lr."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this before the step; 0 disables."""
-    clip_norm_of: str = "auto"
+    optimizer: str = shared(MethodOptions, "optimizer", choices=OPTIMIZERS)
+    lora_rank: int | None = shared(MethodOptions, "lora_rank")
+    detach_norm: bool = shared(MethodOptions, "detach_norm")
+    max_steps: int = shared(LoopOptions, "max_steps")
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip_norm_of: str = option("auto", choices=CLIP_NORMS)
     """Which norm --grad-clip bounds: consumed (the optimizer clips what it consumes: each
     projected matrix's low-rank gradient and each dense parameter's gradient, one global norm
     over the ranks; unlike torch's clip_grad_norm_ the projected matrices count with their
     low-rank gradients, not the full ones), full (the whole averaged gradient, torch's
     clip_grad_norm_ before the step; needs a rank holding it: one process, or --grad-reduction
-    ddp) or auto: consumed for gradnormlorp/galore at every world size, so 1 and N processes
+    none) or auto: consumed for gradnormlorp/galore at every world size, so 1 and N processes
     clip alike; full for adamw (it consumes the full gradient: the two norms are the same) and
     under DeepSpeed (its engine clips). run_config.json records the resolved rule; a resume keeps
     the checkpoint's rule (auto takes it; a different explicit rule is refused)."""
-    on_nonfinite: str = "skip"
+    on_nonfinite: str = option("skip", choices=NON_FINITE_POLICIES)
     """What a step with a NaN/inf gradient does: skip (weights, moments and step counters stay
     unchanged; the batch is consumed and the lr schedule and step count advance, as DeepSpeed's
     and AMP's skipped steps do; each skip is logged) or raise (stop with an error). With
     --per-layer such a step always raises (the parameters update one by one inside backward)."""
     max_consecutive_skips: int = 10
     """Stop with an error after this many skipped steps in a row (--on-nonfinite skip)."""
-    batch_size: int = 4
-    """Micro-batch size in sequences (per process)."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    seq_len: int = 256
-    """Tokens per sequence."""
-    dtype: str = "fp32"
-    """fp32, or bf16 (pure bf16 weights and states, GaLore's single-GPU recipe). fp16 is
-    refused: it needs loss scaling, which the projected update does not do."""
-    autocast: str = "none"
-    """none, or bf16: fp32 master weights and optimizer states, matmuls in bf16 under
-    torch.autocast (needs --dtype fp32)."""
-    device: str = "auto"
-    """auto (cuda:<LOCAL_RANK> when torch sees a GPU, else the CPU), cpu, or cuda (this
-    process's GPU). Several processes on GPUs talk over NCCL, on CPUs over gloo."""
-    tf32: bool = True
-    """TF32 matmuls on Ampere and newer GPUs (--no-tf32 keeps full fp32 matmuls)."""
-    bits: int = 32
-    """Optimizer-state bits for gradnormlorp/galore: 32, or 8 (block-wise 8-bit moments, on
-    each tensor's block grid under every engine, updated chunk by chunk)."""
-    proj_bits: int = 16
-    """Bits of the projection bases (gradnormlorp/galore): 16 (not quantised: the gradient's
-    dtype), 8 (INT8) or 4 (INT4, two per byte), with one float32 scale per 128 values, restored
-    on use (Q-GaLore's INT4 projections)."""
-    svd_method: str = "auto"
-    """How a subspace refresh decomposes the gradient: auto (randomized for matrices whose
-    smaller side is >= 2048, else the exact SVD), svd, or randomized."""
-    lazy_refresh_threshold: float = 0.0
-    """Lazy refresh: at each refresh, a subspace whose new basis overlaps the old one by at least
-    this (mean squared cosine of all principal angles, in [0, 1]) doubles its gap to the next
-    refresh (up to 8x --update-proj-gap); one that moved goes back to the gap. 0: the fixed gap."""
-    granularity: int = 1
-    """VLoRP's projection granularity c (gradnormlorp/galore): each M x N gradient is reshaped
-    to (M c, N / c) and projected on the right, so the state is M c x rank; c must divide every
-    projected matrix's columns. 1: GaLore's rows (see docs/vlorp.md)."""
-    random_basis: str = "gaussian"
-    """With --proj-type random: gaussian (N(0, 1) entries) or rademacher (+-1) bases."""
-    projection_seed: int = 0
-    """With --proj-type random: the seed every random basis is derived from (per parameter and
-    refresh window; never stored, never broadcast)."""
-    second_moment: str = "adam"
-    """adam (a low-rank v), or factored (ProjFactor: row and column sums of the full-shape
-    squared gradient, M + N floats per matrix, Adam's eps convention)."""
-    per_layer: bool = False
-    """gradnormlorp/galore: update each parameter inside the backward pass and free its gradient
-    (with --grad-accum: low-rank gradient sums; --grad-clip then clips each parameter's update
-    input on its own, there being no global gradient norm). Several processes: needs
-    --grad-reduction owners and --grad-clip 0."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer's activations in backward instead of keeping them."""
-    world_size: int | None = None
-    """Processes this job must have; training is refused if the launcher started another number
-    (default: whatever the launcher started)."""
-    deepspeed: str | None = None
+    deepspeed: str | None = option(None, metavar="PATH")
     """A DeepSpeed JSON (see ds_configs/): train through deepspeed.initialize with ZeRO 0-3;
     its "auto" values are filled from these flags (batch, accumulation, clip, bf16). Under
     accelerate launch --use_deepspeed, the plugin's --deepspeed_config_file."""
@@ -156,143 +111,68 @@ class RunConfig:
     """Shard the model with FSDP2 (torch's fully_shard per decoder layer, then the root) instead
     of DDP: each rank keeps its rows of every weight, gradient and optimizer state, and
     checkpoints are torch.distributed.checkpoint shards that resume on any number of processes.
-    Not with --deepspeed, --per-layer or --grad-reduction owners."""
-    grad_reduction: str = "auto"
-    """With several processes: lowrank (the optimizer reduces only each projected matrix's
-    low-rank gradient to its owner, which broadcasts the low-rank update; dense blocks are
-    reduced to their owners and broadcast: fewer bytes than DDP + AdamW, the same math), owners
-    (every gradient block reduced in full to its owner: DDP + AdamW's traffic), ddp (DDP
-    all-reduces every gradient, owners broadcast updated weights: 1.5x DDP + AdamW's traffic),
-    or auto (lowrank for a projected optimizer without --deepspeed/--fsdp, else ddp)."""
-    overlap_reduction: str = "on"
-    """With --grad-reduction lowrank: start each matrix's low-rank reduce inside the backward pass
-    as soon as its gradient is final, overlapping the rest of backward (on), or in the optimizer
-    step (off). The weights are bitwise the same either way (benchmarks/overlap.py measures the
-    step time of both)."""
-    seed: int = 0
-    """Seeds model init, data order and every RNG: same seed, same run (bitwise on a CPU)."""
-    data: str = "shakespeare"
-    """shakespeare (embedded, offline), a .txt/.jsonl file or folder, or a hub dataset name
-    (e.g. allenai/c4, streamed)."""
-    data_config: str | None = None
+    Not with --deepspeed, --per-layer or --grad-reduction full."""
+    grad_reduction: str = option(
+        "auto",
+        choices=(*GRAD_REDUCTIONS, *GRAD_REDUCTION_ALIASES),
+        metavar="{" + ",".join(GRAD_REDUCTIONS) + "}",
+    )
+    """With several processes, GradNormLoRPAdamW's gradient_reduction: low_rank (the optimizer
+    reduces only each projected matrix's low-rank gradient to its owner, which broadcasts the
+    low-rank update; dense blocks are reduced to their owners and broadcast: fewer bytes than
+    DDP + AdamW, the same math), full (every gradient block reduced in full to its owner: DDP +
+    AdamW's traffic), none (the optimizer reduces nothing: DDP all-reduces every gradient,
+    owners broadcast updated weights: 1.5x DDP + AdamW's traffic), or auto (low_rank for a
+    projected optimizer without --deepspeed/--fsdp, else none). The old spellings lowrank,
+    owners and ddp are deprecated aliases of low_rank, full and none."""
+    overlap_reduction: str = option("on", choices=OVERLAP_REDUCTIONS)
+    """With --grad-reduction low_rank: start each matrix's low-rank reduce inside the backward
+    pass as soon as its gradient is final, overlapping the rest of backward (on), or in the
+    optimizer step (off). The weights are bitwise the same either way (benchmarks/overlap.py
+    measures the step time of both)."""
+    data_config: str | None = option(None, metavar="NAME")
     """Hub dataset configuration, e.g. en for allenai/c4."""
-    text_field: str = "text"
+    text_field: str = option("text", metavar="FIELD")
     """Field holding the text in .jsonl rows and hub datasets."""
-    tokenizer: str | None = None
-    """Tokenizer folder (or hub name); default: the LLaMA SentencePiece model of mistral-common."""
     eval_fraction: float = 0.05
     """Fraction of the blocks held out for evaluation (local and embedded data)."""
-    eval_every: int = 0
-    """Evaluate every this many steps; 0: only at the end."""
-    eval_batches: int = 16
-    """Micro-batches per evaluation; 0: the whole held-out split."""
-    output_dir: str | None = None
-    """Where checkpoints and the final model go (default: runs/<model>-<optimizer>)."""
+    eval_every: int = shared(LoopOptions, "eval_every")
+    output_dir: str | None = shared(LoopOptions, "output_dir")
     save_every: int = 100
     """Checkpoint every this many steps (and always at the last step); 0: only at the end."""
     keep_checkpoints: int = 2
     """Keep the newest this many checkpoints; 0 keeps all."""
-    resume: str = "auto"
+    resume: str = option("auto", metavar="auto|never|PATH")
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint folder
     (or a run's output folder: its newest checkpoint)."""
-    log_every: int = 10
-    """Print a log line every this many steps."""
+    log_every: int = shared(LoopOptions, "log_every")
     progress: bool = True
     """Show a progress bar (--no-progress hides it)."""
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field, read from the class source."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):  # no source (frozen app): flags just lose their help text
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-_CHOICES = {
-    "optimizer": OPTIMIZERS,
-    "autocast": AUTOCAST_DTYPES,
-    "device": DEVICES,
-    "proj_type": OPTIMIZER_PROJ_TYPES,
-    "random_basis": BASIS_KINDS,
-    "second_moment": SECOND_MOMENTS,
-    "bits": (32, 8),
-    "proj_bits": (16, 8, 4),
-    "svd_method": SVD_METHODS,
-    "grad_reduction": GRAD_REDUCTIONS,
-    "clip_norm_of": CLIP_NORMS,
-    "overlap_reduction": OVERLAP_REDUCTIONS,
-    "on_nonfinite": NON_FINITE_POLICIES,
-}
-_TYPES = {"int": int, "float": float, "str": str}
-_METAVARS = {"int": "N", "float": "X", "str": "STR"}
-_NAMED_METAVARS = {
-    "model": "NAME", "model_config": "PATH", "data": "NAME|PATH", "tokenizer": "PATH",
-    "output_dir": "PATH", "resume": "auto|never|PATH", "data_config": "NAME",
-    "text_field": "FIELD", "dtype": "fp32|bf16",
-}  # fmt: skip
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grad_reduction", canonical_grad_reduction(self.grad_reduction))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per :class:`RunConfig` field, helped by its docstring."""
-    parser = argparse.ArgumentParser(
+    parser = build_options_parser(
+        RunConfig,
         prog="gnlorp-train",
         description="Pre-train a LLaMA model with GradNormLoRP, GaLore or AdamW. With no "
         "arguments: a short llama_nano run on the embedded Shakespeare corpus.",
     )
-    docs = field_docs(RunConfig)
-    for f in dataclasses.fields(RunConfig):
-        help_text = docs.get(f.name, "")
-        if not any(f.default is v for v in (None, False, True)) and "default" not in help_text:
-            help_text += f" (default: {f.default})"
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type == "bool" and f.default is True:
-            parser.add_argument(
-                f"--no-{f.name.replace('_', '-')}",
-                dest=f.name,
-                action="store_false",
-                help=help_text,
-            )
-        elif f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text)
-        else:
-            base = str(f.type).split("|")[0].strip()
-            parser.add_argument(
-                flag,
-                type=_TYPES[base],
-                default=f.default,
-                choices=_CHOICES.get(f.name),
-                help=help_text,
-                metavar=None
-                if f.name in _CHOICES
-                else _NAMED_METAVARS.get(f.name, _METAVARS[base]),
-            )
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> RunConfig:
-    fields = vars(namespace).copy()
-    fields.pop("local_rank", None)
-    return RunConfig(**fields)
+    return options_from_namespace(RunConfig, namespace)
 
 
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
-    return config_from_namespace(build_parser().parse_args(argv))
+    """The :class:`RunConfig` of a command line (``--config FILE`` values under its flags)."""
+    return config_from_namespace(parse_namespace(build_parser(), argv))
 
 
 def _positive(config: RunConfig, *names: str) -> None:
@@ -310,13 +190,15 @@ def _non_negative(config: RunConfig, *names: str) -> None:
 
 
 def effective_grad_reduction(config: RunConfig, world_size: int) -> str:
-    """``--grad-reduction`` with ``auto`` resolved for ``world_size`` processes."""
-    if config.grad_reduction != "auto":
-        return config.grad_reduction
+    """``--grad-reduction`` with ``auto`` resolved for ``world_size`` processes: the
+    optimizer's ``gradient_reduction`` (none, full or low_rank)."""
+    reduction = canonical_grad_reduction(config.grad_reduction)
+    if reduction != "auto":
+        return reduction
     engine = config.deepspeed is not None or config.fsdp
     if world_size > 1 and config.optimizer != "adamw" and not engine:
-        return "lowrank"
-    return "ddp"
+        return "low_rank"
+    return "none"
 
 
 def check_fsdp_flags(config: RunConfig) -> None:
@@ -332,7 +214,7 @@ def check_fsdp_flags(config: RunConfig) -> None:
             "--per-layer (FSDP2 reduce-scatters gradients after the backward of each layer, so "
             "a hook inside backward never sees a finished gradient shard)"
         )
-    if config.grad_reduction not in ("auto", "ddp"):
+    if config.grad_reduction not in ("auto", "none"):
         clashes.append(
             f"--grad-reduction {config.grad_reduction} (FSDP2 reduce-scatters every gradient "
             "to the rank holding its rows)"
@@ -344,11 +226,8 @@ def check_fsdp_flags(config: RunConfig) -> None:
         )
 
 
-def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
-    """Validate ``config`` and fill its recipe defaults; returns it with its ``LlamaConfig``.
-
-    Every user mistake raises ValueError naming the value.
-    """
+def _check_names(config: RunConfig) -> None:
+    """The optimizer, dtype, device, autocast and projection side are ones this run knows."""
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
     if config.dtype == "fp16":
@@ -366,6 +245,10 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
         raise ValueError(
             f"unknown proj_type {config.proj_type!r}; choose one of {OPTIMIZER_PROJ_TYPES}"
         )
+
+
+def _check_projected_only(config: RunConfig) -> None:
+    """Weight-norm, 8-bit, per-layer and projection flags need the optimizer that has them."""
     if config.optimizer != "gradnormlorp" and (config.lora_rank is not None or config.detach_norm):
         raise ValueError(
             f"--lora-rank and --detach-norm need weight normalisation, i.e. --optimizer "
@@ -379,18 +262,13 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             f"got --optimizer adamw with --bits {config.bits}, per_layer={config.per_layer}"
         )
     projection_flags = [
-        flag
-        for flag, value, default in (
-            ("--proj-bits", config.proj_bits, 16),
-            ("--svd-method", config.svd_method, "auto"),
-            ("--lazy-refresh-threshold", config.lazy_refresh_threshold, 0.0),
-            ("--granularity", config.granularity, 1),
-            ("--random-basis", config.random_basis, "gaussian"),
-            ("--projection-seed", config.projection_seed, 0),
-            ("--second-moment", config.second_moment, "adam"),
-        )
-        if value != default
+        f"--{name.replace('_', '-')}"
+        for name in ProjectionOptions.__dataclass_fields__
+        if name not in ("rank", "update_proj_gap", "scale", "proj_type")
+        and getattr(config, name) != getattr(ProjectionOptions(), name)
     ]
+    if config.second_moment != "adam":
+        projection_flags.append("--second-moment")
     if config.optimizer == "adamw" and projection_flags:
         raise ValueError(
             f"{', '.join(projection_flags)} set the projection of gradnormlorp/galore; "
@@ -401,6 +279,10 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             f"--lazy-refresh-threshold {config.lazy_refresh_threshold}: use a value in [0, 1] "
             "(0 keeps the fixed --update-proj-gap)"
         )
+
+
+def _check_reduction(config: RunConfig) -> None:
+    """Reduction, overlap and clipping rules are known and fit the optimizer."""
     if config.grad_reduction not in GRAD_REDUCTIONS:
         raise ValueError(
             f"unknown grad_reduction {config.grad_reduction!r}; choose one of {GRAD_REDUCTIONS}"
@@ -415,13 +297,17 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             f"unknown --clip-norm-of {config.clip_norm_of!r}; choose one of {CLIP_NORMS}"
         )
     if config.optimizer == "adamw" and (
-        config.grad_reduction in ("owners", "lowrank") or config.clip_norm_of == "consumed"
+        config.grad_reduction in ("full", "low_rank") or config.clip_norm_of == "consumed"
     ):
         raise ValueError(
             f"--grad-reduction {config.grad_reduction} / --clip-norm-of {config.clip_norm_of} "
             "need a projected optimizer (gradnormlorp or galore): torch's AdamW neither reduces "
-            "gradients nor clips; use --grad-reduction ddp --clip-norm-of full with adamw"
+            "gradients nor clips; use --grad-reduction none --clip-norm-of full with adamw"
         )
+
+
+def _check_engines(config: RunConfig) -> None:
+    """--deepspeed and --fsdp take over the step: the flags they replace are refused."""
     if config.deepspeed is not None:
         if config.autocast != "none":
             raise ValueError(
@@ -429,7 +315,7 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
                 "itself; use --dtype bf16 (DeepSpeed's bf16 mode keeps fp32 masters) and "
                 "--autocast none"
             )
-        if config.per_layer or config.grad_reduction not in ("auto", "ddp"):
+        if config.per_layer or config.grad_reduction not in ("auto", "none"):
             raise ValueError(
                 "--deepspeed steps the optimizer through DeepSpeed's engine, which reduces "
                 "gradients itself: drop --per-layer and --grad-reduction (got per_layer="
@@ -446,6 +332,10 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
             )
     if config.fsdp:
         check_fsdp_flags(config)
+
+
+def _check_numbers(config: RunConfig) -> Any:
+    """Numbers in range, the model known; returns its ``LlamaConfig``."""
     if config.model_config is None and config.model not in known_model_names():
         raise ValueError(
             f"unknown model {config.model!r}; known models: {', '.join(known_model_names())} "
@@ -477,6 +367,11 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
         )
     if config.resume not in ("auto", "never") and not Path(config.resume).is_dir():
         raise ValueError(f"--resume {config.resume!r}: not auto, never, or a checkpoint folder")
+    return llama
+
+
+def _with_recipe(config: RunConfig, llama: Any) -> RunConfig:
+    """``config`` with the fields left None filled from the model's recipe."""
     recipe = recipe_for_config(llama)
     model_label = Path(config.model_config).stem if config.model_config else config.model
     default_lr = ADAMW_DEFAULT_LR if config.optimizer == "adamw" else recipe.lr
@@ -489,7 +384,7 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
                 "matrices are the LoRA factors; use --rank <= --lora-rank"
             )
         rank = min(rank, config.lora_rank)
-    resolved = dataclasses.replace(
+    return dataclasses.replace(
         config,
         rank=rank,
         update_proj_gap=config.update_proj_gap or recipe.update_proj_gap,
@@ -500,7 +395,19 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
         ),
         output_dir=config.output_dir or str(Path("runs") / f"{model_label}-{config.optimizer}"),
     )
-    return resolved, llama
+
+
+def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
+    """Validate ``config`` and fill its recipe defaults; returns it with its ``LlamaConfig``.
+
+    Every user mistake raises ValueError naming the value.
+    """
+    _check_names(config)
+    _check_projected_only(config)
+    _check_reduction(config)
+    _check_engines(config)
+    llama = _check_numbers(config)
+    return _with_recipe(config, llama), llama
 
 
 # LlamaConfig.to_dict() keys that say nothing about the model's shape or function.

@@ -21,7 +21,8 @@ def test_the_flag_parses_and_defaults_off():
     ("flags", "named"),
     [
         (["--per-layer"], "--per-layer"),
-        (["--grad-reduction", "owners"], "--grad-reduction owners"),
+        (["--grad-reduction", "full"], "--grad-reduction full"),
+        (["--grad-reduction", "owners"], "--grad-reduction full"),  # the deprecated spelling
         (["--deepspeed", "ds_configs/zero2.json"], "--deepspeed ds_configs/zero2.json"),
     ],
 )
@@ -33,12 +34,20 @@ def test_combinations_that_cannot_work_are_refused_naming_the_flags(flags, named
 
 def test_every_clash_is_named_at_once():
     with pytest.raises(ValueError) as err:
-        resolve(config_from_args(["--fsdp", "--per-layer", "--grad-reduction", "owners"]))
-    assert "--per-layer" in str(err.value) and "--grad-reduction owners" in str(err.value)
+        resolve(config_from_args(["--fsdp", "--per-layer", "--grad-reduction", "low_rank"]))
+    assert "--per-layer" in str(err.value) and "--grad-reduction low_rank" in str(err.value)
 
 
 @pytest.mark.parametrize(
-    "flags", [[], ["--autocast", "bf16"], ["--optimizer", "adamw"], ["--bits", "8"]]
+    "flags",
+    [
+        [],
+        ["--autocast", "bf16"],
+        ["--optimizer", "adamw"],
+        ["--bits", "8"],
+        ["--grad-reduction", "none"],
+        ["--grad-reduction", "ddp"],
+    ],
 )
 def test_what_works_under_fsdp_resolves(flags):
     config, _ = resolve(config_from_args(["--fsdp", *flags]))

@@ -108,27 +108,31 @@ def _config(**overrides):
 
 
 def test_train_defaults_to_the_low_rank_reduction_with_several_processes():
-    assert effective_grad_reduction(_config(), 2) == "lowrank"
+    assert effective_grad_reduction(_config(), 2) == "low_rank"
     assert effective_clip_norm_of(_config(), 2) == "consumed"
-    assert effective_grad_reduction(_config(), 1) == "ddp"
+    assert effective_grad_reduction(_config(), 1) == "none"
     # One clipping rule at every world size (issue #22): one process clips what the optimizer
     # consumes, as the low-rank reduction does (tests/unit/test_clip_rule.py).
     assert effective_clip_norm_of(_config(), 1) == "consumed"
     # Engines and the AdamW baseline reduce gradients themselves.
-    assert effective_grad_reduction(_config(optimizer="adamw"), 2) == "ddp"
-    assert effective_grad_reduction(_config(fsdp=True), 2) == "ddp"
-    assert effective_grad_reduction(_config(deepspeed="ds_configs/zero2.json"), 2) == "ddp"
-    assert effective_grad_reduction(_config(grad_reduction="ddp"), 2) == "ddp"
-    assert effective_clip_norm_of(_config(grad_reduction="ddp"), 2) == "consumed"
+    assert effective_grad_reduction(_config(optimizer="adamw"), 2) == "none"
+    assert effective_grad_reduction(_config(fsdp=True), 2) == "none"
+    assert effective_grad_reduction(_config(deepspeed="ds_configs/zero2.json"), 2) == "none"
+    assert effective_grad_reduction(_config(grad_reduction="none"), 2) == "none"
+    assert effective_clip_norm_of(_config(grad_reduction="none"), 2) == "consumed"
+    # The CLI's old spellings are deprecated aliases of the optimizer's names.
+    for old, new in (("ddp", "none"), ("owners", "full"), ("lowrank", "low_rank")):
+        assert _config(grad_reduction=old).grad_reduction == new
+        assert effective_grad_reduction(_config(grad_reduction=old), 2) == new
     # Full stays available where a rank holds the whole averaged gradient.
     assert effective_clip_norm_of(_config(clip_norm_of="full"), 1) == "full"
-    assert effective_clip_norm_of(_config(grad_reduction="ddp", clip_norm_of="full"), 2) == "full"
+    assert effective_clip_norm_of(_config(grad_reduction="none", clip_norm_of="full"), 2) == "full"
 
 
 def test_train_refuses_a_norm_or_reduction_it_cannot_honour():
-    with pytest.raises(ValueError, match="--clip-norm-of full with --grad-reduction lowrank"):
+    with pytest.raises(ValueError, match="--clip-norm-of full with --grad-reduction low_rank"):
         effective_clip_norm_of(_config(clip_norm_of="full"), 2)
-    for overrides in ({"grad_reduction": "lowrank"}, {"clip_norm_of": "consumed"}):
+    for overrides in ({"grad_reduction": "low_rank"}, {"clip_norm_of": "consumed"}):
         with pytest.raises(ValueError, match="need a projected optimizer"):
             resolve(_config(optimizer="adamw", **overrides))
     with pytest.raises(ValueError, match="--clip-norm-of consumed with --deepspeed"):

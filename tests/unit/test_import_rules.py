@@ -21,7 +21,9 @@ The rules:
   0. ``projection, nn``: the projection math inside ``optim/`` (``gnlorp_dist.optim.projection``,
      and ``gnlorp_dist.optim.vlorp`` for VLoRP/ProjFactor), which may not import the rest of
      ``optim/``, and the ``gnlorp_dist.nn`` package;
-  1. ``optim``: the ``gnlorp_dist.optim`` package;
+  1. ``optim``: the ``gnlorp_dist.optim`` package, and the optimizer's option groups
+     (``gnlorp_dist.options.optimizer`` and the ``gnlorp_dist.options.fields`` they are built
+     with);
   2. ``distributed``: the ``gnlorp_dist.distributed`` package;
   3. ``integrations``: the ``gnlorp_dist.integrations`` package (adapters any DeepSpeed,
      FSDP2 or transformers user needs, nothing of gnlorp-train's);
@@ -35,7 +37,7 @@ The rules:
 - The optional engines (DeepSpeed, Accelerate) are imported at module level only under
   ``gnlorp_dist/integrations/``, so ``import gnlorp_dist`` never pays for them (DeepSpeed alone
   takes 5 s); the layers below ``integrations`` never import them at all (they meet an engine
-  only through the layouts integrations/ registers).
+  only through the layouts the package root hands the optimizer).
 - ``transformers`` is a hard dependency that the models, data, training and fine-tuning modules
   are built on, so the same rule for it is narrower: the layers below ``integrations`` never
   import it, and no module outside those listed in ``TRANSFORMERS_AT_MODULE_LEVEL`` may start to
@@ -62,7 +64,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "projection, nn",
         ("gnlorp_dist.optim.projection", "gnlorp_dist.optim.vlorp", "gnlorp_dist.nn"),
     ),
-    ("optim", ("gnlorp_dist.optim",)),
+    # The optimizer's option groups (its param-group keys, with their flags' help) sit with it:
+    # the Trainer integration's GradNormLoRPConfig and every CLI build on them.
+    ("optim", ("gnlorp_dist.optim", "gnlorp_dist.options.fields", "gnlorp_dist.options.optimizer")),
     ("distributed", ("gnlorp_dist.distributed",)),
     ("integrations", ("gnlorp_dist.integrations",)),
 )
