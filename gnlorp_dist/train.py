@@ -4,9 +4,11 @@ The run itself lives in :mod:`gnlorp_dist.training`; this module only keeps the 
 name that torchrun, ``deepspeed --module``, ``accelerate launch -m`` and mpirun commands use.
 """
 
+import sys
+
 from gnlorp_dist.training.run import main
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Resumable training checkpoints, written atomically, and the merged final model.
+"""Resumable training checkpoints, written atomically, and the layout of a run's output folder.
 
 Layout under ``output_dir``::
 
@@ -15,7 +15,8 @@ Layout under ``output_dir``::
                                                      "all_finite": true; written last
     checkpoints/step-00000040-b1a2b3c4/  a checkpoint of branch b1a2b3c4 (see below)
     checkpoints/branch.json      the current branch and the checkpoint it started from
-    final/                       merged model (save_pretrained, safetensors) + tokenizer
+    final/                       merged model (save_pretrained, safetensors) + tokenizer,
+                                 written by gnlorp_dist.checkpoint.merged
     .lock                        pid, host and start time of the run using the folder
 
 Branches: a run that resumes from a checkpoint other than its branch's newest (an older one

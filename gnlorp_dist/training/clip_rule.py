@@ -22,7 +22,11 @@ from gnlorp_dist.checkpoint.store import (
     checkpoints_root,
     resume_candidates,
 )
-from gnlorp_dist.training.config import RunConfig, effective_grad_reduction
+from gnlorp_dist.training.config import (
+    RunConfig,
+    canonical_grad_reduction,
+    effective_grad_reduction,
+)
 
 
 def effective_clip_norm_of(config: RunConfig, world_size: int) -> str:
@@ -35,12 +39,12 @@ def effective_clip_norm_of(config: RunConfig, world_size: int) -> str:
     full gradient, so there the two norms are the same) and under DeepSpeed (its engine clips
     the full gradient itself, "gradient_clipping")."""
     reduction = effective_grad_reduction(config, world_size)
-    optimizer_reduces = world_size > 1 and reduction in ("owners", "lowrank")
+    optimizer_reduces = world_size > 1 and reduction in ("full", "low_rank")
     if config.clip_norm_of == "full" and optimizer_reduces and config.grad_clip > 0:
         raise ValueError(
             f"--clip-norm-of full with --grad-reduction {reduction} on {world_size} processes: "
             "no rank holds the whole averaged gradient (the optimizer reduces it to owners), so "
-            "its norm is unknown; use --clip-norm-of consumed, or --grad-reduction ddp"
+            "its norm is unknown; use --clip-norm-of consumed, or --grad-reduction none"
         )
     if config.clip_norm_of != "auto":
         return config.clip_norm_of
@@ -53,7 +57,7 @@ def clip_rule_before_it_was_recorded(saved: dict[str, Any], world_size: int) -> 
     """The rule a checkpoint's run used when its ``run_config.json`` does not record it
     resolved (``saved``: that record; ``world_size``: the processes that wrote it). ``auto``
     then meant consumed only where the optimizer reduced the gradients itself (several
-    processes, --grad-reduction lowrank/owners, lowrank being auto's choice for a projected
+    processes, --grad-reduction low_rank/full, low_rank being auto's choice for a projected
     optimizer without an engine), full otherwise; before --clip-norm-of existed the loop always
     clipped the full gradient."""
     rule = saved.get("clip_norm_of")
@@ -61,12 +65,12 @@ def clip_rule_before_it_was_recorded(saved: dict[str, Any], world_size: int) -> 
         return "full"
     if rule != "auto":
         return rule
-    reduction = saved.get("grad_reduction", "auto")
+    reduction = canonical_grad_reduction(saved.get("grad_reduction", "auto"))
     if reduction == "auto":
         engine = saved.get("deepspeed") is not None or bool(saved.get("fsdp"))
         projected = saved.get("optimizer") != "adamw"
-        reduction = "lowrank" if world_size > 1 and projected and not engine else "ddp"
-    return "consumed" if world_size > 1 and reduction in ("owners", "lowrank") else "full"
+        reduction = "low_rank" if world_size > 1 and projected and not engine else "none"
+    return "consumed" if world_size > 1 and reduction in ("full", "low_rank") else "full"
 
 
 def _checkpoint_to_resume(config: RunConfig) -> Path | None:
@@ -136,7 +140,7 @@ def resolve_clip_norm_of(
         raise ValueError(
             f"checkpoint {checkpoint} clipped the {rule} gradient norm ({how}), which this run "
             f"cannot compute: {err}. To keep the checkpoint's rule resume with --grad-reduction "
-            "ddp; to clip the consumed norm instead, start a fresh run with another --output-dir"
+            "none; to clip the consumed norm instead, start a fresh run with another --output-dir"
         ) from err
     if recorded != rule:
         log(
@@ -144,3 +148,11 @@ def resolve_clip_norm_of(
             f"resolved); this run keeps clipping the {rule} gradient norm"
         )
     return kept
+
+
+def clips_full_gradient(config: RunConfig, world_size: int) -> bool:
+    """Whether gnlorp-train's loop clips the whole gradient (torch's clip_grad_norm_) before the
+    step; otherwise the optimizer clips what it consumes (or per-layer hooks clip per
+    parameter). The rule is the resolved one (prepare() records it), the same at every world
+    size; torch's AdamW, which consumes the full gradient, is always clipped by the loop."""
+    return effective_clip_norm_of(config, world_size) == "full" or config.optimizer == "adamw"

@@ -12,9 +12,10 @@ takes the newest tag folder whose manifest verifies, skipping others with a warn
 finds a non-finite tensor on any rank writes nothing and raises ValueError on every rank.
 
 This is gnlorp-train's own code (its run, checkpoints and schedule), beside
-:mod:`gnlorp_dist.training.setup` and :mod:`gnlorp_dist.training.run`, which call it; what any DeepSpeed user
-needs (config checks, ZeRO layouts, reshardable checkpoints) is in
-:mod:`gnlorp_dist.integrations.deepspeed`, below it.
+:mod:`gnlorp_dist.training.setup`, :mod:`gnlorp_dist.training.run` and
+:mod:`gnlorp_dist.training.final_model`, which call it; what any DeepSpeed user needs (config
+checks, ZeRO layouts, reshardable checkpoints) is in :mod:`gnlorp_dist.integrations.deepspeed`,
+below it.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ CHECKPOINT_DIR = "ds_checkpoints"
 
 
 class Run(Protocol):
-    """What these functions read and set of a run: :class:`gnlorp_dist.training.setup.Run` is the one
-    they get. Declared here because run_setup imports this module (to start the engine), so
-    this one cannot import run_setup back."""
+    """What these functions read and set of a run: :class:`gnlorp_dist.training.setup.Run` is
+    the one they get. Declared here because :mod:`gnlorp_dist.training.setup` imports this
+    module (to start the engine), so this one cannot import it back."""
 
     config: RunConfig
     llama: Any

@@ -44,7 +44,7 @@ from gnlorp_dist.distributed import (
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
-from gnlorp_dist.training import deepspeed_step as ds_training
+from gnlorp_dist.training import deepspeed_step
 from gnlorp_dist.training.clip_rule import effective_clip_norm_of, resolve_clip_norm_of
 from gnlorp_dist.training.config import (
     RESUME_MUST_MATCH,
@@ -143,13 +143,9 @@ def build_optimizer(
         weight_decay=config.weight_decay,
         bits=config.bits,
         communicator=context.communicator,
-        gradient_reduction=_OPTIMIZER_REDUCTION[reduction] if context.world_size > 1 else "none",
+        gradient_reduction=reduction if context.world_size > 1 else "none",
         max_grad_norm=config.grad_clip if consumed and not config.per_layer else 0.0,
     )
-
-
-_OPTIMIZER_REDUCTION = {"ddp": "none", "owners": "full", "lowrank": "low_rank"}
-"""``--grad-reduction`` as :class:`GradNormLoRPAdamW`'s ``gradient_reduction``."""
 
 
 def build_train_data(config: RunConfig, rank: int = 0, world_size: int = 1) -> TrainData:
@@ -252,8 +248,29 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
 
     User mistakes raise ValueError before any training happens.
     """
+    config, llama, device = _resolve_for_process(config, context)
+    run = _build_run(config, llama, context, device)
+    if config.deepspeed:
+        _start_deepspeed(run)
+        return run
+    _resume(run)
+    if not config.fsdp:  # an FSDP2 model is its own data-parallel wrapper
+        reduction = effective_grad_reduction(config, context.world_size)
+        run.forward_model = wrap_for_data_parallel(run.model, context, reduction)
+    if config.per_layer:
+        run.per_layer = PerLayerUpdates(
+            run.optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip
+        )
+    return run
+
+
+def _resolve_for_process(
+    config: RunConfig, context: DistributedContext
+) -> tuple[RunConfig, LlamaConfig, torch.device]:
+    """``config`` resolved (recipe defaults, the clipping rule), its model's config, and this
+    process's device, activated; the output folder is checked and, on rank 0, locked."""
     if config.deepspeed is None:
-        config = dataclasses.replace(config, deepspeed=ds_training.accelerate_config_file())
+        config = dataclasses.replace(config, deepspeed=deepspeed_step.accelerate_config_file())
     config, llama = resolve(config)
     check_output_dir(config.output_dir)  # a writable folder (space: once the model is built)
     if context.is_main:  # before anything reads or writes the folder; released at exit
@@ -268,15 +285,23 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
     # Before anything allocates on the GPU: otherwise every rank leaves a context on GPU 0.
     activate_device(device, tf32=config.tf32)
     reduction = effective_grad_reduction(config, context.world_size)
-    if context.world_size > 1 and config.per_layer and reduction == "ddp":
+    if context.world_size > 1 and config.per_layer and reduction == "none":
         raise ValueError(
-            f"--per-layer with {context.world_size} processes needs --grad-reduction lowrank or "
-            "owners: the hooks reduce each gradient to its owner themselves, and DDP would "
+            f"--per-layer with {context.world_size} processes needs --grad-reduction low_rank or "
+            "full: the hooks reduce each gradient to its owner themselves, and DDP would "
             "reduce it again"
         )
     # The rule run_config.json records (never auto; a resume keeps its checkpoint's rule),
     # refused where no rank can compute its norm.
     config = resolve_clip_norm_of(config, context.world_size, log)
+    return config, llama, device
+
+
+def _build_run(
+    config: RunConfig, llama: LlamaConfig, context: DistributedContext, device: torch.device
+) -> Run:
+    """Seed, then build the data, the model (sharded under --fsdp), the optimizer and the
+    schedule, in that order: a fresh run's random draws follow it."""
     seed_everything(config.seed)
     data = build_train_data(config, context.rank, context.world_size)
     if len(data.tokenizer) > llama.vocab_size:
@@ -299,7 +324,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
     scheduler = warmup_cosine_schedule(
         optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
     )
-    run = Run(
+    return Run(
         config=config,
         llama=llama,
         model=model,
@@ -311,51 +336,55 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         device=device,
         write_bytes=write_bytes,
     )
-    if config.deepspeed:
-        checkpoint, client_state = ds_training.resume_point(run)
-        run.engine, _ = ds_training.start_engine(run, checkpoint)
-        run.forward_model = run.engine
-        run.device = torch.device(run.engine.device)
-        log(ds_training.describe(run.engine, context.world_size))
-        if checkpoint is not None:
-            branch = ds_training.restore_client_state(run, client_state, checkpoint)
-            if branch is not None:
-                _log_new_branch(checkpoint, config.output_dir, branch)
-        return run
-    checkpoint = find_resume_checkpoint(config)
+
+
+def _start_deepspeed(run: Run) -> None:
+    """Start DeepSpeed's engine over the run's model and optimizer, resumed from the checkpoint
+    ``--resume`` picks (the engine then steps, saves and holds the device)."""
+    checkpoint, client_state = deepspeed_step.resume_point(run)
+    run.engine, _ = deepspeed_step.start_engine(run, checkpoint)
+    run.forward_model = run.engine
+    run.device = torch.device(run.engine.device)
+    log(deepspeed_step.describe(run.engine, run.context.world_size))
     if checkpoint is not None:
-        saved_config = read_run_config(checkpoint)
-        check_compatible(
-            saved_config, config_record(config, llama), RESUME_MUST_MATCH, str(checkpoint)
+        branch = deepspeed_step.restore_client_state(run, client_state, checkpoint)
+        if branch is not None:
+            _log_new_branch(checkpoint, run.config.output_dir, branch)
+
+
+def _resume(run: Run) -> None:
+    """Load the checkpoint ``--resume`` picks, if any, into the run's model, optimizer, schedule
+    and data position (refusing one whose settings or layout differ), starting a new branch
+    when it is not its branch's newest."""
+    config, context = run.config, run.context
+    checkpoint = find_resume_checkpoint(config)
+    if checkpoint is None:
+        return
+    saved_config = read_run_config(checkpoint)
+    check_compatible(
+        saved_config, config_record(config, run.llama), RESUME_MUST_MATCH, str(checkpoint)
+    )
+    check_layout_matches(checkpoint, config.fsdp)
+    if config.fsdp:
+        state = load_dcp_training_checkpoint(
+            checkpoint, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler
         )
-        check_layout_matches(checkpoint, config.fsdp)
-        if config.fsdp:
-            state = load_dcp_training_checkpoint(
-                checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
-            )
-        else:
-            state = load_checkpoint(
-                checkpoint,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                device=device,
-                verify=False,  # find_resume_checkpoint verified it
-            )
-        data.train.load_state_dict(state.data_state)
-        run.start_step, run.resumed_from = state.step, checkpoint
-        context.barrier()  # every rank chose its checkpoint before the branch may change
-        if context.is_main:
-            branch = begin_branch_if_needed(config.output_dir, checkpoint)
-            if branch is not None:
-                _log_new_branch(checkpoint, config.output_dir, branch)
-    if not config.fsdp:  # an FSDP2 model is its own data-parallel wrapper
-        run.forward_model = wrap_for_data_parallel(model, context, reduction)
-    if config.per_layer:
-        run.per_layer = PerLayerUpdates(
-            optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip
+    else:
+        state = load_checkpoint(
+            checkpoint,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            device=run.device,
+            verify=False,  # find_resume_checkpoint verified it
         )
-    return run
+    run.data.train.load_state_dict(state.data_state)
+    run.start_step, run.resumed_from = state.step, checkpoint
+    context.barrier()  # every rank chose its checkpoint before the branch may change
+    if context.is_main:
+        branch = begin_branch_if_needed(config.output_dir, checkpoint)
+        if branch is not None:
+            _log_new_branch(checkpoint, config.output_dir, branch)
 
 
 def _log_new_branch(checkpoint: Path, output_dir: str, branch: str) -> None:
