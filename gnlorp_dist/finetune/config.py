@@ -35,7 +35,12 @@ from gnlorp_dist.options.groups import (
     RuntimeOptions,
     ScheduleOptions,
 )
-from gnlorp_dist.options.optimizer import PROJ_TYPES, MomentOptions, ProjectionOptions
+from gnlorp_dist.options.optimizer import (
+    PROJ_TYPES,
+    MomentOptions,
+    ProjectionOptions,
+    projection_rank,
+)
 from gnlorp_dist.options.parser import build_parser as build_options_parser
 from gnlorp_dist.options.parser import config_from_namespace, parse_namespace
 
@@ -247,15 +252,7 @@ def _check_numbers(config: FinetuneConfig) -> None:
 def _with_recipe(config: FinetuneConfig) -> FinetuneConfig:
     """``config`` with the fields left None filled from its recipe."""
     recipe = FROM_SCRATCH_RECIPE if is_from_scratch(config) else PRETRAINED_RECIPE
-    rank = config.rank if config.rank is not None else recipe.rank
-    if config.lora_rank is not None:
-        # The projected matrices are the LoRA factors, of rank lora_rank at most.
-        if config.rank is not None and config.rank > config.lora_rank:
-            raise ValueError(
-                f"--rank {config.rank} exceeds --lora-rank {config.lora_rank}: the projected "
-                "matrices are the LoRA factors; use --rank <= --lora-rank"
-            )
-        rank = min(rank, config.lora_rank)
+    rank = projection_rank(config.rank, config.lora_rank, recipe.rank)
     default_lr = {"adamw": recipe.adamw_lr, "wegeft": recipe.wegeft_lr}.get(
         config.optimizer, recipe.lr
     )

@@ -31,7 +31,24 @@ __all__ = [
     "STATE_BITS",
     "MomentOptions",
     "ProjectionOptions",
+    "projection_rank",
 ]
+
+
+def projection_rank(rank: int | None, lora_rank: int | None, default: int) -> int:
+    """The rank a run projects with: ``--rank``, else its recipe's ``default``. In LoRA mode the
+    projected matrices are the adapters, of rank ``--lora-rank``: the recipe's rank is capped
+    there, and an explicit ``--rank`` above it is refused (it would project onto all of each
+    factor and save nothing)."""
+    chosen = rank if rank is not None else default
+    if lora_rank is None:
+        return chosen
+    if rank is not None and rank > lora_rank:
+        raise ValueError(
+            f"--rank {rank} exceeds --lora-rank {lora_rank}: the projected matrices are the "
+            "LoRA factors; use --rank <= --lora-rank"
+        )
+    return min(chosen, lora_rank)
 
 
 @dataclass(frozen=True, kw_only=True)

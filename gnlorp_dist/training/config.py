@@ -34,7 +34,12 @@ from gnlorp_dist.options.groups import (
     RuntimeOptions,
     ScheduleOptions,
 )
-from gnlorp_dist.options.optimizer import OPTIMIZER_PROJ_TYPES, MomentOptions, ProjectionOptions
+from gnlorp_dist.options.optimizer import (
+    OPTIMIZER_PROJ_TYPES,
+    MomentOptions,
+    ProjectionOptions,
+    projection_rank,
+)
 from gnlorp_dist.options.parser import build_parser as build_options_parser
 from gnlorp_dist.options.parser import config_from_namespace as options_from_namespace
 from gnlorp_dist.options.parser import parse_namespace
@@ -375,15 +380,7 @@ def _with_recipe(config: RunConfig, llama: Any) -> RunConfig:
     recipe = recipe_for_config(llama)
     model_label = Path(config.model_config).stem if config.model_config else config.model
     default_lr = ADAMW_DEFAULT_LR if config.optimizer == "adamw" else recipe.lr
-    rank = config.rank if config.rank is not None else recipe.rank
-    if config.lora_rank is not None:
-        # In LoRA mode the projected matrices are the adapters, of rank lora_rank at most.
-        if config.rank is not None and config.rank > config.lora_rank:
-            raise ValueError(
-                f"--rank {config.rank} exceeds --lora-rank {config.lora_rank}: the projected "
-                "matrices are the LoRA factors; use --rank <= --lora-rank"
-            )
-        rank = min(rank, config.lora_rank)
+    rank = projection_rank(config.rank, config.lora_rank, recipe.rank)
     return dataclasses.replace(
         config,
         rank=rank,

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -150,32 +151,24 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
         "loss": loss,
         "tokens_seen": step * c.batch_size * c.grad_accum * c.seq_len * run.context.world_size,
     }
+    common: dict[str, Any] = {
+        "step": step,
+        "model": run.model,
+        "optimizer": run.optimizer,
+        "scheduler": run.scheduler,
+        "data_state": run.data.train.state_dict(),
+        "run_config": config_record(c, run.llama),
+        "keep": c.keep_checkpoints,
+        "extra": extra,
+    }
     if c.fsdp:
-        return save_dcp_training_checkpoint(
-            c.output_dir,
-            step=step,
-            model=run.model,
-            optimizer=run.optimizer,
-            scheduler=run.scheduler,
-            data_state=run.data.train.state_dict(),
-            run_config=config_record(c, run.llama),
-            context=run.context,
-            keep=c.keep_checkpoints,
-            extra=extra,
-        )
+        return save_dcp_training_checkpoint(c.output_dir, context=run.context, **common)
     return save_checkpoint(
         c.output_dir,
-        step=step,
-        model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        data_state=run.data.train.state_dict(),
-        run_config=config_record(c, run.llama),
-        keep=c.keep_checkpoints,
-        extra=extra,
         rank=run.context.rank,
         world_size=run.context.world_size,
         barrier=run.context.barrier,
+        **common,
     )
 
 
