@@ -44,23 +44,23 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 bench: setup
-	$(BIN)/python benchmarks/optimizer_memory.py
-	$(BIN)/python benchmarks/step_time.py
-	$(BIN)/python benchmarks/distributed.py
-	$(BIN)/python benchmarks/memory_estimator.py
-	$(BIN)/python benchmarks/deepspeed_zero.py
-	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python -m benchmarks.optimizer_memory
+	$(BIN)/python -m benchmarks.step_time
+	$(BIN)/python -m benchmarks.distributed
+	$(BIN)/python -m benchmarks.memory_estimator
+	$(BIN)/python -m benchmarks.deepspeed_zero
+	$(BIN)/python -m benchmarks.compare
 
 # On a machine with one CUDA GPU: GPU tests, GPU benchmarks, the 7B recipe, DeepSpeed (< 8 min).
 gpu-check: setup
-	$(BIN)/python benchmarks/gpu_check.py
+	$(BIN)/python -m benchmarks.gpu_check
 
 # Wheels for the lent GPU machine (no network there): what gnlorp_dist, benchmarks/gpu_check.py and
 # tests/gpu import that its image (benchmarks/gpu_image.txt) lacks, dependencies resolved here, in
 # .whl/ (git-ignored). Needs python3 and pip only, not the venv. Then, on that machine:
 # run(command="bash benchmarks/gpu_check.sh", carry=[".whl"]).
 gpu-bundle:
-	$(PYTHON) benchmarks/gpu_bundle.py
+	$(PYTHON) -m benchmarks.gpu_bundle
 
 # The GPU machine's software on this CPU (not part of CI): a CPython 3.12 venv with the image's
 # versions, the bundle installed as gpu_check.sh installs it (--no-index --no-deps --target), the

@@ -61,10 +61,10 @@ the measured shapes and for ``llama_1b`` and ``llama_7b`` (rank 1024, gap 200).
 
 Usage::
 
-    python benchmarks/communication.py                       # 3 models x 2 and 4 ranks
-    python benchmarks/communication.py --models llama_nano --worlds 2 --quick
-    python benchmarks/communication.py --computed-only       # shapes only, seconds
-    python benchmarks/communication.py --private-netns       # root: a private loopback
+    python -m benchmarks.communication                       # 3 models x 2 and 4 ranks
+    python -m benchmarks.communication --models llama_nano --worlds 2 --quick
+    python -m benchmarks.communication --computed-only       # shapes only, seconds
+    python -m benchmarks.communication --private-netns       # root: a private loopback
 """
 
 from __future__ import annotations
@@ -84,29 +84,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import LlamaConfig
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
-    DTYPES,
-    RESULTS_DIR,
-    environment,
-    format_table,
-    write_json,
-)
-from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
-from gnlorp_dist.models import (  # noqa: E402
+from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from gnlorp_dist.bench.harness import DTYPES, RESULTS_DIR, environment, format_table, write_json
+from gnlorp_dist.models import (
     build_model,
     build_model_on_meta,
     llama_config,
     model_spec,
 )
-from gnlorp_dist.optim.projection import low_rank_shape, projection_shape, projection_side  # noqa: E402
+from gnlorp_dist.optim.projection import low_rank_shape, projection_shape, projection_side
 
 MIB = 2**20
 
@@ -115,8 +106,9 @@ ZERO2_ADAMW = "zero2-adamw"
 OURS_DDP = "ours-ddp"
 OURS_FULL = "ours-full"
 OURS_LOW_RANK = "ours-lowrank"
-METHODS: tuple[str, ...] = (DDP_ADAMW, ZERO2_ADAMW, OURS_DDP, OURS_FULL, OURS_LOW_RANK)
-"""Every measured method, in table order; ratios are against DDP_ADAMW."""
+SCHEMES: tuple[str, ...] = (DDP_ADAMW, ZERO2_ADAMW, OURS_DDP, OURS_FULL, OURS_LOW_RANK)
+"""Every measured communication scheme (``--methods``), in table order; ratios are against
+DDP_ADAMW. Schemes, not optimizer methods: those are :data:`gnlorp_dist.bench.METHODS`."""
 ZERO2_TEXTBOOK = "zero2-rs"
 """Computed only: ZeRO-2 as its paper describes it (gradients reduce-scattered, parameters
 all-gathered), DeepSpeed's path with ``"use_multi_rank_bucket_allreduce": false``."""
@@ -125,8 +117,8 @@ OURS_LOW_RANK_NARROW = "ours-lowrank-narrow"
 of the float32 gnlorp_dist sends; equal to ``ours-lowrank`` for fp32 models."""
 BASIS_WIRE_BYTES = 4
 """Bytes per element of a broadcast basis as gnlorp_dist sends it (float32: the SVD's output)."""
-COMPUTED_METHODS: tuple[str, ...] = (
-    METHODS[:2] + (ZERO2_TEXTBOOK,) + METHODS[2:] + (OURS_LOW_RANK_NARROW,)
+COMPUTED_SCHEMES: tuple[str, ...] = (
+    SCHEMES[:2] + (ZERO2_TEXTBOOK,) + SCHEMES[2:] + (OURS_LOW_RANK_NARROW,)
 )
 
 OPS: tuple[str, ...] = ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter")
@@ -329,7 +321,7 @@ def computed_payload(
             broadcast=basis + low_rank + dense,
             all_reduce=VERDICT_BYTES,
         )
-    raise ValueError(f"method {method!r} is not known; use one of {COMPUTED_METHODS}")
+    raise ValueError(f"method {method!r} is not known; use one of {COMPUTED_SCHEMES}")
 
 
 def ring_factor(op: str, world: int) -> float:
@@ -384,7 +376,7 @@ def computed_rows(
         normed = shapes_from_model(config, rank, weight_norm=True)
         base_plain = computed_payload(DDP_ADAMW, plain, normed, elem_bytes, refresh=False)
         base_wire = ring_wire_bytes(base_plain, world)
-        for method in COMPUTED_METHODS:
+        for method in COMPUTED_SCHEMES:
             p = computed_payload(method, plain, normed, elem_bytes, refresh=False)
             r = computed_payload(method, plain, normed, elem_bytes, refresh=True)
             avg = window_average(p, r, gap)
@@ -696,7 +688,7 @@ def _build(settings: RunSettings, rank: int) -> tuple[Callable[[torch.Tensor], f
         optimizer = _ours_optimizer(model, settings, comm, mode)
         forward = model
     else:
-        raise ValueError(f"method {method!r} is not known; use one of {METHODS}")
+        raise ValueError(f"method {method!r} is not known; use one of {SCHEMES}")
     counters["optimizer"] = optimizer
 
     def step(ids: torch.Tensor) -> float:
@@ -1092,7 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MEASURED_MODELS), choices=MODELS)
     parser.add_argument("--worlds", nargs="+", type=int, default=[2, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--batch", type=int, default=1, help="sequences per rank per step")
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument(

@@ -36,9 +36,9 @@ memory there), so the code path is exercised without a GPU.
 
 Usage::
 
-    python benchmarks/deepspeed_zero.py                       # CPU ZeRO table, ~16 minutes
-    python benchmarks/deepspeed_zero.py --device cuda --model llama_60m --batch 8 --seq 256
-    python benchmarks/deepspeed_zero.py --device cpu --single-rank-compare --model llama_nano
+    python -m benchmarks.deepspeed_zero                       # CPU ZeRO table, ~16 minutes
+    python -m benchmarks.deepspeed_zero --device cuda --model llama_60m --batch 8 --seq 256
+    python -m benchmarks.deepspeed_zero --device cpu --single-rank-compare --model llama_nano
 """
 
 from __future__ import annotations
@@ -57,22 +57,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import LlamaConfig
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
-    RESULTS_DIR,
-    environment,
-    format_table,
-    write_json,
-)
-from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
-from gnlorp_dist.models import build_model, llama_config, recipe_for_config  # noqa: E402
+from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from gnlorp_dist.bench.harness import RESULTS_DIR, environment, format_table, write_json
+from gnlorp_dist.memory.bytes import optimizer_state_bytes
+from gnlorp_dist.models import build_model, llama_config, recipe_for_config
 
 OURS = "gradnormlorp"
 OURS_8BIT = "gradnormlorp-8bit"
@@ -81,8 +74,6 @@ OPTIMIZERS: tuple[str, ...] = (OURS, OURS_8BIT, DEEPSPEED_ADAMW)
 """Every optimizer the benchmark knows, in table order; ratios are against DEEPSPEED_ADAMW."""
 
 LR, EPS, BETAS = 1e-3, 1e-6, (0.9, 0.999)  # the same for every optimizer; weight decay 0
-PROJ_KEY = "proj"  # our state key of a projection basis (counted inside state, also apart)
-MOMENT_PREFIX = "exp_avg"  # Adam's moments in ours and torch's AdamW (8-bit: also *_absmax)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -173,16 +164,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     Values that are not dicts (none today) and Python numbers (our step counters, our ZeRO
     layout record) hold no tensor memory and count 0.
     """
-    counts = {"state": 0, "proj": 0, "moments": 0}
-    for state in optimizer.state.values():
-        if not isinstance(state, dict):
-            continue
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                counts["state"] += value.nbytes
-                counts["proj"] += value.nbytes if key == PROJ_KEY else 0
-                counts["moments"] += value.nbytes if key.startswith(MOMENT_PREFIX) else 0
-    return counts
+    counts = optimizer_state_bytes(optimizer)
+    return {"state": counts["total"], "proj": counts["projection"], "moments": counts["moments"]}
 
 
 def master_partitions(engine_optimizer: Any) -> list[torch.Tensor]:

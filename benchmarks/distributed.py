@@ -13,7 +13,7 @@ for a few steps and report:
   critical path), so the SVD cost per rank shows against the world size.
 
 On this 2-core machine 4 ranks oversubscribe the CPU: times at 4 ranks measure contention too.
-Usage: ``python benchmarks/distributed.py [--model llama_60m] [--worlds 1 2 4] [--json PATH]``.
+Usage: ``python -m benchmarks.distributed [--model llama_60m] [--worlds 1 2 4] [--json PATH]``.
 
 ``--engines ddp zero2 fsdp2`` runs the engine comparison instead: the same weight-normalised
 model, the same ranks (``--worlds``, default 2) and the same global batches, with
@@ -31,7 +31,7 @@ and mean over ranks next to one process's total / N (measured here in one proces
 weight bytes and DeepSpeed's fp32 master partition per rank, and the median over timed steps of
 the whole training step (forward, backward, step; the slowest rank per step), each with its ratio
 to ``ddp`` measured in the same run. Usage:
-``python benchmarks/distributed.py --engines ddp zero2 fsdp2 [--model llama_60m] [--worlds 2]``.
+``python -m benchmarks.distributed --engines ddp zero2 fsdp2 [--model llama_60m] [--worlds 2]``.
 """
 
 from __future__ import annotations
@@ -51,22 +51,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository (benchmarks/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-from benchmarks._common import environment, format_table  # noqa: E402
-from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
-from gnlorp_dist.distributed import ProcessGroupCommunicator  # noqa: E402
-from gnlorp_dist.models import build_model, llama_config, model_spec, recipe_for_config  # noqa: E402
-from gnlorp_dist.optim.comm import LocalCommunicator  # noqa: E402
-from gnlorp_dist.optim.projection import low_rank_shape, projection_side  # noqa: E402
-from gnlorp_dist.optim.quantized import state_bytes as state_bytes_of  # noqa: E402
+from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from gnlorp_dist.bench.harness import environment, format_table
+from gnlorp_dist.distributed import ProcessGroupCommunicator
+from gnlorp_dist.memory.bytes import entry_tensors
+from gnlorp_dist.memory.bytes import optimizer_state_bytes as bytes_of_states
+from gnlorp_dist.models import build_model, llama_config, model_spec, recipe_for_config
+from gnlorp_dist.optim.comm import LocalCommunicator
+from gnlorp_dist.optim.projection import low_rank_shape, projection_side
 
 STEPS = 4  # refreshes at steps 0 and 2
 GAP = 2
@@ -130,7 +127,7 @@ def _run_rank(rank, world_size, model_name, out_dir, init_file, mode):
         start = time.perf_counter()
         optimizer.step()
         step_times.append(time.perf_counter() - start)
-    state_bytes = sum(state_bytes_of(s) for s in optimizer.state.values())
+    state_bytes = bytes_of_states(optimizer)["total"]
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {
         "rank": rank,
@@ -259,26 +256,14 @@ class EngineSettings:
 def local_nbytes(value: Any) -> int:
     """Bytes of the tensors in ``value`` held by this rank: a DTensor counts its local shard
     (``DTensor.nbytes`` would be the global tensor's), containers are walked, numbers count 0."""
-    if isinstance(value, DTensor):
-        return value.to_local().nbytes
-    if torch.is_tensor(value):
-        return value.nbytes
-    if isinstance(value, dict):
-        return sum(local_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(local_nbytes(v) for v in value)
-    return 0
+    return sum(t.nbytes for t in entry_tensors(value))
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """``state``: every tensor in ``optimizer.state`` on this rank; ``proj``: of those, the
     projection bases (key ``proj``), apart because FSDP2 and ZeRO can duplicate them."""
-    state = proj = 0
-    for entry in optimizer.state.values():
-        state += local_nbytes(entry)
-        if isinstance(entry, dict):
-            proj += local_nbytes(entry.get("proj"))
-    return {"state": state, "proj": proj}
+    counts = bytes_of_states(optimizer)
+    return {"state": counts["total"], "proj": counts["projection"]}
 
 
 def _engine_batch(step: int, rank: int, settings: EngineSettings, vocab: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ GradNormLoRP at 32 and at 8 bits through ``gnlorp_dist.training.run.train`` and 
 state bytes (exact, from the optimizer after training), the final training loss (mean of the last
 10 steps, to smooth batch noise), the evaluation loss, and the relative gaps.
 
-Usage: ``python benchmarks/eight_bit.py [--steps 200] [--seq-len 64] [--json PATH]``.
+Usage: ``python -m benchmarks.eight_bit [--steps 200] [--seq-len 64] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -16,23 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
-from gnlorp_dist.training.config import RunConfig  # noqa: E402
-from gnlorp_dist.training.run import prepare, run_training  # noqa: E402
+from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.memory.bytes import optimizer_state_bytes
+from gnlorp_dist.training.config import RunConfig
+from gnlorp_dist.training.run import prepare, run_training
 
 
 def _state_bytes(optimizer, moments_only: bool) -> int:
-    total = 0
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and (not moments_only or key.startswith("exp_avg")):
-                total += value.numel() * value.element_size()
-    return total
+    return optimizer_state_bytes(optimizer)["moments" if moments_only else "total"]
 
 
 def run(bits: int, args: argparse.Namespace, out: Path) -> dict:

@@ -1,7 +1,7 @@
 """Wheels for the lent GPU machine, which has no network: ``make gpu-bundle`` (python3 + pip only).
 
-    python3 benchmarks/gpu_bundle.py            # fill .whl/ (git-ignored), print the table
-    python3 benchmarks/gpu_bundle.py --refresh  # re-pick the newest allowed version of unpinned deps
+    python3 -m benchmarks.gpu_bundle            # fill .whl/ (git-ignored), print the table
+    python3 -m benchmarks.gpu_bundle --refresh  # re-pick the newest allowed version of unpinned deps
 
 The machine's image already holds torch, transformers, accelerate, peft, numpy ... (its list is
 ``benchmarks/gpu_image.txt``). What ``gnlorp_dist``, ``benchmarks/gpu_check.py`` and
@@ -54,11 +54,7 @@ try:
 except ImportError:  # pragma: no cover - Python 3.10
     from pip._vendor import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a file: make the repository importable
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.gpu_resolve import (  # noqa: E402
+from benchmarks.gpu_resolve import (
     NO_DEPS_ROOTS,
     NOT_BUNDLED,
     PYTHON_VERSION,
@@ -82,6 +78,7 @@ from benchmarks.gpu_resolve import (  # noqa: E402
     wheel_of,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 WHEEL_DIR = REPO / ".whl"
 IMAGE_FILE = REPO / "benchmarks" / "gpu_image.txt"
 MANIFEST = "bundle.json"

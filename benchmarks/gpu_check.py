@@ -3,9 +3,11 @@
 On the lent GPU machine (no network) run it through ``benchmarks/gpu_check.sh``, which installs
 the wheels of ``make gpu-bundle`` first; on a GPU host with the development venv::
 
-    python benchmarks/gpu_check.py --out-dir DIR                # every section, within --budget
-    python benchmarks/gpu_check.py --quick --sections tests,deepspeed
-    python benchmarks/gpu_check.py --dry-run                    # imports and plan; no GPU needed
+    python -m benchmarks.gpu_check --out-dir DIR                # every section, within --budget
+    python -m benchmarks.gpu_check --quick --sections tests,deepspeed
+    python -m benchmarks.gpu_check --dry-run                    # imports and plan; no GPU needed
+
+(from the repository root: the scripts of ``benchmarks/`` run as modules).
 
 Sections run in the order below, the most valuable first, each in its own process group (a
 crash, a hang or a time-out in one cannot hide the others, and a section's children die with
@@ -34,11 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a file: make the repository importable
-    sys.path.insert(0, str(REPO))
+from benchmarks.gpu_rows import FAIL, PASS, SKIP, Rows, row, section_status
 
-from benchmarks.gpu_rows import FAIL, PASS, SKIP, Rows, row, section_status  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT_DIR = REPO / "benchmarks" / "results" / "gpu_check"
 NO_CUDA = "no CUDA device: gpu_check needs one GPU; run it where torch.cuda.is_available()"
@@ -229,7 +229,7 @@ def run_section(name: str, args: argparse.Namespace, timeout: float, log: Path) 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"gpu_check_{name}_") as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", name]  # from REPO
         cmd += ["--worker-out", str(out), "--device", args.device, "--out-dir", str(args.out_dir)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--tiny"] if args.tiny else []
@@ -286,7 +286,7 @@ def write_results(args: argparse.Namespace, header: dict[str, Any], results: dic
 def environment_header(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from benchmarks._common import environment
+    from gnlorp_dist.bench.harness import environment
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {

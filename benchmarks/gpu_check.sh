@@ -8,7 +8,7 @@
 # It installs .whl/*.whl into SITE with `pip install --no-index --no-deps --target` (the image's
 # torch, transformers, ... are used as they are; gpu_bundle.py resolved the wheels against them),
 # checks the installed wheels' requirements, puts SITE and the repository on PYTHONPATH (no
-# editable install there) and runs `benchmarks/gpu_check.py --out-dir DIR`. DIR is $OUT when set
+# editable install there) and runs `python -m benchmarks.gpu_check --out-dir DIR`. DIR is $OUT when set
 # (what comes back from the device tool), else OUTDIR, else benchmarks/results/gpu_check. The
 # install log and the check's output are also written to DIR/gpu_check.log.
 #
@@ -71,7 +71,7 @@ main() {
     export PATH="$SITE/bin:$PATH"
     export PYTHONUNBUFFERED=1
     # A requirement the image does not meet is reported now, not as a section's import error.
-    "$PYTHON" benchmarks/gpu_bundle.py --verify-site "$SITE" ||
+    "$PYTHON" -m benchmarks.gpu_bundle --verify-site "$SITE" ||
         echo "gpu_check.sh: warning: the image misses what the wheels above need; going on"
     # The sections get what is left of GPU_CHECK_SECONDS after the install, unless the extra
     # arguments set --budget themselves.
@@ -84,7 +84,7 @@ main() {
         fi
         budget=(--budget "$left")
     fi
-    "$PYTHON" benchmarks/gpu_check.py --out-dir "$DIR" ${budget[@]+"${budget[@]}"} \
+    "$PYTHON" -m benchmarks.gpu_check --out-dir "$DIR" ${budget[@]+"${budget[@]}"} \
         ${DRY[@]+"${DRY[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
 }
 

@@ -77,10 +77,10 @@ def cheap_first_bases(optimizer: Any) -> Iterator[None]:
 
     from gnlorp_dist.optim.projection import projection_side
 
-    def ours(group: dict[str, Any], grad_MN: Any, state: dict[str, Any]) -> Any:
+    def ours(projection: Any, grad_MN: Any, state: dict[str, Any]) -> Any:
         rows, cols = grad_MN.shape
-        rank = group["rank"]
-        if projection_side(grad_MN.shape, group["proj_type"]) == "right":
+        rank = projection.rank
+        if projection_side(grad_MN.shape, projection.proj_type) == "right":
             return _random_orthonormal(cols, rank, grad_MN).T.contiguous().to(grad_MN.dtype)
         return _random_orthonormal(rows, rank, grad_MN).to(grad_MN.dtype)
 

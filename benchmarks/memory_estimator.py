@@ -16,8 +16,8 @@ and the 7B single-GPU answer next to the paper's.
     gave it is gone), marked "recorded" in the table's source column; every other row is
     computed by ``estimate_memory`` now ("computed").
 
-    python benchmarks/memory_estimator.py            # about 3 minutes on 2 CPU cores
-    python benchmarks/memory_estimator.py --quick    # llama_nano and llama_micro only
+    python -m benchmarks.memory_estimator            # about 3 minutes on 2 CPU cores
+    python -m benchmarks.memory_estimator --quick    # llama_nano and llama_micro only
 """
 
 from __future__ import annotations
@@ -26,17 +26,13 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
-from gnlorp_dist.memory import MemoryConfig, estimate_memory, measure_config  # noqa: E402
-from gnlorp_dist.memory.arithmetic import DTYPE_BYTES, cached_model_shape  # noqa: E402
+from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.memory import MemoryConfig, estimate_memory, measure_config
+from gnlorp_dist.memory.arithmetic import DTYPE_BYTES, cached_model_shape
 
 NAME = "memory_estimator"
 MIB = 2**20
@@ -86,9 +82,13 @@ SEVEN_B_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 OLD_7B_GIB = 22.165
-"""The issue's 7B call as estimated before the chunked 8-bit update and the weight-norm change
-(recorded: whole 8-bit moments dequantised to float32 in lm_head's update, 1.955 GiB, and the
-pre-scale product x·Vᵀ saved by every weight-normalised linear)."""
+"""RECORDED, not computed: the issue's 7B call as ``estimate_memory`` gave it before the chunked
+8-bit update and the weight-norm change (whole 8-bit moments dequantised to float32 in lm_head's
+update, 1.955 GiB, and the pre-scale product x·Vᵀ saved by every weight-normalised linear); the
+code that gave it is gone. Source: :data:`OLD_7B_SOURCE`."""
+OLD_7B_COMMIT = "1aae57a"
+OLD_7B_SOURCE = f"docs/memory.md at {OLD_7B_COMMIT} ('ours, as specified': 23.80 GB, 22.16 GiB)"
+"""Where :data:`OLD_7B_GIB` was recorded (the commit before the recipe table of 0f0388e)."""
 RECIPE_STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("+ chunked (fused) 8-bit update", dict(svd_method="svd")),
     ("+ weight norm without x·Vᵀ", dict(svd_method="svd")),
@@ -115,7 +115,7 @@ def recipe_steps() -> list[dict[str, Any]]:
     to every moment that still holds the decoder layers' activations (all but the embedding's
     update at the end of the backward pass)."""
     rows = [
-        dict(step="the issue's call, old estimate", source="recorded",
+        dict(step="the issue's call, old estimate", source=f"recorded at {OLD_7B_COMMIT}",
              total_bytes=round(OLD_7B_GIB * 2**30), peak_moment="lm_head_update",
              saving_gib=None, fields=None)
     ]  # fmt: skip
@@ -314,7 +314,7 @@ def print_tables(validation, drops, sevens, steps) -> None:
     print(format_table(headers, table))
     print(
         "recorded: the estimate before issue 14 as it was recorded (not recomputed; its GB is "
-        "the GiB converted); computed: estimate_memory now"
+        f"the GiB converted; source {OLD_7B_SOURCE}); computed: estimate_memory now"
     )
     recipe = steps[-2]["breakdown"]
     print("\n7B recipe breakdown at the peak (INT8 bases, checkpointing):")

@@ -11,8 +11,8 @@ code, same seed and data order unless said): fp32, a second fp32 seed (the run-t
 8-bit, 8-bit + INT8 bases, 8-bit + INT4 bases, and 8-bit with lazy refresh against the fixed gap:
 final loss (mean of the last 10 steps), eval loss, SVDs computed, optimizer state bytes.
 
-    python benchmarks/memory_features.py                 # about 10 minutes on 2 cores
-    python benchmarks/memory_features.py --steps 20      # a smoke run
+    python -m benchmarks.memory_features                 # about 10 minutes on 2 cores
+    python -m benchmarks.memory_features --steps 20      # a smoke run
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
-from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
-from gnlorp_dist.optim.projection import project, projection_side  # noqa: E402
-from gnlorp_dist.optim.quantized_basis import dequantize_basis, quantize_basis  # noqa: E402
-from gnlorp_dist.training.config import RunConfig  # noqa: E402
-from gnlorp_dist.training.run import prepare, run_training  # noqa: E402
+from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.memory.bytes import optimizer_state_bytes
+from gnlorp_dist.optim.projection import project, projection_side
+from gnlorp_dist.optim.quantized_basis import dequantize_basis, quantize_basis
+from gnlorp_dist.optim.spec import projection_of
+from gnlorp_dist.training.config import RunConfig
+from gnlorp_dist.training.run import prepare, run_training
 
 STATE_VARIANTS = {
     "fp32": {"bits": 32},
@@ -67,19 +66,12 @@ def state_bytes(variant: dict) -> dict:
     ids = torch.randint(0, 2000, (4, 64), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    totals = {"moments": 0, "bases": 0, "other": 0}
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if not torch.is_tensor(value):
-                continue
-            part = (
-                "moments"
-                if key.startswith("exp_avg")
-                else "bases"
-                if key.startswith("proj")
-                else "other"
-            )
-            totals[part] += value.numel() * value.element_size()
+    counts = optimizer_state_bytes(optimizer)
+    totals = {
+        "moments": counts["moments"],
+        "bases": counts["projection"],
+        "other": counts["total"] - counts["moments"] - counts["projection"],
+    }
     energies = []
     if "proj_bits" in variant:
         for group in groups:
@@ -101,7 +93,7 @@ def _float_basis(optimizer: GradNormLoRPAdamW, param: torch.Tensor) -> torch.Ten
     """The float basis of ``param``'s gradient, as the refresh computed it (the stored one may be
     codes): recomputed from the same gradient by the optimizer's own method."""
     group, _name = optimizer.group_and_name(param)
-    return optimizer.compute_basis(group, param.grad, {"step": 0})
+    return optimizer.compute_basis(projection_of(group), param.grad, {"step": 0})
 
 
 TRAIN_VARIANTS = {
@@ -141,12 +133,7 @@ def train(name: str, overrides: dict, args: argparse.Namespace, out: Path) -> di
         "loss_mean10": sum(tail) / len(tail),
         "eval_loss": result.eval_loss,
         "svds": optimizer.refresh_count,
-        "state_bytes": sum(
-            v.numel() * v.element_size()
-            for s in optimizer.state.values()
-            for v in s.values()
-            if torch.is_tensor(v)
-        ),
+        "state_bytes": optimizer_state_bytes(optimizer)["total"],
         "mean_last_overlap": sum(overlaps) / len(overlaps) if overlaps else None,
         "seconds": time.perf_counter() - started,
     }

@@ -1,9 +1,12 @@
 """Cost of GradNormLoRPAdamW's per-step non-finite check, as a ratio of the training step.
 
 One weight-normalised model (gradnormlorp, fp32, CPU) and one optimizer train on random-token
-batches in ONE process; the check is switched on and off on alternate steps (the private switch
-``optimizer._check_non_finite``; off is the behaviour before the policy: a check at refresh
-steps only), so both arms share the model, the batches and any drift in the machine's speed.
+batches in ONE process; the check runs on alternate steps only, so both arms share the model, the
+batches and any drift in the machine's speed. The other steps skip it through the public API: a
+caller that knows the gradients are finite says so (``optimizer.mark_gradients_finite()``, what
+the trainer does after a finite ``clip_grad_norm_``), and one process then runs no check and no
+host sync; with no refresh due that is the behaviour before the policy (a check at refresh steps
+only).
 The check never changes the numbers, so the two arms train the same run. No refresh happens in
 the timed steps (``update_proj_gap`` above the step count) and clipping is off (with clipping
 on, one process reuses the clip norm and the check costs nothing). Reported, in the same run:
@@ -17,35 +20,30 @@ on, one process reuses the clip norm and the check costs nothing). Reported, in 
   gradients after each step, and its share of the fastest step: the precise and conservative
   figure, since the step's own noise is larger than the check.
 
-    python benchmarks/nonfinite_check.py                  # llama_60m, 12 steps per arm
-    python benchmarks/nonfinite_check.py --model llama_nano --steps 4
+    python -m benchmarks.nonfinite_check                  # llama_60m, 12 steps per arm
+    python -m benchmarks.nonfinite_check --model llama_nano --steps 4
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from gnlorp_dist import GradNormLoRPAdamW, projected_param_groups
+from gnlorp_dist.bench.harness import (
     add_output_args,
     environment,
     format_table,
     median_mean,
-    prepare_model,
     write_json,
 )
-from gnlorp_dist import GradNormLoRPAdamW, projected_param_groups  # noqa: E402
-from gnlorp_dist.models import build_model, llama_config, model_spec  # noqa: E402
-from gnlorp_dist.optim.comm import non_finite_count  # noqa: E402
+from gnlorp_dist.bench.methods import prepare_model
+from gnlorp_dist.models import build_model, llama_config, model_spec
+from gnlorp_dist.optim.comm import non_finite_count
 
 NAME = "nonfinite_check"
 
@@ -54,6 +52,7 @@ def run(model_name: str, steps: int, warmup: int, seq_len: int, seed: int) -> di
     config = llama_config(model_name)
     spec = model_spec(model_name)
     model = prepare_model(build_model(config, dtype=torch.float32, seed=seed), "gradnormlorp")
+    # No refresh in the timed steps: the no-check arm then checks nothing at all.
     total_steps = warmup + 2 * steps
     groups = projected_param_groups(
         model, rank=spec.rank, update_proj_gap=total_steps + 1, scale=spec.scale
@@ -67,11 +66,12 @@ def run(model_name: str, steps: int, warmup: int, seq_len: int, seed: int) -> di
     for index in range(total_steps):
         batch = torch.randint(0, config.vocab_size, (1, seq_len), generator=gen)
         arm = "check" if index % 2 == 0 else "no_check"
-        optimizer._check_non_finite = arm == "check"
         started = time.perf_counter()
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         before_step = time.perf_counter()
+        if arm == "no_check":
+            optimizer.mark_gradients_finite()  # this step runs no check (and no host sync)
         optimizer.step()
         ended = time.perf_counter()
         assert torch.isfinite(loss) and not optimizer.last_step_skipped

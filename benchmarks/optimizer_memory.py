@@ -10,8 +10,8 @@ depends only on shape, dtype and group settings, so this equals a whole-model st
 ``--cross-check`` models are also stepped whole (forward, backward, step) and must agree to the
 byte.
 
-    python benchmarks/optimizer_memory.py                    # llama_60m ... llama_1b, bf16
-    python benchmarks/optimizer_memory.py --models llama_60m --dtype fp32
+    python -m benchmarks.optimizer_memory                    # llama_60m ... llama_1b, bf16
+    python -m benchmarks.optimizer_memory --models llama_60m --dtype fp32
 """
 
 from __future__ import annotations
@@ -19,34 +19,32 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import LlamaConfig
 
-import torch  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from gnlorp_dist.bench.harness import (
     DTYPES,
-    METHODS,
     add_output_args,
     environment,
     format_table,
     gib,
+    write_json,
+)
+from gnlorp_dist.bench.methods import (
+    REFERENCE_METHODS,
     make_optimizer,
     param_groups,
     prepare_model,
-    state_tensor_bytes,
-    write_json,
+    spec_hyper,
 )
-from gnlorp_dist.models import (  # noqa: E402
+from gnlorp_dist.memory.bytes import optimizer_state_bytes
+from gnlorp_dist.models import (
     ModelSpec,
     build_model,
     build_model_on_meta,
@@ -118,7 +116,7 @@ def _method_of(optimizer: str) -> str:
 def inventory(config: LlamaConfig, spec: ModelSpec, method: str, dtype: torch.dtype) -> Inventory:
     """Real modules, weight-norm surgery and parameter groups, on the meta device (no memory)."""
     model = prepare_model(build_model_on_meta(config).to(dtype), method)
-    groups = param_groups(model, method, spec)
+    groups = param_groups(model, method, spec_hyper(spec))
     in_groups = {id(p) for g in groups for p in g["params"]}
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     entries = []
@@ -141,6 +139,21 @@ def inventory(config: LlamaConfig, spec: ModelSpec, method: str, dtype: torch.dt
 _NOT_OPTIONS = ("params", "param_names")
 
 
+OPTIMIZER_HYPER = spec_hyper(model_spec("llama_60m"))
+"""lr, betas, eps and weight decay of every optimizer (each group carries its rank, gap and
+scale: the same for every model)."""
+
+
+def state_and_projection_bytes(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor
+) -> tuple[int, int]:
+    """``(state bytes, projection-matrix bytes)`` that ``optimizer`` holds for ``param``: every
+    tensor of its state (moments, and ``torch.optim.AdamW``'s 4-byte ``step`` tensor) apart
+    from the projection matrices, counted separately (:mod:`gnlorp_dist.memory.bytes`)."""
+    counts = optimizer_state_bytes(optimizer, [param])
+    return counts["total"] - counts["projection"], counts["projection"]
+
+
 def measure_shape(key: ShapeKey) -> ShapeBytes:
     """Materialise one parameter of ``key``'s shape, give it a random gradient, take one real
     optimizer step, and count the bytes of the tensors the optimizer then holds for it."""
@@ -149,10 +162,10 @@ def measure_shape(key: ShapeKey) -> ShapeBytes:
     param = torch.nn.Parameter(torch.randn(key.shape, generator=generator).to(dtype))
     param.grad = torch.randn(key.shape, generator=generator).to(dtype)
     optimizer = make_optimizer(
-        _method_of(key.optimizer), [{"params": [param], **dict(key.options)}]
+        _method_of(key.optimizer), [{"params": [param], **dict(key.options)}], OPTIMIZER_HYPER
     )
     optimizer.step()
-    state, proj = state_tensor_bytes(optimizer, param)
+    state, proj = state_and_projection_bytes(optimizer, param)
     return ShapeBytes(param.nbytes, param.grad.nbytes, state, proj)
 
 
@@ -216,8 +229,9 @@ def whole_model_bytes(
 ) -> dict[str, int]:
     """The four byte counts from ONE real training step of the whole materialised model."""
     model = prepare_model(build_model(config, dtype=dtype, seed=0), method)
-    groups = param_groups(model, method, spec)
-    optimizer = make_optimizer(method, groups)
+    hp = spec_hyper(spec)
+    groups = param_groups(model, method, hp)
+    optimizer = make_optimizer(method, groups, hp)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, CROSS_CHECK_TOKENS), generator=generator)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -225,7 +239,7 @@ def whole_model_bytes(
     params = [p for g in groups for p in g["params"]]
     state = proj = 0
     for param in params:
-        s, p = state_tensor_bytes(optimizer, param)
+        s, p = state_and_projection_bytes(optimizer, param)
         state, proj = state + s, proj + p
     return {
         "weight_bytes": sum(p.nbytes for p in model.parameters()),
@@ -372,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
-        choices=METHODS,
+        default=list(REFERENCE_METHODS),
+        choices=REFERENCE_METHODS,
         help="methods to measure (default: all)",
     )
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="weight dtype")

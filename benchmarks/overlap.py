@@ -8,8 +8,8 @@ as soon as its gradient is final. ``after`` runs the same reduces inside ``step(
 must end with bitwise the same weights (printed); the table gives the median whole-step time
 (forward, backward, step) over the timed steps, no refresh among them, and the ratio.
 
-    python benchmarks/overlap.py                     # llama_60m, 2 ranks, a few minutes
-    python benchmarks/overlap.py --model llama_nano --steps 6
+    python -m benchmarks.overlap                     # llama_60m, 2 ranks, a few minutes
+    python -m benchmarks.overlap --model llama_nano --steps 6
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import add_output_args, environment, format_table, write_json  # noqa: E402
-from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
-from gnlorp_dist.distributed import ProcessGroupCommunicator, broadcast_parameters  # noqa: E402
-from gnlorp_dist.models import build_model, llama_config  # noqa: E402
+from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
+from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.distributed import ProcessGroupCommunicator, broadcast_parameters
+from gnlorp_dist.models import build_model, llama_config
 
 MODES = ("after", "overlap")
 

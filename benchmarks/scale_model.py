@@ -41,8 +41,8 @@ baseline only.
 
 Usage::
 
-    python benchmarks/scale_model.py
-    python benchmarks/scale_model.py --ib-gbps 400 --mfu 0.4 --tokens-per-gpu 4096
+    python -m benchmarks.scale_model
+    python -m benchmarks.scale_model --ib-gbps 400 --mfu 0.4 --tokens-per-gpu 4096
 """
 
 from __future__ import annotations
@@ -54,12 +54,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
-from benchmarks.communication import (  # noqa: E402
-    COMPUTED_METHODS,
+from benchmarks.communication import (
+    COMPUTED_SCHEMES,
     DDP_ADAMW,
     OPS,
     OURS_DDP,
@@ -75,6 +71,7 @@ from benchmarks.communication import (  # noqa: E402
     shapes_from_model,
     window_average,
 )
+from gnlorp_dist.bench.harness import RESULTS_DIR, environment, format_table, write_json
 
 GRADIENT_PHASE: dict[str, tuple[str, ...]] = {
     # Which collectives carry gradients (may overlap backward); the rest run after the step.
@@ -209,7 +206,7 @@ def model_rows(cluster: Cluster, workload: Workload) -> list[dict[str, Any]]:
     normed = shapes_from_model(config, workload.rank, weight_norm=True)
     projected = [t for t in normed if t.rank is not None]
     rows = []
-    for method in COMPUTED_METHODS:
+    for method in COMPUTED_SCHEMES:
         p: Payload = computed_payload(method, plain, normed, workload.elem_bytes, refresh=False)
         r: Payload = computed_payload(method, plain, normed, workload.elem_bytes, refresh=True)
         avg = window_average(p, r, workload.gap)
@@ -368,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if len(summary) > 1:
         print("\nStep time over ddp-adamw's (serial / overlapped), every setting:")
-        headers = ["tokens/GPU", "Gb/s"] + [m for m in COMPUTED_METHODS if m != DDP_ADAMW]
+        headers = ["tokens/GPU", "Gb/s"] + [m for m in COMPUTED_SCHEMES if m != DDP_ADAMW]
         headers += ["lowrank serial / ddp overlap", "/ ours-ddp overlap"]
         body = []
         for tokens, ib, rows in summary:

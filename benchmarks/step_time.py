@@ -9,8 +9,8 @@ Then, on the gradients of one backward pass, the pure SVD cost of a refresh
 (``compute_projection`` summed over the model's projected matrices) is timed for the full SVD and
 the randomized range finder, with the randomized one's subspace error.
 
-    python benchmarks/step_time.py                       # llama_nano, fp32, all threads
-    python benchmarks/step_time.py --model llama_micro --threads 1
+    python -m benchmarks.step_time                       # llama_nano, fp32, all threads
+    python -m benchmarks.step_time --model llama_micro --threads 1
 """
 
 from __future__ import annotations
@@ -20,36 +20,34 @@ import dataclasses
 import gc
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from gnlorp_dist.bench.harness import (
     DTYPES,
-    METHODS,
     add_output_args,
     environment,
     format_table,
-    make_optimizer,
     median_mean,
-    param_groups,
-    prepare_model,
     write_json,
 )
-from gnlorp_dist.models import (  # noqa: E402
+from gnlorp_dist.bench.methods import (
+    REFERENCE_METHODS,
+    make_optimizer,
+    param_groups,
+    prepare_model,
+    spec_hyper,
+)
+from gnlorp_dist.models import (
     build_model,
     build_model_on_meta,
     known_model_names,
     llama_config,
     model_spec,
 )
-from gnlorp_dist.optim.projection import (  # noqa: E402
+from gnlorp_dist.optim.projection import (
     SVD_METHODS,
     compute_projection,
     project,
@@ -60,7 +58,7 @@ from gnlorp_dist.optim.projection import (  # noqa: E402
 NAME = "step_time"
 RSVD_SUFFIX = "+rsvd"
 """``gradnormlorp+rsvd``: gradnormlorp whose refreshes use the randomized range finder."""
-STEP_METHODS = (*METHODS, f"gradnormlorp{RSVD_SUFFIX}")
+STEP_METHODS = (*REFERENCE_METHODS, f"gradnormlorp{RSVD_SUFFIX}")
 NUM_BATCHES = 4
 QUICK = {"steps": 4, "warmup": 1, "refresh_gap": 2, "seq_len": 16, "batch_size": 1, "repeats": 1}
 
@@ -90,10 +88,11 @@ class Runner:
 def build_runner(method: str, config, spec, dtype: torch.dtype, seed: int) -> Runner:
     base = method.removesuffix(RSVD_SUFFIX)
     model = prepare_model(build_model(config, dtype=dtype, seed=seed), base)
-    groups = param_groups(model, base, spec)
+    hp = spec_hyper(spec, lr=1e-3)
+    groups = param_groups(model, base, hp)
     if method.endswith(RSVD_SUFFIX):
         groups[0]["svd_method"] = "randomized"
-    return Runner(method, model, make_optimizer(base, groups, lr=1e-3))
+    return Runner(method, model, make_optimizer(base, groups, hp))
 
 
 def summarize(runner: Runner, warmup: int, gap: int) -> dict[str, Any]:
@@ -201,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         svd_runner = build_runner("gradnormlorp", config, spec, dtype, args.seed)
     model = svd_runner.model
     model(input_ids=batches[0], labels=batches[0]).loss.backward()
-    groups = param_groups(model, "gradnormlorp", spec)
+    groups = param_groups(model, "gradnormlorp", spec_hyper(spec))
     projections = time_projections(groups, spec.rank, args.repeats)
     model.zero_grad(set_to_none=True)
 

@@ -12,15 +12,10 @@ from torch import Tensor
 
 from gnlorp_dist.bench import plots
 from gnlorp_dist.bench.config import GRANULAR_METHODS, BenchConfig, hyper, resolve
+from gnlorp_dist.bench.harness import environment, write_json
 from gnlorp_dist.bench.logs import RunLogger, tensorboard_writer_class
 from gnlorp_dist.bench.methods import missing_dependency
-from gnlorp_dist.bench.report import (
-    comparison_table,
-    environment,
-    max_relative_difference,
-    sweep_table,
-    write_json,
-)
+from gnlorp_dist.bench.report import comparison_table, max_relative_difference, sweep_table
 from gnlorp_dist.bench.runner import (
     MethodRun,
     measure_cuda_memory,
@@ -152,26 +147,8 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
         train_interleaved(runs, batches, config.grad_clip, logger)
         logger.line(f"trained {len(runs)} methods in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
-        results = {}
-        for run in runs:
-            result = summarize(
-                run, eval_blocks, config.batch_size, config.eval_batches, config.loss_window
-            )
-            del run.setup.model, run.setup.optimizer  # free before the next memory probe
-            if config.measure_memory:
-                on_device = {"device": torch.device(config.device)} if _on_cuda(config) else {}
-                measure = measure_cuda_memory if on_device else measure_memory
-                result["memory"] = measure(
-                    result["method"],
-                    llama,
-                    run.hp,
-                    seed=config.seed,
-                    batch=batches[0],
-                    grad_clip=config.grad_clip,
-                    **on_device,
-                )
-            results[run.label] = result
-            logger.final(run.label, _final_metrics(result))
+        results = {run.label: _evaluated(config, llama, run, batches[0], eval_blocks, logger)
+                   for run in runs}  # fmt: skip
         logger.line(
             f"evaluated{' and measured memory' if config.measure_memory else ''} in "
             f"{time.perf_counter() - started:.1f} s"
@@ -183,6 +160,43 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
     finally:
         logger.close()
     (out / "compare.txt").write_text(table + "\n\n" + "\n".join(summary) + "\n")
+    payload["files"] = {k: str(v) for k, v in _comparison_files(config, results).items()}
+    write_json(out / "compare.json", payload)
+    return payload
+
+
+def _evaluated(
+    config: BenchConfig,
+    llama: Any,
+    run: MethodRun,
+    batch: Tensor,
+    eval_blocks: Tensor,
+    logger: RunLogger,
+) -> dict[str, Any]:
+    """``run``'s summary (evaluated), with its memory measured on ``batch`` when asked; the
+    run's model and optimizer are freed first."""
+    result = summarize(run, eval_blocks, config.batch_size, config.eval_batches, config.loss_window)
+    del run.setup.model, run.setup.optimizer  # free before the next memory probe
+    if config.measure_memory:
+        on_device = {"device": torch.device(config.device)} if _on_cuda(config) else {}
+        measure = measure_cuda_memory if on_device else measure_memory
+        result["memory"] = measure(
+            result["method"],
+            llama,
+            run.hp,
+            seed=config.seed,
+            batch=batch,
+            grad_clip=config.grad_clip,
+            **on_device,
+        )
+    logger.final(run.label, _final_metrics(result))
+    return result
+
+
+def _comparison_files(config: BenchConfig, results: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """The comparison's files by name: table, JSON and log (written by the caller) and the
+    plots (written here)."""
+    out = Path(config.output_dir)
     title = f"{config.model_config or config.model}, {config.steps} steps, seed {config.seed}"
     files = {
         "table": out / "compare.txt",
@@ -203,9 +217,7 @@ def run_comparison(config: BenchConfig, llama: Any) -> dict[str, Any]:
         files["memory"] = plots.memory_bars(
             results, f"Peak live memory of one step: {title}", out / "memory.png"
         )
-    payload["files"] = {k: str(v) for k, v in files.items()}
-    write_json(out / "compare.json", payload)
-    return payload
+    return files
 
 
 def _final_metrics(result: dict[str, Any]) -> dict[str, float]:

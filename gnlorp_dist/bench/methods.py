@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from gnlorp_dist.bench.config import METHODS, Hyper
-from gnlorp_dist.models import build_model
+from gnlorp_dist.bench.config import METHODS, PROJECTED_METHODS, Hyper
+from gnlorp_dist.memory.bytes import entry_tensors, optimizer_state_bytes
+from gnlorp_dist.models import ModelSpec, build_model
 from gnlorp_dist.nn import DEFAULT_TARGET_MODULES, apply_weight_norm
 from gnlorp_dist.nn.wegeft import apply_wegeft
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
@@ -76,37 +77,97 @@ def _projected_groups(model: nn.Module, hp: Hyper) -> list[dict[str, Any]]:
     )
 
 
-def build_adamw(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Optimizer, float]:
-    return model, _adamw(_trainable(model), hp.adamw_lr, hp), hp.adamw_lr
+GROUP_METHODS = ("adamw", "adamw8bit", "galore", "galore-torch", "gradnormlorp", "gradnormlorp8bit")
+"""Methods that are an optimizer over parameter groups of the model (weight-normalised first
+for the ``gradnormlorp`` ones): :func:`prepare_model`, :func:`param_groups` and
+:func:`make_optimizer` build them one part at a time (the benchmark scripts measure the
+parts)."""
+_WEIGHT_NORMED = ("gradnormlorp", "gradnormlorp8bit")
 
 
-def build_adamw8bit(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Optimizer, float]:
-    import bitsandbytes as bnb
+REFERENCE_METHODS = ("adamw", "galore", "gradnormlorp", "galore-torch")
+"""The four methods the scripts in ``benchmarks/`` compare (at :func:`spec_hyper`): AdamW,
+GradNormLoRPAdamW as GaLore (plain model) and as GradNormLoRP (weight-normalised), and GaLore's
+own package on ``galore``'s groups."""
 
-    optimizer = bnb.optim.AdamW8bit(
-        _trainable(model), lr=hp.adamw_lr, betas=BETAS, eps=EPS, weight_decay=hp.weight_decay
+
+def spec_hyper(spec: ModelSpec, lr: float = 1e-3) -> Hyper:
+    """The settings the benchmark scripts compare methods at: the model spec's rank, gap and
+    scale, one lr for every method, no weight decay, galore-torch on its own dense update."""
+    return Hyper(
+        lr=lr,
+        adamw_lr=lr,
+        rank=spec.rank,
+        update_proj_gap=spec.update_proj_gap,
+        scale=spec.scale,
+        proj_type="std",
+        galore_torch_dense="galore",
+        lora_rank=spec.rank,
+        lora_alpha=float(spec.rank),
+        weight_decay=0.0,
     )
-    return model, optimizer, hp.adamw_lr
 
 
-def build_galore(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Optimizer, float]:
-    optimizer = GradNormLoRPAdamW(
-        _projected_groups(model, hp), lr=hp.lr, betas=BETAS, eps=EPS, weight_decay=hp.weight_decay
-    )
-    return model, optimizer, hp.lr
+def _check_group_method(method: str) -> None:
+    if method not in GROUP_METHODS:
+        raise ValueError(f"method {method!r} is not a group method; use one of {GROUP_METHODS}")
 
 
-def build_galore_torch(
-    model: nn.Module, hp: Hyper
-) -> tuple[nn.Module, torch.optim.Optimizer, float]:
-    from galore_torch import GaLoreAdamW
+def prepare_model(model: nn.Module, method: str) -> nn.Module:
+    """``model`` as ``method`` trains it: weight-normalised (in place) for ``gradnormlorp``."""
+    _check_group_method(method)
+    if method in _WEIGHT_NORMED:
+        apply_weight_norm(model, target_modules=DEFAULT_TARGET_MODULES)
+    return model
 
-    # The very groups ``galore`` gets; galore-torch passes unknown keys (param_names) through.
-    groups = _projected_groups(model, hp)
-    kwargs = dict(lr=hp.lr, betas=BETAS, eps=EPS, weight_decay=hp.weight_decay)
-    if hp.galore_torch_dense == "galore":
-        return model, GaLoreAdamW(groups, no_deprecation_warning=True, **kwargs), hp.lr
-    return model, _galore_torch_with_torch_dense(groups, kwargs), hp.lr
+
+def param_groups(model: nn.Module, method: str, hp: Hyper) -> list[dict[str, Any]]:
+    """The groups ``method`` gives its optimizer: every trainable parameter in one (AdamW's),
+    or the projected targets at ``hp``'s rank, gap and scale and the dense rest."""
+    _check_group_method(method)
+    if method in ("adamw", "adamw8bit"):
+        return [{"params": _trainable(model)}]
+    return _projected_groups(model, hp)
+
+
+def make_optimizer(method: str, groups: list[dict[str, Any]], hp: Hyper) -> torch.optim.Optimizer:
+    """``method``'s optimizer over ``groups`` (betas :data:`BETAS`, eps :data:`EPS`)."""
+    _check_group_method(method)
+    kwargs = dict(betas=BETAS, eps=EPS, weight_decay=hp.weight_decay)
+    if method == "adamw":
+        return _adamw(groups, hp.adamw_lr, hp)
+    if method == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=hp.adamw_lr, **kwargs)
+    if method == "galore-torch":
+        from galore_torch import GaLoreAdamW
+
+        # galore-torch passes unknown keys (param_names) through.
+        if hp.galore_torch_dense == "galore":
+            return GaLoreAdamW(groups, no_deprecation_warning=True, lr=hp.lr, **kwargs)
+        return _galore_torch_with_torch_dense(groups, dict(lr=hp.lr, **kwargs))
+    bits = 8 if method == "gradnormlorp8bit" else 32
+    return GradNormLoRPAdamW(groups, lr=hp.lr, bits=bits, **kwargs)
+
+
+def peak_lr(method: str, hp: Hyper) -> float:
+    """The lr the schedule scales: the recipe lr for projected methods, AdamW's otherwise."""
+    return hp.lr if method in PROJECTED_METHODS else hp.adamw_lr
+
+
+def _group_builder(
+    method: str,
+) -> Callable[[nn.Module, Hyper], tuple[nn.Module, torch.optim.Optimizer, float]]:
+    def build(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Optimizer, float]:
+        model = prepare_model(model, method)
+        return (
+            model,
+            make_optimizer(method, param_groups(model, method, hp), hp),
+            peak_lr(method, hp),
+        )
+
+    return build
 
 
 def _galore_torch_with_torch_dense(
@@ -186,30 +247,6 @@ def build_wegeft(model: nn.Module, hp: Hyper) -> tuple[nn.Module, torch.optim.Op
     return model, _adamw(_trainable(model), hp.adamw_lr, hp), hp.adamw_lr
 
 
-def _gradnormlorp(model: nn.Module, hp: Hyper, bits: int) -> GradNormLoRPAdamW:
-    apply_weight_norm(model, target_modules=DEFAULT_TARGET_MODULES)
-    return GradNormLoRPAdamW(
-        _projected_groups(model, hp),
-        lr=hp.lr,
-        betas=BETAS,
-        eps=EPS,
-        weight_decay=hp.weight_decay,
-        bits=bits,
-    )
-
-
-def build_gradnormlorp(
-    model: nn.Module, hp: Hyper
-) -> tuple[nn.Module, torch.optim.Optimizer, float]:
-    return model, _gradnormlorp(model, hp, bits=32), hp.lr
-
-
-def build_gradnormlorp8bit(
-    model: nn.Module, hp: Hyper
-) -> tuple[nn.Module, torch.optim.Optimizer, float]:
-    return model, _gradnormlorp(model, hp, bits=8), hp.lr
-
-
 def _granular_groups(model: nn.Module, hp: Hyper, proj_type: str, **options: Any) -> list[dict]:
     return projected_param_groups(
         model,
@@ -247,15 +284,11 @@ def build_gradnormlorp_granular(
 
 BUILDERS: dict[str, Callable[[nn.Module, Hyper], tuple[nn.Module, torch.optim.Optimizer, float]]]
 BUILDERS = {
-    "adamw": build_adamw,
-    "adamw8bit": build_adamw8bit,
-    "galore": build_galore,
-    "galore-torch": build_galore_torch,
+    **{method: _group_builder(method) for method in GROUP_METHODS[:4]},
     "lora": build_lora,
     "dora": build_dora,
     "wegeft": build_wegeft,
-    "gradnormlorp": build_gradnormlorp,
-    "gradnormlorp8bit": build_gradnormlorp8bit,
+    **{method: _group_builder(method) for method in GROUP_METHODS[4:]},
     "vlorp": build_vlorp,
     "vlorp-projfactor": build_vlorp_projfactor,
     "gradnormlorp-granular": build_gradnormlorp_granular,
@@ -306,36 +339,16 @@ def missing_dependency(method: str) -> str | None:
     return None
 
 
-def _storages(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    basis = getattr(value, "ortho_matrix", None)  # a galore-torch GaLoreProjector
-    if basis is None:
-        return []
-    return [b for b in (basis if isinstance(basis, (list, tuple)) else [basis]) if b is not None]
-
-
 def state_bytes(optimizer: torch.optim.Optimizer, params: set[int] | None = None) -> dict[str, int]:
     """Exact bytes of the optimizer's state tensors: ``total`` (each storage once; a shared
     tensor such as bitsandbytes' quantisation map counts once), of which ``projection`` (the
     projection matrices: our ``state["proj"]``, galore-torch's projector basis, whose storage
     is the whole SVD factor it was sliced from). Python numbers (step counters of the projected
     optimizers) hold no tensor memory and count 0. ``params``: only the states of the
-    parameters with these ``id``s."""
-    seen: dict[int, int] = {}
-    projection = 0
-    for param, state in optimizer.state.items():
-        if params is not None and id(param) not in params:
-            continue
-        for key, value in state.items():
-            for tensor in _storages(value):
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() in seen:
-                    continue
-                seen[storage.data_ptr()] = storage.nbytes()
-                if key in (_PROJ_KEY, _GALORE_TORCH_PROJECTOR_KEY):
-                    projection += storage.nbytes()
-    return {"total": sum(seen.values()), "projection": projection}
+    parameters with these ``id``s. Priced by :func:`gnlorp_dist.memory.bytes.state_bytes`."""
+    chosen = [p for p in optimizer.state if params is None or id(p) in params]
+    counts = optimizer_state_bytes(optimizer, chosen, each_storage_once=True)
+    return {"total": counts["total"], "projection": counts["projection"]}
 
 
 def expose_projection_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict, str]]:
@@ -345,7 +358,7 @@ def expose_projection_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[di
     for state in optimizer.state.values():
         projector = state.get(_GALORE_TORCH_PROJECTOR_KEY)
         if projector is not None and _PROJ_KEY not in state:
-            bases = _storages(projector)
+            bases = entry_tensors(projector)
             if bases:
                 state[_PROJ_KEY] = bases[0]
                 added.append((state, _PROJ_KEY))

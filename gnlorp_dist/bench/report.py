@@ -1,33 +1,15 @@
-"""Tables, curve comparisons and the JSON record of a benchmark run."""
+"""gnlorp-bench's tables and curve comparisons (the table, JSON and environment helpers are the
+harness's, :mod:`gnlorp_dist.bench.harness`)."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
-import os
-import platform
-from collections.abc import Iterable, Sequence
-from importlib import metadata
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import torch
+from gnlorp_dist.bench.harness import format_table
 
 MIB = 2**20
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A fixed-width table: the first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def line(row: list[str]) -> str:
-        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
 def max_relative_difference(a: Sequence[float], b: Sequence[float]) -> float:
@@ -115,50 +97,3 @@ def sweep_table(results: dict[str, dict[str, Any]], setting: str, loss_window: i
         ],
         rows,
     )
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    """What a reader needs to compare two result files: versions, CPU, threads, date."""
-    return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {
-            name: _version(name)
-            for name in (
-                "torch",
-                "transformers",
-                "gnlorp-dist",
-                "galore-torch",
-                "peft",
-                "bitsandbytes",
-                "matplotlib",
-            )
-        },
-    }
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # NaN (a diverged method) is not JSON; write null instead.
-    path.write_text(json.dumps(_finite(payload), indent=1) + "\n")
-    return path
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

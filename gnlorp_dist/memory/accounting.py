@@ -40,14 +40,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gnlorp_dist.memory.arithmetic import model_shape
+from gnlorp_dist.memory.bytes import STATE_KINDS, entry_kind
 from gnlorp_dist.memory.config import MemoryConfig
 from gnlorp_dist.memory.estimator import COMPONENTS
 from gnlorp_dist.models import build_model, llama_config
 from gnlorp_dist.nn import apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
-
-_PROJ_KEYS = ("proj", "proj_scale")  # a float basis, or a quantised one's codes and scales
-_ACCUMULATION_KEY = "low_rank_grad_sum"
 
 
 def _storage_key(tensor: Tensor) -> tuple[Any, int, int] | None:
@@ -182,22 +180,12 @@ def _keys(tensors: Sequence[Tensor]) -> set[int]:
 
 
 def _state_keys(optimizer: torch.optim.Optimizer) -> dict[str, set[int]]:
-    by_kind: dict[str, set[int]] = {
-        "optimizer_states": set(),
-        "projection": set(),
-        "accumulation_buffers": set(),
-    }
+    """The storages of the optimizer's state tensors by kind (:func:`entry_kind`)."""
+    by_kind: dict[str, set[int]] = {kind: set() for kind in STATE_KINDS}
     for state in optimizer.state.values():
         for name, value in state.items():
-            if not isinstance(value, Tensor):
-                continue
-            if name in _PROJ_KEYS:
-                kind = "projection"
-            elif name == _ACCUMULATION_KEY:
-                kind = "accumulation_buffers"
-            else:
-                kind = "optimizer_states"
-            by_kind[kind] |= _keys([value])
+            if isinstance(value, Tensor):
+                by_kind[entry_kind(name)] |= _keys([value])
     return by_kind
 
 
@@ -337,24 +325,13 @@ def _tracked_step(
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    tracker = LiveTensorTracker()
     model_tensors = list(model.parameters()) + list(model.buffers())
     input_tensors = [t for mb in micro for t in mb.values() if isinstance(t, Tensor)]
     optimizer.zero_grad(set_to_none=True)
-    for tensor in model_tensors + input_tensors:
-        tracker.track(tensor)
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, Tensor):
-                tracker.track(value)
+    tracker = _start_tracker(optimizer, model_tensors + input_tensors, probe)
     param_keys = _keys(model_tensors)
     input_keys = _keys(input_tensors)
     probe.excluded = param_keys | input_keys
-    tracker.snapshot_hook = lambda: (
-        probe.grad_keys(),
-        _state_keys(optimizer),
-        frozenset(tracker.activations),
-    )
     probe.tracker = tracker
     try:
         with tracker:
@@ -365,7 +342,45 @@ def _tracked_step(
     if cuda:
         torch.cuda.synchronize()
         cuda_peak = int(torch.cuda.max_memory_allocated())
+    breakdown = _peak_breakdown(tracker, param_keys, input_keys)
+    return MeasuredMemory(
+        peak_bytes=tracker.peak,
+        peak_phase=tracker.peak_phase,
+        peak_op=tracker.peak_op,
+        breakdown=breakdown,
+        phase_peaks={k: v for k, v in tracker.phase_peaks.items() if k != "setup"},
+        full_gradient_bytes=sum(p.numel() * p.element_size() for p in probe.trainable),
+        saved_activation_bytes=probe.forward_end_saved_bytes,
+        peak_gradient_bytes=max(probe.peak_gradient_bytes, breakdown["gradients"]),
+        cuda_max_memory_allocated=cuda_peak,
+    )
 
+
+def _start_tracker(
+    optimizer: torch.optim.Optimizer, existing: list[Tensor], probe: _StepProbe
+) -> LiveTensorTracker:
+    """A tracker that counts the tensors alive before the step (weights, buffers, the batch,
+    the optimizer's states) and, at each new peak, snapshots which storages are gradients,
+    which are state of each kind and which are activations."""
+    tracker = LiveTensorTracker()
+    for tensor in existing:
+        tracker.track(tensor)
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                tracker.track(value)
+    tracker.snapshot_hook = lambda: (
+        probe.grad_keys(),
+        _state_keys(optimizer),
+        frozenset(tracker.activations),
+    )
+    return tracker
+
+
+def _peak_breakdown(
+    tracker: LiveTensorTracker, param_keys: set[int], input_keys: set[int]
+) -> dict[str, int]:
+    """The live bytes at the tracker's peak by component (:data:`COMPONENTS`)."""
     peak_grads, peak_states, peak_activations = tracker.peak_extra or (set(), {}, set())
     breakdown = dict.fromkeys(COMPONENTS, 0)
     for key, nbytes in tracker.peak_live.items():
@@ -382,17 +397,7 @@ def _tracked_step(
             )
         breakdown[kind] += nbytes
     assert sum(breakdown.values()) == tracker.peak, (breakdown, tracker.peak)
-    return MeasuredMemory(
-        peak_bytes=tracker.peak,
-        peak_phase=tracker.peak_phase,
-        peak_op=tracker.peak_op,
-        breakdown=breakdown,
-        phase_peaks={k: v for k, v in tracker.phase_peaks.items() if k != "setup"},
-        full_gradient_bytes=sum(p.numel() * p.element_size() for p in probe.trainable),
-        saved_activation_bytes=probe.forward_end_saved_bytes,
-        peak_gradient_bytes=max(probe.peak_gradient_bytes, breakdown["gradients"]),
-        cuda_max_memory_allocated=cuda_peak,
-    )
+    return breakdown
 
 
 def build_for_config(
@@ -422,6 +427,23 @@ def build_for_config(
         # transformers' default: non-reentrant torch.utils.checkpoint around every layer
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
+    optimizer = _optimizer_for_config(config, model, update_proj_gap)
+    generator = torch.Generator().manual_seed(seed)
+    seq_len = config.seq_len or config.tokens
+    micro = [
+        torch.randint(
+            0, llama.vocab_size, (config.tokens // seq_len, seq_len), generator=generator
+        ).to(device)
+        for _ in range(config.accumulation_steps)
+    ]
+    return model, optimizer, micro
+
+
+def _optimizer_for_config(
+    config: MemoryConfig, model: nn.Module, update_proj_gap: int | None
+) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names over ``model``: GradNormLoRPAdamW (projected groups at
+    the recipe's rank unless ``config.rank``), bitsandbytes' AdamW8bit or torch's AdamW."""
     if config.optimizer in ("galore", "gradnormlorp"):
         rank = config.rank
         if rank is None:
@@ -438,24 +460,12 @@ def build_for_config(
             proj_type=config.proj_type,
             **options,
         )
-        optimizer: torch.optim.Optimizer = GradNormLoRPAdamW(
-            groups, lr=1e-3, bits=config.state_bits
-        )
-    elif config.state_bits == 8:
+        return GradNormLoRPAdamW(groups, lr=1e-3, bits=config.state_bits)
+    if config.state_bits == 8:
         import bitsandbytes as bnb  # noqa: PLC0415
 
-        optimizer = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-    generator = torch.Generator().manual_seed(seed)
-    seq_len = config.seq_len or config.tokens
-    micro = [
-        torch.randint(
-            0, llama.vocab_size, (config.tokens // seq_len, seq_len), generator=generator
-        ).to(device)
-        for _ in range(config.accumulation_steps)
-    ]
-    return model, optimizer, micro
+        return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
 
 
 def measure_config(

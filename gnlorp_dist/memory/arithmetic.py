@@ -9,6 +9,13 @@ import math
 from dataclasses import dataclass
 from functools import cache
 
+from gnlorp_dist.memory.bytes import (
+    TORCH_ADAMW_STEP_BYTES,
+    basis_bytes,
+    basis_groups,
+    moment_bytes,
+    projected_moment_bytes,
+)
 from gnlorp_dist.memory.config import DTYPE_BYTES, MemoryConfig
 from gnlorp_dist.models import build_model_on_meta, llama_config, recipe_for_config
 from gnlorp_dist.nn import apply_weight_norm
@@ -19,7 +26,7 @@ from gnlorp_dist.optim.projection import (
     projection_shape,
     projection_side,
 )
-from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL, update_workspace_bytes
+from gnlorp_dist.optim.quantized import update_workspace_bytes
 
 # -- model shapes (meta device) ------------------------------------------------------------
 
@@ -100,35 +107,6 @@ def cached_model_shape(model: str, weight_norm: bool) -> ModelShape:
 # -- per-parameter bytes: states, projection, update workspace ------------------------------
 
 
-def quantized_bytes(numel: int) -> int:
-    """One 8-bit moment: uint8 codes plus one float32 scale per block."""
-    return numel + 4 * math.ceil(numel / BLOCK_SIZE)
-
-
-PROJ_GROUP_SIZE = 128
-"""Elements per float32 scale of a quantised basis, along its last dimension
-(``gnlorp_dist.optim.quantized_basis.PROJ_GROUP_SIZE``)."""
-
-
-def _basis_groups(shape: tuple[int, int]) -> tuple[int, int]:
-    """(scales, padded elements) of a quantised basis of ``shape``: each row is cut into groups
-    of ``min(128, cols)`` values (the last one zero-padded), one float32 scale a group."""
-    rows, cols = shape
-    width = min(PROJ_GROUP_SIZE, cols)
-    groups = -(-cols // width)
-    return rows * groups, rows * groups * width
-
-
-def basis_stored_bytes(shape: tuple[int, int], proj_bits: int, s: int) -> int:
-    """Bytes one basis keeps in the optimizer state: float (``s`` bytes a value) at 16 bits;
-    int8 codes (8) or two INT4 codes a byte (4) plus one float32 scale a group."""
-    numel = math.prod(shape)
-    if proj_bits == 16:
-        return s * numel
-    scales, _ = _basis_groups(shape)
-    return (numel if proj_bits == 8 else -(-numel // 2)) + 4 * scales
-
-
 def basis_load_bytes(shape: tuple[int, int], proj_bits: int, s: int) -> tuple[int, int]:
     """(peak, result) bytes of restoring a quantised basis for one use (``load_basis`` in the
     gradient's dtype): INT4 unpacks its nibbles (two half-size int8 halves, their int8 stack),
@@ -138,7 +116,7 @@ def basis_load_bytes(shape: tuple[int, int], proj_bits: int, s: int) -> tuple[in
     if proj_bits == 16:
         return 0, 0
     numel = math.prod(shape)
-    _, padded = _basis_groups(shape)
+    _, padded = basis_groups(shape)
     unpacked = 2 * numel if proj_bits == 4 else 0
     cast = s * numel if s != 4 else 0
     return unpacked + 8 * padded + cast, (cast if s != 4 else 4 * padded)
@@ -152,7 +130,7 @@ def basis_store_bytes(shape: tuple[int, int], proj_bits: int, s: int) -> int:
     if proj_bits == 16:
         return 0
     numel = math.prod(shape)
-    scales, padded = _basis_groups(shape)
+    scales, padded = basis_groups(shape)
     grouped = 4 * padded if (padded != numel or s != 4) else 0
     rounded = grouped + 8 * padded
     if proj_bits == 8:
@@ -220,25 +198,26 @@ class Layout:
         side = projection_side(p.shape, self.c.proj_type)
         return projection_shape(p.shape, self.rank, side)
 
+    @property
+    def bitsandbytes(self) -> bool:
+        """bitsandbytes' ``AdamW8bit`` (``adamw`` at 8 bits, or ``adamw8bit``)."""
+        return self.c.optimizer in ("adamw", "adamw8bit") and self.bits == 8
+
     def moments(self, numel: int) -> int:
-        """Adam's two moments of ``numel`` elements in this optimizer's layout."""
-        if self.c.optimizer in ("adamw", "adamw8bit") and self.bits == 8:
-            # bitsandbytes AdamW8bit: small tensors keep float32 moments
-            return 2 * (quantized_bytes(numel) if numel >= MIN_8BIT_NUMEL else 4 * numel)
-        if self.bits == 8 and numel >= MIN_8BIT_NUMEL:
-            return 2 * quantized_bytes(numel)
-        return 2 * self.s * numel  # GradNormLoRPAdamW and torch AdamW: the parameter's dtype
+        """Adam's two moments of ``numel`` elements in this optimizer's layout: floats in the
+        parameter's dtype (GradNormLoRPAdamW, torch AdamW); bitsandbytes keeps the moments of
+        its small tensors in float32."""
+        return moment_bytes(numel, self.bits, 4 if self.bitsandbytes else self.s)
 
     def states(self, p: ParamShape) -> tuple[int, int]:
         """(moment bytes, projection bytes) of ``p``."""
         if p.projected and self.c.projected:
             low, _, _ = self.low_rank(p)
-            moments = self.moments(low)
-            if self.factored:  # ProjFactor: m alone, v as M + N float32 row/column sums
-                moments = moments // 2 + 4 * sum(p.shape)
-            return moments, basis_stored_bytes(self.basis_shape(p), self.proj_bits, self.s)
-        extra = 4 if self.c.optimizer == "adamw" and self.bits == 32 else 0  # torch's step tensor
-        return self.moments(p.numel) + extra, 0
+            factored = sum(p.shape) if self.factored else 0
+            moments = projected_moment_bytes(low, self.bits, self.s, factored_numel=factored)
+            return moments, basis_bytes(self.basis_shape(p), self.proj_bits, self.s)
+        torch_adamw = self.c.optimizer == "adamw" and self.bits == 32
+        return self.moments(p.numel) + (TORCH_ADAMW_STEP_BYTES if torch_adamw else 0), 0
 
     def moment_update(self, numel: int) -> int:
         """Workspace of the moments' update of ``numel`` elements (GradNormLoRPAdamW's dense and
@@ -250,7 +229,7 @@ class Layout:
         """Workspace of one dense AdamW update (``update_dense_block``): the moment update
         (float state: ``sqrt(v) / bc2`` and the denominator alive at once; 8-bit: the chunks).
         bitsandbytes' own AdamW8bit is one fused kernel: no workspace."""
-        if self.c.optimizer in ("adamw", "adamw8bit") and self.bits == 8:
+        if self.bitsandbytes:
             return 0
         return self.moment_update(numel)
 

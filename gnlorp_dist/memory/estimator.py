@@ -39,6 +39,7 @@ from gnlorp_dist.memory.arithmetic import (
     layer_activation_bytes,
     layer_backward_workspace,
 )
+from gnlorp_dist.memory.bytes import dense_bytes
 from gnlorp_dist.memory.config import MemoryConfig
 from gnlorp_dist.optim.projection import PROJ_TYPES
 
@@ -131,7 +132,7 @@ def estimate_memory(config: MemoryConfig) -> MemoryEstimate:
         breakdown=breakdown,
         peak_moment=peak,
         moments=moments,
-        full_gradient_bytes=s * sum(p.numel for p in shape.params),
+        full_gradient_bytes=dense_bytes(sum(p.numel for p in shape.params), s),
         peak_gradient_bytes=max(m["gradients"] for m in moments.values()),
         saved_activation_bytes=sum(acts.values()),
         activation_terms=acts,
@@ -154,6 +155,122 @@ def _resolve_rank(config: MemoryConfig, shape: ModelShape) -> int | None:
     return rank
 
 
+@dataclass(frozen=True, kw_only=True)
+class _StepBytes:
+    """The byte sizes every moment of a step is built from (one config, one model)."""
+
+    base: dict[str, int]
+    """Live at every moment: weights (and buffers), optimizer states, projection, the batch."""
+    grad_full: int
+    """One gradient per trainable parameter."""
+    grad_lm: int
+    """lm_head's gradient (the embedding's when tied)."""
+    grad_embed: int
+    tied: bool
+    carried: int
+    """What earlier micro-batches leave alive in the last one: the normal path's accumulated
+    gradients; per-layer the dense parameters' accumulated gradients."""
+    buffers: int
+    """Per-layer with accumulation: the low-rank gradient sums."""
+    acts: dict[str, int]
+    """Saved activations by term (:func:`activation_terms`)."""
+    in_layer: int
+    """A decoder layer's activations, recomputed in its backward under checkpointing."""
+    logits: int
+    """Elements of the logits (tokens x vocabulary)."""
+    hidden: int
+    """Bytes of one hidden-state tensor (tokens x hidden, weight dtype)."""
+    workspace: int
+    """A decoder layer's backward workspace (approximate)."""
+
+    @property
+    def saved(self) -> int:
+        return sum(self.acts.values())
+
+    @property
+    def loss_saved(self) -> int:
+        return self.acts["log_softmax"] + self.acts["loss_target"]
+
+    @property
+    def decoder_acts(self) -> int:
+        """Inside the first decoder layer the backward pass reaches (the model's last): nearly
+        every activation (its own recomputed under checkpointing)."""
+        head_saved = self.acts["final_norm"] + self.acts["lm_head_input"]
+        return self.saved - self.loss_saved - head_saved + self.in_layer
+
+
+def _persistent(config: MemoryConfig, shape: ModelShape, layout: Layout) -> dict[str, int]:
+    """Live at every moment: weights (and buffers), optimizer states (sharded evenly over the
+    ranks with ``shard_states``), projection bases, the batch."""
+    params = shape.params
+    states = sum(layout.states(p)[0] for p in params)
+    proj = sum(layout.states(p)[1] for p in params)
+    if config.shard_states and config.world_size > 1:
+        states = math.ceil(states / config.world_size)
+        proj = math.ceil(proj / config.world_size)
+    return {
+        "weights": dense_bytes(sum(p.numel for p in params) + shape.buffer_numel, layout.s),
+        "optimizer_states": states,
+        "projection": proj,
+        "inputs": dense_bytes(config.tokens, 8),  # input_ids, also the labels (one int64 tensor)
+    }
+
+
+def _step_bytes(
+    config: MemoryConfig, shape: ModelShape, layout: Layout, acts: dict[str, int]
+) -> _StepBytes:
+    s, tokens = layout.s, config.tokens
+    projected = _projected(config, shape)
+    grad_full = dense_bytes(sum(p.numel for p in shape.params), s)
+    embed = shape.param("embed_tokens.weight")
+    head = shape.param("lm_head.weight") or embed  # tied: one matrix, stepped once at the end
+    carried = buffers = 0
+    if config.accumulation_steps > 1:
+        dense = grad_full - dense_bytes(sum(p.numel for p in projected), s)
+        carried = dense if config.per_layer else grad_full
+        if config.per_layer:
+            buffers = dense_bytes(sum(layout.low_rank(p)[0] for p in projected), s)
+    checkpointing = config.activation_checkpointing
+    return _StepBytes(
+        base=_persistent(config, shape, layout),
+        grad_full=grad_full,
+        grad_lm=dense_bytes(head.numel, s),
+        grad_embed=dense_bytes(embed.numel, s),
+        tied=head is embed,
+        carried=carried,
+        buffers=buffers,
+        acts=acts,
+        in_layer=layer_activation_bytes(shape, tokens, s) if checkpointing else 0,
+        logits=tokens * shape.vocab,
+        hidden=tokens * shape.hidden * s,
+        workspace=layer_backward_workspace(shape, tokens, s),
+    )
+
+
+def _projected(config: MemoryConfig, shape: ModelShape) -> list[ParamShape]:
+    return [p for p in shape.params if p.projected and config.projected]
+
+
+class _Moments(dict):
+    """Live bytes by component (:data:`COMPONENTS`) at each named moment of the step."""
+
+    def __init__(self, base: dict[str, int]) -> None:
+        super().__init__()
+        self.base = base
+
+    def add(
+        self, name: str, *, grads: int = 0, acts: int = 0, temps: int = 0, buf: int = 0
+    ) -> None:
+        live = dict(
+            self.base,
+            gradients=grads,
+            accumulation_buffers=buf,
+            activations=acts,
+            temporaries=temps,
+        )
+        self[name] = {component: live[component] for component in COMPONENTS}
+
+
 def _moments(
     config: MemoryConfig, shape: ModelShape, layout: Layout, acts: dict[str, int]
 ) -> dict[str, dict[str, int]]:
@@ -170,107 +287,97 @@ def _moments(
     which sets the peak only when the vocabulary is small next to the layers):
     decoder_backward, first_layer_backward, matrix_update.
     """
-    s, tokens, k = layout.s, config.tokens, config.accumulation_steps
-    params = shape.params
-    projected = [p for p in params if p.projected and config.projected]
-    states = sum(layout.states(p)[0] for p in params)
-    proj = sum(layout.states(p)[1] for p in params)
-    if config.shard_states and config.world_size > 1:
-        states = math.ceil(states / config.world_size)
-        proj = math.ceil(proj / config.world_size)
-    base = {
-        "weights": s * (sum(p.numel for p in params) + shape.buffer_numel),
-        "optimizer_states": states,
-        "projection": proj,
-        "inputs": 8 * tokens,  # input_ids, also the labels (one int64 tensor)
-    }
-    grad_full = s * sum(p.numel for p in params)
-    embed = shape.param("embed_tokens.weight")
-    head = shape.param("lm_head.weight") or embed  # tied: one matrix, stepped once at the end
-    tied = head is embed
-    grad_lm, grad_embed = s * head.numel, s * embed.numel
-    grad_dense = grad_full - s * sum(p.numel for p in projected)
-    saved = sum(acts.values())
-    loss_saved = acts["log_softmax"] + acts["loss_target"]
-    head_saved = acts["final_norm"] + acts["lm_head_input"]
-    in_layer = layer_activation_bytes(shape, tokens, s) if config.activation_checkpointing else 0
-    nv, nh = tokens * shape.vocab, tokens * shape.hidden * s
-    buffers = carried = 0
-    if k > 1:
-        carried = grad_dense if config.per_layer else grad_full
-        if config.per_layer:
-            buffers = s * sum(layout.low_rank(p)[0] for p in projected)
+    b = _step_bytes(config, shape, layout, acts)
+    moments = _Moments(b.base)
+    _loss_moments(moments, b, layout.s)
+    if config.per_layer:
+        _per_layer_moments(moments, b, config, shape, layout)
+    else:
+        _normal_path_moments(moments, b, config, shape, layout)
+    return dict(moments)
 
-    moments: dict[str, dict[str, int]] = {}
 
-    def add(name: str, *, grads: int = 0, acts: int = 0, temps: int = 0, buf: int = 0) -> None:
-        live = dict(
-            base, gradients=grads, accumulation_buffers=buf, activations=acts, temporaries=temps
-        )
-        moments[name] = {component: live[component] for component in COMPONENTS}
-
+def _loss_moments(moments: _Moments, b: _StepBytes, s: int) -> None:
+    """The loss's forward and backward, and lm_head's matmul backward."""
+    nv, acts = b.logits, b.acts
     # The loss: logits (weight dtype), their float32 copy (bf16), log_softmax's output.
-    add("forward_loss", grads=carried, buf=buffers, acts=saved,
-        temps=nv * s + (nv * 4 if s != 4 else 0))  # fmt: skip
+    moments.add("forward_loss", grads=b.carried, buf=b.buffers, acts=b.saved,
+                temps=nv * s + (nv * 4 if s != 4 else 0))  # fmt: skip
     # log_softmax backward: its saved output, the incoming and the outgoing float32 gradients.
-    add("loss_backward", grads=carried, buf=buffers, acts=saved - acts["loss_target"],
-        temps=2 * nv * 4)  # fmt: skip
+    moments.add("loss_backward", grads=b.carried, buf=b.buffers,
+                acts=b.saved - acts["loss_target"], temps=2 * nv * 4)  # fmt: skip
     # lm_head's matmul backward: grad of the logits (weight dtype), lm_head's new weight grad,
     # the grad of its input.
-    add("lm_head_backward", grads=carried, buf=buffers, acts=saved - loss_saved,
-        temps=nv * s + grad_lm + nh)  # fmt: skip
-    # Inside the first decoder layer the backward pass reaches (the model's last): nearly every
-    # activation is alive (its own recomputed under checkpointing), plus the residual stream's
-    # gradient and the layer's backward workspace (approximate).
-    decoder_acts = saved - loss_saved - head_saved + in_layer
-    workspace = layer_backward_workspace(shape, tokens, s)
+    moments.add("lm_head_backward", grads=b.carried, buf=b.buffers, acts=b.saved - b.loss_saved,
+                temps=nv * s + b.grad_lm + b.hidden)  # fmt: skip
+
+
+def _per_layer_moments(
+    moments: _Moments, b: _StepBytes, config: MemoryConfig, shape: ModelShape, layout: Layout
+) -> None:
+    """Per-layer updates: each matrix is stepped in its gradient hook, so at most one full
+    gradient (plus the update's workspace) exists beside the dense ones being accumulated."""
+    nh = b.hidden
+    # Tied embeddings: lm_head's gradient waits in the engine for the embedding's part.
+    pending = b.grad_lm if b.tied else 0
+    if not b.tied:
+        head = shape.param("lm_head.weight")
+        moments.add("lm_head_update", grads=max(b.carried, b.grad_lm), buf=b.buffers,
+                    acts=b.saved - b.loss_saved - b.acts["lm_head_input"],
+                    temps=nh + layout.dense_update(head.numel))  # fmt: skip
+    others = max(b.carried - b.grad_lm, 0)
+    moments.add("decoder_backward", grads=others, buf=b.buffers, acts=b.decoder_acts,
+                temps=nh + b.workspace + pending)  # fmt: skip
+    matrix, grads, temps = _worst_matrix_hook(layout, _projected(config, shape), config.refresh)
+    if matrix is not None:
+        moments.add("matrix_update", grads=others + grads, buf=b.buffers, acts=b.decoder_acts,
+                    temps=nh + temps + pending)  # fmt: skip
+    embed = shape.param("embed_tokens.weight")
+    moments.add("embedding_update", grads=b.grad_embed, temps=layout.dense_update(embed.numel))
+
+
+def _normal_path_moments(
+    moments: _Moments, b: _StepBytes, config: MemoryConfig, shape: ModelShape, layout: Layout
+) -> None:
+    """The normal path: every gradient from the backward pass on, then ``optimizer.step()``."""
+    s, tokens, nh = layout.s, config.tokens, b.hidden
+    moments.add("decoder_backward", grads=max(b.carried, b.grad_lm), acts=b.decoder_acts,
+                temps=nh + b.workspace)  # fmt: skip
     # The last decoder layer in the backward pass (layer 0): every other layer's activations
-    # are gone, its own (recomputed under checkpointing) and the rotary cos/sin remain.
-    layer0_acts = acts["rotary_cos_sin"] + layer_activation_bytes(shape, tokens, s)
+    # are gone, its own (recomputed under checkpointing) and the rotary cos/sin remain. Its
+    # own weights' gradients arrive during its backward (the workspace counts the one being
+    # formed), so the other layers' are the ones present.
+    layer0_acts = b.acts["rotary_cos_sin"] + layer_activation_bytes(shape, tokens, s)
     if config.activation_checkpointing:
         layer0_acts += tokens * s * shape.hidden
-    if config.per_layer:
-        # Tied embeddings: lm_head's gradient waits in the engine for the embedding's part.
-        pending = grad_lm if tied else 0
-        if not tied:
-            add("lm_head_update", grads=max(carried, grad_lm), buf=buffers,
-                acts=saved - loss_saved - acts["lm_head_input"],
-                temps=nh + layout.dense_update(head.numel))  # fmt: skip
-        others = max(carried - grad_lm, 0)
-        add("decoder_backward", grads=others, buf=buffers, acts=decoder_acts,
-            temps=nh + workspace + pending)  # fmt: skip
-        matrix, grads, temps = _worst_matrix_hook(layout, projected, config.refresh)
-        if matrix is not None:
-            add("matrix_update", grads=others + grads, buf=buffers, acts=decoder_acts,
-                temps=nh + temps + pending)  # fmt: skip
-        add("embedding_update", grads=grad_embed, temps=layout.dense_update(embed.numel))
-    else:
-        add("decoder_backward", grads=max(carried, grad_lm), acts=decoder_acts,
-            temps=nh + workspace)  # fmt: skip
-        # Its own weights' gradients arrive during its backward (the workspace counts the one
-        # being formed), so the other layers' are the ones present.
-        layer_grads = s * sum(p.numel for p in params if ".layers.0." in p.name)
-        add("first_layer_backward", grads=max(carried, grad_full - grad_embed - layer_grads),
-            acts=layer0_acts, temps=nh + workspace)  # fmt: skip
-        # Accumulating a gradient (k > 1, or a tied lm_head's part) adds it out of place.
-        summed = grad_embed * ((k > 1) + 2 * tied)
-        add("embedding_backward", grads=grad_full, temps=nh + summed)
-        # Matrix by matrix: project (its gradient stays alive), update, project back.
-        step_workspace = [
-            max(layout.projection_step(p), layout.projected_update(p))
-            if p in projected
-            else layout.dense_update(p.numel)
-            for p in params
-        ]
-        if config.refresh:
-            # Every due matrix refreshes first, in order; each leaves its replaced basis (and
-            # with quantised bases its float basis) referenced until the next one's.
-            left = 0
-            for p in projected:
-                step_workspace.append(layout.refresh(p, left))
-                left = layout.refresh_leftover(p)
-        add("optimizer_step", grads=grad_full, temps=max(step_workspace))
-    return moments
+    layer_grads = dense_bytes(sum(p.numel for p in shape.params if ".layers.0." in p.name), s)
+    moments.add("first_layer_backward", acts=layer0_acts, temps=nh + b.workspace,
+                grads=max(b.carried, b.grad_full - b.grad_embed - layer_grads))  # fmt: skip
+    # Accumulating a gradient (k > 1, or a tied lm_head's part) adds it out of place.
+    summed = b.grad_embed * ((config.accumulation_steps > 1) + 2 * b.tied)
+    moments.add("embedding_backward", grads=b.grad_full, temps=nh + summed)
+    moments.add("optimizer_step", grads=b.grad_full,
+                temps=_optimizer_step_workspace(config, shape, layout))  # fmt: skip
+
+
+def _optimizer_step_workspace(config: MemoryConfig, shape: ModelShape, layout: Layout) -> int:
+    """The largest workspace of ``optimizer.step()``: matrix by matrix, project (its gradient
+    stays alive), update, project back; before them every due matrix's refresh."""
+    projected = _projected(config, shape)
+    step_workspace = [
+        max(layout.projection_step(p), layout.projected_update(p))
+        if p in projected
+        else layout.dense_update(p.numel)
+        for p in shape.params
+    ]
+    if config.refresh:
+        # Every due matrix refreshes first, in order; each leaves its replaced basis (and with
+        # quantised bases its float basis) referenced until the next one's.
+        left = 0
+        for p in projected:
+            step_workspace.append(layout.refresh(p, left))
+            left = layout.refresh_leftover(p)
+    return max(step_workspace)
 
 
 def _worst_matrix_hook(

@@ -23,10 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from gnlorp_dist.memory.bytes import (
+    basis_bytes,
+    dense_bytes,
+    moment_bytes,
+    projected_moment_bytes,
+)
 from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.optim.projector import state_layout
-from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL
-from gnlorp_dist.optim.quantized_basis import basis_bytes
+from gnlorp_dist.optim.quantized import MIN_8BIT_NUMEL
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -137,19 +142,12 @@ def merged_model_bytes_estimate(llama: LlamaConfig, dtype: torch.dtype) -> int:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _moment_bytes(numel: int, bits: int, element_size: int, min_numel: int = MIN_8BIT_NUMEL) -> int:
-    """Bytes of Adam's two moments of ``numel`` elements (8-bit codes and block scales, or
-    floats of ``element_size``), as :class:`gnlorp_dist.optim.quantized.MomentStore` keeps
-    them (8-bit from ``min_numel`` elements on, the group's ``min_8bit_size``)."""
-    if bits == 8 and numel >= min_numel:
-        return 2 * (numel + 4 * -(-numel // BLOCK_SIZE))
-    return 2 * numel * element_size
+    return dense_bytes(tensor.numel(), tensor.element_size())
 
 
 def _gnlorp_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The state GradNormLoRPAdamW will keep, priced by :mod:`gnlorp_dist.memory.bytes` from
+    its groups: the group's ``bits`` and ``min_8bit_size`` decide 8-bit moments."""
     total = 0
     for group in optimizer.param_groups:
         rank, bits = group.get("rank"), group.get("bits", 32)
@@ -157,12 +155,13 @@ def _gnlorp_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for param in group["params"]:
             size = param.element_size()
             if rank is None or param.dim() != 2:
-                total += _moment_bytes(param.numel(), bits, size, min_numel)
+                total += moment_bytes(param.numel(), bits, size, min_numel)
                 continue
             # VLoRP's projected shape, random bases (none stored), ProjFactor's factored v.
             low_rank, shape, factored = state_layout(tuple(param.shape), group)
-            moments = _moment_bytes(low_rank, bits, size, min_numel)
-            total += moments // 2 + 4 * factored if factored else moments
+            total += projected_moment_bytes(
+                low_rank, bits, size, factored_numel=factored, min_8bit_size=min_numel
+            )
             if shape is not None:
                 # The projection basis: floats, or INT8 / INT4 codes and their scales (proj_bits).
                 total += basis_bytes(shape, group.get("proj_bits"), size)
@@ -176,15 +175,15 @@ def checkpoint_bytes_estimate(model: nn.Module, optimizer: torch.optim.Optimizer
     The optimizer state is computed from the parameter groups, not read from the state (which is
     empty before the first step): for GradNormLoRPAdamW the two Adam moments of each parameter
     (low-rank for a projected one, 8-bit codes and block scales when ``bits=8``) and each
-    projection basis (codes and scales under ``proj_bits``); for any other optimizer two moments the size of every parameter (Adam).
-    Scalars, JSON files and the file formats' headers are left to the caller's margin.
+    projection basis (codes and scales under ``proj_bits``); for any other optimizer two float
+    moments the size of every parameter (Adam). Scalars, JSON files and the file formats' headers are left to the caller's margin.
     """
     model_bytes = sum(_tensor_bytes(t) for t in model.state_dict().values() if torch.is_tensor(t))
     if isinstance(optimizer, GradNormLoRPAdamW):
         state = _gnlorp_state_bytes(optimizer)
     else:
         state = sum(
-            2 * _tensor_bytes(param)
+            moment_bytes(param.numel(), 32, param.element_size())
             for group in optimizer.param_groups
             for param in group["params"]
         )

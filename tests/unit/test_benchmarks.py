@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks import _common, optimizer_memory, step_time  # noqa: E402
-from gnlorp_dist.models import build_model_on_meta, llama_config, model_spec  # noqa: E402
-from gnlorp_dist.optim.projection import low_rank_shape, projection_side  # noqa: E402
+from benchmarks import optimizer_memory, step_time
+from gnlorp_dist.bench.harness import format_table
+from gnlorp_dist.bench.methods import make_optimizer, spec_hyper
+from gnlorp_dist.models import build_model_on_meta, llama_config, model_spec
+from gnlorp_dist.optim.projection import low_rank_shape, projection_side
 
 HAS_GALORE_TORCH = True
 try:
@@ -39,7 +35,7 @@ def one_thread():
 
 
 def test_format_table_aligns_fixed_width_columns():
-    table = _common.format_table(["name", "bytes"], [["a", "1"], ["long name", "1,000"]])
+    table = format_table(["name", "bytes"], [["a", "1"], ["long name", "1,000"]])
     lines = table.splitlines()
     assert lines[0] == "name       bytes"
     assert lines[1] == "---------  -----"
@@ -50,10 +46,11 @@ def test_format_table_aligns_fixed_width_columns():
 def test_state_bytes_count_moments_and_step_tensors_and_keep_projections_apart():
     weight = torch.nn.Parameter(torch.zeros(6, 4))
     weight.grad = torch.randn(6, 4)
-    adamw = _common.make_optimizer("adamw", [{"params": [weight]}])
+    hp = spec_hyper(model_spec("llama_nano"))
+    adamw = make_optimizer("adamw", [{"params": [weight]}], hp)
     adamw.step()
     # exp_avg + exp_avg_sq (fp32, 24 elements each) + the 4-byte step tensor.
-    assert _common.state_tensor_bytes(adamw, weight) == (2 * 24 * 4 + 4, 0)
+    assert optimizer_memory.state_and_projection_bytes(adamw, weight) == (2 * 24 * 4 + 4, 0)
 
     group = {
         "params": [weight],
@@ -63,10 +60,11 @@ def test_state_bytes_count_moments_and_step_tensors_and_keep_projections_apart()
         "proj_type": "std",
     }
     for method in ["galore"] + (["galore-torch"] if HAS_GALORE_TORCH else []):
-        optimizer = _common.make_optimizer(method, [dict(group)])
+        optimizer = make_optimizer(method, [dict(group)], hp)
         optimizer.step()
         # 6x4, rows >= cols: right projection, moments 6x2, projection matrix 2x4.
-        assert _common.state_tensor_bytes(optimizer, weight) == (2 * 6 * 2 * 4, 2 * 4 * 4), method
+        counted = optimizer_memory.state_and_projection_bytes(optimizer, weight)
+        assert counted == (2 * 6 * 2 * 4, 2 * 4 * 4), method
 
 
 def test_optimizer_memory_tiny_run_matches_references(tmp_path, one_thread):
@@ -77,8 +75,9 @@ def test_optimizer_memory_tiny_run_matches_references(tmp_path, one_thread):
         + one_thread
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
-    for key in ("torch", "cpu_count", "date_utc", "torch_threads"):
+    for key in ("versions", "cpu_count", "date_utc", "torch_threads"):
         assert key in payload["environment"]
+    assert payload["environment"]["versions"]["torch"] == torch.__version__
     assert payload["settings"]["dtype"] == "bf16"
     result = payload["results"]["llama_nano"]
     methods = result["methods"]

@@ -5,19 +5,14 @@ group, no launch: the measured part of the benchmark is the benchmark's."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks import communication as comm  # noqa: E402
-from benchmarks import scale_model as scale  # noqa: E402
+from benchmarks import communication as comm
+from benchmarks import scale_model as scale
 
 # One layer, hidden 16, intermediate 40, vocab 100, rank 4: small enough to count by hand.
 TINY = dict(

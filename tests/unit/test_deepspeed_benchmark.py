@@ -8,16 +8,10 @@ masters and AdamW moments. Nothing asserts a duration or a pasted number.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 pytest.importorskip("deepspeed")
 

@@ -4,20 +4,14 @@ themselves are the benchmark's (forked gloo ranks, DeepSpeed); nothing here time
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks import distributed as bench  # noqa: E402
-from gnlorp_dist import GradNormLoRPAdamW  # noqa: E402
-from gnlorp_dist.optim.comm import LocalCommunicator  # noqa: E402
+from benchmarks import distributed as bench
+from gnlorp_dist import GradNormLoRPAdamW
+from gnlorp_dist.optim.comm import LocalCommunicator
 
 
 def test_local_nbytes_walks_containers_and_ignores_numbers() -> None:

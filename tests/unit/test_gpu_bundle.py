@@ -25,12 +25,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks import gpu_bundle as gb
+from benchmarks import gpu_resolve as gr
 
-from benchmarks import gpu_bundle as gb  # noqa: E402
-from benchmarks import gpu_resolve as gr  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 try:
     import tomllib

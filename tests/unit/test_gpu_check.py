@@ -19,12 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks import gpu_check, gpu_sections
+from benchmarks.gpu_rows import FAIL, PASS, SKIP, Rows, row, section_status
 
-from benchmarks import gpu_check, gpu_sections  # noqa: E402
-from benchmarks.gpu_rows import FAIL, PASS, SKIP, Rows, row, section_status  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_imports_every_section_and_touches_no_gpu(capsys, monkeypatch, tmp_path):
@@ -106,7 +104,6 @@ def test_a_section_out_of_time_is_killed_with_its_children_and_keeps_its_rows(tm
     script = f"""
 import json, subprocess, sys, time
 from pathlib import Path
-sys.path.insert(0, {str(REPO)!r})
 from benchmarks.gpu_rows import Rows, row
 rows = Rows(Path({str(rows_file)!r}))
 rows.append(row("finished before the limit", "PASS", "1 s"))
