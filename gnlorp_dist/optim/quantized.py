@@ -400,8 +400,3 @@ def update_workspace_bytes(
 
     last = numel - (numel - 1) // CHUNK_NUMEL * CHUNK_NUMEL
     return max(chunk_peak(min(numel, CHUNK_NUMEL)), chunk_peak(last))
-
-
-def state_bytes(state: dict[str, Any]) -> int:
-    """Bytes held by one parameter's optimizer state (every tensor in it)."""
-    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
