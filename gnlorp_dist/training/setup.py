@@ -118,20 +118,8 @@ def build_optimizer(
         return torch.optim.AdamW(
             params, lr=config.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=config.weight_decay
         )
-    options: dict[str, Any] = {"svd_method": config.svd_method}
-    if config.proj_bits != 16:
-        options["proj_bits"] = config.proj_bits
-    if config.lazy_refresh_threshold > 0.0:
-        options["lazy_refresh_threshold"] = config.lazy_refresh_threshold
-    # VLoRP / ProjFactor (docs/vlorp.md): only when asked, so the groups stay GaLore's keys.
-    for name, default in (
-        ("granularity", 1),
-        ("random_basis", "gaussian"),
-        ("projection_seed", 0),
-        ("second_moment", "adam"),
-    ):
-        if getattr(config, name) != default:
-            options[name] = getattr(config, name)
+    # Only the options asked for: the groups stay GaLore's keys (docs/vlorp.md).
+    options = {**config.projection_group_options(), **config.moment_group_options()}
     groups = projected_param_groups(
         model, config.rank, config.update_proj_gap, config.scale, config.proj_type, **options
     )
