@@ -10,14 +10,16 @@ Usage: ``python -m benchmarks.eight_bit [--steps 200] [--seq-len 64] [--json PAT
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.bench.harness import RESULTS_DIR, environment, format_table, write_json
 from gnlorp_dist.memory.bytes import optimizer_state_bytes
+from gnlorp_dist.options.fields import option
+from gnlorp_dist.options.parser import build_parser, config_from_namespace, parse_namespace
 from gnlorp_dist.training.config import RunConfig
 from gnlorp_dist.training.run import prepare, run_training
 
@@ -26,7 +28,25 @@ def _state_bytes(optimizer, moments_only: bool) -> int:
     return optimizer_state_bytes(optimizer)["moments" if moments_only else "total"]
 
 
-def run(bits: int, args: argparse.Namespace, out: Path) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class EightBitConfig:
+    """The run both precisions train: model, length, batch."""
+
+    model: str = option("llama_nano", metavar="NAME")
+    """A named LLaMA shape and recipe (llama_nano, llama_micro, llama_60m ...)."""
+    steps: int = 200
+    """Optimizer steps of each run."""
+    seq_len: int = 64
+    """Tokens per sequence."""
+    batch_size: int = 4
+    """Sequences per step."""
+    eval_batches: int = 16
+    """Held-out micro-batches of the final evaluation."""
+    json: str = option(str(RESULTS_DIR / "eight_bit.json"), metavar="PATH")
+    """Where to write the results."""
+
+
+def run(bits: int, args: EightBitConfig, out: Path) -> dict:
     config = RunConfig(
         model=args.model,
         bits=bits,
@@ -57,14 +77,10 @@ def run(bits: int, args: argparse.Namespace, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama_nano")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--eval-batches", type=int, default=16)
-    add_output_args(parser, "eight_bit")
-    args = parser.parse_args(argv)
+    parser = build_parser(
+        EightBitConfig, prog="benchmarks.eight_bit", description=__doc__.splitlines()[0]
+    )
+    args = config_from_namespace(EightBitConfig, parse_namespace(parser, argv))
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(bits, args, Path(tmp)) for bits in (32, 8)]
     full, quant = rows
@@ -90,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "benchmark": "eight_bit",
         "environment": environment(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        "settings": {k: str(v) for k, v in asdict(args).items()},
         "rows": rows,
         "moment_ratio": quant["moment_bytes"] / full["moment_bytes"],
         "relative_loss_gap": quant["final_train_loss_mean10"] / full["final_train_loss_mean10"] - 1,

@@ -22,17 +22,18 @@ and the 7B single-GPU answer next to the paper's.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.bench.harness import RESULTS_DIR, environment, format_table, write_json
 from gnlorp_dist.memory import MemoryConfig, estimate_memory, measure_config
 from gnlorp_dist.memory.arithmetic import DTYPE_BYTES, cached_model_shape
+from gnlorp_dist.options.fields import option
+from gnlorp_dist.options.parser import build_parser, config_from_namespace, parse_namespace
 
 NAME = "memory_estimator"
 MIB = 2**20
@@ -322,11 +323,21 @@ def print_tables(validation, drops, sevens, steps) -> None:
                        [[k, f"{v / 1e9:.3f}", f"{v / 2**30:.3f}"] for k, v in recipe.items()]))  # fmt: skip
 
 
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimatorConfig:
+    """How much of the validation to run, and where the results go."""
+
+    quick: bool = False
+    """llama_nano and llama_micro only."""
+    json: str = option(str(RESULTS_DIR / f"{NAME}.json"), metavar="PATH")
+    """Where to write the results."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="llama_nano and llama_micro only")
-    add_output_args(parser, NAME)
-    args = parser.parse_args(argv)
+    parser = build_parser(
+        MemoryEstimatorConfig, prog=f"benchmarks.{NAME}", description=__doc__.split("\n\n")[0]
+    )
+    args = config_from_namespace(MemoryEstimatorConfig, parse_namespace(parser, argv))
     torch.manual_seed(0)
     # Memory does not depend on threads; the SVDs of small matrices run ~100x faster on one
     # thread than on two OpenMP threads of a busy 2-core machine.

@@ -17,21 +17,23 @@ final loss (mean of the last 10 steps), eval loss, SVDs computed, optimizer stat
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
-from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.bench.harness import RESULTS_DIR, environment, format_table, write_json
 from gnlorp_dist.memory.bytes import optimizer_state_bytes
 from gnlorp_dist.optim.projection import project, projection_side
 from gnlorp_dist.optim.quantized_basis import dequantize_basis, quantize_basis
 from gnlorp_dist.optim.spec import projection_of
+from gnlorp_dist.options.fields import option
+from gnlorp_dist.options.parser import build_parser, config_from_namespace, parse_namespace
 from gnlorp_dist.training.config import RunConfig
 from gnlorp_dist.training.run import prepare, run_training
 
@@ -107,7 +109,25 @@ TRAIN_VARIANTS = {
 }
 
 
-def train(name: str, overrides: dict, args: argparse.Namespace, out: Path) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class MemoryFeaturesConfig:
+    """The training runs of part 2 (part 1 has fixed sizes)."""
+
+    steps: int = 200
+    """Optimizer steps of each training run."""
+    gap: int = 20
+    """update_proj_gap of the runs."""
+    seq_len: int = 64
+    """Tokens per sequence."""
+    batch_size: int = 4
+    """Sequences per step."""
+    skip_training: bool = False
+    """Only part 1 (state bytes and basis quality)."""
+    json: str = option(str(RESULTS_DIR / "memory_features.json"), metavar="PATH")
+    """Where to write the results."""
+
+
+def train(name: str, overrides: dict, args: MemoryFeaturesConfig, out: Path) -> dict:
     config = RunConfig(
         model="llama_nano",
         max_steps=args.steps,
@@ -140,14 +160,10 @@ def train(name: str, overrides: dict, args: argparse.Namespace, out: Path) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--gap", type=int, default=20, help="update_proj_gap of the runs")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--skip-training", action="store_true")
-    add_output_args(parser, "memory_features")
-    args = parser.parse_args(argv)
+    parser = build_parser(
+        MemoryFeaturesConfig, prog="benchmarks.memory_features", description=__doc__.splitlines()[0]
+    )
+    args = config_from_namespace(MemoryFeaturesConfig, parse_namespace(parser, argv))
 
     states = {name: state_bytes(variant) for name, variant in STATE_VARIANTS.items()}
     fp32 = states["fp32"]["total"]
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "benchmark": "memory_features",
             "environment": environment(),
-            "settings": {k: str(v) for k, v in vars(args).items()},
+            "settings": {k: str(v) for k, v in asdict(args).items()},
             "states": states,
             "state_ratios": {name: s["total"] / fp32 for name, s in states.items()},
             "training": training,

@@ -26,16 +26,16 @@ on, one process reuses the clip norm and the check costs nothing). Reported, in 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from gnlorp_dist import GradNormLoRPAdamW, projected_param_groups
 from gnlorp_dist.bench.harness import (
-    add_output_args,
+    RESULTS_DIR,
     environment,
     format_table,
     median_mean,
@@ -44,6 +44,8 @@ from gnlorp_dist.bench.harness import (
 from gnlorp_dist.bench.methods import prepare_model
 from gnlorp_dist.models import build_model, llama_config, model_spec
 from gnlorp_dist.optim.comm import non_finite_count
+from gnlorp_dist.options.fields import option
+from gnlorp_dist.options.parser import build_parser, config_from_namespace, parse_namespace
 
 NAME = "nonfinite_check"
 
@@ -104,16 +106,31 @@ def run(model_name: str, steps: int, warmup: int, seq_len: int, seed: int) -> di
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class NonfiniteCheckConfig:
+    """The model and how many steps each arm (check, no check) is timed over."""
+
+    model: str = option("llama_60m", metavar="NAME")
+    """A named LLaMA shape and recipe (llama_nano, llama_micro, llama_60m ...)."""
+    steps: int = 12
+    """Timed steps per arm."""
+    warmup: int = 2
+    """Untimed steps first."""
+    seq_len: int = 256
+    """Tokens per step (one sequence)."""
+    seed: int = 0
+    """Seeds the model and the batches."""
+    threads: int | None = None
+    """torch threads (default: torch's)."""
+    json: str = option(str(RESULTS_DIR / f"{NAME}.json"), metavar="PATH")
+    """Where to write the results."""
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="llama_60m")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per arm")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    add_output_args(parser, NAME)
-    args = parser.parse_args(argv)
+    parser = build_parser(
+        NonfiniteCheckConfig, prog=f"benchmarks.{NAME}", description=__doc__.split("\n\n")[0]
+    )
+    args = config_from_namespace(NonfiniteCheckConfig, parse_namespace(parser, argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.model, args.steps, args.warmup, args.seq_len, args.seed)

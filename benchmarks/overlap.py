@@ -14,30 +14,53 @@ must end with bitwise the same weights (printed); the table gives the median who
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups
-from gnlorp_dist.bench.harness import add_output_args, environment, format_table, write_json
+from gnlorp_dist.bench.harness import RESULTS_DIR, environment, format_table, write_json
 from gnlorp_dist.distributed import ProcessGroupCommunicator, broadcast_parameters
+from gnlorp_dist.distributed.rendezvous import barrier, join_file_group, leave_process_group
 from gnlorp_dist.models import build_model, llama_config
+from gnlorp_dist.options.fields import option
+from gnlorp_dist.options.parser import build_parser, config_from_namespace, parse_namespace
 
 MODES = ("after", "overlap")
 
 
-def _rank(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
+@dataclass(frozen=True, kw_only=True)
+class OverlapConfig:
+    """The model both modes train on two gloo ranks, and how long."""
+
+    model: str = option("llama_60m", metavar="NAME")
+    """A named LLaMA shape (llama_nano, llama_micro, llama_60m ...)."""
+    rank: int = 128
+    """Projection rank."""
+    batch: int = 1
+    """Sequences per rank and step."""
+    seq: int = 64
+    """Tokens per sequence."""
+    warmup: int = 2
+    """Untimed steps first (step 0 refreshes the subspaces)."""
+    steps: int = 8
+    """Timed steps per mode."""
+    json: str = option(str(RESULTS_DIR / "overlap.json"), metavar="PATH")
+    """Where to write the results."""
+
+
+def _rank(rank: int, world: int, init: str, args: OverlapConfig, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    join_file_group(rank, world, init)
     comm = ProcessGroupCommunicator()
     results = {}
     for mode in MODES:
@@ -53,7 +76,7 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace, out: str) 
         for step in range(args.warmup + args.steps):  # step 0 is the refresh: warm-up
             gen = torch.Generator().manual_seed(step * world + rank)
             ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-            dist.barrier()
+            barrier()
             start = time.perf_counter()
             optimizer.zero_grad()
             loss = model(input_ids=ids, labels=ids).loss
@@ -69,19 +92,14 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace, out: str) 
     if rank == 0:
         same = torch.equal(results["after-weights"], results["overlap-weights"])
         torch.save({m: results[m] for m in MODES} | {"same": same}, Path(out) / "result.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama_60m")
-    parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
-    add_output_args(parser, "overlap")
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser(
+        OverlapConfig, prog="benchmarks.overlap", description=__doc__.splitlines()[0]
+    )
+    args = config_from_namespace(OverlapConfig, parse_namespace(parser, argv))
     with tempfile.TemporaryDirectory() as tmp:
         init = str(Path(tmp) / "rendezvous")
         mp.start_processes(_rank, args=(2, init, args, tmp), nprocs=2, start_method="fork")
@@ -96,7 +114,7 @@ def main() -> None:
     print(f"bitwise the same weights: {result['same']}")
     payload = {
         "environment": environment(),
-        "settings": vars(args) | {"json": str(args.json)},
+        "settings": asdict(args),
         "median_step_s": medians,
         "times_s": {mode: result[mode]["times"] for mode in MODES},
         "same_weights": result["same"],

@@ -3,8 +3,9 @@
 - the record of a run: :func:`environment` (versions, CPU, threads, date) and :func:`write_json`
   (NaN and infinities written as null), by default under :data:`RESULTS_DIR`;
 - fixed-width tables (:func:`format_table`) and byte units (:func:`gib`);
-- timing: :func:`median_mean` of a list of durations;
-- ``--json`` and ``--dtype`` (:func:`add_output_args`, :func:`parse_dtype`).
+- timing: :func:`median_mean` of a list of durations.
+
+Their flags come from :mod:`gnlorp_dist.options.parser`, like every command line's.
 
 The scripts in ``benchmarks/`` run from the repository root as modules
 (``python -m benchmarks.optimizer_memory``), so they import ``gnlorp_dist`` and each other
@@ -14,7 +15,6 @@ without touching ``sys.path``. The methods they compare come from the one regist
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -81,23 +81,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
-    """``--json PATH`` (default ``benchmarks/results/<name>.json``)."""
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=RESULTS_DIR / f"{name}.json",
-        help=f"where to write the results (default: {RESULTS_DIR / name}.json)",
-    )
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    """``--dtype bf16|fp32`` as a torch dtype."""
-    if text not in DTYPES:
-        raise ValueError(f"--dtype {text!r} is not supported; use one of {list(DTYPES)}")
-    return DTYPES[text]
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

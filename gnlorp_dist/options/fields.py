@@ -15,8 +15,9 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-# The metadata keys a field may carry; each goes to ``ArgumentParser.add_argument`` as it is.
-ARGUMENT_KEYS = ("help", "choices", "metavar", "aliases")
+# The metadata keys a field may carry; each goes to ``ArgumentParser.add_argument`` as it is
+# (``nargs``: a tuple field's, "+" unless given; "*" lets the flag alone mean an empty tuple).
+ARGUMENT_KEYS = ("help", "choices", "metavar", "aliases", "nargs")
 
 
 def option(

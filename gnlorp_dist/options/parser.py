@@ -84,7 +84,8 @@ def _parser_class() -> type[argparse.ArgumentParser]:
         def _add_tuple_argument(self, field: dataclasses.Field, metadata: dict) -> None:
             flags = [f"--{field.name.replace('_', '-')}", *metadata.pop("aliases", [])]
             metadata.setdefault("metavar", field.name.upper().rstrip("S"))
-            self.add_argument(*flags, dest=field.name, nargs="+", default=None, **metadata)
+            nargs = metadata.pop("nargs", "+")  # "*": the flag alone gives an empty tuple
+            self.add_argument(*flags, dest=field.name, nargs=nargs, default=None, **metadata)
 
     return OptionsParser
 
@@ -145,9 +146,12 @@ def _file_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
             raise ValueError(
                 f"{CONFIG_FLAG} {path}: unknown option {key!r}; known: {', '.join(sorted(actions))}"
             )
-        if action.nargs == "+" and not isinstance(value, list | tuple):
+        if action.nargs in ("+", "*") and not isinstance(value, list | tuple):
             values[key] = [value]
-        elif action.choices is not None and value is not None and value not in action.choices:
+        items = values[key] if action.nargs in ("+", "*") else [value]  # each in the choices
+        if action.choices is not None and any(
+            v is not None and v not in action.choices for v in items
+        ):
             raise ValueError(
                 f"{CONFIG_FLAG} {path}: {key}={value!r}; choose one of "
                 f"{', '.join(map(str, action.choices))}"

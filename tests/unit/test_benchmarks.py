@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import optimizer_memory, step_time
+from gnlorp_dist.bench import shape_bytes
 from gnlorp_dist.bench.harness import format_table
 from gnlorp_dist.bench.methods import make_optimizer, spec_hyper
 from gnlorp_dist.models import build_model_on_meta, llama_config, model_spec
@@ -50,7 +51,7 @@ def test_state_bytes_count_moments_and_step_tensors_and_keep_projections_apart()
     adamw = make_optimizer("adamw", [{"params": [weight]}], hp)
     adamw.step()
     # exp_avg + exp_avg_sq (fp32, 24 elements each) + the 4-byte step tensor.
-    assert optimizer_memory.state_and_projection_bytes(adamw, weight) == (2 * 24 * 4 + 4, 0)
+    assert shape_bytes.state_and_projection_bytes(adamw, weight) == (2 * 24 * 4 + 4, 0)
 
     group = {
         "params": [weight],
@@ -63,7 +64,7 @@ def test_state_bytes_count_moments_and_step_tensors_and_keep_projections_apart()
         optimizer = make_optimizer(method, [dict(group)], hp)
         optimizer.step()
         # 6x4, rows >= cols: right projection, moments 6x2, projection matrix 2x4.
-        counted = optimizer_memory.state_and_projection_bytes(optimizer, weight)
+        counted = shape_bytes.state_and_projection_bytes(optimizer, weight)
         assert counted == (2 * 6 * 2 * 4, 2 * 4 * 4), method
 
 
@@ -84,9 +85,9 @@ def test_optimizer_memory_tiny_run_matches_references(tmp_path, one_thread):
     expected = ["adamw", "galore", "gradnormlorp"] + (["galore-torch"] if HAS_GALORE_TORCH else [])
     assert list(methods) == expected
     for r in methods.values():
-        for key in optimizer_memory.BYTE_KEYS + ("total_bytes", "state_ratio_to_adamw", "shapes"):
+        for key in shape_bytes.BYTE_KEYS + ("total_bytes", "state_ratio_to_adamw", "shapes"):
             assert key in r
-        assert r["total_bytes"] == sum(r[k] for k in optimizer_memory.BYTE_KEYS)
+        assert r["total_bytes"] == sum(r[k] for k in shape_bytes.BYTE_KEYS)
         assert r["state_ratio_to_adamw"] > 0
 
     config, spec = llama_config("llama_nano"), model_spec("llama_nano")
@@ -121,7 +122,7 @@ def test_optimizer_memory_tiny_run_matches_references(tmp_path, one_thread):
     assert gnlorp["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
     assert gnlorp["state_ratio_to_adamw"] < 1
     if HAS_GALORE_TORCH:
-        for key in optimizer_memory.BYTE_KEYS:
+        for key in shape_bytes.BYTE_KEYS:
             assert methods["galore-torch"][key] == galore[key], key
     # The whole-model step agreed with the per-shape totals (main() asserts it; it is recorded).
     assert set(result["cross_check"]["methods"]) == set(expected)

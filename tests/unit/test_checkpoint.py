@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from gnlorp_dist.checkpoint import store as ckpt
 from gnlorp_dist.checkpoint.merged import save_merged_model
 from gnlorp_dist.checkpoint.store import (
     capture_rng_state,
@@ -18,7 +19,6 @@ from gnlorp_dist.checkpoint.store import (
     restore_rng_state,
     save_checkpoint,
 )
-from gnlorp_dist.checkpoint import store as ckpt
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import WeightNormLinear, apply_weight_norm, merge_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups

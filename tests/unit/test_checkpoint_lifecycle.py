@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from gnlorp_dist.checkpoint import store as ckpt
 from gnlorp_dist.checkpoint.branches import step_dir_name
 from gnlorp_dist.checkpoint.manifest import (
     LOCK_FILE,
@@ -26,7 +27,6 @@ from gnlorp_dist.checkpoint.store import (
     load_checkpoint,
     select_checkpoint,
 )
-from gnlorp_dist.checkpoint import store as ckpt
 from gnlorp_dist.integrations.deepspeed.checkpoint import CLIENT_STATE_FILE, LAYOUT_FILE
 from gnlorp_dist.training import deepspeed_step as ds_training
 from gnlorp_dist.training.config import config_from_args

@@ -1,4 +1,5 @@
-"""benchmarks/deepspeed_zero.py's core, in this process at world size 1 on a tiny LLaMA.
+"""benchmarks/deepspeed_zero.py's core (:mod:`gnlorp_dist.bench.zero`, :mod:`~gnlorp_dist.bench.
+zero_report`), in this process at world size 1 on a tiny LLaMA.
 
 The byte counts the benchmark reports are compared with counts made here independently: our
 optimizer stepped once without DeepSpeed, and the model's element count for DeepSpeed's fp32
@@ -15,8 +16,10 @@ from transformers import LlamaConfig
 
 pytest.importorskip("deepspeed")
 
-from benchmarks import deepspeed_zero as bench  # noqa: E402
+from benchmarks import deepspeed_zero as script  # noqa: E402
 from gnlorp_dist import GradNormLoRPAdamW, apply_weight_norm, projected_param_groups  # noqa: E402
+from gnlorp_dist.bench import zero as bench  # noqa: E402
+from gnlorp_dist.bench import zero_report as report_of  # noqa: E402
 from gnlorp_dist.models import build_model, recipe_for_config  # noqa: E402
 
 CASES = [
@@ -52,8 +55,8 @@ def report():
     settings = bench.RunSettings(config=_tiny_config(), steps=2, batch=2, seq=16)
     results = bench.launch(CASES, settings, world_size=1, in_process=True)
     env_after = {k: os.environ.get(k) for k in env_before}
-    rows = [bench.summarise([r]) for r in results[0]]
-    bench.add_ratios(rows)
+    rows = [report_of.summarise([r]) for r in results[0]]
+    report_of.add_ratios(rows)
     return {
         "settings": settings,
         "results": results,
@@ -104,7 +107,7 @@ def test_one_row_per_case_with_the_reported_fields(report):
         assert all(torch.isfinite(torch.tensor(row["losses_rank0"])))
         assert row["tokens_per_s"] > 0
         assert row["peak_bytes_per_rank"] == [None]  # CPU: no CUDA allocator to ask
-    table = bench.zero_table(rows).splitlines()
+    table = report_of.zero_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
     assert "state B/rank max" in table[0]
 
@@ -164,15 +167,15 @@ def test_ratios_against_deepspeed_adamw_are_measured_in_the_same_run(report):
 
 def test_invariants_pass_here_and_catch_a_state_that_does_not_shrink(report):
     rows = report["rows"]
-    assert bench.check_invariants(rows)
+    assert report_of.check_invariants(rows)
     grown = dict(rows[1], world_size=2)  # ours, ZeRO 2, pretending 2 ranks held as much as 1
     with pytest.raises(AssertionError):
-        bench.check_invariants([rows[1], grown])
+        report_of.check_invariants([rows[1], grown])
 
 
 def test_compare_table_reports_ratios_to_deepspeed(report):
     rows = [r for r in report["rows"] if r["stage"] == 2]
-    lines = bench.compare_table(rows).splitlines()
+    lines = report_of.compare_table(rows).splitlines()
     assert len(lines) == 2 + len(rows)
     assert lines[-1].split()[0] == bench.DEEPSPEED_ADAMW
     assert "1.000" in lines[-1]
@@ -181,5 +184,5 @@ def test_compare_table_reports_ratios_to_deepspeed(report):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_cuda_mode_without_a_gpu_fails_with_a_clear_message(capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--device", "cuda"])
+        script.parse_args(["--device", "cuda"])
     assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
