@@ -1,6 +1,9 @@
-"""Modelled step time of LLaMA 7B on 8 nodes x 4 A100: DDP + AdamW, ZeRO-2 + AdamW, GradNormLoRP
-uncompressed and with low-rank gradient communication. A simulation: nothing here runs on a
-cluster, and every figure it prints is modelled from the assumptions it prints with it.
+"""Modelled step time of LLaMA 7B on 8 nodes x 4 A100: DDP + AdamW, ZeRO-2 + AdamW, the baselines
+that hold 7B on an 80 GB A100 (FSDP2 + AdamW, ZeRO-3 + AdamW), GradNormLoRP uncompressed and
+with low-rank gradient communication, and the low-rank mode with its directions overlapped with
+the next forward (modelled; not implemented yet). A simulation: nothing here runs on a cluster,
+and every figure it prints is modelled from the assumptions it prints with it. It ends with a
+sweep of the network from 25 to 400 Gb/s and issue #23's targets, each printed met or not.
 
 What is modelled, per optimizer step (all in seconds):
 
@@ -31,20 +34,29 @@ What is modelled, per optimizer step (all in seconds):
   ``ours-lowrank`` reduces from gradient hooks when the loop wraps backward in the optimizer's
   ``reducing_in_backward()`` (``gnlorp-train`` does by default, ``--overlap-reduction on``); a
   loop that only calls ``step()`` gets the no-overlap row. ``ours-full`` has no such hooks: its
-  overlap row is what they would give.
+  overlap row is what they would give;
+- **FSDP2 + AdamW and ZeRO-3 + AdamW** (:mod:`gnlorp_dist.bench.scale_baselines`): each moves
+  about 3x the weights per step (all-gather in forward, again in backward, reduce-scatter of the
+  gradients), from the same shapes and priced the same way; their overlap is one schedule per
+  pass: the next piece's all-gather prefetched during a piece's compute, its reduce-scatter
+  overlapping the next piece's backward, both sharing the network link;
+- **ours, directions overlapped with the next forward** (not implemented: gnlorp_dist
+  broadcasts them inside ``step()``): the same schedule hides each layer's share of the
+  post-step broadcasts behind the next forward.
 
 Not modelled: the AdamW update's memory traffic (DDP + AdamW updates all 6.7B parameters on
-every GPU; the others a 1/N share), activation memory, stragglers, congestion between jobs,
-pipelining of a step's broadcasts into the next forward. DDP + AdamW at 7B holds 16 bytes per
-parameter (108 GB) on each GPU: it does not fit an 80 GB A100 and is here as the communication
-baseline only.
+every GPU; the others a 1/N share), activation memory, stragglers, congestion between jobs.
+DDP + AdamW at 7B holds 16 bytes per parameter (108 GB) on each GPU: it does not fit an 80 GB
+A100 and is here as the communication baseline only.
 
-The model is :mod:`gnlorp_dist.bench.scale`.
+The model is :mod:`gnlorp_dist.bench.scale`, :mod:`gnlorp_dist.bench.scale_baselines` and
+:mod:`gnlorp_dist.bench.scale_sweep`.
 
 Usage::
 
     python -m benchmarks.scale_model
     python -m benchmarks.scale_model --ib-gbps 400 --mfu 0.4 --tokens-per-gpu 4096
+    python -m benchmarks.scale_model --sweep-gbps 10 25 100 200 400
 """
 
 from __future__ import annotations
@@ -65,6 +77,7 @@ from gnlorp_dist.bench.scale import (
     summary_table,
     table,
 )
+from gnlorp_dist.bench.scale_sweep import SWEEP_GBPS, check_targets, sweep_table, targets_text
 from gnlorp_dist.options.fields import option
 from gnlorp_dist.options.parser import build_parser, config_from_namespace, parse_namespace
 
@@ -102,6 +115,8 @@ class ScaleModelConfig:
     """Tokens per GPU per step (several: one table each)."""
     svd_s: float = _W.svd_s_per_matrix
     """Seconds of one refresh SVD of a matrix on its owner GPU (an assumption)."""
+    sweep_gbps: tuple[float, ...] = option(SWEEP_GBPS, metavar="GBPS")
+    """Network Gb/s of the link sweep and the targets (one sweep per --tokens-per-gpu)."""
     json: str = option(str(RESULTS_DIR / "scale_model.json"), metavar="PATH")
     """Where to write the results."""
 
@@ -115,27 +130,20 @@ def _cluster(config: ScaleModelConfig, ib: float) -> Cluster:
     )  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(
-        ScaleModelConfig, prog="benchmarks.scale_model", description=__doc__.splitlines()[0]
-    )
-    config = config_from_namespace(ScaleModelConfig, parse_namespace(parser, argv))
-    record: dict[str, Any] = {"benchmark": "scale_model", "modelled": True, "runs": []}
+def _main_tables(config: ScaleModelConfig, record: dict[str, Any]) -> None:
+    """One table per (tokens per GPU, network Gb/s), then the summary over them."""
     summary = []
     for tokens in config.tokens_per_gpu:
-        workload = Workload(
-            model=config.model, rank=config.rank, gap=config.gap, tokens_per_gpu=tokens,
-            svd_s_per_matrix=config.svd_s,
-        )  # fmt: skip
+        workload = _workload(config, tokens)
         for ib in config.ib_gbps:
             cluster = _cluster(config, ib)
             rows = model_rows(cluster, workload)
             if not summary:
                 print(assumptions(cluster, workload))
             print(
-                f"\n{workload.model} on {cluster.nodes} x {cluster.gpus_per_node} A100, network "
-                f"{ib:.0f} Gb/s per node, {tokens:,} tokens per GPU per step; seconds per step, "
-                f"payloads averaged over T={workload.gap} (one refresh); x ddp = over "
+                f"\nMODELLED: {workload.model} on {cluster.nodes} x {cluster.gpus_per_node} A100, "
+                f"network {ib:.0f} Gb/s per node, {tokens:,} tokens per GPU per step; seconds "
+                f"per step, payloads averaged over T={workload.gap} (one refresh); x ddp = over "
                 "ddp-adamw's step in the same column:"
             )
             print(table(rows))
@@ -144,8 +152,50 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"cluster": asdict(cluster), "workload": asdict(workload), "rows": rows}
             )
     if len(summary) > 1:
-        print("\nStep time over ddp-adamw's (serial / overlapped), every setting:")
+        print("\nMODELLED: step time over ddp-adamw's (serial / overlapped), every setting:")
         print(summary_table(summary))
+
+
+def _sweep(config: ScaleModelConfig, record: dict[str, Any]) -> None:
+    """The link sweep and the targets, one per tokens-per-GPU setting."""
+    for tokens in config.tokens_per_gpu:
+        workload = _workload(config, tokens)
+        sweep = [(ib, model_rows(_cluster(config, ib), workload)) for ib in config.sweep_gbps]
+        print(
+            f"\nMODELLED: link sweep, {workload.model}, {tokens:,} tokens per GPU; overlapped "
+            "step in seconds, and ours over each baseline (below 1: ours faster; next-fwd = "
+            "directions overlapped with the next forward, modelled, not implemented yet):"
+        )
+        print(sweep_table(sweep))
+        results = check_targets(sweep)
+        print()
+        print(targets_text(results, tokens))
+        record["sweeps"].append(
+            {
+                "tokens_per_gpu": tokens,
+                "gbps": list(config.sweep_gbps),
+                "rows": [rows for _, rows in sweep],
+                "targets": results,
+            }
+        )
+
+
+def _workload(config: ScaleModelConfig, tokens: int) -> Workload:
+    return Workload(
+        model=config.model, rank=config.rank, gap=config.gap, tokens_per_gpu=tokens,
+        svd_s_per_matrix=config.svd_s,
+    )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(
+        ScaleModelConfig, prog="benchmarks.scale_model", description=__doc__.splitlines()[0]
+    )
+    config = config_from_namespace(ScaleModelConfig, parse_namespace(parser, argv))
+    record: dict[str, Any] = {"benchmark": "scale_model", "modelled": True, "runs": []}
+    record["sweeps"] = []
+    _main_tables(config, record)
+    _sweep(config, record)
     record["environment"] = environment()
     write_json(config.json, record)
     print(f"wrote {config.json}")

@@ -2,13 +2,14 @@
 (:mod:`gnlorp_dist.bench.communication`) priced on a two-level cluster (NVLink inside a node,
 the network between nodes), next to its compute, with and without overlapping the gradient
 collectives with backward. A model, not a measurement: see the script's docstring for every
-assumption; :func:`assumptions` prints them with the figures.
+assumption; :func:`assumptions` prints them with the figures. The cluster and the workload
+are :mod:`.scale_cluster`'s; FSDP2, ZeRO-3 and the next-forward overlap :mod:`.scale_baselines`'.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from gnlorp_dist.bench.communication import (
@@ -29,6 +30,15 @@ from gnlorp_dist.bench.communication import (
     window_average,
 )
 from gnlorp_dist.bench.harness import format_table
+from gnlorp_dist.bench.scale_baselines import (
+    SHARDED_BASELINES,
+    next_forward_row,
+    sharded_row,
+    short_name,
+)
+from gnlorp_dist.bench.scale_cluster import Cluster, Workload, collective_seconds
+
+__all__ = ["Cluster", "Workload", "assumptions", "collective_seconds", "model_rows", "step_model"]
 
 GRADIENT_PHASE: dict[str, tuple[str, ...]] = {
     # Which collectives carry gradients (may overlap backward); the rest run after the step.
@@ -42,57 +52,6 @@ GRADIENT_PHASE: dict[str, tuple[str, ...]] = {
 }
 OURS = (OURS_DDP, OURS_FULL, OURS_LOW_RANK, OURS_LOW_RANK_NARROW)
 COMPRESSED = (OURS_LOW_RANK, OURS_LOW_RANK_NARROW)
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """The machine. Defaults: 8 DGX-A100-like nodes with 4 GPUs used per node."""
-
-    nodes: int = 8
-    gpus_per_node: int = 4
-    # A100 SXM: third-generation NVLink, 12 links, 600 GB/s per GPU in both directions
-    # together, i.e. 300 GB/s each way (NVIDIA A100 datasheet).
-    nvlink_gbytes_per_s: float = 300.0
-    # HDR InfiniBand: 200 Gb/s per port, one port per node here = 25 GB/s each way.
-    ib_gbits_per_s: float = 200.0
-    # Fraction of a link's rate NCCL reaches on large messages (nccl-tests on A100 report
-    # bus bandwidths around 75-90% of the links').
-    link_efficiency: float = 0.8
-    # Fixed cost per collective (launch and small-message latency across nodes).
-    latency_us: float = 30.0
-    # A100 dense bf16 tensor-core peak (datasheet), and the fraction a 7B training reaches.
-    peak_tflops: float = 312.0
-    mfu: float = 0.48
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def flops_per_s(self) -> float:
-        return self.peak_tflops * 1e12 * self.mfu
-
-
-@dataclass(frozen=True)
-class Workload:
-    model: str = "llama_7b"
-    rank: int = 1024
-    gap: int = 200
-    tokens_per_gpu: int = 8 * 2048  # sequences x length per GPU per step
-    elem_bytes: int = 2  # bf16 gradients, weights, bases
-    ddp_bucket_mib: float = 25.0  # DDP's default bucket_cap_mb
-    svd_s_per_matrix: float = 0.5  # a 4096 x 11008 fp32 SVD on one A100: an assumption
-
-
-def collective_seconds(op: str, payload: float, cluster: Cluster) -> float:
-    """Bandwidth time of ``op`` on ``payload`` bytes (no latency): NVLink level, then network."""
-    if payload <= 0:
-        return 0.0
-    g, n = cluster.gpus_per_node, cluster.nodes
-    factor = 2.0 if op == "all_reduce" else 1.0
-    intra = factor * (g - 1) / g * payload / (cluster.nvlink_gbytes_per_s * 1e9)
-    inter = factor * (n - 1) / n * payload / (cluster.ib_gbits_per_s / 8 * 1e9)
-    return (intra + inter) / cluster.link_efficiency
 
 
 def collective_count(
@@ -141,12 +100,13 @@ def step_model(
     last = grad_s / max(
         1, collective_count(method, phase[0], payload[phase[0]], workload, n_tensors)
     )
-    exposed_grad = max(grad_s - backward_s, 0.0) + min(last, grad_s)
+    # Never more than running them all after backward (the serial figure).
+    exposed_grad = min(max(grad_s - backward_s, 0.0) + last, grad_s)
     overlap = compute_s + extra_s + exposed_grad + post_s + latency_s
     return {
         "method": method,
         "grad_comm_s": grad_s,
-        "post_step_comm_s": post_s,
+        "weight_comm_s": post_s,
         "collectives": collectives,
         "latency_s": latency_s,
         "compute_s": compute_s,
@@ -157,11 +117,26 @@ def step_model(
     }
 
 
+@functools.lru_cache(maxsize=4)
+def model_shapes(model: str, rank: int) -> tuple[tuple[TensorShape, ...], tuple[TensorShape, ...]]:
+    """The plain and the weight-normalised model's tensors (built once per model and rank)."""
+    config = model_config(model)
+    plain = shapes_from_model(config, rank, weight_norm=False)
+    normed = shapes_from_model(config, rank, weight_norm=True)
+    return tuple(plain), tuple(normed)
+
+
 def model_rows(cluster: Cluster, workload: Workload) -> list[dict[str, Any]]:
-    config = model_config(workload.model)
-    plain = shapes_from_model(config, workload.rank, weight_norm=False)
-    normed = shapes_from_model(config, workload.rank, weight_norm=True)
+    """Every method's modelled step (the computed schemes, then FSDP2 and ZeRO-3 + AdamW, then
+    ``ours-lowrank`` with its directions overlapped with the next forward), with ratios to
+    ``ddp-adamw``'s step in the same column."""
+    plain_t, normed_t = model_shapes(workload.model, workload.rank)
+    plain, normed = list(plain_t), list(normed_t)
     projected = [t for t in normed if t.rank is not None]
+
+    def price(op: str, payload: float) -> float:
+        return collective_seconds(op, payload, cluster)
+
     rows = []
     for method in COMPUTED_SCHEMES:
         p: Payload = computed_payload(method, plain, normed, workload.elem_bytes, refresh=False)
@@ -182,6 +157,10 @@ def model_rows(cluster: Cluster, workload: Workload) -> list[dict[str, Any]]:
         )
         row["payload_avg"] = avg
         rows.append(row)
+        if method == OURS_LOW_RANK:
+            next_forward = next_forward_row(row, normed, cluster, workload, price)
+    rows += [sharded_row(m, plain, cluster, workload, price) for m in SHARDED_BASELINES]
+    rows.append(next_forward)
     base = next(r for r in rows if r["method"] == DDP_ADAMW)
     tokens = workload.tokens_per_gpu
     for row in rows:
@@ -189,7 +168,7 @@ def model_rows(cluster: Cluster, workload: Workload) -> list[dict[str, Any]]:
         row["x_ddp_overlap"] = row["step_s_overlap"] / base["step_s_overlap"]
         row["tokens_per_s_per_gpu_overlap"] = tokens / row["step_s_overlap"]
         row["comm_share_no_overlap"] = (
-            row["grad_comm_s"] + row["post_step_comm_s"] + row["latency_s"]
+            row["grad_comm_s"] + row["weight_comm_s"] + row["latency_s"]
         ) / row["step_s_no_overlap"]
     return rows
 
@@ -198,7 +177,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     headers = [
         "method",
         "grad comm s",
-        "post-step comm s",
+        "weight comm s",
         "latency s",
         "compute s",
         "proj+SVD s",
@@ -213,7 +192,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         [
             r["method"],
             f"{r['grad_comm_s']:.3f}",
-            f"{r['post_step_comm_s']:.3f}",
+            f"{r['weight_comm_s']:.3f}",
             f"{r['latency_s']:.3f}",
             f"{r['compute_s']:.3f}",
             f"{r['projection_and_svd_s']:.3f}",
@@ -258,9 +237,26 @@ def assumptions(cluster: Cluster, workload: Workload) -> str:
             "- zero2-adamw: DeepSpeed 0.19's default (gradient buckets all-reduced, parameters "
             "all-gathered: measured so by benchmarks/communication.py); zero2-rs: reduce-scatter "
             '+ all-gather ("use_multi_rank_bucket_allreduce": false).',
+            "- fsdp2-adamw: fully_shard per decoder layer + the root (embedding, norm, lm_head), "
+            "bf16 parameters and gradients: each layer all-gathered in forward and again in "
+            "backward, gradients reduce-scattered (3x the weights; the root is not resharded "
+            "after forward, FSDP2's default, so 3x less one root gather). zero3-adamw: DeepSpeed "
+            "ZeRO-3, every piece gathered twice (less the pieces within "
+            f"stage3_max_reuse_distance={workload.zero3_reuse_distance:.0e} elements of reuse), "
+            f"gradients reduce-scattered in {workload.zero3_reduce_bucket_elements:.0e}-element "
+            f"buckets, one collective per {workload.zero3_prefetch_elements:.0e} gathered "
+            "elements. Their overlap is one schedule: the next piece's all-gather prefetched "
+            "while a piece computes, its reduce-scatter issued when it ends and overlapping the "
+            "next piece's backward, all on one network link in issue order; compute split over "
+            "pieces by parameters (the embedding's FLOPs counted with lm_head's).",
+            "- ours-lowrank, directions overlapped with the next forward: NOT IMPLEMENTED "
+            "(gnlorp_dist broadcasts them inside step()); the same schedule hides each piece's "
+            "share of the post-step broadcasts (split as a plain step's low-rank bytes) behind "
+            "the next forward, one piece ahead; the first piece's share stays exposed.",
             "- Not modelled: the AdamW update's memory traffic, activations, stragglers. DDP + "
             "AdamW at 7B needs 16 B/param = 108 GB per GPU: it does not fit an 80 GB A100 "
-            "(a communication baseline here).",
+            "(a communication baseline here); fsdp2-adamw and zero3-adamw are the baselines "
+            "that run there.",
         ]
     )
 
@@ -268,7 +264,8 @@ def assumptions(cluster: Cluster, workload: Workload) -> str:
 def summary_table(summary: list[tuple[int, float, list[dict[str, Any]]]]) -> str:
     """Every method's step over ddp-adamw's (serial / overlapped) for each (tokens per GPU,
     network Gb/s) setting, and ours-lowrank's serial step over the overlapped baselines."""
-    headers = ["tokens/GPU", "Gb/s"] + [m for m in COMPUTED_SCHEMES if m != DDP_ADAMW]
+    headers = ["tokens/GPU", "Gb/s"]
+    headers += [short_name(r["method"]) for r in summary[0][2] if r["method"] != DDP_ADAMW]
     headers += ["lowrank serial / ddp overlap", "/ ours-ddp overlap"]
     body = []
     for tokens, ib, rows in summary:
