@@ -120,12 +120,13 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     Synchronisation with the host: updates never wait for the device (step counters are Python
     numbers, clipping stays on the device, VLoRP's random bases are drawn on the device); the
     host reads the non-finite verdict (a count made on the device) once per step, and nothing
-    else on a step that refreshes no subspace (``tests/unit/test_host_syncs.py`` counts them):
+    else on a step that refreshes no subspace but what is listed here (``test_host_syncs.py``):
 
     - ``step()``, one process: one ``.item()`` (none after :meth:`mark_gradients_finite`);
     - ``step()``, several ranks (DDP, owners, low-rank reduction) and FSDP2: one 5-element
       all-reduce and one host read (it also carries the gradient checksums: every gradient's
-      first row, on every rank);
+      first row, on every rank); under the owners and low-rank reductions, one more per
+      row-sparse table such as the embedding (its touched-row count: :mod:`.sparse_rows`);
     - ZeRO: the same per ``step()`` call, and the engine calls it once per param group;
     - per-layer mode: one scalar all-reduce and one ``.item()`` per step, when the backward
       pass that ends it is over (:meth:`finish_per_layer_step`), whatever the number of

@@ -11,7 +11,9 @@ The hooks are armed for one backward pass by :meth:`BackwardReduction.armed` (th
 arms the last micro-batch's; earlier micro-batches accumulate locally, like DDP's ``no_sync``).
 A matrix whose subspace is due at this step is left to ``step()`` (its full gradient goes to the
 owner for the SVD first). Hooks fire in the same order on every rank (the models are the same),
-so the collectives they start pair up.
+so the collectives they start pair up. A lookup table's hook (the input embedding's, the last to
+fire) agrees on its touched rows first and reduces only those
+(:mod:`gnlorp_dist.optim.sparse_rows`: one mask all-reduce and one host read, inside the hook).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Replicated layouts (every rank holds every parameter whole) get their gradients either averaged
 by DDP, or here: each ownership block's gradient summed onto its owner
 (:func:`reduce_to_owners`), the ZeRO-1 pattern that, with the owners' broadcast of the updated
-rows, moves what one all-reduce moves.
+rows, moves what one all-reduce moves. A lookup table's gradient (an embedding's) sends only the
+rows some rank's batch touched (:mod:`gnlorp_dist.optim.sparse_rows`; exact, the others are zero).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gnlorp_dist.optim.comm import Communicator, Handle, wait_all
 from gnlorp_dist.optim.fragments import ModelParameter
 from gnlorp_dist.optim.group_step import GroupStep
 from gnlorp_dist.optim.ownership import OwnedBlock
+from gnlorp_dist.optim.sparse_rows import reduce_touched_rows_to_owners
 from gnlorp_dist.optim.validation import flat_gradient_error, merged_away_error
 
 
@@ -40,8 +42,12 @@ def reduce_to_owners(
     comm: Communicator, tensor: Tensor, blocks: list[OwnedBlock], handles: list[Handle | None]
 ) -> list[Tensor]:
     """Start summing each block of ``tensor.grad`` onto its owner; returns the blocks this rank
-    owns (to average once the handles are waited for)."""
+    owns (to average once the handles are waited for). A table whose touched rows are few sends
+    only those (:func:`~gnlorp_dist.optim.sparse_rows.reduce_touched_rows_to_owners`)."""
     assert tensor.grad is not None
+    touched = reduce_touched_rows_to_owners(comm, tensor, blocks, handles)
+    if touched is not None:
+        return touched
     owned = []
     for block in blocks:
         rows = tensor.grad if block.whole else tensor.grad[block.row_start : block.row_stop]
