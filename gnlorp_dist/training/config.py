@@ -60,7 +60,7 @@ ADAMW_DEFAULT_LR = 1e-3
 RESUME_MUST_MATCH = (
     "model", "llama_config", "optimizer", "rank", "update_proj_gap", "scale", "proj_type",
     "lora_rank", "detach_norm", "lr", "weight_decay", "dtype", "bits", "seq_len", "data",
-    "data_config", "text_field", "tokenizer", "eval_fraction", "seed",
+    "data_config", "text_field", "tokenizer", "eval_fraction", "seed", "project_lm_head",
 )  # fmt: skip
 
 
@@ -91,6 +91,12 @@ class RunConfig(
     max_steps: int = shared(LoopOptions, "max_steps")
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    project_lm_head: bool = False
+    """gradnormlorp/galore: also project lm_head's gradient (GaLore-style, as the targeted
+    linears of galore: no weight norm on lm_head), so its Adam moments take the low-rank shape
+    instead of 2 x vocab x hidden floats; the embedding stays dense. Needs an untied lm_head.
+    Off by default (the dense group holds lm_head, as in GaLore's recipes); see
+    docs/training.md for its measured effect on loss."""
     clip_norm_of: str = option("auto", choices=CLIP_NORMS)
     """Which norm --grad-clip bounds: consumed (the optimizer clips what it consumes: each
     projected matrix's low-rank gradient and each dense parameter's gradient, one global norm
@@ -404,7 +410,28 @@ def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
     _check_reduction(config)
     _check_engines(config)
     llama = _check_numbers(config)
+    check_project_lm_head(config, tied=bool(getattr(llama, "tie_word_embeddings", False)))
     return _with_recipe(config, llama), llama
+
+
+def check_project_lm_head(config: RunConfig, *, tied: bool) -> None:
+    """ValueError for --project-lm-head where it cannot work: with --optimizer adamw (nothing
+    is projected) or a model whose lm_head is its embedding (``tied``)."""
+    if not config.project_lm_head:
+        return
+    if config.optimizer == "adamw":
+        raise ValueError(
+            "--project-lm-head projects lm_head's gradient, but --optimizer adamw projects "
+            "nothing: drop --project-lm-head or pick --optimizer gradnormlorp or galore"
+        )
+    if tied:
+        # One matrix would need both the embedding's sparse-row gradient and a projected
+        # update; the dense group's AdamW is the one that serves both.
+        raise ValueError(
+            "--project-lm-head with tied word embeddings: lm_head.weight is the embedding's "
+            'weight, which stays dense. Use a model config with "tie_word_embeddings": false '
+            "(--model-config), or drop --project-lm-head"
+        )
 
 
 # LlamaConfig.to_dict() keys that say nothing about the model's shape or function.
@@ -420,4 +447,8 @@ def config_record(config: RunConfig, llama: Any) -> dict[str, Any]:
     model's shape in ``llama_config``."""
     shape = {k: v for k, v in llama.to_dict().items() if k not in _CONFIG_NOISE}
     record = {**dataclasses.asdict(config), "llama_config": shape}
+    if not config.project_lm_head:
+        # Recorded only when on: a checkpoint written before the flag existed has no such key,
+        # and check_compatible (RESUME_MUST_MATCH) compares a missing key as None.
+        del record["project_lm_head"]
     return json.loads(json.dumps(record))  # exactly what reading the JSON file back gives

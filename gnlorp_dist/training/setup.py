@@ -42,13 +42,14 @@ from gnlorp_dist.distributed import (
     wrap_for_data_parallel,
 )
 from gnlorp_dist.models import build_model
-from gnlorp_dist.nn import apply_weight_norm
+from gnlorp_dist.nn import DEFAULT_TARGET_MODULES, apply_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_param_groups
 from gnlorp_dist.training import deepspeed_step
 from gnlorp_dist.training.clip_rule import effective_clip_norm_of, resolve_clip_norm_of
 from gnlorp_dist.training.config import (
     RESUME_MUST_MATCH,
     RunConfig,
+    check_project_lm_head,
     config_record,
     effective_grad_reduction,
     resolve,
@@ -120,6 +121,8 @@ def build_optimizer(
         )
     # Only the options asked for: the groups stay GaLore's keys (docs/vlorp.md).
     options = {**config.projection_group_options(), **config.moment_group_options()}
+    if config.project_lm_head:  # the default targets, and lm_head (gradient projected, no norm)
+        options["target_modules"] = lm_head_targets(config, model)
     groups = projected_param_groups(
         model, config.rank, config.update_proj_gap, config.scale, config.proj_type, **options
     )
@@ -134,6 +137,20 @@ def build_optimizer(
         gradient_reduction=reduction if context.world_size > 1 else "none",
         max_grad_norm=config.grad_clip if consumed and not config.per_layer else 0.0,
     )
+
+
+def lm_head_targets(config: RunConfig, model: nn.Module) -> tuple[str, ...]:
+    """``target_modules`` that add ``model``'s lm_head to the default projected matrices
+    (--project-lm-head); ValueError where lm_head cannot be projected."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"--project-lm-head: {type(model).__name__} has no nn.Linear lm_head "
+            f"(output embeddings: {type(head).__name__}); drop --project-lm-head"
+        )
+    # resolve() refused a tied config already; this catches a model tied some other way.
+    check_project_lm_head(config, tied=embedding is not None and head.weight is embedding.weight)
+    return (*DEFAULT_TARGET_MODULES, "lm_head")
 
 
 def build_train_data(config: RunConfig, rank: int = 0, world_size: int = 1) -> TrainData:
