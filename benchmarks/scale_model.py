@@ -1,7 +1,7 @@
 """Modelled step time of LLaMA 7B on 8 nodes x 4 A100: DDP + AdamW, ZeRO-2 + AdamW, the baselines
 that hold 7B on an 80 GB A100 (FSDP2 + AdamW, ZeRO-3 + AdamW), GradNormLoRP uncompressed and
 with low-rank gradient communication, and the low-rank mode with its directions overlapped with
-the next forward (modelled; not implemented yet). A simulation: nothing here runs on a cluster,
+the next forward (opt-in: ``optimizer.applying_directions_in_forward(model)``). A simulation: nothing here runs on a cluster,
 and every figure it prints is modelled from the assumptions it prints with it. It ends with a
 sweep of the network from 25 to 400 Gb/s and issue #23's targets, each printed met or not.
 
@@ -40,9 +40,9 @@ What is modelled, per optimizer step (all in seconds):
   gradients), from the same shapes and priced the same way; their overlap is one schedule per
   pass: the next piece's all-gather prefetched during a piece's compute, its reduce-scatter
   overlapping the next piece's backward, both sharing the network link;
-- **ours, directions overlapped with the next forward** (not implemented: gnlorp_dist
-  broadcasts them inside ``step()``): the same schedule hides each layer's share of the
-  post-step broadcasts behind the next forward.
+- **ours, directions overlapped with the next forward** (opt-in, ``applying_directions_in_
+  forward``; otherwise the broadcasts finish inside ``step()``): the same schedule hides each
+  layer's share of the post-step broadcasts behind the next forward.
 
 Not modelled: the AdamW update's memory traffic (DDP + AdamW updates all 6.7B parameters on
 every GPU; the others a 1/N share), activation memory, stragglers, congestion between jobs.
@@ -164,7 +164,7 @@ def _sweep(config: ScaleModelConfig, record: dict[str, Any]) -> None:
         print(
             f"\nMODELLED: link sweep, {workload.model}, {tokens:,} tokens per GPU; overlapped "
             "step in seconds, and ours over each baseline (below 1: ours faster; next-fwd = "
-            "directions overlapped with the next forward, modelled, not implemented yet):"
+            "directions overlapped with the next forward, opt-in):"
         )
         print(sweep_table(sweep))
         results = check_targets(sweep)

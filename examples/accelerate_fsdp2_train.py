@@ -25,16 +25,27 @@ each process alone, or as ``MULTI_CPU`` DDP, and the FSDP plugin is silently ign
     torchrun --nproc_per_node 2 examples/accelerate_fsdp2_train.py --cpu-fsdp --out run
     torchrun --nproc_per_node 1 examples/accelerate_fsdp2_train.py --cpu-fsdp --out run1 \\
         --resume run/state-4
+
+Mixed precision: ``--mixed-precision bf16``, or ``accelerate launch --mixed_precision bf16``
+(``ACCELERATE_MIXED_PRECISION``), gives FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16,
+reduce_dtype=float32)``: the shards, the optimizer and its state stay float32, each layer's
+all-gathered weights and the matmuls are bf16, gradients are reduce-scattered in float32. It goes
+to ``fully_shard_model`` (a model Accelerate receives already sharded keeps its own policy) and to
+the plugin (``--let-accelerate-shard``). fp16 is refused (it needs loss scaling). Each run prints
+the dtype the model's matmuls really ran in (``compute torch.bfloat16``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gnlorp_dist import (
@@ -69,10 +80,31 @@ def parse() -> argparse.Namespace:
         help="hand Accelerate the unsharded model and an optimizer built on it (its own recipe)",
     )
     parser.add_argument("--world-size", type=int, help="refuse to run on another process count")
+    parser.add_argument(
+        "--mixed-precision",
+        help="no or bf16 (default: ACCELERATE_MIXED_PRECISION, set by accelerate launch, else no)",
+    )
     return parser.parse_args()
 
 
-def make_accelerator(cpu_fsdp: bool, accelerate_shards: bool) -> Accelerator:
+def mixed_precision_policy(flag: str | None) -> MixedPrecisionPolicy | None:
+    """FSDP2's policy for ``--mixed-precision`` (else ``accelerate launch --mixed_precision``,
+    its environment variable): None for ``no``; bf16 compute with float32 gradient reduction
+    for ``bf16``; anything else refused."""
+    value = flag if flag is not None else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value == "no":
+        return None
+    if value != "bf16":
+        raise ValueError(
+            f"mixed precision {value!r} is not supported by this example: use bf16 or no (fp16 "
+            "needs loss scaling, which it does not set up)"
+        )
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def make_accelerator(
+    cpu_fsdp: bool, accelerate_shards: bool, policy: MixedPrecisionPolicy | None
+) -> Accelerator:
     wrap: dict = {}
     if accelerate_shards:  # the same units as fully_shard_model's. Not otherwise: prepare looks
         # for the class even in a sharded model, where FSDP2 has renamed it (FSDPLlamaDecoderLayer).
@@ -81,7 +113,7 @@ def make_accelerator(cpu_fsdp: bool, accelerate_shards: bool) -> Accelerator:
             "transformer_cls_names_to_wrap": ["LlamaDecoderLayer"],
         }
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, state_dict_type="SHARDED_STATE_DICT", **wrap
+        fsdp_version=2, state_dict_type="SHARDED_STATE_DICT", mixed_precision_policy=policy, **wrap
     )
     if cpu_fsdp:
         if torch.cuda.is_available():
@@ -91,7 +123,9 @@ def make_accelerator(cpu_fsdp: bool, accelerate_shards: bool) -> Accelerator:
         # device stays the CPU (it is fixed when PartialState is first created).
         state = PartialState(cpu=True, backend="gloo")
         state.distributed_type = DistributedType.MULTI_GPU
-    accelerator = Accelerator(fsdp_plugin=plugin)
+    # The plugin's policy decides; mixed_precision="no" keeps Accelerate from also wrapping the
+    # forward in autocast on top of it.
+    accelerator = Accelerator(fsdp_plugin=plugin, mixed_precision="no")
     if not accelerator.is_fsdp2:  # Accelerate falls back to DDP or one process silently
         raise ValueError(
             f"Accelerate chose {accelerator.distributed_type.name}, not FSDP2: launch with "
@@ -129,9 +163,17 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
     return GradNormLoRPAdamW(groups, lr=args.lr)
 
 
+def record_compute_dtype(model: torch.nn.Module) -> Callable[[], str]:
+    """The dtype of ``model``'s logits as last computed (what its matmuls really ran in)."""
+    seen: list[torch.dtype] = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return lambda: str(seen[-1]) if seen else "unknown"
+
+
 def main() -> None:
     args = parse()
-    accelerator = make_accelerator(args.cpu_fsdp, args.let_accelerate_shard)
+    policy = mixed_precision_policy(args.mixed_precision)
+    accelerator = make_accelerator(args.cpu_fsdp, args.let_accelerate_shard, policy)
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.world_size is not None and world != args.world_size:
         raise ValueError(f"--world-size {args.world_size}, but this job has {world} processes")
@@ -144,8 +186,11 @@ def main() -> None:
         model = build_model()
         optimizer = build_optimizer(args, model)
     else:
-        model = fully_shard_model(build_model().to(accelerator.device))  # 1. shard
+        model = fully_shard_model(  # 1. shard
+            build_model().to(accelerator.device), mixed_precision=policy
+        )
         optimizer = build_optimizer(args, model)  # 2. the optimizer over the DTensor shards
+    compute_dtype = record_compute_dtype(model)
     model, optimizer = accelerator.prepare(model, optimizer)  # 3. (sharded: kept as they are)
     first = 0
     if args.resume is not None:
@@ -160,6 +205,7 @@ def main() -> None:
         if step + 1 == args.save_at:
             accelerator.save_state(str(args.out / f"state-{step + 1}"))
         accelerator.print(f"step {step + 1}/{args.steps} | loss {loss.item():.4f} | world {world}")
+    accelerator.print(f"compute {compute_dtype()}")
     weights = full_model_state_dict(accelerator.unwrap_model(model))  # every rank: a collective
     if accelerator.is_main_process:
         torch.save(weights, args.out / "weights.pt")

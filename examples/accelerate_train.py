@@ -13,15 +13,22 @@ Launch on CPU (2 processes; see docs/clients.md for why these exact flags)::
         --resume run/state-10
     # DeepSpeed plugin, ZeRO-2 (no ACCELERATE_USE_CPU: it would silently drop DeepSpeed)
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/accelerate_train.py --out ds \\
-        --zero-stage 2
+        --zero-stage 2 --mixed-precision bf16
 
 On GPUs: ``accelerate launch --num_processes N examples/accelerate_train.py ...`` (or torchrun).
+
+Mixed precision: ``--mixed-precision bf16``, or ``accelerate launch --mixed_precision bf16``
+(``ACCELERATE_MIXED_PRECISION``). DDP runs the forward under bf16 autocast; the DeepSpeed plugin
+gets ``"bf16": {"enabled": true}`` (bf16 weights, fp32 master copies in the optimizer). fp16 is
+refused (it needs loss scaling, which this example does not set up). Each run prints the dtype
+the model's matmuls really ran in (``compute torch.bfloat16``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,12 +52,28 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--update-proj-gap", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument(
+        "--mixed-precision",
+        help="no or bf16 (default: ACCELERATE_MIXED_PRECISION, set by accelerate launch, else no)",
+    )
     return parser.parse_args()
 
 
-def make_accelerator(zero_stage: int | None) -> Accelerator:
+def resolve_mixed_precision(flag: str | None) -> str:
+    """``--mixed-precision``, else ``accelerate launch --mixed_precision`` (its environment
+    variable), else ``no``; refused unless ``no`` or ``bf16``."""
+    value = flag if flag is not None else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value not in ("no", "bf16"):
+        raise ValueError(
+            f"mixed precision {value!r} is not supported by this example: use bf16 or no (fp16 "
+            "needs loss scaling, which it does not set up)"
+        )
+    return value
+
+
+def make_accelerator(zero_stage: int | None, mixed_precision: str) -> Accelerator:
     if zero_stage is None:  # DDP (CPU: ACCELERATE_USE_CPU=1 in the environment)
-        return Accelerator()
+        return Accelerator(mixed_precision=mixed_precision)  # bf16: autocast in the forward
     if os.environ.get("ACCELERATE_USE_CPU") and not torch.cuda.is_available():
         raise ValueError(
             "ACCELERATE_USE_CPU=1 with --zero-stage: Accelerate would silently drop DeepSpeed and "
@@ -65,7 +88,8 @@ def make_accelerator(zero_stage: int | None) -> Accelerator:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0,  # DeepSpeed clips at 1.0 unless told
         "zero_allow_untested_optimizer": True,  # ours is DeepSpeed's client optimizer
-        "bf16": {"enabled": False},
+        # Explicit: Accelerate fills only "auto", so a fixed False here would silently train fp32.
+        "bf16": {"enabled": mixed_precision == "bf16"},
     }
     if not torch.cuda.is_available():
         import deepspeed  # noqa: PLC0415
@@ -74,6 +98,7 @@ def make_accelerator(zero_stage: int | None) -> Accelerator:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         PartialState(cpu=True, backend="gloo")  # must exist before Accelerator(deepspeed_plugin)
     return Accelerator(
+        mixed_precision=mixed_precision,
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
         kwargs_handlers=[
             InitProcessGroupKwargs(backend="gloo" if not torch.cuda.is_available() else None)
@@ -100,14 +125,22 @@ def batch(step: int, rank: int, world: int) -> torch.Tensor:
     return ((start + stride * torch.arange(SEQ)) % 128).chunk(world)[rank]
 
 
+def record_compute_dtype(model: torch.nn.Module) -> Callable[[], str]:
+    """The dtype of ``model``'s logits as last computed (what its matmuls really ran in)."""
+    seen: list[torch.dtype] = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return lambda: str(seen[-1]) if seen else "unknown"
+
+
 def main() -> None:
     args = parse()
-    accelerator = make_accelerator(args.zero_stage)
+    accelerator = make_accelerator(args.zero_stage, resolve_mixed_precision(args.mixed_precision))
     rank, world = accelerator.process_index, accelerator.num_processes
     accelerator.print(f"engine {accelerator.distributed_type.name} | world {world}")
     if accelerator.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
     model = build_model()
+    compute_dtype = record_compute_dtype(model)
     groups = projected_param_groups(
         model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=0.25
     )
@@ -130,6 +163,7 @@ def main() -> None:
                 consolidate_for_save(optimizer)
             accelerator.save_state(str(args.out / f"state-{step + 1}"))
         accelerator.print(f"step {step + 1}/{args.steps} | loss {loss.item():.4f} | world {world}")
+    accelerator.print(f"compute {compute_dtype()}")
     unwrapped = accelerator.unwrap_model(model)
     merged = merged_state_dict(unwrapped)  # every rank: a collective at ZeRO-3
     if accelerator.is_main_process:

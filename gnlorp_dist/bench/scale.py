@@ -46,9 +46,9 @@ GRADIENT_PHASE: dict[str, tuple[str, ...]] = {
     ZERO2_ADAMW: ("all_reduce",),
     ZERO2_TEXTBOOK: ("reduce_scatter",),
     OURS_DDP: ("all_reduce",),
-    OURS_FULL: ("reduce",),
-    OURS_LOW_RANK: ("reduce",),
-    OURS_LOW_RANK_NARROW: ("reduce",),
+    OURS_FULL: ("all_to_all",),
+    OURS_LOW_RANK: ("all_to_all",),
+    OURS_LOW_RANK_NARROW: ("all_to_all",),
 }
 OURS = (OURS_DDP, OURS_FULL, OURS_LOW_RANK, OURS_LOW_RANK_NARROW)
 COMPRESSED = (OURS_LOW_RANK, OURS_LOW_RANK_NARROW)
@@ -57,11 +57,16 @@ COMPRESSED = (OURS_LOW_RANK, OURS_LOW_RANK_NARROW)
 def collective_count(
     method: str, op: str, payload: float, workload: Workload, n_tensors: int
 ) -> int:
-    """How many collectives carry ``payload``: DDP-style buckets, or one per tensor block."""
+    """How many collectives carry ``payload``: DDP-style buckets; ours: one all-to-all per
+    bucket of the same size, and a broadcast per owner with tensors in a bucket (at most one
+    per tensor block); the bases' broadcasts one per tensor."""
     if payload <= 0:
         return 0
+    buckets = math.ceil(payload / (workload.ddp_bucket_mib * 2**20))
     if method in (DDP_ADAMW, OURS_DDP) and op == "all_reduce" and payload > 64:
-        return math.ceil(payload / (workload.ddp_bucket_mib * 2**20))
+        return buckets
+    if method in OURS and op == "all_to_all":
+        return buckets
     if method in (ZERO2_ADAMW, ZERO2_TEXTBOOK):
         return math.ceil(payload / (5e8 * workload.elem_bytes))  # DeepSpeed's 5e8-element buckets
     return n_tensors if payload > 64 else 1
@@ -249,8 +254,8 @@ def assumptions(cluster: Cluster, workload: Workload) -> str:
             "while a piece computes, its reduce-scatter issued when it ends and overlapping the "
             "next piece's backward, all on one network link in issue order; compute split over "
             "pieces by parameters (the embedding's FLOPs counted with lm_head's).",
-            "- ours-lowrank, directions overlapped with the next forward: NOT IMPLEMENTED "
-            "(gnlorp_dist broadcasts them inside step()); the same schedule hides each piece's "
+            "- ours-lowrank, directions overlapped with the next forward (opt-in: "
+            "optimizer.applying_directions_in_forward(model)): the same schedule hides each piece's "
             "share of the post-step broadcasts (split as a plain step's low-rank bytes) behind "
             "the next forward, one piece ahead; the first piece's share stays exposed.",
             "- Not modelled: the AdamW update's memory traffic, activations, stragglers. DDP + "

@@ -122,6 +122,7 @@ def save_dcp_training_checkpoint(
     context: DistributedContext,
     keep: int = 0,
     extra: dict[str, Any] | None = None,
+    skips_in_a_row: int = 0,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically (every rank calls this) and prune to the
     newest ``keep`` of the current branch."""
@@ -139,6 +140,7 @@ def save_dcp_training_checkpoint(
         "branch": branch,
         "world_size": context.world_size,
         "data_state": data_state,
+        "skips_in_a_row": skips_in_a_row,
         "extra": extra or {},
     }
 
@@ -181,4 +183,9 @@ def load_dcp_training_checkpoint(
     sync_lr_to_schedule(scheduler)
     if restore_rng:
         restore_rng_state(loop_state["rng"])
-    return TrainerState(step=state["step"], data_state=state["data_state"], extra=state["extra"])
+    return TrainerState(
+        step=state["step"],
+        data_state=state["data_state"],
+        extra=state["extra"],
+        skips_in_a_row=int(state.get("skips_in_a_row", 0)),
+    )

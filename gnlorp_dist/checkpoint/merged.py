@@ -15,6 +15,7 @@ atomically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gnlorp_dist.checkpoint.space import disk_full_error, is_disk_full, stale_final_tmps
 from gnlorp_dist.checkpoint.store import (
     FINAL_SUBDIR,
     MODEL_FILE,
@@ -189,9 +191,10 @@ def save_merged_streamed(
             pass
         return None
     final, tmp = fresh_final_tmp(output_dir)
-    write_safetensors(tmp / MODEL_FILE, layout, tensors)
-    _save_configs(model, tmp, dtype)
-    return publish_final(tmp, final, tokenizer=tokenizer, info=info)
+    with _disk_full_removes(tmp):
+        write_safetensors(tmp / MODEL_FILE, layout, tensors)
+        _save_configs(model, tmp, dtype)
+        return publish_final(tmp, final, tokenizer=tokenizer, info=info)
 
 
 def _save_configs(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
@@ -240,19 +243,34 @@ def save_merged_model(
     merged = copy.deepcopy(model)
     if merge is not None:
         merged = merge(merged)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    return publish_final(tmp, final, tokenizer=tokenizer, info=info)
+    with _disk_full_removes(tmp):
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        return publish_final(tmp, final, tokenizer=tokenizer, info=info)
 
 
 def fresh_final_tmp(output_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``(output_dir/final, an empty temporary folder beside it)`` for a final model to be
-    written into, then published by :func:`publish_final`."""
+    written into, then published by :func:`publish_final`. The temporaries of writers that no
+    longer run (a kill during a final save) are removed first."""
     final = Path(output_dir) / FINAL_SUBDIR
     tmp = final.with_name(f"{FINAL_SUBDIR}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in stale_final_tmps(final.parent):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     return final, tmp
+
+
+@contextlib.contextmanager
+def _disk_full_removes(tmp: Path) -> Iterator[None]:
+    """A full disk while the final model is written into ``tmp`` removes it and raises
+    :class:`~gnlorp_dist.checkpoint.space.DiskFullError`; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        kept = "the checkpoints are kept (the same command writes the final model again)"
+        raise disk_full_error(tmp, "the final model", err, kept=kept, remove=True) from err
 
 
 def publish_final(

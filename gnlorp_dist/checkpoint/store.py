@@ -46,7 +46,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from gnlorp_dist.checkpoint.manifest import (
     warn,
     write_manifest,
 )
+from gnlorp_dist.checkpoint.space import disk_full_error, is_disk_full
 from gnlorp_dist.distributed import load_sharded_optimizer, save_sharded_optimizer
 from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.training.faults import fault_point
@@ -101,6 +102,9 @@ class TrainerState:
     """The batch source's state_dict (epoch and position in the data order)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Counters for the log (tokens seen, last loss); not needed to continue exactly."""
+    skips_in_a_row: int = 0
+    """Steps skipped in a row for a non-finite gradient up to ``step`` (0 in checkpoints
+    written before it was saved): ``--max-consecutive-skips`` counts across a resume."""
 
 
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:
@@ -292,6 +296,7 @@ def save_checkpoint(
     run_config: dict[str, Any],
     keep: int = 0,
     extra: dict[str, Any] | None = None,
+    skips_in_a_row: int = 0,
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
@@ -299,7 +304,9 @@ def save_checkpoint(
     """Write a complete checkpoint for ``step`` atomically and prune to the newest ``keep``.
 
     With several ranks every rank calls this: each writes its optimizer shard, rank 0 the rest,
-    and rank 0 renames the folder into place once ``barrier`` says every shard is on disk.
+    and rank 0 renames the folder into place once ``barrier`` says every shard is on disk. A
+    full disk removes the partial folder (rank 0) and raises :class:`DiskFullError`; the
+    previous checkpoints stay.
     """
     root = checkpoints_root(output_dir)
     branch = current_branch(output_dir)["branch"]
@@ -311,6 +318,55 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     _refuse_nonfinite(tmp, step, model if rank == 0 else None, optimizer, rank, barrier)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "branch": branch,
+        "world_size": world_size,
+        "data_state": data_state,
+        "skips_in_a_row": skips_in_a_row,
+        "extra": extra or {},
+    }
+    try:
+        _write_files(tmp, state, model, optimizer, scheduler, run_config, rank, barrier)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise _disk_full(output_dir, tmp, step, err, rank) from err
+    if rank == 0:
+        if final.exists():  # only when a step is saved twice (a resumed run at its last step)
+            shutil.rmtree(final)
+        fault_point("checkpoint.before_rename", step)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        fault_point("checkpoint.after_rename", step)
+        prune_checkpoints(output_dir, keep)
+    barrier()
+    return final
+
+
+def _disk_full(
+    output_dir: str | os.PathLike, tmp: Path, step: int, err: BaseException, rank: int
+) -> Exception:
+    last = latest_checkpoint(output_dir)
+    kept = f"the last complete checkpoint, {last}, is kept" if last else "none was written before"
+    what = f"the checkpoint of step {step}"
+    return disk_full_error(tmp, what, err, kept=kept, remove=rank == 0)
+
+
+def _write_files(
+    tmp: Path,
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    run_config: dict[str, Any],
+    rank: int,
+    barrier: Callable[[], None],
+) -> None:
+    """Every file of the checkpoint ``state`` describes into ``tmp``: this rank's optimizer
+    shard, then (rank 0, once every shard is on disk) the rest, the manifest last."""
+    step = state["step"]
     _save_optimizer(optimizer, tmp, rank)
     fault_point("checkpoint.after_optimizer", step)
     if rank == 0:
@@ -321,26 +377,9 @@ def save_checkpoint(
         _json_save(run_config, tmp / CONFIG_FILE)
     barrier()
     if rank == 0:
-        state = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "branch": branch,
-            "world_size": world_size,
-            "data_state": data_state,
-            "extra": extra or {},
-        }
         _json_save(state, tmp / STATE_FILE)
-        write_manifest(tmp, step=step, branch=branch)  # last: it covers every other file
+        write_manifest(tmp, step=step, branch=state["branch"])  # last: it covers every file
         _fsync_dir(tmp)
-        if final.exists():  # only when a step is saved twice (a resumed run at its last step)
-            shutil.rmtree(final)
-        fault_point("checkpoint.before_rename", step)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        fault_point("checkpoint.after_rename", step)
-        prune_checkpoints(output_dir, keep)
-    barrier()
-    return final
 
 
 def _refuse_nonfinite(
@@ -417,26 +456,6 @@ def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
         ) from err
 
 
-def check_compatible(
-    saved: dict[str, Any], current: dict[str, Any], keys: Iterable[str], checkpoint: str
-) -> None:
-    """ValueError naming every field in ``keys`` whose value differs from the checkpoint's."""
-    diffs = []
-    for key in keys:
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):  # name the differing sub-fields
-            for sub in sorted(old.keys() | new.keys()):
-                if old.get(sub) != new.get(sub):
-                    diffs.append(f"{key}.{sub}: checkpoint {old.get(sub)!r}, now {new.get(sub)!r}")
-        elif old != new:
-            diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
-    if diffs:
-        raise ValueError(
-            f"checkpoint {checkpoint} is incompatible with this run ({'; '.join(diffs)}); "
-            "use the same settings, another --output-dir, or --resume never with a fresh one"
-        )
-
-
 def load_checkpoint(
     checkpoint: str | os.PathLike,
     *,
@@ -464,4 +483,9 @@ def load_checkpoint(
     if restore_rng:
         # RNG states are host byte tensors, whatever device the run computes on.
         restore_rng_state(_read(path / RNG_FILE, _torch_load))
-    return TrainerState(step=state["step"], data_state=state["data_state"], extra=state["extra"])
+    return TrainerState(
+        step=state["step"],
+        data_state=state["data_state"],
+        extra=state["extra"],
+        skips_in_a_row=int(state.get("skips_in_a_row", 0)),
+    )

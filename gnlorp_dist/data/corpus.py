@@ -32,6 +32,11 @@ _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
 )  # fmt: skip
+# Files that hold a tokenizer's vocabulary: a tokenizer folder has at least one of them.
+VOCABULARY_FILES = (
+    "tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+    "vocab.txt", "tekken.json",
+)  # fmt: skip
 # An id on the Hugging Face Hub: "name" or "owner/name", no file suffix.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -96,9 +101,9 @@ def shakespeare_documents() -> list[str]:
 # ---------------------------------------------------------------------------------- local files
 
 
-def local_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-    """Documents of a ``.txt`` file (the whole file), a ``.jsonl`` file (``text_field`` of each
-    row) or a folder of them (sorted, recursive)."""
+def local_text_files(path: str | os.PathLike) -> list[Path]:
+    """The ``.txt``/``.jsonl`` files ``path`` names: itself, or those under a folder (sorted,
+    recursive); a ValueError naming the path when there are none."""
     root = Path(path).expanduser()
     if not root.exists():
         raise ValueError(f"data path {str(path)!r} does not exist")
@@ -106,28 +111,108 @@ def local_documents(path: str | os.PathLike, text_field: str = "text") -> Iterat
         files = sorted(p for p in root.rglob("*") if p.suffix in LOCAL_TEXT_SUFFIXES)
         if not files:
             raise ValueError(f"data folder {str(path)!r} holds no .txt or .jsonl files")
-    elif root.suffix in LOCAL_TEXT_SUFFIXES:
-        files = [root]
-    else:
-        raise ValueError(f"data file {str(path)!r} is neither .txt nor .jsonl")
-    for file in files:
-        text = read_utf8(file)
+        return files
+    if root.suffix in LOCAL_TEXT_SUFFIXES:
+        return [root]
+    raise ValueError(f"data file {str(path)!r} is neither .txt nor .jsonl")
+
+
+def local_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """Documents of a ``.txt`` file (the whole file), a ``.jsonl`` file (``text_field`` of each
+    row) or a folder of them (sorted, recursive)."""
+    for file in local_text_files(path):
         if file.suffix == ".txt":
-            yield text
-            continue
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
+            yield "".join(text_pieces(file))
+        else:
+            yield from jsonl_documents(file, text_field)
+
+
+def jsonl_documents(file: Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` string of each non-blank row of a ``.jsonl`` file, read in pieces."""
+    lineno, partial = 0, []
+    for piece in text_pieces(file):
+        lines = piece.split("\n")
+        partial.append(lines[0])
+        for line in lines[1:]:
+            lineno += 1
+            text = jsonl_row_text(file, lineno, "".join(partial), text_field)
+            if text is not None:
+                yield text
+            partial = [line]
+    text = jsonl_row_text(file, lineno + 1, "".join(partial), text_field)
+    if text is not None:
+        yield text
+
+
+_JSON_TYPE_NAMES = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+                    dict: "an object", type(None): "null"}  # fmt: skip
+
+
+def jsonl_row_text(file: Path, lineno: int, line: str, text_field: str) -> str | None:
+    """The ``text_field`` string of one ``.jsonl`` line (None for a blank line); a ValueError
+    naming the file and line for bad JSON, a missing field, or a value that is not a string."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file}:{lineno} is not valid JSON ({err.msg} at column {err.colno}); a "
+            ".jsonl file holds one JSON object per line"
+        ) from None
+    if not isinstance(row, dict) or text_field not in row:
+        raise ValueError(f"{file}:{lineno} has no field {text_field!r} (set --text-field)")
+    text = row[text_field]
+    if not isinstance(text, str):
+        kind = _JSON_TYPE_NAMES.get(type(text), type(text).__name__)
+        raise ValueError(
+            f"{file}:{lineno}: field {text_field!r} is {kind} ({json.dumps(text)[:60]}), not a "
+            f"string; every row's {text_field!r} must be text: fix the row, or set --text-field "
+            "to the field that holds the text"
+        )
+    return text
+
+
+def text_pieces(path: Path, read_bytes: int = 1 << 22) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of about ``read_bytes``, newlines translated as
+    :func:`read_utf8` does, in bounded memory; the same ValueError as :func:`read_utf8` when
+    it is not UTF-8."""
+    carry, offset, lines, held_cr = b"", 0, 0, ""
+    with open(path, "rb") as stream:
+        while True:
+            chunk = stream.read(read_bytes)
+            data = carry + chunk
+            end = _whole_utf8_prefix(data) if chunk else len(data)
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{file}:{lineno} is not valid JSON ({err.msg} at column {err.colno}); a "
-                    ".jsonl file holds one JSON object per line"
-                ) from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise ValueError(f"{file}:{lineno} has no field {text_field!r} (set --text-field)")
-            yield str(row[text_field])
+                text = held_cr + data[:end].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, data, err.start, err.reason, offset, lines) from None
+            offset, lines, carry = offset + end, lines + data.count(b"\n", 0, end), data[end:]
+            # A \r at a piece's end may be the first half of \r\n: translate it with the next.
+            held_cr = "\r" if chunk and text.endswith("\r") else ""
+            text = text[: len(text) - len(held_cr)].replace("\r\n", "\n").replace("\r", "\n")
+            if text:
+                yield text
+            if not chunk:
+                return
+
+
+def _whole_utf8_prefix(data: bytes) -> int:
+    """The length of ``data`` without a trailing incomplete UTF-8 sequence."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte or ASCII: the last sequence starts here
+            need = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+def _not_utf8(path: object, data: bytes, start: int, reason: str, base: int, lines: int):
+    line = lines + data.count(b"\n", 0, start) + 1
+    return ValueError(
+        f"{path} is not UTF-8 text: byte 0x{data[start]:02x} at offset {base + start} (line "
+        f"{line}) {reason}; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def read_utf8(path: str | os.PathLike) -> str:
@@ -137,11 +222,7 @@ def read_utf8(path: str | os.PathLike) -> str:
     try:
         return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(
-            f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line "
-            f"{line}) {err.reason}; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
+        raise _not_utf8(path, data, err.start, err.reason, 0, 0) from None
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -171,11 +252,33 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         return LlamaTokenizer.from_pretrained(str(default_tokenizer_dir()), local_files_only=True)
     text = str(name_or_path)
     path = Path(text).expanduser()
+    if path.is_file():
+        raise ValueError(f"tokenizer {text!r} is a file; pass the folder holding it")
     if path.exists():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return _load_tokenizer_folder(path)
     if looks_like_hub_id(text) and not text.startswith((".", "~")):
         return AutoTokenizer.from_pretrained(text)  # the user named a hub tokenizer
     raise ValueError(f"tokenizer path {text!r} does not exist")
+
+
+def _load_tokenizer_folder(folder: Path) -> PreTrainedTokenizerBase:
+    """A tokenizer saved in ``folder``; a ValueError naming the folder and what it lacks, not
+    the loader's message about converting slow tokenizers."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure: say which folder and why
+        held = sorted(p.name for p in folder.iterdir())[:12]
+        if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+            raise ValueError(
+                f"tokenizer folder {str(folder)!r} holds no tokenizer: none of "
+                f"{', '.join(VOCABULARY_FILES)} (it holds: {', '.join(held) or 'nothing'}); pass "
+                "a folder a tokenizer was saved to with save_pretrained, or leave --tokenizer "
+                "out for the default"
+            ) from None
+        raise ValueError(
+            f"tokenizer folder {str(folder)!r} (holding {', '.join(held)}) could not be loaded: "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+        ) from err
 
 
 def tokenizer_fingerprint(name_or_path: str | os.PathLike | None) -> str | None:

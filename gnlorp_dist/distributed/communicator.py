@@ -113,6 +113,21 @@ class ProcessGroupCommunicator:
             tensor, dst=self._global(dst), op=dist.ReduceOp.SUM, group=self.group, async_op=True
         )
 
+    def all_to_all(
+        self, output: Tensor, input: Tensor, output_splits: list[int], input_splits: list[int]
+    ) -> dist.Work | None:
+        assert input.is_contiguous() and output.is_contiguous(), "all-to-all needs flat blocks"
+        self._check_device(input, "all_to_all")
+        self._check_device(output, "all_to_all")
+        return dist.all_to_all_single(
+            output,
+            input,
+            output_split_sizes=output_splits,
+            input_split_sizes=input_splits,
+            group=self.group,
+            async_op=True,
+        )
+
     def all_gather_object(self, obj: object) -> list[object]:
         gathered: list[object] = [None] * self.world_size
         dist.all_gather_object(gathered, obj, group=self.group)

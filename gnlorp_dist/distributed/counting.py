@@ -12,7 +12,7 @@ Three counters see the same collectives from three places (the benchmark checks 
 - :class:`CountingCommunicator`: the optimizer's collectives, through its communicator.
 
 Payload conventions (:data:`PAYLOAD_OF_CALL`): all-reduce, reduce, broadcast: the tensor;
-all-gather: the gathered output; reduce-scatter: the input.
+all-gather: the gathered output; reduce-scatter and all-to-all: the input.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ COLLECTIVE_KINDS: tuple[str, ...] = (
     "broadcast",
     "all_gather",
     "reduce_scatter",
+    "all_to_all",
 )
 """Collective kinds, as counted and as the benchmark's cost model knows them."""
 
@@ -64,6 +65,7 @@ PAYLOAD_OF_CALL: dict[str, tuple[str, Callable[[tuple, dict], int]]] = {
     "reduce_scatter_tensor": ("reduce_scatter", lambda a, k: tensor_bytes(_arg(a, k, 1, "input"))),
     "_reduce_scatter_base": ("reduce_scatter", lambda a, k: tensor_bytes(_arg(a, k, 1, "input"))),
     "all_reduce_coalesced": ("all_reduce", lambda a, k: _listed_bytes(a, k, 0, "tensors")),
+    "all_to_all_single": ("all_to_all", lambda a, k: tensor_bytes(_arg(a, k, 1, "input"))),
 }
 """``torch.distributed`` function -> (its kind, the payload of one call from its arguments)."""
 
@@ -129,6 +131,16 @@ class CountingCommunicator(ProcessGroupCommunicator):
         self.bytes["reduce"] += tensor_bytes(tensor)
         return super().reduce_sum(tensor, dst)
 
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: list[int],
+        input_splits: list[int],
+    ) -> dist.Work | None:
+        self.bytes["all_to_all"] += tensor_bytes(input)
+        return super().all_to_all(output, input, output_splits, input_splits)
+
     def snapshot(self) -> dict[str, int]:
         return _by_kind(self.bytes)
 
@@ -174,6 +186,11 @@ def run_collective(kind: str, numel: int, world_size: int) -> None:
         dist.broadcast(tensor, src=world_size - 1)
     elif kind == "all_gather":
         dist.all_gather_into_tensor(torch.empty(numel * world_size), tensor)
+    elif kind == "all_to_all":
+        dist.all_to_all_single(
+            torch.empty(numel // world_size * world_size),
+            tensor[: numel // world_size * world_size],
+        )
     elif kind == "reduce_scatter":
         output = torch.empty(numel // world_size)
         dist.reduce_scatter_tensor(output, tensor[: numel // world_size * world_size])

@@ -18,6 +18,8 @@ transformers is imported only inside this module (``import gnlorp_dist`` does no
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +33,9 @@ from gnlorp_dist.distributed import communicator_for_current_process
 from gnlorp_dist.nn import DEFAULT_TARGET_MODULES, WeightNormLinear
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
 from gnlorp_dist.optim.projection import SVD_METHODS
-from gnlorp_dist.optim.spec import SECOND_MOMENTS
+from gnlorp_dist.optim.projector import state_layout
+from gnlorp_dist.optim.quantized import BLOCK_SIZE, MIN_8BIT_NUMEL, stores_8bit
+from gnlorp_dist.optim.spec import SECOND_MOMENTS, check_min_8bit_size
 from gnlorp_dist.optim.vlorp import BASIS_KINDS
 from gnlorp_dist.options.optimizer import (
     BASIS_BITS,
@@ -40,6 +44,8 @@ from gnlorp_dist.options.optimizer import (
     MomentOptions,
     ProjectionOptions,
 )
+
+_logger = logging.getLogger(__name__)
 
 _PER_LAYER_REFUSAL = (
     "per_layer=True is not supported in the Trainer: PerLayerUpdates steps every parameter "
@@ -76,6 +82,10 @@ class GradNormLoRPConfig(MomentOptions, ProjectionOptions):
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     """Modules whose weights are projected: names, qualified names or globs (see
     projected_param_groups)."""
+    min_8bit_size: int = MIN_8BIT_NUMEL
+    """With ``bits=8``: tensors whose Adam moment (the low-rank one, if projected) has fewer
+    elements keep float32 moments (bitsandbytes' name and default). On a small model every
+    moment may be under it: the optimizer's construction logs how many tensors are 8-bit."""
 
     def __post_init__(self) -> None:
         targets = self.target_modules
@@ -90,6 +100,7 @@ class GradNormLoRPConfig(MomentOptions, ProjectionOptions):
             raise ValueError(f"scale={self.scale!r} must be > 0, e.g. 0.25")
         if self.bits not in STATE_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use 32 or 8")
+        check_min_8bit_size(self.min_8bit_size, "")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
@@ -172,8 +183,64 @@ def gnlorp_optimizer_cls_and_kwargs(
         "eps": args.adam_epsilon,
         "weight_decay": args.weight_decay,
         "bits": config.bits,
+        "min_8bit_size": config.min_8bit_size,
     }
+    if config.bits == 8:
+        _log_eight_bit(eight_bit_summary(groups, config.min_8bit_size), config.min_8bit_size)
     return GradNormLoRPAdamW, kwargs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EightBitSummary:
+    """Which tensors of a ``bits=8`` optimizer keep 8-bit Adam moments."""
+
+    tensors: int
+    """Tensors with Adam moments (every parameter of every group)."""
+    eight_bit_tensors: int
+    """Those whose moments are 8-bit codes (:func:`~gnlorp_dist.optim.quantized.stores_8bit`)."""
+    eight_bit_bytes: int
+    """Bytes of those 8-bit moments: two moments' codes and block scales."""
+    float_bytes: int
+    """Bytes of the other tensors' moments, kept in floats of the parameter's size."""
+
+
+def eight_bit_summary(groups: list[dict[str, Any]], min_8bit_size: int) -> EightBitSummary:
+    """What ``bits=8`` makes 8-bit in ``groups`` (``projected_param_groups``' dicts): each
+    tensor's moment size (low-rank if projected) against ``min_8bit_size``."""
+    tensors = eight_bit = eight_bit_bytes = float_bytes = 0
+    for group in groups:
+        for param in group["params"]:
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the true shape
+            projected = group.get("rank") is not None and len(shape) == 2
+            numel = state_layout(shape, group)[0] if projected else math.prod(shape)
+            tensors += 1
+            if stores_8bit(8, numel, min_8bit_size):
+                eight_bit += 1
+                eight_bit_bytes += 2 * (numel + 4 * -(-numel // BLOCK_SIZE))
+            else:
+                float_bytes += 2 * numel * param.element_size()
+    return EightBitSummary(
+        tensors=tensors,
+        eight_bit_tensors=eight_bit,
+        eight_bit_bytes=eight_bit_bytes,
+        float_bytes=float_bytes,
+    )
+
+
+def _log_eight_bit(summary: EightBitSummary, min_8bit_size: int) -> None:
+    message = (
+        f"bits=8: {summary.eight_bit_tensors} of {summary.tensors} tensors keep 8-bit Adam "
+        f"moments ({summary.eight_bit_bytes} bytes); the other "
+        f"{summary.tensors - summary.eight_bit_tensors} are under min_8bit_size={min_8bit_size} "
+        f"elements and keep float moments ({summary.float_bytes} bytes)"
+    )
+    if summary.eight_bit_tensors == 0:
+        _logger.warning(
+            f"{message}: nothing is quantised. Lower GradNormLoRPConfig(min_8bit_size=...) "
+            "(optim_args 'min_8bit_size=...') to quantise smaller tensors, or use bits=32."
+        )
+    else:
+        _logger.info(message)
 
 
 def build_gnlorp_optimizer(

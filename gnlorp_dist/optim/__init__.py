@@ -1,6 +1,7 @@
 """The projected AdamW, its parameter groups and per-layer updates."""
 
-from gnlorp_dist.optim.adamw import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
+from gnlorp_dist.optim.adamw import GradNormLoRPAdamW
+from gnlorp_dist.optim.adamw8bit import GradNormLoRPAdamW8bit
 from gnlorp_dist.optim.groups import projected_param_groups
 from gnlorp_dist.optim.per_layer import PerLayerUpdates
 

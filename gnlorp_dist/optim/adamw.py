@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim import per_layer_step
+from gnlorp_dist.optim import never_stepped, per_layer_step
 from gnlorp_dist.optim import state_dict as state_io
 from gnlorp_dist.optim.backward_reduction import BackwardReduction
 from gnlorp_dist.optim.comm import Communicator, default_communicator
+from gnlorp_dist.optim.copying import CopyableOptimizer
 from gnlorp_dist.optim.data_parallel import reduce_gradients_to_owners
+from gnlorp_dist.optim.deferred_directions import ForwardHooks, PendingDirections
 from gnlorp_dist.optim.driver import step_groups
 from gnlorp_dist.optim.group_step import GroupStep
 from gnlorp_dist.optim.layouts import detect_layout
@@ -44,7 +46,7 @@ from gnlorp_dist.optim.validation import (
 )
 
 
-class GradNormLoRPAdamW(torch.optim.Optimizer):
+class GradNormLoRPAdamW(CopyableOptimizer):
     """AdamW with GaLore-style low-rank projection of 2-D gradients.
 
     A drop-in for ``galore_torch.GaLoreAdamW``: parameter groups that carry ``rank`` (with
@@ -72,8 +74,8 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
       projected matrix owned whole by one rank (its SVD, moments and update), big dense tensors
       in row blocks; owners broadcast what they updated, so every rank holds bitwise identical
       weights. With ``reduce_gradients=True`` (a model NOT wrapped in DDP) each block's gradient
-      is first reduced to its owner and averaged there: reduce plus broadcast move what one
-      all-reduce does;
+      is first summed onto its owner (:mod:`~gnlorp_dist.optim.owner_exchange`) and averaged
+      there: that plus the broadcast moves what one all-reduce does;
     - DeepSpeed ZeRO 1/2/3: the engine hands flat partitions; each rank projects its runs of
       each matrix and the partial low-rank sums go to the owner, which alone keeps the moments
       and computes the SVD and broadcasts the low-rank direction;
@@ -93,13 +95,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     4096). Every layout keeps them on the whole tensor's block grid, so sharded 8-bit runs hold
     one process's codes. A group may override ``bits`` and ``min_8bit_size``.
 
-    ``state_dict()`` is the whole job's state on any number of ranks (see :meth:`state_dict`
-    and :mod:`gnlorp_dist.optim.state_dict`; under FSDP2 the DTensor-sharded state that
-    ``torch.distributed.checkpoint`` saves and reshards); tensors and Python numbers only, so
-    ``torch.load(weights_only=True)`` reads it; loading it into a fresh optimizer on any number
-    of ranks continues the run exactly (state tensors keep their saved dtypes: codes stay uint8,
-    block scales float32). For states too large to gather on one rank,
-    :func:`gnlorp_dist.distributed.save_sharded_optimizer` writes one file per rank instead.
+    ``state_dict()`` is the whole job's state on any number of ranks (:meth:`state_dict`); loaded
+    into a fresh optimizer on any number of ranks it continues the run exactly. For states too
+    large to gather on one rank, :func:`gnlorp_dist.distributed.save_sharded_optimizer`.
 
     Devices: every tensor the optimizer allocates is on its parameter's device, and every tensor
     it hands to a collective on the communicator's ``device`` (NCCL: this rank's GPU); nothing is
@@ -135,7 +133,16 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
       its result on the host) and, under lazy refresh, one read per refreshed matrix on its
       owner (the subspace overlap, right after that SVD) plus, where the basis is broadcast,
       one read of the next refresh steps (per group; per matrix in per-layer mode).
-    """
+
+    torch's contract (PyTorch's generic optimizer tests: test_torch_optim_contract.py): copies
+    and pickles step as the original (sharing its communicator; not attached to per-layer
+    updates); non-contiguous and channels_last tensors work; complex parameters are AdamW on
+    their real view (dense groups; refused in projected ones); Tensor ``lr`` / ``betas`` are read
+    each step; a state dict lacking ``bits`` / ``min_8bit_size`` (older, or AdamW's) takes this
+    optimizer's; ``torch.compile(optimizer.step)`` matches the eager step."""
+
+    _transient_attributes = ("_per_layer", "_per_layer_tally", "_backward_reduction")
+    _transient_attributes += ("_consolidated",)  # caches and per-process attachments
 
     def __init__(
         self,
@@ -162,17 +169,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         """> 0: clip what the optimizer consumes to this global norm (see
         :func:`gnlorp_dist.optim.driver.step_groups`)."""
-        check_defaults(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
-        )
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "bits": bits,
-            "min_8bit_size": min_8bit_size,
-        }
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults.update(bits=bits, min_8bit_size=min_8bit_size)
+        check_defaults(**defaults)
         self.table = ParamTable()
         """Every group's dict, spec, model tensors and true shapes; the ownership plan."""
         self._per_layer: Any = None
@@ -191,6 +190,9 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         self.last_step_skipped = False
         """Whether the latest ``step()`` was skipped for a non-finite gradient."""
         self._gradients_known_finite = False
+        self.pending_directions = PendingDirections()
+        """What the last step left for the next forward; ``settle()`` applies it now."""
+        never_stepped.watch_until_first_step(self)  # logs another optimizer training our params
 
     @property
     def comm(self) -> Communicator:
@@ -226,6 +228,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
                 "loop, or call per_layer.remove() first."
             )
         self._consolidated = None
+        self.pending_directions.settle()  # the previous step's, before anything reads weights
         if not self._groups_checked:
             self._groups_checked = warn_if_nothing_is_projected(self.table.specs)
         loss = None
@@ -252,8 +255,15 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
             self.skipped_steps += 1
             self.last_step_skipped = True
             return loss
-        step_groups(steps, self, self.max_grad_norm)
+        step_groups(steps, self, self.max_grad_norm, self.pending_directions)
         return loss
+
+    def applying_directions_in_forward(self, model: torch.nn.Module) -> ForwardHooks:
+        """Under the low-rank reduction, apply each projected matrix's direction just before its
+        module's next forward, so its broadcast overlaps the forward of the layers before it
+        (bitwise the same weights; :mod:`gnlorp_dist.optim.deferred_directions`). Returns the
+        hooks (``remove()`` settles and removes them)."""
+        return ForwardHooks(model, self.pending_directions)
 
     def reducing_in_backward(self) -> contextlib.AbstractContextManager[None]:
         """Wrap the last micro-batch's backward pass in this: under the low-rank reduction each
@@ -414,11 +424,10 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
     def finish_per_layer_step(self) -> None:
         """Read the non-finite verdict of the per-layer step that just ended: THE host sync of
         per-layer mode (one scalar all-reduce over the ranks, one ``.item()``).
-
         :class:`PerLayerUpdates` calls it (on every rank) when the backward pass that ended the
-        step is over, so the ValueError comes out of that ``backward()``. A caller that drives
-        :meth:`step_parameter` itself calls it after each step's last hooks; a step begun
-        without it is refused. Nothing counted since the last call: nothing to read."""
+        step is over, so the ValueError comes out of that ``backward()``; a caller driving
+        :meth:`step_parameter` itself calls it after each step's last hooks (a step begun
+        without it is refused). Nothing counted since the last call: nothing to read."""
         per_layer_step.finish_step(self._per_layer_tally, self.comm, self.table.names())
 
     # -- saving and loading (the formats: gnlorp_dist.optim.state_dict) ----------------------
@@ -460,6 +469,7 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         marked ``"consolidated": False`` with its rank and world size. Under FSDP2: this rank's
         state as DTensors, for ``torch.distributed.checkpoint``.
         """
+        self.pending_directions.settle()  # weights and state saved together are one step's
         layouts = self.table.layouts(self.param_groups)
         if state_io.sharded_in_place(layouts):
             named = self.table.named_parameters()
@@ -487,12 +497,3 @@ class GradNormLoRPAdamW(torch.optim.Optimizer):
         if sharded:
             state_io.unwrap_sharded_state(self.table.named_parameters(), self.state)
         state_io.restore_saved_dtypes(self._shards(), self.state, loaded)
-
-
-class GradNormLoRPAdamW8bit(GradNormLoRPAdamW):
-    """``GradNormLoRPAdamW(..., bits=8)``: block-wise 8-bit Adam moments."""
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any) -> None:
-        if "bits" in kwargs:
-            raise ValueError(f"GradNormLoRPAdamW8bit takes no bits= (got {kwargs['bits']!r})")
-        super().__init__(params, bits=8, **kwargs)

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gnlorp_dist.optim.comm import Communicator, Handle, buffer_device, wait_all
 from gnlorp_dist.optim.data_parallel import reduce_to_owners
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.param_table import ParamTable
 from gnlorp_dist.optim.projection import project
 from gnlorp_dist.optim.projector import regenerate_basis
@@ -50,7 +51,10 @@ class BackwardReduction:
         """Projected matrix -> its low-rank gradient (summed on its owner once waited for)."""
         self.dense: dict[Tensor, tuple[list[Tensor], list[Handle | None]]] = {}
         """Dense parameter -> the gradient rows this rank owns (summed once waited for)."""
+        self.exchange = OwnerExchange(comm)
+        """Where the hooks' reduces are bucketed; its last bucket launches as backward ends."""
         self._armed = False
+        self._end_queued = False
         self._handles: list[RemovableHandle] = []
         for group in table.groups:
             for param in group_params(group):
@@ -70,13 +74,17 @@ class BackwardReduction:
     def _hook(self, param: Tensor) -> None:
         if not self._armed or param.grad is None:
             return
+        if not self._end_queued:
+            # Launch the last, partly filled bucket when this backward pass ends (as DDP does).
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._end_queued = True
         comm = self.comm
         group_index, _name = self.table.find(param)
         projection = self.table.specs[group_index].projection
         blocks = self.table.ownership(comm.world_size)[param]
         handles: list[Handle | None] = []
         if projection is None:
-            self.dense[param] = (reduce_to_owners(comm, param, blocks, handles), handles)
+            self.dense[param] = (reduce_to_owners(self.exchange, param, blocks, handles), handles)
             return
         state = self.optimizer.state.get(param)
         (block,) = blocks
@@ -106,8 +114,12 @@ class BackwardReduction:
         grad = param.grad.reshape(projection.projected_shape(tuple(param.shape))).to(proj.dtype)
         low = project(grad, proj, side).to(param.dtype)
         low = low.to(buffer_device(comm, param.device)).contiguous()
-        handles.append(comm.reduce_sum(low, dst=block.owner))
+        handles.append(self.exchange.reduce_sum(low, dst=block.owner))
         self.low_rank[param] = (low, handles)
+
+    def _end_of_backward(self) -> None:
+        self._end_queued = False
+        self.exchange.launch()
 
     def take_low_rank(self, param: Tensor) -> Tensor | None:
         """The reduced (summed, not yet averaged) low-rank gradient of ``param`` if a hook
@@ -115,6 +127,7 @@ class BackwardReduction:
         entry = self.low_rank.pop(param, None)
         if entry is None:
             return None
+        self.exchange.launch()  # launched at the end of backward already: a no-op then
         wait_all(entry[1])
         return entry[0]
 
@@ -123,11 +136,13 @@ class BackwardReduction:
         entry = self.dense.pop(param, None)
         if entry is None:
             return None
+        self.exchange.launch()
         wait_all(entry[1])
         return entry[0]
 
     def drain(self) -> None:
         """Wait for and drop everything in flight (a skipped step; a stale pass)."""
+        self.exchange.wait()
         for _low, handles in self.low_rank.values():
             wait_all(handles)
         for _rows, handles in self.dense.values():

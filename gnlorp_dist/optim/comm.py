@@ -49,6 +49,15 @@ class Communicator(Protocol):
         """Start summing ``tensor`` over every rank into rank ``dst``'s copy."""
         ...
 
+    def all_to_all(
+        self, output: Tensor, input: Tensor, output_splits: list[int], input_splits: list[int]
+    ) -> Handle | None:
+        """Start sending piece ``r`` of ``input`` (``input_splits[r]`` elements, in order) to
+        rank ``r``; piece ``r`` of ``output`` (``output_splits[r]`` elements) receives rank
+        ``r``'s piece for this rank (``torch.distributed.all_to_all_single``). Both 1-D and
+        contiguous. What :mod:`gnlorp_dist.optim.owner_exchange` sums onto owners with."""
+        ...
+
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's ``obj``, in rank order (blocking; small metadata only)."""
         ...
@@ -79,6 +88,11 @@ class LocalCommunicator:
 
     def reduce_sum(self, tensor: Tensor, dst: int) -> None:
         assert dst == 0, dst
+
+    def all_to_all(
+        self, output: Tensor, input: Tensor, output_splits: list[int], input_splits: list[int]
+    ) -> None:
+        output.copy_(input)
 
     def all_gather_object(self, obj: object) -> list[object]:
         return [obj]

@@ -17,6 +17,7 @@ from gnlorp_dist.nn.surgery import was_merged_away
 from gnlorp_dist.optim.comm import Communicator, Handle, wait_all
 from gnlorp_dist.optim.fragments import ModelParameter
 from gnlorp_dist.optim.group_step import GroupStep
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.sparse_rows import reduce_touched_rows_to_owners
 from gnlorp_dist.optim.validation import flat_gradient_error, merged_away_error
@@ -39,20 +40,24 @@ def check_replicated_gradients(projected: bool, params: list[ModelParameter]) ->
 
 
 def reduce_to_owners(
-    comm: Communicator, tensor: Tensor, blocks: list[OwnedBlock], handles: list[Handle | None]
+    exchange: OwnerExchange,
+    tensor: Tensor,
+    blocks: list[OwnedBlock],
+    handles: list[Handle | None],
 ) -> list[Tensor]:
-    """Start summing each block of ``tensor.grad`` onto its owner; returns the blocks this rank
-    owns (to average once the handles are waited for). A table whose touched rows are few sends
-    only those (:func:`~gnlorp_dist.optim.sparse_rows.reduce_touched_rows_to_owners`)."""
+    """Start summing each block of ``tensor.grad`` onto its owner (bucketed by ``exchange``);
+    returns the blocks this rank owns (to average once ``exchange`` and the handles are waited
+    for). A table whose touched rows are few sends only those
+    (:func:`~gnlorp_dist.optim.sparse_rows.reduce_touched_rows_to_owners`)."""
     assert tensor.grad is not None
-    touched = reduce_touched_rows_to_owners(comm, tensor, blocks, handles)
+    touched = reduce_touched_rows_to_owners(exchange, tensor, blocks, handles)
     if touched is not None:
         return touched
     owned = []
     for block in blocks:
         rows = tensor.grad if block.whole else tensor.grad[block.row_start : block.row_stop]
-        handles.append(comm.reduce_sum(rows, dst=block.owner))
-        if block.owner == comm.rank:
+        handles.append(exchange.reduce_sum(rows, dst=block.owner))
+        if block.owner == exchange.comm.rank:
             owned.append(rows)
     return owned
 
@@ -67,6 +72,7 @@ def reduce_gradients_to_owners(
     reduce already started inside backward (:mod:`gnlorp_dist.optim.backward_reduction`)."""
     if comm.world_size == 1:
         return
+    exchange = OwnerExchange(comm)
     handles: list[Handle | None] = []
     owned: list[Tensor] = []
     for group_step in steps:
@@ -81,7 +87,8 @@ def reduce_gradients_to_owners(
             if started is not None:  # its reduce started inside backward
                 owned += started
             else:
-                owned += reduce_to_owners(comm, param.tensor, group_step.blocks[i], handles)
+                owned += reduce_to_owners(exchange, param.tensor, group_step.blocks[i], handles)
+    exchange.wait()
     wait_all(handles)
     for rows in owned:
         rows.div_(comm.world_size)

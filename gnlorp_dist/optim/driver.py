@@ -28,6 +28,7 @@ refresh (a collective) is due.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Protocol
 
@@ -37,14 +38,17 @@ from torch import Tensor
 from gnlorp_dist.optim import projfactor
 from gnlorp_dist.optim.block_grid import agree_shared_blocks
 from gnlorp_dist.optim.comm import Handle, clip_coefficient, wait_all
+from gnlorp_dist.optim.deferred_directions import PendingDirections
 from gnlorp_dist.optim.dense import update_dense_block
 from gnlorp_dist.optim.functional import (
     apply_factored_update_,
     apply_projected_update_,
     normalized_low_rank_update,
+    scale_low_rank_direction_,
     update_moments_,
 )
 from gnlorp_dist.optim.group_step import GroupStep, ReceivedDirection
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.projection import projection_shape
 from gnlorp_dist.optim.quantized import FIRST_MOMENT_ONLY, MOMENT_KEYS, MomentStore
 from gnlorp_dist.optim.quantized_basis import drop_basis, store_basis
@@ -173,14 +177,14 @@ def low_rank_gradients(
 
     ``partials``: this rank's low-rank contributions already computed (per-layer mode sums them
     over micro-batches), for the reduce placement; else projected from the runs here."""
-    handles: list[Handle | None] = []
+    exchange = OwnerExchange(step.comm)
     kept: dict[int, Tensor] = {}
     for i in indices:
         partial = partials.get(i) if partials is not None else None
-        low = step.placement(i).low_rank_gradient(step, i, partial, handles)
+        low = step.placement(i).low_rank_gradient(step, i, partial, exchange)
         if low is not None:
             kept[i] = low
-    wait_all(handles)
+    exchange.wait()
     return {i: step.placement(i).mean_over_ranks(step, low) for i, low in kept.items()}
 
 
@@ -228,16 +232,31 @@ def adam_directions(
     return directions
 
 
-def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, Tensor]) -> None:
+def apply_directions(
+    step: GroupStep,
+    indices: list[int],
+    directions: dict[int, Tensor],
+    pending: PendingDirections | None = None,
+) -> None:
     """Back-project each direction onto the weights this rank updates, with GaLore's step size,
-    scale and decoupled weight decay (the reduce placement first broadcasts it from the owner)."""
-    handles: list[Handle | None] = []
+    scale and decoupled weight decay (the reduce placement first broadcasts it from the owner).
+    ``pending`` (replicated layouts): the broadcast directions are applied in the next forward
+    instead (:mod:`gnlorp_dist.optim.deferred_directions`)."""
+    exchange = OwnerExchange(step.comm)
     arriving: dict[int, ReceivedDirection] = {}
     for i in indices:
-        received = step.placement(i).share_direction(step, i, directions.get(i), handles)
+        received = step.placement(i).share_direction(step, i, directions.get(i), exchange)
         if received is not None:
             arriving[i] = received
-    wait_all(handles)
+    if pending is not None and pending.models and step.layout.replicated and arriving:
+        exchange.launch()
+        for i, received in arriving.items():
+            if step.holds(i):  # the closure waits for its own bucket
+                apply = functools.partial(_apply_received, step, i, received)
+                pending.defer(step.params[i].tensor, apply)
+        assert len(arriving) == len(indices), "a replicated group mixes placements"
+        return
+    exchange.wait()
     statistics: dict[int, tuple[Tensor, Tensor]] = {}
     for i, received in arriving.items():
         directions[i], sums = received()
@@ -248,6 +267,11 @@ def apply_directions(step: GroupStep, indices: list[int], directions: dict[int, 
             update_weights(step, i, directions[i], statistics.get(i))
 
 
+def _apply_received(step: GroupStep, index: int, received: ReceivedDirection) -> None:
+    direction, statistics = received()
+    update_weights(step, index, direction, statistics)
+
+
 def update_weights(
     step: GroupStep, index: int, direction: Tensor, statistics: tuple[Tensor, Tensor] | None
 ) -> None:
@@ -256,9 +280,13 @@ def update_weights(
     beta1, beta2 = hyper.betas
     proj = step.basis(index)
     direction = direction.to(proj.dtype)  # 8-bit moments come back as float32
-    master, update, start, numel = step.placement(index).update_target(step, index, direction, proj)
     # A random basis back-projects as G P^T P / r: the 1/r rides on the step's scale.
     scale = step.projection.scale / step.back_divisor
+    if not step.factored:  # the whole step size rides on the low-rank direction (functional)
+        direction = scale_low_rank_direction_(
+            direction, step=state["step"], lr=hyper.lr, beta1=beta1, beta2=beta2, scale=scale
+        )
+    master, update, start, numel = step.placement(index).update_target(step, index, direction, proj)
     if step.factored:
         sums = statistics or (state["row_sq"], state["col_sq"])
         quotient = projfactor.divide_by_denominator(
@@ -284,12 +312,8 @@ def update_weights(
         apply_projected_update_(
             master,
             update.to(master.device, master.dtype),
-            step=state["step"],
             lr=hyper.lr,
-            beta1=beta1,
-            beta2=beta2,
             weight_decay=hyper.weight_decay,
-            scale=scale,
         )
     fragment = step.fragments[index]
     if fragment is not None and fragment.write_back is not None:
@@ -362,9 +386,12 @@ def broadcast_updated(step: GroupStep, index: int) -> list[Handle | None]:
     return handles
 
 
-def step_group(step: GroupStep, source: BasisSource) -> None:
+def step_group(
+    step: GroupStep, source: BasisSource, pending: PendingDirections | None = None
+) -> None:
     """Every phase of one param group (see the module docstring); a replicated layout's
-    broadcasts are started as each parameter is updated and waited for at the end."""
+    broadcasts are started as each parameter is updated and waited for at the end (directions
+    left in ``pending``: see :func:`apply_directions`)."""
     handles: list[Handle | None] = []
     indices = [i for i in range(len(step.params)) if _takes_part(step, i)]
     if step.projected:
@@ -375,7 +402,7 @@ def step_group(step: GroupStep, source: BasisSource) -> None:
         batched = [i for i in indices if step.placement(i).batched]
         if batched:
             lows = low_rank_gradients(step, batched)
-            apply_directions(step, batched, adam_directions(step, batched, lows))
+            apply_directions(step, batched, adam_directions(step, batched, lows), pending)
         for i in indices:
             if not step.placement(i).batched:
                 lows = low_rank_gradients(step, [i])
@@ -398,7 +425,12 @@ def settle_shared_blocks(step: GroupStep, indices: list[int]) -> None:
     assert not step.shared, f"unsettled 8-bit blocks of {sorted(step.shared)}"
 
 
-def step_groups(steps: list[GroupStep], source: BasisSource, max_grad_norm: float) -> None:
+def step_groups(
+    steps: list[GroupStep],
+    source: BasisSource,
+    max_grad_norm: float,
+    pending: PendingDirections | None = None,
+) -> None:
     """Every group of one ``step()``. ``max_grad_norm > 0`` clips what the optimizer consumes
     (every projected matrix's low-rank gradient and every dense gradient, as averaged over the
     ranks) to that global L2 norm: computed from the reduced tensors on the ranks that hold them
@@ -407,7 +439,7 @@ def step_groups(steps: list[GroupStep], source: BasisSource, max_grad_norm: floa
     gradient before any update, so they are all alive at once (low-rank workspace only)."""
     if max_grad_norm <= 0.0:
         for step in steps:
-            step_group(step, source)
+            step_group(step, source, pending)
         return
     handles: list[Handle | None] = []
     prepared: list[tuple[GroupStep, list[int], dict[int, Tensor]]] = []
@@ -428,7 +460,7 @@ def step_groups(steps: list[GroupStep], source: BasisSource, max_grad_norm: floa
         tensor.mul_(coefficient.to(tensor.device, tensor.dtype))
     for step, indices, lows in prepared:
         if step.projected:
-            apply_directions(step, indices, adam_directions(step, indices, lows))
+            apply_directions(step, indices, adam_directions(step, indices, lows), pending)
         for i in indices:
             if not step.projected:
                 update_dense(step, i)

@@ -4,9 +4,10 @@ Two conventions live side by side, each matching its reference bit for bit in in
 
 - GaLore's AdamW on a low-rank gradient (``galore_torch.GaLoreAdamW``), in the pieces the driver
   runs on runs of a matrix: :func:`update_moments_`, :func:`normalized_low_rank_update`
-  (``denom = sqrt(v) + eps``), the projection back, then :func:`apply_projected_update_` (both
-  bias corrections folded into the step size, scaled by ``alpha``, then decoupled weight decay
-  ``p -= lr * wd * p`` *after* the update). tests/unit/reference_math.py composes them into the
+  (``denom = sqrt(v) + eps``), :func:`scale_low_rank_direction_` (both bias corrections folded
+  into the step size, times ``scale``), the projection back, then
+  :func:`apply_projected_update_` (the update, then decoupled weight decay ``p -= lr * wd * p``
+  *after* it). tests/unit/reference_math.py composes them into the
   whole-matrix step the tests compare with GaLore.
 - :func:`dense_adamw_step` is ``torch.optim.AdamW``: weight decay ``p *= 1 - lr * wd`` *before*
   the update and ``denom = sqrt(v) / sqrt(bc2) + eps``.
@@ -40,23 +41,28 @@ def normalized_low_rank_update(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) 
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
 
 
+def scale_low_rank_direction_(
+    direction_low: Tensor, *, step: int, lr: float, beta1: float, beta2: float, scale: float
+) -> Tensor:
+    """The low-rank Adam direction times ``-(GaLore's step size) * scale``, in place (no second
+    low-rank workspace at the step's peak): the whole step, so that back-projecting it gives the
+    weights' update with no scalar left to apply. The scalar rides on the small ``r``-wide
+    matrix (cheaper than on the full one), and the update is then a plain ``add`` of a matmul:
+    CPU inductor drops the ``alpha`` of ``add(x, a @ b, alpha=s)``, which made a compiled
+    ``step()`` ~1000x too large."""
+    return direction_low.mul_(-galore_step_size(lr, beta1, beta2, step) * scale)
+
+
 def apply_projected_update_(
-    param: Tensor,
-    direction_full: Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    scale: float,
+    param: Tensor, update_full: Tensor, *, lr: float, weight_decay: float
 ) -> None:
     """The element-wise tail of GaLore's projected AdamW step, in place on ``param``.
 
-    ``direction_full`` is the back-projected Adam direction of the elements of ``param``; any
-    slice of a matrix can be updated on its own, which is what sharded (ZeRO) layouts do.
+    ``update_full`` is the back-projection of :func:`scale_low_rank_direction_` for the
+    elements of ``param``; any slice of a matrix can be updated on its own, which is what
+    sharded (ZeRO) layouts do. Then GaLore's decoupled weight decay.
     """
-    param.add_(direction_full, alpha=-galore_step_size(lr, beta1, beta2, step) * scale)
+    param.add_(update_full)
     if weight_decay > 0.0:
         param.add_(param, alpha=-lr * weight_decay)
 

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import Communicator, Handle
+from gnlorp_dist.optim.comm import Communicator
 from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.layouts import Layout
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.projection import Side, low_rank_shape
 from gnlorp_dist.optim.projector import check_random_basis_device, regenerate_basis
@@ -47,10 +48,10 @@ class Placement(Protocol):
         ...
 
     def low_rank_gradient(
-        self, step: GroupStep, index: int, partial: Tensor | None, handles: list[Handle | None]
+        self, step: GroupStep, index: int, partial: Tensor | None, exchange: OwnerExchange
     ) -> Tensor | None:
-        """Form (and start sending) the low-rank gradient; the tensor this rank keeps the
-        moments of once ``handles`` are waited for, else None. ``partial``: this rank's
+        """Form (and start sending, through ``exchange``) the low-rank gradient; the tensor this
+        rank keeps the moments of once ``exchange`` is waited for, else None. ``partial``: this rank's
         contribution already projected (per-layer mode's micro-batch sum)."""
         ...
 
@@ -67,10 +68,10 @@ class Placement(Protocol):
         step: GroupStep,
         index: int,
         direction: Tensor | None,
-        handles: list[Handle | None],
+        exchange: OwnerExchange,
     ) -> ReceivedDirection | None:
-        """Start sending the normalised direction to the ranks that apply it (None: the rank
-        that computed it applies it alone)."""
+        """Start sending the normalised direction to the ranks that apply it, through
+        ``exchange`` (None: the rank that computed it applies it alone)."""
         ...
 
     def update_target(

@@ -120,21 +120,34 @@ class ReplicatedLayout(LayoutDefaults):
     def fragments(
         self, params: list[ModelParameter], engine_params: list[Tensor], rank: int, world_size: int
     ) -> list[Fragment | None]:
-        fragments: list[Fragment | None] = []
-        for param in params:
-            tensor = param.tensor
-            if tensor.grad is None:
-                fragments.append(None)
-                continue
-            fragments.append(
-                Fragment(
-                    start=0,
-                    numel=tensor.numel(),
-                    grad=tensor.grad.view(-1),
-                    master=tensor.data.view(-1),
-                )
-            )
-        return fragments
+        return [whole_fragment(p.tensor) if p.tensor.grad is not None else None for p in params]
+
+
+def whole_fragment(tensor: Tensor) -> Fragment:
+    """A whole parameter as one run of its row-major elements: flat views of the tensor and its
+    gradient. A gradient that is not contiguous (a transposed one) is replaced by its row-major
+    copy first (same values), so the reductions and clipping that work on ``tensor.grad`` in
+    place still act on what the step reads; weights that are not contiguous are updated
+    through a row-major copy, written back after the update."""
+    grad, data = tensor.grad, tensor.data
+    assert grad is not None
+    if not grad.is_contiguous():
+        grad = tensor.grad = grad.contiguous()
+    flat_grad = grad.view(-1)
+    if data.is_contiguous():
+        return Fragment(start=0, numel=tensor.numel(), grad=flat_grad, master=data.view(-1))
+    master = data.reshape(-1)  # a copy: the elements are not one run in memory
+    copied_at = master._version
+
+    def write_back() -> None:
+        # Only a placement that updates through the run changed the copy (the owners and the
+        # dense path update the tensor itself): writing an untouched copy would undo them.
+        if master._version != copied_at:
+            data.copy_(master.view(data.shape))
+
+    return Fragment(
+        start=0, numel=tensor.numel(), grad=flat_grad, master=master, write_back=write_back
+    )
 
 
 REPLICATED = ReplicatedLayout(averaged=True)

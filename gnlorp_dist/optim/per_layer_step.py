@@ -63,6 +63,7 @@ from gnlorp_dist.optim.fragments import Fragment, ModelParameter
 from gnlorp_dist.optim.functional import clip_by_norm_
 from gnlorp_dist.optim.layouts import LOW_RANK_REDUCED, REPLICATED, Layout
 from gnlorp_dist.optim.nonfinite_guard import consumed_gradients, zero_non_finite_
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.param_table import ParamTable
 from gnlorp_dist.optim.placements import place
@@ -260,7 +261,9 @@ def _reduce_to_owners(view: ParameterView) -> None:
     """The gradient summed onto the ranks owning its blocks, averaged there; dropped where
     this rank owns none of it."""
     handles: list[Any] = []
-    owned = reduce_to_owners(view.comm, view.param, view.blocks, handles)
+    exchange = OwnerExchange(view.comm)
+    owned = reduce_to_owners(exchange, view.param, view.blocks, handles)
+    exchange.wait()
     wait_all(handles)
     for rows in owned:
         rows.div_(view.comm.world_size)

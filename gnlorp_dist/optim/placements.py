@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim import projfactor
-from gnlorp_dist.optim.comm import Handle
 from gnlorp_dist.optim.fragments import (
     ModelParameter,
     back_project_fragment,
@@ -36,6 +35,7 @@ from gnlorp_dist.optim.fragments import (
 )
 from gnlorp_dist.optim.group_step import GroupStep, Placement, ReceivedDirection
 from gnlorp_dist.optim.layouts import Layout
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.projection import Side, low_rank_shape, project, project_back
 from gnlorp_dist.optim.spec import ProjectionSpec
 
@@ -60,7 +60,7 @@ class _Local:
         step: GroupStep,
         index: int,
         direction: Tensor | None,
-        handles: list[Handle | None],
+        exchange: OwnerExchange,
     ) -> ReceivedDirection | None:
         return None  # the rank that computed the direction applies it
 
@@ -73,7 +73,7 @@ class OwnerPlacement(_Local):
         return tensor.dtype, tensor.device  # computed from the gradient itself
 
     def low_rank_gradient(
-        self, step: GroupStep, index: int, partial: Tensor | None, handles: list[Handle | None]
+        self, step: GroupStep, index: int, partial: Tensor | None, exchange: OwnerExchange
     ) -> Tensor | None:
         if not step.holds(index):
             return None
@@ -95,7 +95,7 @@ class RowsPlacement(_Local):
     cuts_moment_blocks = True
 
     def low_rank_gradient(
-        self, step: GroupStep, index: int, partial: Tensor | None, handles: list[Handle | None]
+        self, step: GroupStep, index: int, partial: Tensor | None, exchange: OwnerExchange
     ) -> Tensor | None:
         fragment = step.fragments[index]
         if fragment is None:
@@ -131,7 +131,7 @@ class ReducePlacement:
         return torch.float32, step.device  # assembled from several ranks
 
     def low_rank_gradient(
-        self, step: GroupStep, index: int, partial: Tensor | None, handles: list[Handle | None]
+        self, step: GroupStep, index: int, partial: Tensor | None, exchange: OwnerExchange
     ) -> Tensor | None:
         owned = step.owner(index) == step.comm.rank
         if index in step.reduced:  # its reduce ran inside backward
@@ -140,7 +140,7 @@ class ReducePlacement:
             low = partial.to(step.device, step.wire_dtype(index)).contiguous()
         else:
             low = self._project_run(step, index)
-        handles.append(step.comm.reduce_sum(low, dst=step.owner(index)))
+        exchange.reduce_sum(low, dst=step.owner(index))
         return low if owned else None
 
     @staticmethod
@@ -174,7 +174,7 @@ class ReducePlacement:
         step: GroupStep,
         index: int,
         direction: Tensor | None,
-        handles: list[Handle | None],
+        exchange: OwnerExchange,
     ) -> ReceivedDirection | None:
         owner = step.owner(index)
         sends = owner == step.comm.rank
@@ -187,9 +187,11 @@ class ReducePlacement:
             else:
                 numel = projfactor.packet_numel(low_shape, shape)
                 packet = torch.empty(numel, dtype=torch.float32, device=step.device)
-            handles.append(step.comm.broadcast(packet, src=owner))
+            arrived = exchange.broadcast(packet, src=owner)
 
             def unpacked() -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+                if arrived is not None:
+                    arrived.wait()  # its bucket (a no-op once the exchange was waited for)
                 moment, row, col = projfactor.unpack(packet, low_shape, shape)
                 return moment, (row, col)
 
@@ -200,8 +202,14 @@ class ReducePlacement:
             buffer = direction.to(step.device, wire).contiguous()
         else:
             buffer = torch.empty(low_shape, dtype=wire, device=step.device)
-        handles.append(step.comm.broadcast(buffer, src=owner))
-        return lambda: (buffer, None)
+        arrived = exchange.broadcast(buffer, src=owner)
+
+        def received() -> tuple[Tensor, None]:
+            if arrived is not None:
+                arrived.wait()  # its bucket (a no-op once the exchange was waited for)
+            return buffer, None
+
+        return received
 
     def update_target(
         self, step: GroupStep, index: int, direction: Tensor, proj: Tensor

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gnlorp_dist.optim.comm import Handle, wait_all
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.projection import Side, subspace_overlap
 from gnlorp_dist.optim.spec import ProjectionSpec
 
@@ -134,18 +134,18 @@ def assemble_full_gradients(step: GroupStep, batch: list[int]) -> dict[int, Tens
     comm = step.comm
     owned: dict[int, Tensor] = {}
     others: list[Tensor] = []
-    handles: list[Handle | None] = []
+    exchange = OwnerExchange(comm)
     for i in batch:
         full = new_buffer(math.prod(step.params[i].shape), step.wire_dtype(i), step.device)
         fragment = step.fragments[i]
         if fragment is not None:
             full[fragment.start : fragment.start + fragment.numel] = fragment.grad[: fragment.numel]
-        handles.append(comm.reduce_sum(full, dst=step.owner(i)))
+        exchange.reduce_sum(full, dst=step.owner(i))
         if step.owner(i) == comm.rank:
             owned[i] = full
         else:
             others.append(full)
-    wait_all(handles)
+    exchange.wait()
     for full in others:
         release(full)
     for i in list(owned):

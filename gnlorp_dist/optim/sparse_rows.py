@@ -8,7 +8,8 @@ reduce_to_owners`), each rank marks the rows of its gradient that hold any nonze
 sees it), ONE all-reduce of that mask (one byte per row) gives the union on every rank, and if
 few enough rows are touched (:func:`sparse_rows_pay`, decided from the agreed union, so every
 rank decides alike) each ownership block's touched rows are gathered into a contiguous buffer,
-summed onto the block's owner and scattered back into its gradient there. Untouched rows stay
+summed onto the block's owner (through the phase's
+:class:`~gnlorp_dist.optim.owner_exchange.OwnerExchange`) and scattered back into its gradient there. Untouched rows stay
 exactly zero; touched rows get the same sum as the full reduce (bitwise at 2 ranks; at more,
 the backend may add the ranks in another order for a buffer of another length, a last-bit
 difference).
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from gnlorp_dist.optim.comm import Communicator, Handle
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.ownership import OwnedBlock
 
 TABLE_ROWS_PER_COLUMN = 4
@@ -127,14 +129,18 @@ def agreed_union(comm: Communicator, grad: Tensor) -> Tensor:
 
 
 def reduce_touched_rows_to_owners(
-    comm: Communicator, tensor: Tensor, blocks: list[OwnedBlock], handles: list[Handle | None]
+    exchange: OwnerExchange,
+    tensor: Tensor,
+    blocks: list[OwnedBlock],
+    handles: list[Handle | None],
 ) -> list[Tensor] | None:
     """:func:`~gnlorp_dist.optim.data_parallel.reduce_to_owners` for a table-shaped gradient whose
     touched rows are few: start each block's reduce of its touched rows and return the blocks
-    this rank owns (summed once ``handles`` are waited for). None where it does not apply (the
+    this rank owns (summed once ``exchange`` and ``handles`` are waited for). None where it does not apply (the
     caller reduces the whole gradient): every rank returns None together."""
     grad = tensor.grad
     assert grad is not None
+    comm = exchange.comm
     if comm.world_size == 1 or not grad.dtype.is_floating_point:
         return None
     if not table_shaped(tuple(grad.shape)) or found_dense(tensor):
@@ -156,6 +162,6 @@ def reduce_touched_rows_to_owners(
             continue  # zero on every rank: nothing to sum
         indices = block_row_indices(union, block.row_start, block.row_stop, count)
         gathered = grad.index_select(0, indices)
-        handle = comm.reduce_sum(gathered, dst=block.owner)
+        handle = exchange.reduce_sum(gathered, dst=block.owner)
         handles.append(ScatteredRows(handle, grad, indices, gathered if mine else None))
     return owned

@@ -167,8 +167,43 @@ class StepHyperparameters:
 
 
 def hyperparameters(group: dict[str, Any]) -> StepHyperparameters:
-    """The group's per-step hyperparameters as they are now (read at every step)."""
-    return StepHyperparameters(**_given(group, StepHyperparameters))
+    """The group's per-step hyperparameters as they are now (read at every step). A Tensor
+    ``lr`` or ``betas`` (torch's compile recipe) is read as its value, as ``torch.optim.AdamW``'s
+    for-loop reads it (one host read each on an accelerator)."""
+    given = _given(group, StepHyperparameters)
+    if "lr" in given:
+        given["lr"] = _number(given["lr"])
+    if "betas" in given:
+        given["betas"] = tuple(_number(beta) for beta in given["betas"])
+    return StepHyperparameters(**given)
+
+
+def _number(value: Any) -> Any:
+    """A one-element Tensor's value as a Python float; anything else as it is."""
+    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+
+
+CONSTRUCTOR_OPTIONS = ("lr", "betas", "eps", "weight_decay", "bits", "min_8bit_size")
+"""The options every group carries: given in the group, else the optimizer's keyword arguments."""
+
+
+def fill_group_defaults(
+    groups: list[dict[str, Any]],
+    replaced: list[dict[str, Any]] | None,
+    defaults: dict[str, Any],
+) -> None:
+    """Give each group the :data:`CONSTRUCTOR_OPTIONS` it lacks (a state dict saved before a key
+    existed, or a ``torch.optim.AdamW`` one): the value of the group it replaces (the same
+    position), else the optimizer's default, as torch's optimizers fill their newer flags."""
+    for index, group in enumerate(groups):
+        before = replaced[index] if replaced is not None and index < len(replaced) else {}
+        for key in CONSTRUCTOR_OPTIONS:
+            if key in group:
+                continue
+            if key in before:
+                group[key] = before[key]
+            elif key in defaults:
+                group[key] = defaults[key]
 
 
 def group_params(group: dict[str, Any]) -> list[Tensor]:
@@ -282,6 +317,12 @@ def check_projected_shapes(spec: GroupSpec, params: list[Tensor], where: str) ->
         # A ZeRO-3 partitioned parameter (built under deepspeed.zero.Init) is empty here; its
         # true shape is ds_shape, and the DeepSpeed layout finds its runs at the first step.
         shape = tuple(getattr(param, "ds_shape", param.shape))
+        if param.is_complex():
+            raise ValueError(
+                f"{name}: a complex {param.dtype} matrix cannot be projected (the SVD basis and "
+                "GaLore's moments are defined for real matrices). Put complex parameters in a "
+                "group without 'rank' (plain AdamW, on their real view as torch.optim.AdamW)."
+            )
         if len(shape) != 2:
             raise ValueError(
                 f"{name}: shape {shape} cannot be projected; a projected group takes 2-D matrices "

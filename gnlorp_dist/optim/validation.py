@@ -196,11 +196,21 @@ def check_max_grad_norm(value: float) -> float:
 
 
 def check_defaults(
-    *, lr: float, betas: Sequence[float], eps: float, weight_decay: float, min_8bit_size: int
+    *,
+    lr: float | Tensor,
+    betas: Sequence[float | Tensor],
+    eps: float,
+    weight_decay: float,
+    bits: int,
+    min_8bit_size: int,
 ) -> None:
-    """The optimizer's defaults (its keyword arguments), with the value and the fix."""
-    check_finite_hyperparameters("", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
+    """The optimizer's defaults (its keyword arguments), with the value and the fix. ``lr`` and
+    ``betas`` may be one-element Tensors, as ``torch.optim.AdamW``'s (both betas, or neither).
+    ``bits`` is checked with each group (:func:`~gnlorp_dist.optim.spec.parse_group`)."""
+    check_tensor_hyperparameters(lr, betas)
+    lr, betas = _value(lr), tuple(_value(b) for b in betas)
+    check_finite_hyperparameters("", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr >= 0.0):
         raise ValueError(f"lr={lr!r} must be a number >= 0")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
@@ -209,3 +219,24 @@ def check_defaults(
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
     check_min_8bit_size(min_8bit_size, "")
+
+
+def check_tensor_hyperparameters(lr: object, betas: Sequence[object]) -> None:
+    """Tensor ``lr`` / ``betas`` as ``torch.optim.AdamW`` takes them (its messages, then ours)."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(
+            f"Tensor lr must be 1-element (got shape {tuple(lr.shape)}); pass torch.tensor(value)"
+        )
+    tensors = [isinstance(b, Tensor) for b in betas]
+    if any(tensors) and not all(tensors):
+        raise ValueError(
+            f"betas must be either both floats or both Tensors (got {tuple(betas)!r}); pass "
+            "(float, float) or (torch.tensor(beta1), torch.tensor(beta2))"
+        )
+    if any(isinstance(b, Tensor) and b.numel() != 1 for b in betas):
+        raise ValueError(f"Tensor betas must be 1-element (got {tuple(betas)!r})")
+
+
+def _value(value: object) -> object:
+    """A one-element Tensor's value (what the step reads); anything else as it is."""
+    return value.item() if isinstance(value, Tensor) else value

@@ -12,12 +12,33 @@ import ast
 import dataclasses
 import inspect
 import textwrap
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 # The metadata keys a field may carry; each goes to ``ArgumentParser.add_argument`` as it is
 # (``nargs``: a tuple field's, "+" unless given; "*" lets the flag alone mean an empty tuple).
 ARGUMENT_KEYS = ("help", "choices", "metavar", "aliases", "nargs")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeRule:
+    """How a resumed run treats a field whose value differs from its checkpoint's, declared in
+    the field's annotation (``rank: Annotated[int | None, MUST_MATCH] = None``). An annotation,
+    not field metadata: transformers' stock ``HfArgumentParser`` hands every metadata key to
+    ``add_argument`` and would refuse one, whereas it reads types without ``Annotated`` extras.
+    A field without a rule may change on a resume (the log interval, the step count)."""
+
+    name: str
+    """``must_match`` or ``overridable``."""
+
+
+MUST_MATCH = ResumeRule("must_match")
+"""The value shapes the optimizer state or its meaning (a projection key that the state's
+param groups would silently restore, the moments' storage), the model, or the data order: a
+resume with another value is refused, naming the checkpoint's value."""
+OVERRIDABLE = ResumeRule("overridable")
+"""Like :data:`MUST_MATCH`, unless the resume names it explicitly (``--override lr=...``)."""
 
 
 def option(
@@ -58,6 +79,18 @@ def shared(group: type, name: str, **changes: Any) -> Any:
     if changes:
         raise TypeError(f"shared({group.__name__}, {name!r}): unknown changes {sorted(changes)}")
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def resume_rule_fields(config_type: type, rule: ResumeRule) -> tuple[str, ...]:
+    """The fields of the dataclass ``config_type`` whose annotation carries ``rule``
+    (``Annotated[..., rule]``), in field order: what a resume compares with its checkpoint, read
+    from the declarations so that a new option is compared as soon as it is declared so."""
+    hints = typing.get_type_hints(config_type, include_extras=True)
+    return tuple(
+        f.name
+        for f in dataclasses.fields(config_type)
+        if rule in getattr(hints[f.name], "__metadata__", ())
+    )
 
 
 def _class_field_docs(cls: type) -> dict[str, str]:

@@ -1,16 +1,21 @@
 """The option groups every command line shares, one small frozen dataclass per concept.
 
 A field's docstring is its flag's ``--help`` in every CLI that has the flag, so it says what the
-flag means everywhere; where a CLI's default differs, the docstring names it and why. Optimizer
+flag means everywhere; where a CLI's default differs, the docstring names it and why. A field
+annotated with a resume rule (``Annotated[str, MUST_MATCH]``, :mod:`gnlorp_dist.options.fields`)
+is compared by a resumed
+gnlorp-train run with its checkpoint: the model, the dtype, the data and its order, the
+optimizer's hyper-parameters that its saved param groups restore. Optimizer
 knobs are in :mod:`gnlorp_dist.options.optimizer`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 from gnlorp_dist.device import AUTOCAST_DTYPES, DEVICES
-from gnlorp_dist.options.fields import option
+from gnlorp_dist.options.fields import MUST_MATCH, OVERRIDABLE, option
 
 DTYPES: tuple[str, ...] = ("fp32", "bf16")
 """``--dtype`` values (checked when the config is resolved, so fp16 gets its own message)."""
@@ -20,7 +25,7 @@ DTYPES: tuple[str, ...] = ("fp32", "bf16")
 class ModelOptions:
     """Which model trains (or is priced)."""
 
-    model: str = option("llama_nano", metavar="NAME|PATH")
+    model: Annotated[str, MUST_MATCH] = option("llama_nano", metavar="NAME|PATH")
     """The model: a named LLaMA shape and recipe (llama_nano, llama_micro, llama_60m ...
     llama_7b; default llama_nano) in gnlorp-train, gnlorp-bench and gnlorp-memory (which also
     takes a config JSON or a folder holding config.json, and needs --model or --model-config);
@@ -51,7 +56,7 @@ class RuntimeOptions:
 class PrecisionOptions:
     """The dtype of the weights and states, and mixed precision."""
 
-    dtype: str = option("fp32", metavar="fp32|bf16")
+    dtype: Annotated[str, MUST_MATCH] = option("fp32", metavar="fp32|bf16")
     """fp32, or bf16 (pure bf16 weights and states, GaLore's single-GPU recipe). fp16 is
     refused: it needs loss scaling, which the projected update does not do. gnlorp-memory's
     default is bf16 (the 7B single-GPU recipe it prices)."""
@@ -64,11 +69,11 @@ class PrecisionOptions:
 class ScheduleOptions:
     """The learning-rate schedule and the update's regularisation."""
 
-    lr: float | None = None
+    lr: Annotated[float | None, OVERRIDABLE] = None
     """Peak learning rate (default: the model's recipe for the projected optimizers, 1e-3 for
     adamw; gnlorp-finetune 3e-5 pre-trained, 2e-3 random init, AdamW 2e-5 / 1e-3, WeGeFT
     4e-4 / 2e-3; in gnlorp-bench the projected methods' lr, the others take --adamw-lr)."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, MUST_MATCH] = 0.0
     """Decoupled weight decay."""
     warmup_steps: int | None = None
     """Linear warmup steps (default: 10% of the steps), then cosine decay."""
@@ -82,14 +87,14 @@ class ScheduleOptions:
 class DataOptions:
     """What the model reads, in which order, and how much of it per step."""
 
-    data: str = option("shakespeare", metavar="NAME|PATH")
+    data: Annotated[str, MUST_MATCH] = option("shakespeare", metavar="NAME|PATH")
     """shakespeare (embedded, offline), a .txt/.jsonl file or folder, or (gnlorp-train) a hub
     dataset name (e.g. allenai/c4, streamed)."""
-    tokenizer: str | None = option(None, metavar="PATH")
+    tokenizer: Annotated[str | None, MUST_MATCH] = option(None, metavar="PATH")
     """Tokenizer folder or hub name (default: the LLaMA SentencePiece model of mistral-common;
     gnlorp-finetune: the model's own, or for random-init models a word-level tokenizer learnt
     from the training split)."""
-    seq_len: int | None = 256
+    seq_len: Annotated[int | None, MUST_MATCH] = 256
     """Tokens per sequence (default 256; gnlorp-bench 128, which keeps its eight methods within
     minutes on 2 CPU cores; gnlorp-memory: one sequence of --tokens tokens)."""
     batch_size: int = 4
@@ -99,7 +104,7 @@ class DataOptions:
     eval_batches: int = 16
     """Held-out micro-batches per evaluation (default 16, 0: the whole held-out split;
     gnlorp-bench 8)."""
-    seed: int = 0
+    seed: Annotated[int, MUST_MATCH] = 0
     """Seeds model init, data order and every RNG of the run: same seed, same run (bitwise on a
     CPU)."""
 
@@ -108,11 +113,11 @@ class DataOptions:
 class MethodOptions:
     """Which method trains, and its LoRA / weight-norm settings."""
 
-    optimizer: str = "gradnormlorp"
+    optimizer: Annotated[str, MUST_MATCH] = "gradnormlorp"
     """The method: gradnormlorp (weight norm + projected AdamW), galore (projection, no weight
     norm), adamw; gnlorp-finetune also wegeft (alias --method; frozen body, AdamW on generated
     updates, see docs/finetune.md); gnlorp-memory also adamw8bit (bitsandbytes' AdamW8bit)."""
-    lora_rank: int | None = None
+    lora_rank: Annotated[int | None, MUST_MATCH] = None
     """LoRA adapter rank. gnlorp-train and gnlorp-finetune: gradnormlorp only, LoRA mode (V = W0
     + s B A, W0 frozen, the adapters projected; in gnlorp-finetune embeddings and body frozen,
     head trained). gnlorp-bench: the rank of its lora, dora and wegeft methods (default:
@@ -120,7 +125,7 @@ class MethodOptions:
     lora_alpha: float | None = None
     """LoRA (and WeGeFT) scaling numerator: s = alpha / adapter rank (default: alpha = the
     adapter rank)."""
-    detach_norm: bool = False
+    detach_norm: Annotated[bool, MUST_MATCH] = False
     """gradnormlorp only: treat ||V|| as a constant in backward, as DoRA does."""
 
 

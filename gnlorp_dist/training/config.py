@@ -17,12 +17,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from gnlorp_dist.device import DEVICES, check_autocast
 from gnlorp_dist.models import known_model_names, llama_config, recipe_for_config
 from gnlorp_dist.optim.validation import GRADIENT_REDUCTIONS
-from gnlorp_dist.options.fields import field_docs, option, shared
+from gnlorp_dist.options.fields import (
+    MUST_MATCH,
+    OVERRIDABLE,
+    field_docs,
+    option,
+    resume_rule_fields,
+    shared,
+)
 from gnlorp_dist.options.groups import (
     DTYPES,
     DataOptions,
@@ -43,6 +50,7 @@ from gnlorp_dist.options.optimizer import (
 from gnlorp_dist.options.parser import build_parser as build_options_parser
 from gnlorp_dist.options.parser import config_from_namespace as options_from_namespace
 from gnlorp_dist.options.parser import parse_namespace
+from gnlorp_dist.training.resume_settings import apply_overrides
 
 __all__ = ["RunConfig", "build_parser", "config_from_args", "field_docs", "resolve"]
 
@@ -55,13 +63,6 @@ OVERLAP_REDUCTIONS = ("on", "off")
 NON_FINITE_POLICIES = ("skip", "raise")
 # GaLore's full-rank baseline lr; the projected recipes' lr (0.01) diverges with plain AdamW.
 ADAMW_DEFAULT_LR = 1e-3
-# Settings a resumed run must share with its checkpoint: the model and optimizer structure,
-# hyper-parameters the optimizer's saved state would silently override, and the data order.
-RESUME_MUST_MATCH = (
-    "model", "llama_config", "optimizer", "rank", "update_proj_gap", "scale", "proj_type",
-    "lora_rank", "detach_norm", "lr", "weight_decay", "dtype", "bits", "seq_len", "data",
-    "data_config", "text_field", "tokenizer", "eval_fraction", "seed", "project_lm_head",
-)  # fmt: skip
 
 
 def canonical_grad_reduction(name: str) -> str:
@@ -85,13 +86,13 @@ class RunConfig(
     """One pre-training run. Defaults: a 1-2 minute GradNormLoRP run of llama_nano on the
     embedded Shakespeare corpus, on a CPU."""
 
-    optimizer: str = shared(MethodOptions, "optimizer", choices=OPTIMIZERS)
-    lora_rank: int | None = shared(MethodOptions, "lora_rank")
-    detach_norm: bool = shared(MethodOptions, "detach_norm")
+    optimizer: Annotated[str, MUST_MATCH] = shared(MethodOptions, "optimizer", choices=OPTIMIZERS)
+    lora_rank: Annotated[int | None, MUST_MATCH] = shared(MethodOptions, "lora_rank")
+    detach_norm: Annotated[bool, MUST_MATCH] = shared(MethodOptions, "detach_norm")
     max_steps: int = shared(LoopOptions, "max_steps")
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    project_lm_head: bool = False
+    project_lm_head: Annotated[bool, MUST_MATCH] = False
     """gradnormlorp/galore: also project lm_head's gradient (GaLore-style, as the targeted
     linears of galore: no weight norm on lm_head), so its Adam moments take the low-rank shape
     instead of 2 x vocab x hidden floats; the embedding stays dense. Needs an untied lm_head.
@@ -141,11 +142,11 @@ class RunConfig(
     pass as soon as its gradient is final, overlapping the rest of backward (on), or in the
     optimizer step (off). The weights are bitwise the same either way (benchmarks/overlap.py
     measures the step time of both)."""
-    data_config: str | None = option(None, metavar="NAME")
+    data_config: Annotated[str | None, MUST_MATCH] = option(None, metavar="NAME")
     """Hub dataset configuration, e.g. en for allenai/c4."""
-    text_field: str = option("text", metavar="FIELD")
+    text_field: Annotated[str, MUST_MATCH] = option("text", metavar="FIELD")
     """Field holding the text in .jsonl rows and hub datasets."""
-    eval_fraction: float = 0.05
+    eval_fraction: Annotated[float, MUST_MATCH] = 0.05
     """Fraction of the blocks held out for evaluation (local and embedded data)."""
     eval_every: int = shared(LoopOptions, "eval_every")
     output_dir: str | None = shared(LoopOptions, "output_dir")
@@ -155,13 +156,26 @@ class RunConfig(
     """Keep the newest this many checkpoints; 0 keeps all."""
     resume: str = option("auto", metavar="auto|never|PATH")
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint folder
-    (or a run's output folder: its newest checkpoint)."""
+    (or a run's output folder: its newest checkpoint). A resume refuses settings that shape
+    the optimizer state, the model or the data order when they differ from the checkpoint's,
+    naming each with the checkpoint's value."""
+    override: tuple[str, ...] = option((), metavar="NAME=VALUE")
+    """Settings this resume changes knowingly, though they differ from the checkpoint's:
+    lr=VALUE (the one such setting; it replaces --lr: the schedule continues from the
+    checkpoint's step with this peak lr). Logged, and recorded in run_config.json."""
     log_every: int = shared(LoopOptions, "log_every")
     progress: bool = True
     """Show a progress bar (--no-progress hides it)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grad_reduction", canonical_grad_reduction(self.grad_reduction))
+
+
+RESUME_MUST_MATCH = (*resume_rule_fields(RunConfig, MUST_MATCH), "llama_config")
+"""Settings a resumed run must share with its checkpoint (annotated ``Annotated[..., MUST_MATCH]``
+in the options tree), and the model's shape (``llama_config`` of the run's record)."""
+RESUME_OVERRIDABLE = resume_rule_fields(RunConfig, OVERRIDABLE)
+"""Settings a resume may change only through ``--override NAME=VALUE``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,8 +417,10 @@ def _with_recipe(config: RunConfig, llama: Any) -> RunConfig:
 def resolve(config: RunConfig) -> tuple[RunConfig, Any]:
     """Validate ``config`` and fill its recipe defaults; returns it with its ``LlamaConfig``.
 
-    Every user mistake raises ValueError naming the value.
+    Every user mistake raises ValueError naming the value. ``--override NAME=VALUE`` items
+    become the settings' values first.
     """
+    config = apply_overrides(config)
     _check_names(config)
     _check_projected_only(config)
     _check_reduction(config)
@@ -448,7 +464,7 @@ def config_record(config: RunConfig, llama: Any) -> dict[str, Any]:
     shape = {k: v for k, v in llama.to_dict().items() if k not in _CONFIG_NOISE}
     record = {**dataclasses.asdict(config), "llama_config": shape}
     if not config.project_lm_head:
-        # Recorded only when on: a checkpoint written before the flag existed has no such key,
-        # and check_compatible (RESUME_MUST_MATCH) compares a missing key as None.
+        # Recorded only when on, as before the other options' keys were compared with their
+        # defaults when missing (resume_settings): records stay as older runs wrote them.
         del record["project_lm_head"]
     return json.loads(json.dumps(record))  # exactly what reading the JSON file back gives

@@ -43,7 +43,6 @@ from gnlorp_dist.checkpoint.manifest import (
     warn,
     write_manifest,
 )
-from gnlorp_dist.checkpoint.store import check_compatible
 from gnlorp_dist.device import to_device
 from gnlorp_dist.distributed import DistributedContext
 from gnlorp_dist.integrations.deepspeed.checkpoint import (
@@ -58,7 +57,7 @@ from gnlorp_dist.integrations.deepspeed.config import (
     check_deepspeed_config,
     fill_auto_values,
 )
-from gnlorp_dist.training.config import RESUME_MUST_MATCH, RunConfig, config_record
+from gnlorp_dist.training.config import RunConfig
 from gnlorp_dist.training.schedule import sync_lr_to_schedule
 from gnlorp_dist.training.steps import StepStats
 
@@ -255,7 +254,7 @@ def select_tag(output_dir: str | os.PathLike) -> tuple[Path | None, dict[str, An
 
 def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint ``--resume`` names (auto: the newest verified tag folder) and its client
-    state, checked against the run's settings before anything is loaded."""
+    state (the caller checks its ``run_config`` against the run's before anything is loaded)."""
     c = run.config
     if c.resume == "never":
         if step_folders(Path(c.output_dir) / CHECKPOINT_DIR, _is_tag):
@@ -273,9 +272,6 @@ def resume_point(run: Run) -> tuple[Path | None, dict[str, Any] | None]:
         checkpoint = Path(c.resume)
         state = check_tag(checkpoint)
     assert state is not None
-    check_compatible(
-        state["run_config"], config_record(c, run.llama), RESUME_MUST_MATCH, str(checkpoint)
-    )
     return checkpoint, state
 
 

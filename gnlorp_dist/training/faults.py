@@ -35,6 +35,15 @@ def parse_fault(spec: str) -> tuple[str, int | None]:
     return point, int(step) if step else None
 
 
+def check_fault_env() -> None:
+    """ValueError now when ``GNLORP_FAULT`` is set to an unknown point or a bad step (called
+    before a run starts: a misspelt point would otherwise fail only when a point is reached,
+    after the first step)."""
+    spec = os.environ.get(ENV_VAR)
+    if spec:
+        parse_fault(spec)
+
+
 def fault_point(point: str, step: int | None = None) -> None:
     """Kill this process with SIGKILL if ``GNLORP_FAULT`` names ``point`` (at ``step``)."""
     assert point in POINTS, point

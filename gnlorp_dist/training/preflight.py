@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from gnlorp_dist.checkpoint.space import human_bytes as _size
 from gnlorp_dist.memory.bytes import (
     basis_bytes,
     dense_bytes,
@@ -40,14 +41,6 @@ SPACE_MARGIN = 0.10
 """Extra free space asked for beyond the estimate (a fraction of it)..."""
 SPACE_MARGIN_BYTES = 16 << 20
 """... plus this many bytes (metadata, the scheduler, RNG states, the JSON files)."""
-
-
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(num_bytes) < 1024 or unit == "TiB":
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
-        num_bytes /= 1024
-    raise AssertionError("unreachable")
 
 
 def check_output_dir(path: str | os.PathLike, needed_bytes: int = 0) -> Path:

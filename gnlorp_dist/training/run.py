@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gnlorp_dist.checkpoint.dcp import save_dcp_training_checkpoint
+from gnlorp_dist.checkpoint.space import DiskFullError, is_disk_full
 from gnlorp_dist.checkpoint.store import save_checkpoint
 from gnlorp_dist.device import (
     activate_device,
@@ -59,6 +60,7 @@ from gnlorp_dist.training.setup import (
     build_train_data,
     build_training_model,
     check_space_for_run,
+    check_space_for_save,
     find_resume_checkpoint,
     log,
     prepare,
@@ -135,12 +137,20 @@ class _StepTimes:
         self.window_steps += 1
 
 
+class NonFiniteStepError(RuntimeError):
+    """``--on-nonfinite raise`` met a non-finite gradient: nothing was updated; the message is
+    one line, the parameters are listed in the log."""
+
+
 def save_training_state(run: Run, step: int, loss: float) -> Path:
-    """Checkpoint everything needed to continue exactly after ``step``."""
+    """Checkpoint everything needed to continue exactly after ``step``, once the output folder
+    has room for it (:class:`NotEnoughSpace` otherwise, before anything is written)."""
     c = run.config
+    check_space_for_save(run, step)
     if run.engine is not None:
         client_state = {
             "step": step,
+            "skips_in_a_row": run.skips_in_a_row,
             "loss": loss,
             "scheduler": run.scheduler.state_dict(),
             "data_state": run.data.train.state_dict(),
@@ -160,6 +170,7 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
         "run_config": config_record(c, run.llama),
         "keep": c.keep_checkpoints,
         "extra": extra,
+        "skips_in_a_row": run.skips_in_a_row,
     }
     if c.fsdp:
         return save_dcp_training_checkpoint(c.output_dir, context=run.context, **common)
@@ -175,9 +186,29 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
 def too_many_skips_error(step: int, in_a_row: int, lr: float) -> FloatingPointError:
     return FloatingPointError(
         f"step {step}: {in_a_row} steps in a row skipped for a non-finite gradient "
-        f"(--max-consecutive-skips {in_a_row}); training stopped. The run diverged or the data "
-        f"is bad: lower --lr (now {lr:g}), enable or lower --grad-clip, or resume from an "
-        "earlier checkpoint."
+        f"(--max-consecutive-skips {in_a_row}, counted across resumes); training stopped. The "
+        f"run diverged or the data is bad: lower --lr (now {lr:g}; a resume takes "
+        "it as --override lr=VALUE), enable or lower --grad-clip, or resume from an earlier "
+        "checkpoint."
+    )
+
+
+def nonfinite_step_error(run: Run, step: int) -> NonFiniteStepError:
+    """The one-line error of a step ``--on-nonfinite raise`` stops at; the parameters whose
+    gradient (as this rank holds it) is not finite are logged in full."""
+    names = [
+        name
+        for name, param in run.model.named_parameters()
+        if param.grad is not None and not bool(torch.isfinite(param.grad).all())
+    ]
+    if names:
+        log(f"step {step}: non-finite gradient in {len(names)} parameters: {', '.join(names)}")
+    shown = f" in {len(names)} parameters ({names[0]}{', ...' if len(names) > 1 else ''}; "
+    where = shown + "all listed in the log)" if names else " (found by the engine)"
+    return NonFiniteStepError(
+        f"step {step}: non-finite gradient{where}; the step was not taken and nothing changed "
+        "(--on-nonfinite raise). Lower the learning rate (a resume takes --override lr=VALUE), "
+        "enable --grad-clip or check the data; --on-nonfinite skip skips such steps"
     )
 
 
@@ -201,8 +232,8 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
     check_space_for_run(run)  # before any step: what this run writes must fit
     optimizer = run.optimizer if isinstance(run.optimizer, GradNormLoRPAdamW) else None
     if optimizer is not None:
-        optimizer.on_nonfinite = c.on_nonfinite
-    in_a_row = 0
+        # It skips; under --on-nonfinite raise the loop then stops with its own one-line error.
+        optimizer.on_nonfinite = "skip"
     describe_run(run)
     result = TrainResult(final_step=run.start_step)
     times = _StepTimes(
@@ -222,8 +253,8 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
     started = time.perf_counter()
     for done in range(run.start_step + 1, c.max_steps + 1):
         step_start = time.perf_counter()
-        stats = _take_step(run, optimizer)
-        in_a_row = _check_step(run, stats, done, in_a_row, result.skipped_steps)
+        stats = _take_step(run, optimizer, done)
+        run.skips_in_a_row = _check_step(run, stats, done, run.skips_in_a_row, result.skipped_steps)
         step_time = time.perf_counter() - step_start
         times.add(step_time)
         result.losses.append(stats.loss)
@@ -235,8 +266,10 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
     return result
 
 
-def _take_step(run: Run, optimizer: GradNormLoRPAdamW | None) -> StepStats:
-    """The next batch, one optimizer step over its micro-batches, that step's stats."""
+def _take_step(run: Run, optimizer: GradNormLoRPAdamW | None, step: int) -> StepStats:
+    """The next batch, one optimizer step over its micro-batches, that step's stats; a
+    non-finite step is skipped (``--on-nonfinite`` is the loop's to apply), except under
+    ``--per-layer``, which updates inside backward and stops: :class:`NonFiniteStepError`."""
     c = run.config
     batch = to_device(run.data.train.next_batch(), run.device)
     micro = list(batch.view(c.grad_accum, c.batch_size, c.seq_len))
@@ -248,17 +281,28 @@ def _take_step(run: Run, optimizer: GradNormLoRPAdamW | None) -> StepStats:
         if _skips(run.engine, optimizer) > skipped_before:
             stats = dataclasses.replace(stats, skipped=True)
         return stats
-    return train_step(
-        run.forward_model,
-        run.optimizer,
-        run.scheduler,
-        micro,
-        c.grad_clip if clips_full_gradient(c, run.context.world_size) else 0.0,
-        per_layer=run.per_layer is not None,
-        autocast=c.autocast,
-        on_nonfinite=c.on_nonfinite,
-        reduce_in_backward=c.overlap_reduction == "on",
-    )
+    try:
+        return train_step(
+            run.forward_model,
+            run.optimizer,
+            run.scheduler,
+            micro,
+            c.grad_clip if clips_full_gradient(c, run.context.world_size) else 0.0,
+            per_layer=run.per_layer is not None,
+            autocast=c.autocast,
+            on_nonfinite="skip",
+            reduce_in_backward=c.overlap_reduction == "on",
+        )
+    except ValueError as err:
+        if run.per_layer is None or "non-finite gradient in per-layer mode" not in str(err):
+            raise
+        log(f"step {step}: {err}")
+        raise NonFiniteStepError(
+            f"step {step}: non-finite gradient in per-layer mode (the parameters are listed in "
+            "the log): this step's updates were applied with the non-finite entries as zero. "
+            "Resume from the last checkpoint with a lower learning rate (--override lr=VALUE) "
+            "or --grad-clip, or check the data"
+        ) from None
 
 
 def _check_step(
@@ -266,15 +310,13 @@ def _check_step(
 ) -> int:
     """The steps skipped in a row once step ``done`` is counted (``in_a_row`` before it).
 
-    A skipped step is logged and appended to ``skipped_steps``; a FloatingPointError when an
-    engine skipped it under ``--on-nonfinite raise``, after ``--max-consecutive-skips`` in a
-    row, or for a non-finite loss at a step that was not skipped."""
+    A skipped step is logged and appended to ``skipped_steps``. Under ``--on-nonfinite raise``
+    it stops the run (:class:`NonFiniteStepError`); a FloatingPointError after
+    ``--max-consecutive-skips`` in a row, or for a non-finite loss at a step that was not
+    skipped."""
     c = run.config
-    if stats.skipped and c.on_nonfinite == "raise":  # an engine that skipped on its own
-        raise FloatingPointError(
-            f"step {done}: non-finite gradient (--on-nonfinite raise); the engine skipped "
-            "the step. Lower --lr or enable --grad-clip."
-        )
+    if stats.skipped and c.on_nonfinite == "raise":
+        raise nonfinite_step_error(run, done)
     if not stats.skipped:
         if not math.isfinite(stats.loss):
             raise FloatingPointError(f"loss is {stats.loss} at step {done}; lower --lr")
@@ -366,6 +408,22 @@ def train(
     return run_training(prepare(config, context), on_step_end=on_step_end)
 
 
+def _exit_for(err: BaseException) -> tuple[int, str] | None:
+    """The exit status and message of an error that ends gnlorp-train without a traceback:
+    2 for what the user must change (no room to save, a full disk, a non-finite step under
+    --on-nonfinite raise), 1 for a run that diverged; None for a bug (a traceback)."""
+    if isinstance(err, (NotEnoughSpace, DiskFullError, NonFiniteStepError)):
+        return 2, str(err)
+    if is_disk_full(err):  # the final model or an engine's checkpoint ran out of space
+        return 2, (
+            f"disk full ({type(err).__name__}: {err}); the checkpoints already written are "
+            "kept. Free space on the output folder's disk and run the same command again"
+        )
+    if isinstance(err, FloatingPointError):
+        return 1, str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config = config_from_namespace(parser.parse_args(argv))
@@ -394,10 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         run.config = dataclasses.replace(run.config, progress=False)
     try:
         run_training(run)
-    except NotEnoughSpace as err:  # refused before any step, like prepare()'s mistakes
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    except FloatingPointError as err:  # diverged: a clear message and exit status 1
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    except Exception as err:
+        ending = _exit_for(err)
+        if ending is None:
+            raise
+        parser.exit(ending[0], f"{parser.prog}: error: {ending[1]}\n")
     return 0
 
 

@@ -56,3 +56,14 @@ def sync_lr_to_schedule(scheduler: LambdaLR) -> None:
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reports; LambdaLR has no public setter
+
+
+def rebase_peak_lr(scheduler: LambdaLR, lr: float) -> None:
+    """Make ``lr`` every group's peak lr, keeping the schedule's position: after a resume loaded
+    the checkpoint's peak (the optimizer's groups and the scheduler's ``base_lrs``) and the run
+    overrides it (``--override lr=...``), the next step takes ``lr`` times the schedule's factor
+    at that step."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = lr
+    sync_lr_to_schedule(scheduler)

@@ -22,11 +22,11 @@ from transformers import LlamaConfig
 
 from gnlorp_dist.checkpoint.dcp import check_layout_matches, load_dcp_training_checkpoint
 from gnlorp_dist.checkpoint.manifest import acquire_lock
+from gnlorp_dist.checkpoint.space import human_bytes, remove_leftovers, space_holders
 from gnlorp_dist.checkpoint.store import (
     all_checkpoints,
     begin_branch_if_needed,
     check_checkpoint,
-    check_compatible,
     checkpoints_root,
     load_checkpoint,
     read_run_config,
@@ -47,21 +47,23 @@ from gnlorp_dist.optim import GradNormLoRPAdamW, PerLayerUpdates, projected_para
 from gnlorp_dist.training import deepspeed_step
 from gnlorp_dist.training.clip_rule import effective_clip_norm_of, resolve_clip_norm_of
 from gnlorp_dist.training.config import (
-    RESUME_MUST_MATCH,
     RunConfig,
     check_project_lm_head,
     config_record,
     effective_grad_reduction,
     resolve,
 )
+from gnlorp_dist.training.faults import check_fault_env
 from gnlorp_dist.training.preflight import (
+    NotEnoughSpace,
     check_free_space,
     check_output_dir,
     checkpoint_bytes_estimate,
     merged_model_bytes_estimate,
     run_writes,
 )
-from gnlorp_dist.training.schedule import warmup_cosine_schedule
+from gnlorp_dist.training.resume_settings import check_resume_settings, parse_overrides
+from gnlorp_dist.training.schedule import rebase_peak_lr, warmup_cosine_schedule
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -197,6 +199,9 @@ class Run:
     start_step: int = 0
     """Optimizer steps already done (from the checkpoint resumed, else 0)."""
     resumed_from: Path | None = None
+    skips_in_a_row: int = 0
+    """Steps skipped in a row for a non-finite gradient up to ``start_step`` (the checkpoint's
+    count on a resume): ``--max-consecutive-skips`` counts across restarts."""
     write_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     """Estimated bytes of one ``checkpoint`` and of the ``merged`` model (see
     :func:`check_space_for_run`)."""
@@ -210,16 +215,51 @@ def merged_dtype(config: RunConfig) -> torch.dtype:
 
 def check_space_for_run(run: Run) -> None:
     """:class:`~gnlorp_dist.training.preflight.NotEnoughSpace` unless the output folder has room for
-    what :func:`gnlorp_dist.training.run.run_training` will write (:func:`run_writes`). Every rank
-    checks the same numbers (all write checkpoint shards), so they fail together."""
+    what :func:`gnlorp_dist.training.run.run_training` will write (:func:`run_writes`), after
+    rank 0 removed the partial folders of killed saves (logged). Every rank checks the same
+    numbers (all write checkpoint shards), so they fail together; the error lists what fills
+    the folder."""
     c = run.config
+    if run.context.is_main:
+        removed = remove_leftovers(c.output_dir, checkpoints_root(c.output_dir))
+        if removed:
+            listed = ", ".join(f"{path.name} ({human_bytes(size)})" for path, size in removed)
+            log(f"removed the partial folders of interrupted saves in {c.output_dir}: {listed}")
+    run.context.barrier()
     writes = run_writes(
         checkpoint_bytes=run.write_bytes.get("checkpoint", 0),
         merged_bytes=run.write_bytes.get("merged", 0),
         start_step=run.start_step,
         max_steps=c.max_steps,
     )
-    check_free_space(c.output_dir, writes)
+    try:
+        check_free_space(c.output_dir, writes)
+    except NotEnoughSpace as err:
+        raise NotEnoughSpace(f"{err}. {_what_fills(c.output_dir)}") from None
+
+
+def check_space_for_save(run: Run, step: int) -> None:
+    """:class:`NotEnoughSpace` unless the output folder has room for the checkpoint of ``step``
+    (and, at the last step, the merged model written next), before anything is written: the
+    older checkpoints are pruned only once the new one is complete."""
+    c = run.config
+    needed = {f"the checkpoint of step {step}": run.write_bytes.get("checkpoint", 0)}
+    if step == c.max_steps:
+        needed["the merged model"] = run.write_bytes.get("merged", 0)
+    try:
+        check_free_space(c.output_dir, needed)
+    except NotEnoughSpace as err:
+        raise NotEnoughSpace(
+            f"{err}. Nothing of step {step} was written and the checkpoints on disk are kept: "
+            f"run the same command again to resume once there is room. {_what_fills(c.output_dir)}"
+        ) from None
+
+
+def _what_fills(output_dir: str) -> str:
+    return (
+        f"What fills {output_dir}: {space_holders(output_dir)} (older branches' checkpoints are "
+        "never pruned: delete the ones you no longer need)"
+    )
 
 
 def find_resume_checkpoint(config: RunConfig) -> Path | None:
@@ -253,6 +293,7 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
 
     User mistakes raise ValueError before any training happens.
     """
+    check_fault_env()  # a misspelt fault point fails now, not at the step it names
     config, llama, device = _resolve_for_process(config, context)
     run = _build_run(config, llama, context, device)
     if config.deepspeed:
@@ -295,6 +336,12 @@ def _resolve_for_process(
             f"--per-layer with {context.world_size} processes needs --grad-reduction low_rank or "
             "full: the hooks reduce each gradient to its owner themselves, and DDP would "
             "reduce it again"
+        )
+    if context.world_size > 1 and config.per_layer and config.grad_clip > 0:
+        raise ValueError(
+            f"--per-layer with {context.world_size} processes cannot clip: a dense tensor's "
+            "gradient is split over the ranks owning its row blocks, so no rank has a "
+            f"per-parameter norm for --grad-clip {config.grad_clip:g}; pass --grad-clip 0"
         )
     # The rule run_config.json records (never auto; a resume keeps its checkpoint's rule),
     # refused where no rank can compute its norm.
@@ -347,12 +394,19 @@ def _start_deepspeed(run: Run) -> None:
     """Start DeepSpeed's engine over the run's model and optimizer, resumed from the checkpoint
     ``--resume`` picks (the engine then steps, saves and holds the device)."""
     checkpoint, client_state = deepspeed_step.resume_point(run)
+    if checkpoint is None:
+        _log_unused_overrides(run.config)
+    else:
+        assert client_state is not None
+        record = config_record(run.config, run.llama)
+        check_resume_settings(client_state["run_config"], record, run.config, str(checkpoint), log)
     run.engine, _ = deepspeed_step.start_engine(run, checkpoint)
     run.forward_model = run.engine
     run.device = torch.device(run.engine.device)
     log(deepspeed_step.describe(run.engine, run.context.world_size))
     if checkpoint is not None:
         branch = deepspeed_step.restore_client_state(run, client_state, checkpoint)
+        resume_counters_and_overrides(run, int(client_state.get("skips_in_a_row", 0)))
         if branch is not None:
             _log_new_branch(checkpoint, run.config.output_dir, branch)
 
@@ -364,10 +418,11 @@ def _resume(run: Run) -> None:
     config, context = run.config, run.context
     checkpoint = find_resume_checkpoint(config)
     if checkpoint is None:
+        _log_unused_overrides(config)
         return
     saved_config = read_run_config(checkpoint)
-    check_compatible(
-        saved_config, config_record(config, run.llama), RESUME_MUST_MATCH, str(checkpoint)
+    check_resume_settings(
+        saved_config, config_record(config, run.llama), config, str(checkpoint), log
     )
     check_layout_matches(checkpoint, config.fsdp)
     if config.fsdp:
@@ -385,11 +440,33 @@ def _resume(run: Run) -> None:
         )
     run.data.train.load_state_dict(state.data_state)
     run.start_step, run.resumed_from = state.step, checkpoint
+    resume_counters_and_overrides(run, state.skips_in_a_row)
     context.barrier()  # every rank chose its checkpoint before the branch may change
     if context.is_main:
         branch = begin_branch_if_needed(config.output_dir, checkpoint)
         if branch is not None:
             _log_new_branch(checkpoint, config.output_dir, branch)
+
+
+def resume_counters_and_overrides(run: Run, skips_in_a_row: int) -> None:
+    """After the checkpoint is loaded: continue its count of non-finite steps skipped in a row,
+    and apply ``--override lr=...`` over the peak lr it restored."""
+    run.skips_in_a_row = skips_in_a_row
+    if skips_in_a_row:
+        log(
+            f"the checkpoint's run had skipped its last {skips_in_a_row} steps for a non-finite "
+            f"gradient; --max-consecutive-skips {run.config.max_consecutive_skips} keeps counting"
+        )
+    if "lr" in parse_overrides(run.config):
+        rebase_peak_lr(run.scheduler, run.config.lr)
+
+
+def _log_unused_overrides(config: RunConfig) -> None:
+    if config.override:
+        log(
+            f"--override {' '.join(config.override)}: no checkpoint to resume; the run starts "
+            "with these values"
+        )
 
 
 def _log_new_branch(checkpoint: Path, output_dir: str, branch: str) -> None:

@@ -57,7 +57,9 @@ def dataset(with_labels: bool = True):
     return Dataset.from_dict(columns)
 
 
-def training_args(out: str, world: int, deepspeed: dict | None = None, sft: bool = False):
+def training_args(
+    out: str, world: int, deepspeed: dict | None = None, sft: bool = False, **overrides
+):
     from transformers import TrainingArguments
 
     kwargs = dict(
@@ -67,6 +69,7 @@ def training_args(out: str, world: int, deepspeed: dict | None = None, sft: bool
         disable_tqdm=True, logging_steps=1, seed=0, weight_decay=0.0, deepspeed=deepspeed,
         save_only_model=False, dataloader_num_workers=0,
     )  # fmt: skip
+    kwargs.update(overrides)
     if sft:
         from trl import SFTConfig
 
@@ -89,10 +92,21 @@ def ds_config(stage: int) -> dict:
     }
 
 
-def gnlorp_config():
+def gnlorp_config(bits: int = 32):
     from gnlorp_dist.integrations.transformers import GradNormLoRPConfig
 
-    return GradNormLoRPConfig(rank=RANK, update_proj_gap=GAP, scale=0.25)
+    # 8-bit: this model's moments are far under the default min_8bit_size (4096).
+    extra = {"bits": 8, "min_8bit_size": 64} if bits == 8 else {}
+    return GradNormLoRPConfig(rank=RANK, update_proj_gap=GAP, scale=0.25, **extra)
+
+
+def eight_bit_moments(optimizer) -> int:
+    """State tensors of ``optimizer`` held as 8-bit codes (uint8), on this rank."""
+    return sum(
+        isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+        for state in optimizer.state.values()
+        for v in state.values()
+    )
 
 
 def tokenizer():
@@ -122,7 +136,7 @@ def reset_clients() -> None:
     AcceleratorState._reset_state()
 
 
-def run(out: str, world: int, *, stage=None, sft=False, resume=None, plain=False):
+def run(out: str, world: int, *, stage=None, sft=False, resume=None, plain=False, bits=32):
     """One Trainer run of STEPS steps (checkpoints every SAVE_AT); its result dict."""
     import torch.distributed as dist
 
@@ -146,16 +160,19 @@ def run(out: str, world: int, *, stage=None, sft=False, resume=None, plain=False
         )  # fmt: skip
     else:
         trainer = integ.GradNormLoRPTrainer(
-            model=model, args=args, train_dataset=dataset(), gnlorp_config=gnlorp_config()
+            model=model, args=args, train_dataset=dataset(), gnlorp_config=gnlorp_config(bits)
         )
     trainer.train(resume_from_checkpoint=resume)
     optimizer = integ._find_gnlorp(trainer.optimizer)
     refreshes = torch.tensor([optimizer.refresh_count])
+    eight_bit = torch.tensor([eight_bit_moments(optimizer)])
     if dist.is_initialized():
         dist.all_reduce(refreshes)
+        dist.all_reduce(eight_bit)
     result = {
         "weights": full_weights(trainer.model),
         "refreshes": int(refreshes),
+        "eight_bit_moments": int(eight_bit),
         "world": dist.get_world_size() if dist.is_initialized() else 1,
         "deepspeed": type(trainer.model_wrapped).__name__,
         "zero3_partitioned": any(hasattr(p, "ds_id") for p in trainer.model.parameters()),
@@ -166,6 +183,35 @@ def run(out: str, world: int, *, stage=None, sft=False, resume=None, plain=False
     )  # every rank: a collective at ZeRO-3
     if stage is not None:
         reset_clients()
+    return result
+
+
+def given_optimizer_under_deepspeed(out: str, world: int) -> dict:
+    """A stock Trainer given ``optimizers=(GradNormLoRPAdamW(...), None)`` with a ZeRO-2 config:
+    the Trainer drops it and DeepSpeed trains torch AdamW. What the never-stepped optimizer's
+    watch logged, and whether it stepped."""
+    import logging
+
+    from transformers import Trainer
+
+    from gnlorp_dist.integrations import transformers as integ
+
+    model = build_model()
+    args = training_args(out, world, ds_config(2), max_steps=3, save_strategy="no")
+    ours = integ.build_gnlorp_optimizer(model, args, gnlorp_config())
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("gnlorp_dist.optim.never_stepped").addHandler(handler)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(ours, None))
+    trainer.train()
+    logging.getLogger("gnlorp_dist.optim.never_stepped").removeHandler(handler)
+    result = {
+        "deepspeed": type(trainer.model_wrapped).__name__,
+        "ours_stepped": bool(ours.state),
+        "logged": logged,
+    }
+    reset_clients()
     return result
 
 
@@ -195,6 +241,15 @@ def main() -> None:
                 str(out / name), world, stage=stage,
                 resume=str(out / name / f"checkpoint-{SAVE_AT}"),
             )  # fmt: skip
+        for name, stage in (("ddp-8bit", None), ("zero2-8bit", 2)):
+            results[name] = run(str(out / name), world, stage=stage, bits=8)
+            results[f"{name}-resume"] = run(
+                str(out / name), world, stage=stage, bits=8,
+                resume=str(out / name / f"checkpoint-{SAVE_AT}"),
+            )  # fmt: skip
+        results["zero2-given-optimizer"] = given_optimizer_under_deepspeed(
+            str(out / "zero2-given-optimizer"), world
+        )
     else:
         world = 1
         results["one"] = run(str(out / "one"), 1)

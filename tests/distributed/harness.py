@@ -96,6 +96,11 @@ class StrictDeviceCommunicator:
         self._check(tensor, "reduce_sum")
         return self.inner.reduce_sum(tensor, dst)
 
+    def all_to_all(self, output, input, output_splits, input_splits):
+        self._check(input, "all_to_all")
+        self._check(output, "all_to_all")
+        return self.inner.all_to_all(output, input, output_splits, input_splits)
+
     def all_gather_object(self, obj: object) -> list[object]:
         return self.inner.all_gather_object(obj)
 

@@ -132,22 +132,64 @@ def _ranks_scenarios(rank, world_size, out_dir, resume_from):
 
 def _overlap_scenario(rank, world_size, comm):
     """The low-rank reduction with each reduce started inside backward (``reducing_in_backward``,
-    as gnlorp-train does): counts the reduces issued before ``step()``."""
+    as gnlorp-train does): the all-to-all launches and bytes of each backward and each step."""
     counting = CountingCommunicator(comm)
     model = _model()
     broadcast_parameters(model, comm)
     optimizer = _optimizer(model, counting, gradient_reduction="low_rank")
-    in_backward = 0
+    backward, in_step = [], []
     for step in range(STEPS):
         ids = _global_batch(step).chunk(world_size)[rank]
         optimizer.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
-        before = counting.calls.get("reduce", 0)
+        calls, sent = counting.calls.get("all_to_all", 0), counting.bytes_by_op.get("all_to_all", 0)
         with optimizer.reducing_in_backward():
             loss.backward()
-        in_backward += counting.calls.get("reduce", 0) - before
+        backward.append(
+            (
+                counting.calls.get("all_to_all", 0) - calls,
+                counting.bytes_by_op.get("all_to_all", 0) - sent,
+            )
+        )
+        sent = counting.bytes_by_op.get("all_to_all", 0)
         optimizer.step()
-    return {"weights": flat_parameters(model), "reduces_in_backward": in_backward}
+        in_step.append(counting.bytes_by_op.get("all_to_all", 0) - sent)
+    return {
+        "weights": flat_parameters(model),
+        "backward": backward,
+        "in_step": in_step,
+        "deferred": _deferred_scenario(rank, world_size, comm),
+    }
+
+
+def _deferred_scenario(rank, world_size, comm):
+    """The overlap scenario with the directions applied in the next forward
+    (``applying_directions_in_forward``): what is pending after a step, and the weights."""
+    model = _model()
+    broadcast_parameters(model, comm)
+    optimizer = _optimizer(model, comm, gradient_reduction="low_rank")
+    hooks = optimizer.applying_directions_in_forward(model)
+    pending_after_step = []
+    for step in range(STEPS):
+        ids = _global_batch(step).chunk(world_size)[rank]
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        with optimizer.reducing_in_backward():
+            loss.backward()
+        optimizer.step()
+        pending_after_step.append(len(optimizer.pending_directions))
+    pending = len(optimizer.pending_directions)
+    state = model.state_dict()  # settles first (a state_dict pre-hook)
+    settled_by_state_dict = len(optimizer.pending_directions) == 0
+    weights = flat_parameters(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    hooks.remove()
+    return {
+        "weights": weights,
+        "pending_after_step": pending_after_step,
+        "pending_at_end": pending,
+        "settled_by_state_dict": settled_by_state_dict,
+    }
 
 
 PER_LAYER_STEPS, PER_LAYER_GAP, MICRO = 12, 5, 2
@@ -217,6 +259,10 @@ class CountingCommunicator:
     def reduce_sum(self, tensor, dst):
         self._count("reduce", tensor)
         return self.inner.reduce_sum(tensor, dst)
+
+    def all_to_all(self, output, input, output_splits, input_splits):
+        self._count("all_to_all", input)
+        return self.inner.all_to_all(output, input, output_splits, input_splits)
 
     def all_gather_object(self, obj):
         return self.inner.all_gather_object(obj)
@@ -327,9 +373,27 @@ def test_reductions_started_inside_backward_give_the_same_weights(runs, world_si
     results = [runs["results"][(world_size, r)] for r in range(world_size)]
     for result in results:
         assert torch.equal(result["overlap"]["weights"], result["low_rank-0.0"]["weights"])
-        # Every projected matrix off its refresh steps (27 of 30) started its reduce in
-        # backward, and the dense tensors' row blocks too.
-        assert result["overlap"]["reduces_in_backward"] > NUM_PROJECTED * (STEPS - 3)
+        # Off its refresh steps (27 of 30) every projected matrix started its reduce in
+        # backward, and the dense tensors' row blocks too: step() sent nothing to the owners.
+        in_step = result["overlap"]["in_step"]
+        assert sum(sent == 0 for sent in in_step) >= STEPS - 3, in_step
+        # Coalesced: one bucket per backward (the model is far below 25 MiB), not one
+        # launch per matrix.
+        assert all(calls == 1 and sent > 0 for calls, sent in result["overlap"]["backward"])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_directions_applied_in_the_next_forward_give_the_same_weights(runs, world_size):
+    """``applying_directions_in_forward``: every projected matrix's update waits for the next
+    forward (or ``state_dict()``), then lands bitwise as if ``step()`` had applied it."""
+    for rank in range(world_size):
+        result = runs["results"][(world_size, rank)]["overlap"]
+        deferred = result["deferred"]
+        assert torch.equal(deferred["weights"], result["weights"]), rank
+        # Every rank applies every projected matrix's direction itself.
+        assert deferred["pending_after_step"] == [NUM_PROJECTED] * STEPS
+        assert deferred["pending_at_end"] == NUM_PROJECTED
+        assert deferred["settled_by_state_dict"]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -338,7 +402,7 @@ def test_bf16_weights_send_the_low_rank_traffic_in_bf16(runs, world_size):
     for result in results:
         # Every reduce (low-rank gradients, dense blocks, refresh gradients) halves exactly.
         fp32, bf16 = result["low_rank-0.0"]["bytes"], result["low_rank-bf16"]["bytes"]
-        assert 2 * bf16["reduce"] == fp32["reduce"], (bf16, fp32)
+        assert 2 * bf16["all_to_all"] == fp32["all_to_all"], (bf16, fp32)
         assert bf16["broadcast"] < fp32["broadcast"]
         assert torch.isfinite(result["low_rank-bf16"]["weights"].float()).all()
         assert torch.equal(

@@ -67,6 +67,9 @@ class CountingCommunicator:
     def reduce_sum(self, tensor, dst):
         return self.inner.reduce_sum(tensor, dst)
 
+    def all_to_all(self, output, input, output_splits, input_splits):
+        return self.inner.all_to_all(output, input, output_splits, input_splits)
+
     def all_gather_object(self, obj):
         return self.inner.all_gather_object(obj)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from gnlorp_dist.optim.functional import (
     apply_projected_update_,
     normalized_low_rank_update,
+    scale_low_rank_direction_,
     update_moments_,
 )
 from gnlorp_dist.optim.projection import Side, compute_projection, project_back
@@ -47,15 +48,11 @@ def projected_adamw_step(
     update_moments_(exp_avg, exp_avg_sq, low_rank_grad, beta1, beta2)
     # 8-bit moments come back as float32: project back in the basis's dtype (bf16 runs).
     direction_low = normalized_low_rank_update(exp_avg, exp_avg_sq, eps).to(proj.dtype)
+    scaled = scale_low_rank_direction_(
+        direction_low, step=step, lr=lr, beta1=beta1, beta2=beta2, scale=scale
+    )
     apply_projected_update_(
-        param,
-        project_back(direction_low, proj, side),
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        scale=scale,
+        param, project_back(scaled, proj, side), lr=lr, weight_decay=weight_decay
     )
 
 

@@ -12,7 +12,6 @@ from gnlorp_dist.checkpoint import store as ckpt
 from gnlorp_dist.checkpoint.merged import save_merged_model
 from gnlorp_dist.checkpoint.store import (
     capture_rng_state,
-    check_compatible,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -22,6 +21,8 @@ from gnlorp_dist.checkpoint.store import (
 from gnlorp_dist.models import build_model
 from gnlorp_dist.nn import WeightNormLinear, apply_weight_norm, merge_weight_norm
 from gnlorp_dist.optim import GradNormLoRPAdamW, projected_param_groups
+from gnlorp_dist.training.config import RunConfig, config_record, resolve
+from gnlorp_dist.training.resume_settings import check_resume_settings
 from gnlorp_dist.training.schedule import warmup_cosine_schedule
 
 TINY = LlamaConfig(
@@ -143,17 +144,15 @@ def test_rng_states_round_trip_through_weights_only_files(tmp_path):
 
 
 def test_incompatible_config_names_the_fields():
-    saved = {"model": "llama_nano", "optimizer": "galore", "lr": 0.01}
-    check_compatible(saved, dict(saved, max_steps=9), ["model", "optimizer"], "ck")
+    saved = config_record(*resolve(RunConfig(optimizer="galore")))
+    check_resume_settings(saved, dict(saved, max_steps=9), RunConfig(), "ck", print)
     with pytest.raises(ValueError, match=r"optimizer: checkpoint 'galore', now 'adamw'"):
-        check_compatible(saved, dict(saved, optimizer="adamw"), ["model", "optimizer"], "ck")
-    shaped = {"shape": {"hidden_size": 64, "vocab_size": 32000}}
+        check_resume_settings(saved, dict(saved, optimizer="adamw"), RunConfig(), "ck", print)
+    shape = dict(saved["llama_config"], hidden_size=32)
     with pytest.raises(
-        ValueError, match=r"^checkpoint ck .*\(shape.hidden_size: checkpoint 64, now 32\)"
+        ValueError, match=r"^checkpoint ck .*\(llama_config.hidden_size: checkpoint 128, now 32"
     ):
-        check_compatible(
-            shaped, {"shape": {"hidden_size": 32, "vocab_size": 32000}}, ["shape"], "ck"
-        )
+        check_resume_settings(saved, dict(saved, llama_config=shape), RunConfig(), "ck", print)
 
 
 def test_merged_model_reloads_in_stock_transformers_with_the_same_logits(tmp_path):

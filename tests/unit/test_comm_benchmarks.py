@@ -89,18 +89,20 @@ def test_computed_payloads_by_hand() -> None:
         all_reduce=full_normed + 40, broadcast=full_normed
     )
     assert payload(schemes.OURS_FULL) == payloads.payload(
-        reduce=full_normed, broadcast=full_normed, all_reduce=40
+        all_to_all=full_normed, broadcast=full_normed, all_reduce=40
     )
     # Low rank between refreshes: 4 x 64 + 2 x 160 + 160 = 736 low-rank elements, and the dense
     # 1600 + 1600 + 48 norms + 160 magnitudes = 3408, each reduced once and broadcast once.
     low, dense = 736, 3408
     assert payload(schemes.OURS_LOW_RANK) == payloads.payload(
-        reduce=(low + dense) * fp32, broadcast=(low + dense) * fp32, all_reduce=40
+        all_to_all=(low + dense) * fp32, broadcast=(low + dense) * fp32, all_reduce=40
     )
     # A refresh: full projected gradients (2944) reduced for the SVDs, bases (448) broadcast,
     # then the plain step's low-rank reduce and direction broadcast.
     assert payload(schemes.OURS_LOW_RANK, refresh=True) == payloads.payload(
-        reduce=(2944 + low + dense) * fp32, broadcast=(448 + low + dense) * fp32, all_reduce=40
+        all_to_all=(2944 + low + dense) * fp32,
+        broadcast=(448 + low + dense) * fp32 + 7 * 8,  # and 7 next refresh steps (float64)
+        all_reduce=40,
     )
 
 
@@ -111,11 +113,11 @@ def test_bf16_weights_send_low_rank_traffic_in_bf16_and_bases_in_float32() -> No
     low, dense, bf16 = 736, 3408, 2
     implemented = payloads.computed_payload(schemes.OURS_LOW_RANK, plain, normed, bf16, False)
     narrow = payloads.computed_payload(schemes.OURS_LOW_RANK_NARROW, plain, normed, bf16, False)
-    assert implemented["reduce"] == implemented["broadcast"] == (low + dense) * bf16
+    assert implemented["all_to_all"] == implemented["broadcast"] == (low + dense) * bf16
     assert narrow == implemented  # a plain step broadcasts no basis
     refresh = payloads.computed_payload(schemes.OURS_LOW_RANK, plain, normed, bf16, True)
-    assert refresh["reduce"] == (2944 + low) * bf16 + dense * bf16
-    assert refresh["broadcast"] == 448 * 4 + low * bf16 + dense * bf16
+    assert refresh["all_to_all"] == (2944 + low) * bf16 + dense * bf16
+    assert refresh["broadcast"] == 448 * 4 + 7 * 8 + low * bf16 + dense * bf16
     # In fp32 the two are the same.
     assert payloads.computed_payload(
         schemes.OURS_LOW_RANK, plain, normed, 4, False
@@ -125,16 +127,19 @@ def test_bf16_weights_send_low_rank_traffic_in_bf16_and_bases_in_float32() -> No
 def test_ring_factors_and_wire_bytes() -> None:
     for world in (2, 3, 4, 32):
         assert payloads.ring_factor("all_reduce", world) == pytest.approx(2 * (world - 1) / world)
-        for op in ("reduce", "broadcast", "all_gather", "reduce_scatter"):
+        for op in ("reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"):
             assert payloads.ring_factor(op, world) == pytest.approx((world - 1) / world)
     assert payloads.ring_factor("all_reduce", 1) == 0.0
     with pytest.raises(ValueError):
-        payloads.ring_factor("all_to_all", 4)
-    # A reduce plus a broadcast of S cost what one all-reduce of S costs.
+        payloads.ring_factor("gather", 4)
+    # A reduce (or an all-to-all onto owners) plus a broadcast of S cost what one all-reduce
+    # of S costs.
     s = 1000
-    assert payloads.ring_wire_bytes(payloads.payload(reduce=s, broadcast=s), 4) == pytest.approx(
-        payloads.ring_wire_bytes(payloads.payload(all_reduce=s), 4)
-    )
+    for summed in ("reduce", "all_to_all"):
+        sent = payloads.payload(**{summed: s, "broadcast": s})
+        assert payloads.ring_wire_bytes(sent, 4) == pytest.approx(
+            payloads.ring_wire_bytes(payloads.payload(all_reduce=s), 4)
+        )
 
 
 def test_low_rank_ratio_by_hand_does_not_depend_on_world() -> None:
@@ -362,7 +367,52 @@ def test_computed_only_prints_the_tables_and_writes_the_record(tmp_path: Path, c
     assert "7B ours-lowrank / (DDP + AdamW), as gnlorp_dist sends it" in text
     assert "0.283 averaged over T = 200" in text  # benchmarks/README.md quotes it
     record = json.loads(out.read_text())
-    assert list(record) == ["benchmark", "environment", "computed", "issue_7b"]
+    assert list(record) == [
+        "benchmark",
+        "environment",
+        "computed",
+        "issue_7b",
+        "issue_23_7b_targets",
+    ]
     assert [(r["model"], r["world"]) for r in record["computed"][:1]] == [("llama_nano", 2)]
     assert len(record["computed"]) == 3 * len(schemes.COMPUTED_SCHEMES)
     assert record["issue_7b"][schemes.OURS_LOW_RANK]["meets_target"] is True
+
+
+def test_touched_rows_shrink_the_summed_payload_by_the_untouched_rows() -> None:
+    from gnlorp_dist.bench.communication.payloads import with_touched_rows  # noqa: PLC0415
+
+    vocab, row_bytes = 1000, 64
+    computed = payloads.payload(all_to_all=10 * vocab * row_bytes, broadcast=5, all_reduce=40)
+    sparse = with_touched_rows(computed, schemes.OURS_LOW_RANK, vocab * row_bytes, vocab, 30, 2)
+    assert sparse["all_to_all"] == computed["all_to_all"] - (vocab - 30) * row_bytes
+    assert sparse["all_reduce"] == 40 + vocab  # the one-byte-per-row mask
+    assert sparse["broadcast"] == 5
+    # Nearly every row touched: the optimizer sends the whole table (the rule does not pay).
+    dense = with_touched_rows(computed, schemes.OURS_LOW_RANK, vocab * row_bytes, vocab, 990, 2)
+    assert dense == computed
+    # DDP and unknown counts: unchanged.
+    assert with_touched_rows(computed, schemes.DDP_ADAMW, vocab * row_bytes, vocab, 30, 2) == (
+        computed
+    )
+    assert with_touched_rows(computed, schemes.OURS_FULL, vocab * row_bytes, vocab, None, 2) == (
+        computed
+    )
+
+
+def test_seven_b_targets_agree_with_the_computed_7b_row() -> None:
+    from gnlorp_dist.bench.communication import seven_b  # noqa: PLC0415
+
+    assert seven_b.expected_touched_rows(32000, 524_288) == 32000
+    assert seven_b.expected_touched_rows(100, 1) == 1
+    rows, text = seven_b.seven_b_targets(32)
+    big = payloads.computed_rows(["llama_7b"], 32, 2, "bf16")
+    as_sent = next(r for r in big if r["method"] == schemes.OURS_LOW_RANK)
+    first = rows[0]
+    assert first["rank"] == 1024 and first["variant"].startswith("as sent")
+    assert first["times_fewer"] == pytest.approx(1 / as_sent["ratio_avg"])
+    # A projected lm_head only removes bytes; r = 256 sends fewer than r = 1024.
+    by = {(r["rank"], r["variant"][:6]): r["ours_mib"] for r in rows}
+    assert by[1024, "+ proj"] < by[1024, "as sen"]
+    assert by[256, "as sen"] < by[1024, "as sen"]
+    assert "MODELLED" in text

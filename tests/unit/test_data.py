@@ -157,10 +157,10 @@ def test_local_txt_jsonl_and_folder(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="neither .txt nor .jsonl"):
         list(local_documents(tmp_path / "ignored.csv"))
 
-    data = build_data(data=str(tmp_path), seq_len=4, eval_fraction=0.25, global_batch=2, seed=0)
+    data = build_data(data=str(tmp_path), seq_len=3, eval_fraction=0.25, global_batch=2, seed=0)
     ids = tokenize_documents(["first document\n", "second", "third"], tokenizer)
-    n_blocks = len(ids) // 4
-    assert data.train.next_batch().shape == (2, 4)
+    n_blocks = len(ids) // 3
+    assert data.train.next_batch().shape == (2, 3)
     assert data.eval_blocks.shape[0] + data.train.sampler.num_blocks == n_blocks
 
 

@@ -44,6 +44,18 @@ def test_every_point_is_exercised_and_specs_are_checked(monkeypatch):
     fault_point("checkpoint.after_model", 5)  # another point: nothing happens
 
 
+def test_an_unknown_fault_point_is_refused_before_the_first_step(
+    tmp_path, tiny_config, capsys, monkeypatch
+):
+    monkeypatch.setenv(ENV_VAR, "checkpoint.after_modle@2")
+    with pytest.raises(SystemExit) as refused:
+        main(tiny_args(tiny_config, tmp_path))
+    assert refused.value.code == 2
+    captured = capsys.readouterr()
+    assert "unknown point 'checkpoint.after_modle'" in captured.err
+    assert "step " not in captured.out and not (tmp_path / "checkpoints").exists()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("reference")

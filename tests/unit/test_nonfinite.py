@@ -7,6 +7,7 @@ tests/distributed/test_nonfinite.py.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -300,8 +301,24 @@ def test_cli_stops_after_too_many_skips_in_a_row(tmp_path, tiny_config, capsys, 
 
 
 @pytest.mark.usefixtures("offline_shared_cache")
-def test_cli_raise_policy_stops_at_the_bad_step(tmp_path, tiny_config, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["gradnormlorp", "adamw"])
+def test_cli_raise_policy_stops_at_the_bad_step_with_one_line(
+    tmp_path, tiny_config, monkeypatch, capsys, optimizer
+):
     _poison_forward(monkeypatch, {2})
-    argv = tiny_args(tiny_config, tmp_path, "--on-nonfinite", "raise", "--grad-clip", "0")
-    with pytest.raises(ValueError, match="non-finite gradient"):
+    argv = tiny_args(
+        tiny_config, tmp_path, "--on-nonfinite", "raise", "--grad-clip", "0",
+        "--optimizer", optimizer,
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
         main(argv)
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1, captured.err  # no traceback
+    assert (
+        "step 2: non-finite gradient in" in captured.err and "--on-nonfinite raise" in captured.err
+    )
+    logged = re.search(r"step 2: non-finite gradient in (\d+) parameters: (.*)", captured.out)
+    names = logged[2].split(", ")
+    assert int(logged[1]) == len(names) > 10 and "model.embed_tokens.weight" in names
+    assert "step 2/" not in captured.out  # stopped before the step's line

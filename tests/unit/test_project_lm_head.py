@@ -89,4 +89,7 @@ def test_a_short_run_trains_records_the_flag_and_refuses_a_resume_without_it(
     assert json.loads((checkpoint / "run_config.json").read_text())["project_lm_head"] is True
     with pytest.raises(SystemExit):
         main(tiny_args(tiny_config, tmp_path, "--max-steps", "4"))
-    assert "project_lm_head: checkpoint True, now None" in capsys.readouterr().err
+    assert (
+        "project_lm_head: checkpoint True, now False (pass --project-lm-head)"
+        in capsys.readouterr().err
+    )

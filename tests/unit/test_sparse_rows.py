@@ -13,6 +13,7 @@ import torch
 
 from gnlorp_dist.optim import sparse_rows
 from gnlorp_dist.optim.comm import LocalCommunicator
+from gnlorp_dist.optim.owner_exchange import OwnerExchange
 from gnlorp_dist.optim.ownership import OwnedBlock
 from gnlorp_dist.optim.sparse_rows import (
     ScatteredRows,
@@ -109,7 +110,10 @@ def test_one_process_reduces_nothing_here():
     param.grad = _row_sparse(64, 4, [2], seed=0)
     block = OwnedBlock(param_index=0, owner=0, row_start=0, row_stop=64, whole=True)
     handles: list = []
-    assert reduce_touched_rows_to_owners(LocalCommunicator(), param, [block], handles) is None
+    assert (
+        reduce_touched_rows_to_owners(OwnerExchange(LocalCommunicator()), param, [block], handles)
+        is None
+    )
     assert handles == []
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gnlorp_dist.data.corpus import load_tokenizer
+from gnlorp_dist.distributed import DistributedContext
 from gnlorp_dist.nn import WeightNormLinear
 from gnlorp_dist.optim import GradNormLoRPAdamW
 from gnlorp_dist.training.config import RunConfig, config_from_args, resolve
@@ -180,6 +181,16 @@ def test_resume_refuses_an_incompatible_checkpoint(tmp_path, tiny_config, capsys
         capsys.readouterr().out
     )
     assert [p.name for p in (second / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+def test_per_layer_on_several_processes_names_the_grad_clip_flag(tmp_path, tiny_config):
+    # Before: PerLayerUpdates' message named its API argument max_grad_norm.
+    two_ranks = DistributedContext(rank=0, world_size=2, local_rank=0, communicator=None)
+    argv = tiny_args(tiny_config, tmp_path, "--per-layer", "--grad-reduction", "low_rank")
+    with pytest.raises(ValueError, match=r"--grad-clip 1; pass --grad-clip 0$") as refused:
+        prepare(config_from_args(argv), two_ranks)
+    assert "--per-layer with 2 processes" in str(refused.value)
+    assert "max_grad_norm" not in str(refused.value)
 
 
 def test_module_entry_point_reports_a_missing_data_path(tmp_path):

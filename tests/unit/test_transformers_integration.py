@@ -7,6 +7,7 @@ tests/distributed/test_clients.py.
 from __future__ import annotations
 
 import inspect
+import logging
 import subprocess
 import sys
 
@@ -79,10 +80,52 @@ def test_plain_function_gives_projected_groups_and_the_trainer_hyperparameters(t
     assert projected["rank"] == 4 and "rank" not in dense  # not one plain-AdamW group
     assert len(projected["params"]) == 7  # q/k/v/o/gate/up/down directions
     assert kwargs == {
-        "lr": 3e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1, "bits": 32
+        "lr": 3e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1, "bits": 32,
+        "min_8bit_size": 4096,
     }  # fmt: skip
     optimizer = build_gnlorp_optimizer(model, args, GradNormLoRPConfig(rank=4, bits=8))
     assert optimizer.param_groups[0]["bits"] == 8
+
+
+def _eight_bit_state_tensors(optimizer: GradNormLoRPAdamW) -> int:
+    """Parameters whose state holds 8-bit codes (uint8 tensors) after a step."""
+    return sum(
+        any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in state.values())
+        for state in optimizer.state.values()
+    )
+
+
+def test_bits_8_logs_what_is_8bit_and_min_8bit_size_is_an_option(tmp_path, caplog):
+    model = _model()  # hidden 16: every moment is under the default min_8bit_size (4096)
+    args = _args(tmp_path, learning_rate=1e-3)
+    logger = "gnlorp_dist.integrations.transformers"
+    with caplog.at_level(logging.INFO, logger=logger):
+        build_gnlorp_optimizer(model, args, GradNormLoRPConfig(rank=4, bits=8))
+    (record,) = [r for r in caplog.records if r.name == logger]
+    assert record.levelno == logging.WARNING
+    assert "bits=8: 0 of 19 tensors keep 8-bit Adam moments" in record.getMessage()
+    assert "nothing is quantised. Lower GradNormLoRPConfig(min_8bit_size=...)" in (
+        record.getMessage()
+    )
+    caplog.clear()
+    config = GradNormLoRPConfig.from_training_args(
+        _args(tmp_path, optim_args="rank=4,bits=8,min_8bit_size=100")
+    )
+    assert config.min_8bit_size == 100
+    with caplog.at_level(logging.INFO, logger=logger):
+        optimizer = build_gnlorp_optimizer(model, args, config)
+    (record,) = [r for r in caplog.records if r.name == logger]
+    # 19 tensors: 7 projected directions, 7 magnitudes, 3 norms, embedding and head. At 100:
+    # the 64 x 16 embedding and head, and gate/up/down (low-rank moments of 4 x 32) are 8-bit.
+    assert record.levelno == logging.INFO
+    assert "bits=8: 5 of 19 tensors keep 8-bit Adam moments" in record.getMessage()
+    model(
+        input_ids=torch.arange(8).reshape(1, 8), labels=torch.arange(8).reshape(1, 8)
+    ).loss.backward()
+    optimizer.step()
+    assert _eight_bit_state_tensors(optimizer) == 5  # the log says what the optimizer does
+    with pytest.raises(ValueError, match="min_8bit_size=0 must be an int >= 1"):
+        GradNormLoRPConfig(min_8bit_size=0)
 
 
 def test_per_layer_is_refused_in_the_trainer(tmp_path):

@@ -93,10 +93,14 @@ def sync_read(rank: int) -> int:
     return value
 
 
-def _step_ids(step: int, rank: int, settings: RunSettings, vocab: int) -> torch.Tensor:
+def _global_ids(step: int, settings: RunSettings, vocab: int) -> torch.Tensor:
+    """Every rank's token ids of ``step`` (the same on every rank: one seed)."""
     gen = torch.Generator().manual_seed(settings.seed * 100_003 + step)
-    ids = torch.randint(0, vocab, (settings.batch * settings.world, settings.seq), generator=gen)
-    return ids.chunk(settings.world)[rank]
+    return torch.randint(0, vocab, (settings.batch * settings.world, settings.seq), generator=gen)
+
+
+def _step_ids(step: int, rank: int, settings: RunSettings, vocab: int) -> torch.Tensor:
+    return _global_ids(step, settings, vocab).chunk(settings.world)[rank]
 
 
 def _ours_optimizer(model: torch.nn.Module, settings: RunSettings, comm: Any, mode: str) -> Any:
@@ -205,7 +209,12 @@ def measure(settings: RunSettings, rank: int, dist_counter: DistCounter) -> dict
         if step < settings.warmup:
             step_fn(ids)
             continue
-        records.append({"step": step, **_measured_step(step_fn, ids, rank, counters, dist_counter)})
+        record = _measured_step(step_fn, ids, rank, counters, dist_counter)
+        # The embedding rows some rank's batch touched: the rows the optimizer sums onto owners
+        # (gnlorp_dist.optim.sparse_rows), for the payload arithmetic. A sequence's last token
+        # predicts nothing (labels shift), so its row gets no gradient from that position.
+        touched = int(_global_ids(step, settings, vocab)[:, :-1].unique().numel())
+        records.append({"step": step, "touched_rows": touched, **record})
     return {
         "rank": rank,
         "empty_windows_lo": empty,

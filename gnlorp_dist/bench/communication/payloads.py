@@ -2,9 +2,10 @@
 
 Payload: the bytes each rank hands to collectives of each kind in one step. Wire bytes, ring
 model: per rank, an all-reduce of S sends ``2(N-1)/N * S``; a reduce, a broadcast, a
-reduce-scatter or an all-gather of S ``(N-1)/N * S`` (reduces and broadcasts spread over owners,
-as here, are a reduce-scatter and an all-gather: a reduce plus a broadcast of S cost one
-all-reduce of S; NCCL's bus-bandwidth factors: 2(N-1)/N, (N-1)/N, and 1 for a single rooted op,
+reduce-scatter, an all-gather or an all-to-all of S ``(N-1)/N * S`` (gnlorp_dist sums onto owners
+with one all-to-all per bucket, :mod:`gnlorp_dist.optim.owner_exchange`, and sends results back
+with broadcasts from the owners: spread over owners, as here, they are a reduce-scatter and an
+all-gather, and cost one all-reduce of S; NCCL's bus-bandwidth factors: 2(N-1)/N, (N-1)/N, and 1 for a single rooted op,
 whose N-1 sending links each carry S). Ratios to DDP + AdamW do not depend on N.
 """
 
@@ -31,6 +32,10 @@ from gnlorp_dist.bench.communication.schemes import (
     recipe,
 )
 from gnlorp_dist.bench.communication.shapes import TensorShape, shapes_from_model
+from gnlorp_dist.optim.sparse_rows import mask_dtype, sparse_rows_pay
+
+NEXT_STEP_BYTES = 8
+"""The float64 next refresh step broadcast with each basis at a compressed refresh."""
 
 Payload = dict[str, int]
 """Bytes each rank hands to collectives of each kind in one step (keys from :data:`OPS`)."""
@@ -53,7 +58,7 @@ def _low_rank_payload(narrow: bool, normed: list[TensorShape], elem: int, refres
     low_rank = sum(t.low_rank_numel for t in projected) * pelem
     if not refresh:
         return payload(
-            reduce=low_rank + dense, broadcast=low_rank + dense, all_reduce=VERDICT_BYTES
+            all_to_all=low_rank + dense, broadcast=low_rank + dense, all_reduce=VERDICT_BYTES
         )
     # Every matrix refreshes at the same step (the counters move together): its full
     # gradient goes to the owner for the SVD, the new basis comes back, then the step runs
@@ -62,9 +67,11 @@ def _low_rank_payload(narrow: bool, normed: list[TensorShape], elem: int, refres
     # could project the full sum it already holds and save it.
     full = sum(t.numel for t in projected) * pelem
     basis = sum(t.basis_numel for t in projected) * belem
+    # Each basis travels with its next refresh step (one float64: lazy refresh may move it).
+    next_steps = NEXT_STEP_BYTES * len(projected)
     return payload(
-        reduce=full + low_rank + dense,
-        broadcast=basis + low_rank + dense,
+        all_to_all=full + low_rank + dense,
+        broadcast=basis + next_steps + low_rank + dense,
         all_reduce=VERDICT_BYTES,
     )
 
@@ -92,15 +99,43 @@ def computed_payload(
     if method == OURS_DDP:
         return payload(all_reduce=full_normed + VERDICT_BYTES, broadcast=full_normed)
     if method == OURS_FULL:
-        return payload(reduce=full_normed, broadcast=full_normed, all_reduce=VERDICT_BYTES)
+        return payload(all_to_all=full_normed, broadcast=full_normed, all_reduce=VERDICT_BYTES)
     if method in (OURS_LOW_RANK, OURS_LOW_RANK_NARROW):
         return _low_rank_payload(method == OURS_LOW_RANK_NARROW, normed, elem, refresh)
     raise ValueError(f"method {method!r} is not known; use one of {COMPUTED_SCHEMES}")
 
 
+def with_touched_rows(
+    computed: Payload,
+    method: str,
+    table_bytes: int,
+    vocab: int,
+    touched: int | None,
+    world: int,
+) -> Payload:
+    """``computed`` (the whole embedding summed onto its owners) as the optimizer sends it when
+    the global batch touched ``touched`` of the table's ``vocab`` rows
+    (:mod:`gnlorp_dist.optim.sparse_rows`, under ``ours-full`` and ``ours-lowrank``): only those
+    rows go into the all-to-all, after one all-reduce of a one-byte-per-row mask (``lm_head``,
+    every row touched, is known dense after its first step). Other methods, or no count:
+    ``computed`` unchanged, as where the rows do not pay (``sparse_rows_pay``: the optimizer
+    then sends the whole table, its mask paid once)."""
+    if touched is None or method not in (OURS_FULL, OURS_LOW_RANK) or not table_bytes:
+        return computed
+    row_bytes = table_bytes // vocab
+    mask_bytes = vocab * mask_dtype(world).itemsize
+    if not sparse_rows_pay(touched, vocab, row_bytes, mask_bytes):
+        return computed
+    adjusted = dict(computed)
+    adjusted["all_to_all"] -= table_bytes - touched * row_bytes
+    adjusted["all_reduce"] += mask_bytes
+    return adjusted
+
+
 def ring_factor(op: str, world: int) -> float:
     """Bytes EACH rank sends per payload byte under the ring model (see the module docstring):
-    all-reduce ``2(N-1)/N``; reduce, broadcast, all-gather, reduce-scatter ``(N-1)/N``."""
+    all-reduce ``2(N-1)/N``; reduce, broadcast, all-gather, reduce-scatter, all-to-all
+    ``(N-1)/N``."""
     if op not in OPS:
         raise ValueError(f"collective {op!r} is not known; use one of {OPS}")
     if world <= 1:

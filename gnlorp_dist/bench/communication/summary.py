@@ -8,8 +8,12 @@ from dataclasses import asdict
 from typing import Any
 
 from gnlorp_dist.bench.communication.measure import RunSettings
-from gnlorp_dist.bench.communication.payloads import ring_wire_bytes, window_average
-from gnlorp_dist.bench.communication.schemes import DDP_ADAMW, ZERO2_ADAMW, recipe
+from gnlorp_dist.bench.communication.payloads import (
+    ring_wire_bytes,
+    window_average,
+    with_touched_rows,
+)
+from gnlorp_dist.bench.communication.schemes import DDP_ADAMW, ZERO2_ADAMW, model_config, recipe
 
 
 def _step_summary(
@@ -28,6 +32,7 @@ def _step_summary(
         "svds": refreshes,
         "lo_bytes_net": record["lo_bytes"] - barrier,
         "payload": record["dist"],
+        "touched_rows": record.get("touched_rows"),
         "payload_ranks_differ": any(p != dist_payloads[0] for p in dist_payloads),
         "ddp_hook_bytes": hook,
         "ddp_buckets": record["hook"]["buckets"],
@@ -183,8 +188,17 @@ def mark_payload_matches(rows: list[dict[str, Any]], computed: list[dict[str, An
         reference = by_key.get((row["model"], row["world"], row["method"]))
         if row["error"] is not None or reference is None:
             continue
+        vocab = model_config(row["model"]).vocab_size
         row["payload_equals_computed"] = all(
-            s["payload"] == reference["payload_refresh" if s["refresh"] else "payload_plain"]
+            s["payload"]
+            == with_touched_rows(
+                reference["payload_refresh" if s["refresh"] else "payload_plain"],
+                row["method"],
+                reference["dense_bytes"].get("embed_tokens", 0),
+                vocab,
+                s.get("touched_rows"),
+                row["world"],
+            )
             for s in row["steps"]
         )
         if not row["payload_equals_computed"]:
