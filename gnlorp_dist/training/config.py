@@ -142,6 +142,11 @@ class RunConfig(
     pass as soon as its gradient is final, overlapping the rest of backward (on), or in the
     optimizer step (off). The weights are bitwise the same either way (benchmarks/overlap.py
     measures the step time of both)."""
+    overlap_directions: str = option("off", choices=OVERLAP_REDUCTIONS)
+    """With --grad-reduction low_rank (not --per-layer): apply each projected matrix's direction
+    just before its module's next forward, so the owners' broadcasts overlap the forward (on), or
+    inside the optimizer step (off). The weights are bitwise the same either way; evaluation,
+    checkpoints and the final model apply what is pending first."""
     data_config: Annotated[str | None, MUST_MATCH] = option(None, metavar="NAME")
     """Hub dataset configuration, e.g. en for allenai/c4."""
     text_field: Annotated[str, MUST_MATCH] = option("text", metavar="FIELD")
@@ -312,11 +317,12 @@ def _check_reduction(config: RunConfig) -> None:
         raise ValueError(
             f"unknown grad_reduction {config.grad_reduction!r}; choose one of {GRAD_REDUCTIONS}"
         )
-    if config.overlap_reduction not in OVERLAP_REDUCTIONS:
-        raise ValueError(
-            f"unknown --overlap-reduction {config.overlap_reduction!r}; choose one of "
-            f"{OVERLAP_REDUCTIONS}"
-        )
+    for flag, value in (
+        ("--overlap-reduction", config.overlap_reduction),
+        ("--overlap-directions", config.overlap_directions),
+    ):
+        if value not in OVERLAP_REDUCTIONS:
+            raise ValueError(f"unknown {flag} {value!r}; choose one of {OVERLAP_REDUCTIONS}")
     if config.clip_norm_of not in CLIP_NORMS:
         raise ValueError(
             f"unknown --clip-norm-of {config.clip_norm_of!r}; choose one of {CLIP_NORMS}"

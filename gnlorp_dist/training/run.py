@@ -360,16 +360,26 @@ def _evaluate_and_save(
     then pass the ``train.after_step`` fault point."""
     c = run.config
     if c.eval_every and done % c.eval_every == 0 and done != c.max_steps:
+        settle_directions(run)
         eval_loss, ppl = evaluate(
             run.model, run.data.eval_blocks, c.batch_size, c.eval_batches, c.autocast
         )
         log(f"eval @ step {done} | loss {eval_loss:.4f} | perplexity {ppl:.2f}")
     saved = None
     if (c.save_every and done % c.save_every == 0) or done == c.max_steps:
+        settle_directions(run)
         saved = result.last_checkpoint = save_training_state(run, done, loss)
     if on_step_end is not None:
         on_step_end(done, saved)
     fault_point("train.after_step", done)
+
+
+def settle_directions(run: Run) -> None:
+    """Apply what the last step left for the next forward (``--overlap-directions on``) before
+    anything reads the weights."""
+    pending = getattr(run.optimizer, "pending_directions", None)
+    if pending is not None:
+        pending.settle()
 
 
 def _finish(run: Run, result: TrainResult, times: _StepTimes, started: float) -> None:
@@ -384,6 +394,7 @@ def _finish(run: Run, result: TrainResult, times: _StepTimes, started: float) ->
     if result.memory:
         result.estimated_peak_bytes = estimated_peak_bytes(run)
         log_memory(result.memory, result.estimated_peak_bytes)
+    settle_directions(run)
     final = save_final_model(run, result.final_step)
     result.eval_loss, result.eval_perplexity = final.eval_loss, final.eval_perplexity
     result.final_dir = final.final_dir

@@ -307,7 +307,25 @@ def prepare(config: RunConfig, context: DistributedContext = SINGLE_PROCESS) -> 
         run.per_layer = PerLayerUpdates(
             run.optimizer, accumulation_steps=config.grad_accum, max_grad_norm=config.grad_clip
         )
+    if config.overlap_directions == "on":
+        _apply_directions_in_forward(run)
     return run
+
+
+def _apply_directions_in_forward(run: Run) -> None:
+    """``--overlap-directions on``: the optimizer's forward hooks where the low-rank reduction
+    runs; elsewhere the flag changes nothing, and the log says why."""
+    config, world = run.config, run.context.world_size
+    reduction = effective_grad_reduction(config, world)
+    if reduction == "low_rank" and not config.per_layer and not config.fsdp:
+        run.optimizer.applying_directions_in_forward(run.model)  # type: ignore[attr-defined]
+        log("directions applied in the next forward (--overlap-directions on)")
+        return
+    why = "--per-layer" if config.per_layer else f"--grad-reduction {reduction}"
+    log(
+        f"--overlap-directions on has no effect with {why} on {world} process(es): only the "
+        "low-rank reduction (several processes, not --per-layer or --fsdp) defers directions"
+    )
 
 
 def _resolve_for_process(

@@ -162,18 +162,21 @@ def test_a_two_process_checkpoint_from_before_the_rule_was_recorded_resumes_on_o
 def test_accelerate_multi_gpu_on_cpu_matches_torchrun(setting):
     """Same settings as the torchrun run: the same weights at step 4 (order of tests matters),
     here with the low-rank reductions run in the step (--overlap-reduction off; torchrun's run
-    started them inside backward, the default)."""
+    started them inside backward, the default) and the directions applied in the next forward
+    (--overlap-directions on; the checkpoint applies the last step's first)."""
     root, config, env = setting
     out = root / "accelerate"
     command = [
         str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()), "-m", "gnlorp_dist.training.run",
-        "--world-size", "2", "--overlap-reduction", "off", *_train_args(config, out),
+        "--world-size", "2", "--overlap-reduction", "off", "--overlap-directions", "on",
+        *_train_args(config, out),
     ]  # fmt: skip
     code, output = _run(command, dict(env, ACCELERATE_USE_CPU="1"))
     assert code == 0, output
     assert "distributed: 2 processes (low-rank gradient reduction)" in output
+    assert "directions applied in the next forward (--overlap-directions on)" in output
     first, last = map(float, re.search(r"train loss ([\d.]+) -> ([\d.]+)", output).groups())
     assert last < first
     ours = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
