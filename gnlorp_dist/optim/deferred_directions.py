@@ -50,7 +50,7 @@ class PendingDirections:
         return PendingDirections()  # a copied optimizer's weights are its own: nothing pending
 
     def __getstate__(self) -> dict[str, object]:
-        return {"_updates": {}}
+        return PendingDirections().__dict__  # a pickle, like a copy, holds nothing pending
 
     @torch.no_grad()
     def settle(self, params: Iterable[Tensor] | None = None) -> None:

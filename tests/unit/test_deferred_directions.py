@@ -5,6 +5,7 @@ once) is tests/distributed/test_sharded_optimizer.py's."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import torch
 from torch import nn
@@ -63,6 +64,8 @@ def test_settle_picks_the_given_parameters_and_copies_start_empty():
     _defer_doubling(pending, model[0].weight, log, "a")
     _defer_doubling(pending, model[2].weight, log, "b")
     assert len(copy.deepcopy(pending)) == 0
+    unpickled = pickle.loads(pickle.dumps(pending))  # its closures do not travel
+    assert len(unpickled) == 0 and unpickled.models == 0
     pending.settle([model[2].weight])
     assert log == ["b"] and len(pending) == 1
     pending.settle()
