@@ -30,26 +30,16 @@ from torch.testing._internal.common_device_type import instantiate_device_type_t
 from torch.testing._internal.common_optimizers import (
     OptimizerErrorEnum,
     TensorTracker,
-    _get_optim_inputs_including_global_cliquey_kwargs,
     optims,
 )
 from torch.testing._internal.common_utils import TestCase, parametrize
 
-from tests.unit.torch_optim_infos import OPTIMIZER_INFOS
-
-FLOAT = [torch.float32]
-
-
-def _all_inputs(device, dtype, info):
-    return _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, info)
-
-
-def _quadratic(optimizer, weight, bias, inputs):
-    """The tests' loss, ``|W x + b|^2``, its gradients set; a closure."""
-    optimizer.zero_grad()
-    loss = (weight.mv(inputs) + bias).pow(2).sum()
-    loss.backward()
-    return loss
+from tests.unit.torch_optim_infos import (
+    FLOAT,
+    OPTIMIZER_INFOS,
+    all_inputs,
+    quadratic,
+)
 
 
 def _linear_params(device, dtype, contiguous=True):
@@ -64,25 +54,8 @@ def _linear_params(device, dtype, contiguous=True):
     )
 
 
-def _named(params, named):
-    return [(f"name{i}", p) for i, p in enumerate(params)] if named else params
-
-
-def _conv_bn(device, dtype):
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
-    return model.to(device=device, dtype=dtype), torch.rand(1, 4, 16, 16, device=device)
-
-
 def _step_scheduler(scheduler, loss):
     scheduler.step(loss) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
-
-
-def _without_names(state_dict):
-    copied = deepcopy(state_dict)
-    for group in copied["param_groups"]:
-        group.pop("param_names", None)
-    return copied
 
 
 class TestOptimizerContract(TestCase):
@@ -117,7 +90,7 @@ class TestOptimizerContract(TestCase):
                 inputs = torch.randn(5, device=device, dtype=dtype)
                 optimizer = optim_info.optim_cls([weight, bias], **optim_input.kwargs)
                 schedulers = [make(optimizer) for make in constructors]
-                closure = functools.partial(_quadratic, optimizer, weight, bias, inputs)
+                closure = functools.partial(quadratic, optimizer, weight, bias, inputs)
                 initial = closure().item()
                 for _ in range(20):
                     loss = closure()
@@ -133,7 +106,7 @@ class TestOptimizerContract(TestCase):
             inputs = torch.randn(5, device=device, dtype=dtype)
             optimizer = optim_info.optim_cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
             schedulers = [make(optimizer) for make in constructors]
-            closure = functools.partial(_quadratic, optimizer, weight, bias, inputs)
+            closure = functools.partial(quadratic, optimizer, weight, bias, inputs)
             initial = closure().item()
             for _ in range(20):
                 loss = optimizer.step(closure)
@@ -143,7 +116,7 @@ class TestOptimizerContract(TestCase):
 
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_tensor_lr(self, device, dtype, optim_info):
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             weight, bias = _linear_params(device, dtype)
             weight_c = weight.detach().clone().requires_grad_(True)
             bias_c = bias.detach().clone().requires_grad_(True)
@@ -154,8 +127,8 @@ class TestOptimizerContract(TestCase):
                 [weight_c, bias_c], **dict(kwargs, lr=torch.tensor(1e-3))
             )
             for _ in range(5):
-                _quadratic(as_float, weight, bias, inputs)
-                _quadratic(as_tensor, weight_c, bias_c, inputs)
+                quadratic(as_float, weight, bias, inputs)
+                quadratic(as_tensor, weight_c, bias_c, inputs)
                 as_float.step()
                 as_tensor.step()
                 self.assertEqual(weight, weight_c)
@@ -163,7 +136,7 @@ class TestOptimizerContract(TestCase):
 
     @optims([o for o in OPTIMIZER_INFOS if o.supports_complex], dtypes=[torch.complex64])
     def test_complex(self, device, dtype, optim_info):
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             complex_params = [
                 torch.randn(10, 5, device=device, dtype=dtype, requires_grad=True),
                 torch.randn(10, device=device, dtype=dtype, requires_grad=True),
@@ -198,7 +171,7 @@ class TestOptimizerContract(TestCase):
             x, y = tensor
             return (1 - x) ** 2 + 100 * (y - x**2) ** 2
 
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             if optim_input.kwargs.get("bits") == 8:
                 # 8-bit moments share a scale per block of a tensor's elements: a complex
                 # tensor's blocks mix real and imaginary parts, two real tensors' cannot (so they
@@ -234,7 +207,7 @@ class TestOptimizerContract(TestCase):
 
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_param_groups_weight_decay(self, device, dtype, optim_info):
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             weight, bias = _linear_params(device, dtype)
             inputs = torch.randn(5, device=device, dtype=dtype)
             bias_kwargs = dict(deepcopy(optim_input.kwargs), weight_decay=0.0)
@@ -243,13 +216,13 @@ class TestOptimizerContract(TestCase):
             )
             initial = (weight.mv(inputs) + bias).pow(2).sum().item()
             for _ in range(20):
-                loss = _quadratic(optimizer, weight, bias, inputs)
+                loss = quadratic(optimizer, weight, bias, inputs)
                 optimizer.step()
             self.assertLess(loss.item(), initial)
 
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_param_groups_lr(self, device, dtype, optim_info):
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             if "lr" not in optim_input.kwargs or optim_input.kwargs["lr"] == 0:
                 optim_input.kwargs["lr"] = 1e-3
             weight, bias = _linear_params(device, dtype)
@@ -262,7 +235,7 @@ class TestOptimizerContract(TestCase):
             )
             initial = (weight.mv(inputs) + bias).pow(2).sum().item()
             for _ in range(20):
-                loss = _quadratic(optimizer, weight, bias, inputs)
+                loss = quadratic(optimizer, weight, bias, inputs)
                 irrelevant.grad = torch.rand_like(irrelevant)
                 optimizer.step()
             self.assertLess(loss.item(), initial)
@@ -272,7 +245,7 @@ class TestOptimizerContract(TestCase):
     def test_step_is_noop_when_params_have_no_grad(self, device, dtype, optim_info):
         params = [torch.randn(2, 3, device=device, dtype=dtype) for _ in range(2)]
         old = [p.clone() for p in params]
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
             optimizer.step(lambda: torch.tensor([1], device=device, dtype=dtype))
         self.assertEqual(params, old)
@@ -281,7 +254,7 @@ class TestOptimizerContract(TestCase):
     def test_step_is_noop_for_zero_grads(self, device, dtype, optim_info):
         param = torch.randn(5, 1, device=device, dtype=dtype, requires_grad=True)
         old = param.detach().clone()
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             if optim_input.kwargs.get("weight_decay", 0) != 0:
                 continue  # decay moves the weights whatever the gradient
             optimizer = optim_info.optim_cls([param], **optim_input.kwargs)
@@ -292,7 +265,7 @@ class TestOptimizerContract(TestCase):
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_optimizer_can_be_printed(self, device, dtype, optim_info):
         params = [Parameter(torch.randn(2, 3, device=device, dtype=dtype)) for _ in range(2)]
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             self.assertIn(
                 optim_info.optim_cls.__name__,
                 repr(optim_info.optim_cls(params, **optim_input.kwargs)),

@@ -22,29 +22,19 @@ from torch.optim.optimizer import (
 )
 from torch.testing._internal.common_device_type import instantiate_device_type_tests
 from torch.testing._internal.common_optimizers import (
-    _get_optim_inputs_including_global_cliquey_kwargs,
     optims,
 )
 from torch.testing._internal.common_utils import TestCase, parametrize
 
-from tests.unit.torch_optim_infos import OPTIMIZER_INFOS
-
-FLOAT = [torch.float32]
-
-
-def _all_inputs(device, dtype, info):
-    return _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, info)
-
-
-def _quadratic(optimizer, weight, bias, inputs):
-    optimizer.zero_grad()
-    loss = (weight.mv(inputs) + bias).pow(2).sum()
-    loss.backward()
-    return loss
-
-
-def _named(params, named):
-    return [(f"name{i}", p) for i, p in enumerate(params)] if named else params
+from tests.unit.torch_optim_infos import (
+    FLOAT,
+    OPTIMIZER_INFOS,
+    all_inputs,
+    conv_bn,
+    named,
+    quadratic,
+    without_names,
+)
 
 
 def _small_params(device, dtype):
@@ -55,23 +45,10 @@ def _small_params(device, dtype):
     )
 
 
-def _conv_bn(device, dtype):
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
-    return model.to(device=device, dtype=dtype), torch.rand(1, 4, 16, 16, device=device)
-
-
 def _conv_step(optimizer, model, inputs):
     optimizer.zero_grad()
     model(inputs).sum().backward()
     optimizer.step()
-
-
-def _without_names(state_dict):
-    copied = deepcopy(state_dict)
-    for group in copied["param_groups"]:
-        group.pop("param_names", None)
-    return copied
 
 
 def _set_test_entry(optimizer):
@@ -111,19 +88,17 @@ class TestOptimizerStateContract(TestCase):
         self, device, dtype, optim_info, is_named_optim0, is_named_optim1
     ):
         weight, bias, inputs = _small_params(device, dtype)
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             kwargs = optim_input.kwargs
-            optimizer = optim_info.optim_cls(_named([weight, bias], is_named_optim0), **kwargs)
-            closure = functools.partial(_quadratic, optimizer, weight, bias, inputs)
+            optimizer = optim_info.optim_cls(named([weight, bias], is_named_optim0), **kwargs)
+            closure = functools.partial(quadratic, optimizer, weight, bias, inputs)
             for _ in range(10):
                 closure()
                 optimizer.step()
             with torch.no_grad():
                 weight_c, bias_c = Parameter(weight.clone()), Parameter(bias.clone())
-            optimizer_c = optim_info.optim_cls(
-                _named([weight_c, bias_c], is_named_optim1), **kwargs
-            )
-            closure_c = functools.partial(_quadratic, optimizer_c, weight_c, bias_c, inputs)
+            optimizer_c = optim_info.optim_cls(named([weight_c, bias_c], is_named_optim1), **kwargs)
+            closure_c = functools.partial(quadratic, optimizer_c, weight_c, bias_c, inputs)
             optimizer_c.load_state_dict(deepcopy(optimizer.state_dict()))
             for _ in range(10):
                 closure()
@@ -133,18 +108,18 @@ class TestOptimizerStateContract(TestCase):
                 self.assertEqual(weight, weight_c)
                 self.assertEqual(bias, bias_c)
             self.assertEqual(
-                _without_names(optimizer.state_dict()), _without_names(optimizer_c.state_dict())
+                without_names(optimizer.state_dict()), without_names(optimizer_c.state_dict())
             )
             optimizer_c.param_groups.extend(optimizer_c.param_groups)
             self.assertEqual(
-                _without_names(optimizer.state_dict())["param_groups"][-1],
-                _without_names(optimizer_c.state_dict())["param_groups"][-1],
+                without_names(optimizer.state_dict())["param_groups"][-1],
+                without_names(optimizer_c.state_dict())["param_groups"][-1],
             )
 
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_can_load_older_state_dict(self, device, dtype, optim_info):
-        for optim_input in _all_inputs(device, dtype, optim_info):
-            model, inputs = _conv_bn(device, dtype)
+        for optim_input in all_inputs(device, dtype, optim_info):
+            model, inputs = conv_bn(device, dtype)
             optimizer = optim_info.optim_cls(model.parameters(), **optim_input.kwargs)
             for _ in range(3):
                 _conv_step(optimizer, model, inputs)
@@ -161,8 +136,8 @@ class TestOptimizerStateContract(TestCase):
     def test_can_load_from_to_named_state_dict(
         self, device, dtype, optim_info, is_named_optim0, is_named_optim1
     ):
-        for optim_input in _all_inputs(device, dtype, optim_info):
-            model, inputs = _conv_bn(device, dtype)
+        for optim_input in all_inputs(device, dtype, optim_info):
+            model, inputs = conv_bn(device, dtype)
 
             def params(named, model=model):
                 return model.named_parameters() if named else model.parameters()
@@ -184,12 +159,12 @@ class TestOptimizerStateContract(TestCase):
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_save_load_equality_with_weights_only(self, device, dtype, optim_info, is_named_optim):
         weight, bias, inputs = _small_params(device, dtype)
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             optimizer = optim_info.optim_cls(
-                _named([weight, bias], is_named_optim), **optim_input.kwargs
+                named([weight, bias], is_named_optim), **optim_input.kwargs
             )
             for _ in range(3):
-                optimizer.step(functools.partial(_quadratic, optimizer, weight, bias, inputs))
+                optimizer.step(functools.partial(quadratic, optimizer, weight, bias, inputs))
             saved = optimizer.state_dict()
             with tempfile.TemporaryFile() as f:
                 torch.save(saved, f)
@@ -203,7 +178,7 @@ class TestOptimizerStateContract(TestCase):
         params = [Parameter(torch.randn(2, 3, device=device, dtype=dtype)) for _ in range(2)]
         for p in params:
             p.grad = torch.rand_like(p)
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
             for _ in range(3):
                 optimizer.step()
@@ -217,7 +192,7 @@ class TestOptimizerStateContract(TestCase):
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_state_dict_hooks(self, device, dtype, optim_info):
         """PyTorch's test_state_dict_pre_hook, _post_hook and _pre_post_hook."""
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             param = torch.rand(2, 3, device=device, dtype=dtype, requires_grad=True)
             pre = optim_info.optim_cls([param], **optim_input.kwargs)
             pre.register_state_dict_pre_hook(_set_test_entry)
@@ -235,7 +210,7 @@ class TestOptimizerStateContract(TestCase):
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_load_state_dict_hooks(self, device, dtype, optim_info):
         """PyTorch's test_load_state_dict_pre_hook_and_prepend, _post_hook, _pre_post_hook."""
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             param = torch.rand(2, 3, device=device, dtype=dtype, requires_grad=True)
             optimizer = optim_info.optim_cls([param], **optim_input.kwargs)
             saved = optimizer.state_dict()
@@ -259,7 +234,7 @@ class TestOptimizerStateContract(TestCase):
     def test_step_hooks(self, device, dtype, optim_info):
         """PyTorch's test_step_post_hook and test_step_pre_hook."""
         params = [torch.tensor([1.0, 1.0], device=device, dtype=dtype)]
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             for register, start, expected in (("post", 2, 6), ("pre", 5, 9)):
                 optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
                 data = [start]
@@ -278,7 +253,7 @@ class TestOptimizerStateContract(TestCase):
     @optims(OPTIMIZER_INFOS, dtypes=FLOAT)
     def test_step_all_hooks(self, device, dtype, optim_info):
         params = [torch.tensor([1.0, 1.0], device=device, dtype=dtype)]
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             optimizer, sgd, data = (
                 optim_info.optim_cls(params, **optim_input.kwargs),
                 SGD(params),
@@ -315,7 +290,7 @@ class TestOptimizerStateContract(TestCase):
         def public(obj):
             return {k for k in obj.__dict__ if not k.startswith("_")}
 
-        for optim_input in _all_inputs(device, dtype, optim_info):
+        for optim_input in all_inputs(device, dtype, optim_info):
             optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
             for _ in range(3):
                 optimizer.step()

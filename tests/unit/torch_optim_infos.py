@@ -19,15 +19,18 @@ state dicts (``not_og_supported_flags``). The runner is ``test_torch_optim_contr
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.testing._internal.common_optimizers import (
     ErrorOptimizerInput,
     OptimizerErrorEnum,
     OptimizerInfo,
     OptimizerInput,
+    _get_optim_inputs_including_global_cliquey_kwargs,
 )
 
 from gnlorp_dist.optim import GradNormLoRPAdamW
@@ -144,3 +147,42 @@ def _info(optim_cls: type, *, supports_complex: bool) -> OptimizerInfo:
 DENSE = _info(GradNormLoRPAdamW, supports_complex=True)
 PROJECTED = _info(ProjectingGradNormLoRPAdamW, supports_complex=False)
 OPTIMIZER_INFOS = [DENSE, PROJECTED]
+
+
+# -- what both runners share ---------------------------------------------------------------------
+
+FLOAT = [torch.float32]
+"""The dtypes the runners instantiate the tests for."""
+
+
+def all_inputs(device: Any, dtype: torch.dtype, info: OptimizerInfo) -> list[OptimizerInput]:
+    """Every keyword setting of ``info``, with the global ones (lr as a Tensor ...) added."""
+    return _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, info)
+
+
+def quadratic(optimizer: Any, weight: Tensor, bias: Tensor, inputs: Tensor) -> Tensor:
+    """The tests' loss, ``|W x + b|^2``, its gradients set; a closure."""
+    optimizer.zero_grad()
+    loss = (weight.mv(inputs) + bias).pow(2).sum()
+    loss.backward()
+    return loss
+
+
+def named(params: Any, with_names: bool) -> Any:
+    """``params``, or ``(name, param)`` pairs when ``with_names``."""
+    return [(f"name{i}", p) for i, p in enumerate(params)] if with_names else params
+
+
+def conv_bn(device: Any, dtype: torch.dtype) -> tuple[torch.nn.Module, Tensor]:
+    """A Conv2d + BatchNorm2d model and an input for it (the tests' channels_last case)."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
+    return model.to(device=device, dtype=dtype), torch.rand(1, 4, 16, 16, device=device)
+
+
+def without_names(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``state_dict`` without the groups' ``param_names``."""
+    copied = deepcopy(state_dict)
+    for group in copied["param_groups"]:
+        group.pop("param_names", None)
+    return copied
