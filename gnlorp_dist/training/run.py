@@ -11,6 +11,7 @@ gnlorp_dist.train``).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -25,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from gnlorp_dist.checkpoint.dcp import save_dcp_training_checkpoint
-from gnlorp_dist.checkpoint.space import DiskFullError, is_disk_full
 from gnlorp_dist.checkpoint.store import save_checkpoint
 from gnlorp_dist.device import (
     activate_device,
@@ -49,10 +49,23 @@ from gnlorp_dist.training.config import (
     config_record,
     effective_grad_reduction,
 )
+from gnlorp_dist.training.endings import (
+    NonFiniteStepError,
+    exit_for,
+    nonfinite_step_error,
+    too_many_skips_error,
+)
 from gnlorp_dist.training.evaluation import evaluate
 from gnlorp_dist.training.faults import fault_point
 from gnlorp_dist.training.final_model import save_final_model
-from gnlorp_dist.training.preflight import NotEnoughSpace
+from gnlorp_dist.training.preemption import (
+    EXIT_PREEMPTED,
+    Preempted,
+    StopSignals,
+    StopVote,
+    stop_message,
+    stop_signals,
+)
 from gnlorp_dist.training.report import describe_run, estimated_peak_bytes, log_memory
 from gnlorp_dist.training.setup import (
     Run,
@@ -137,11 +150,6 @@ class _StepTimes:
         self.window_steps += 1
 
 
-class NonFiniteStepError(RuntimeError):
-    """``--on-nonfinite raise`` met a non-finite gradient: nothing was updated; the message is
-    one line, the parameters are listed in the log."""
-
-
 def save_training_state(run: Run, step: int, loss: float) -> Path:
     """Checkpoint everything needed to continue exactly after ``step``, once the output folder
     has room for it (:class:`NotEnoughSpace` otherwise, before anything is written)."""
@@ -183,35 +191,6 @@ def save_training_state(run: Run, step: int, loss: float) -> Path:
     )
 
 
-def too_many_skips_error(step: int, in_a_row: int, lr: float) -> FloatingPointError:
-    return FloatingPointError(
-        f"step {step}: {in_a_row} steps in a row skipped for a non-finite gradient "
-        f"(--max-consecutive-skips {in_a_row}, counted across resumes); training stopped. The "
-        f"run diverged or the data is bad: lower --lr (now {lr:g}; a resume takes "
-        "it as --override lr=VALUE), enable or lower --grad-clip, or resume from an earlier "
-        "checkpoint."
-    )
-
-
-def nonfinite_step_error(run: Run, step: int) -> NonFiniteStepError:
-    """The one-line error of a step ``--on-nonfinite raise`` stops at; the parameters whose
-    gradient (as this rank holds it) is not finite are logged in full."""
-    names = [
-        name
-        for name, param in run.model.named_parameters()
-        if param.grad is not None and not bool(torch.isfinite(param.grad).all())
-    ]
-    if names:
-        log(f"step {step}: non-finite gradient in {len(names)} parameters: {', '.join(names)}")
-    shown = f" in {len(names)} parameters ({names[0]}{', ...' if len(names) > 1 else ''}; "
-    where = shown + "all listed in the log)" if names else " (found by the engine)"
-    return NonFiniteStepError(
-        f"step {step}: non-finite gradient{where}; the step was not taken and nothing changed "
-        "(--on-nonfinite raise). Lower the learning rate (a resume takes --override lr=VALUE), "
-        "enable --grad-clip or check the data; --on-nonfinite skip skips such steps"
-    )
-
-
 def _skips(engine: object, optimizer: GradNormLoRPAdamW | None) -> int:
     """Steps skipped so far for a non-finite gradient, by the engine or by our optimizer."""
     skipped = getattr(engine, "skipped_steps", 0)
@@ -219,9 +198,13 @@ def _skips(engine: object, optimizer: GradNormLoRPAdamW | None) -> int:
     return (skipped if isinstance(skipped, int) else 0) + ours
 
 
-def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResult:
+def run_training(
+    run: Run, on_step_end: StepCallback | None = None, stop: StopSignals | None = None
+) -> TrainResult:
     """Train from ``run.start_step`` to ``max_steps``, checkpointing, then evaluate and save the
-    merged model, checking it reloads in stock transformers with the same logits.
+    merged model, checking it reloads in stock transformers with the same logits. ``stop``:
+    the signals that end the run early, all ranks at one step, with a checkpoint
+    (:class:`Preempted`; :mod:`~gnlorp_dist.training.preemption`).
 
     A step with a non-finite gradient follows ``--on-nonfinite``: skip (nothing in the model or
     the optimizer changes; the step is logged and still consumes its batch and advances the
@@ -251,16 +234,21 @@ def run_training(run: Run, on_step_end: StepCallback | None = None) -> TrainResu
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     started = time.perf_counter()
+    vote = StopVote(stop, run.context.communicator)
     for done in range(run.start_step + 1, c.max_steps + 1):
         step_start = time.perf_counter()
         stats = _take_step(run, optimizer, done)
+        stopping = vote.after_step(last=done == c.max_steps)  # the step's loss read came first
         run.skips_in_a_row = _check_step(run, stats, done, run.skips_in_a_row, result.skipped_steps)
         step_time = time.perf_counter() - step_start
         times.add(step_time)
         result.losses.append(stats.loss)
         result.final_step = done
         _report_step(run, bar, times, step_time, stats, done)
-        _evaluate_and_save(run, result, done, stats.loss, on_step_end)
+        saved = _evaluate_and_save(run, result, done, stats.loss, on_step_end)
+        if stopping and stop is not None and done < c.max_steps:  # the last step: finish
+            bar.close()
+            _stop_here(run, stop, vote, done, saved or _save_now(run, done, stats.loss))
     bar.close()
     _finish(run, result, times, started)
     return result
@@ -354,10 +342,10 @@ def _report_step(
 
 def _evaluate_and_save(
     run: Run, result: TrainResult, done: int, loss: float, on_step_end: StepCallback | None
-) -> None:
+) -> Path | None:
     """After step ``done``: evaluate every ``--eval-every`` steps (the last step's evaluation is
-    the final one), checkpoint every ``--save-every`` steps and at the last, call the hook,
-    then pass the ``train.after_step`` fault point."""
+    the final one), checkpoint every ``--save-every`` steps and at the last (the folder, or
+    None), call the hook, then pass the ``train.after_step`` fault point."""
     c = run.config
     if c.eval_every and done % c.eval_every == 0 and done != c.max_steps:
         settle_directions(run)
@@ -372,6 +360,26 @@ def _evaluate_and_save(
     if on_step_end is not None:
         on_step_end(done, saved)
     fault_point("train.after_step", done)
+    return saved
+
+
+def _save_now(run: Run, done: int, loss: float) -> Path:
+    """The checkpoint of step ``done`` that ``--save-every`` did not write."""
+    settle_directions(run)
+    return save_training_state(run, done, loss)
+
+
+def _stop_here(run: Run, stop: StopSignals, vote: StopVote, done: int, saved: Path) -> None:
+    """Every rank has ``saved`` step ``done``: wait for all (no rank exits mid-save), raise."""
+    stop.stopping = True
+    run.context.barrier()
+    log(stop_message(stop, vote, run.context.world_size, done) + f"; checkpoint {saved}")
+    raise Preempted(
+        f"stopped by a signal after step {done}; checkpoint {saved} written (manifest "
+        f"verified on resume); run the same command to resume (exit {EXIT_PREEMPTED})",
+        step=done,
+        checkpoint=saved,
+    )
 
 
 def settle_directions(run: Run) -> None:
@@ -419,25 +427,29 @@ def train(
     return run_training(prepare(config, context), on_step_end=on_step_end)
 
 
-def _exit_for(err: BaseException) -> tuple[int, str] | None:
-    """The exit status and message of an error that ends gnlorp-train without a traceback:
-    2 for what the user must change (no room to save, a full disk, a non-finite step under
-    --on-nonfinite raise), 1 for a run that diverged; None for a bug (a traceback)."""
-    if isinstance(err, (NotEnoughSpace, DiskFullError, NonFiniteStepError)):
-        return 2, str(err)
-    if is_disk_full(err):  # the final model or an engine's checkpoint ran out of space
-        return 2, (
-            f"disk full ({type(err).__name__}: {err}); the checkpoints already written are "
-            "kept. Free space on the output folder's disk and run the same command again"
-        )
-    if isinstance(err, FloatingPointError):
-        return 1, str(err)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config = config_from_namespace(parser.parse_args(argv))
+    # From before setup: a signal during it stops the run after its first step, saved.
+    with stop_signals() as stop:
+        run = _start(parser, config)
+        try:
+            run_training(run, stop=stop)
+        except Preempted as err:
+            # Every rank says where it stopped: the step the ranks agreed on, in one line each.
+            rank = f"rank {run.context.rank}: " if run.context.world_size > 1 else ""
+            print(f"{parser.prog}: {rank}{err}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        except Exception as err:
+            ending = exit_for(err)
+            if ending is None:
+                raise
+            parser.exit(ending[0], f"{parser.prog}: error: {ending[1]}\n")
+    return 0
+
+
+def _start(parser: argparse.ArgumentParser, config: RunConfig) -> Run:
+    """The device, the process group and the prepared (resumed) run; exit 2 on a ValueError."""
     try:
         device = resolve_device(config.device)
         if device.type == "cpu":
@@ -461,14 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if not context.is_main:
         run.config = dataclasses.replace(run.config, progress=False)
-    try:
-        run_training(run)
-    except Exception as err:
-        ending = _exit_for(err)
-        if ending is None:
-            raise
-        parser.exit(ending[0], f"{parser.prog}: error: {ending[1]}\n")
-    return 0
+    return run
 
 
 if __name__ == "__main__":
