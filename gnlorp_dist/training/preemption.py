@@ -125,7 +125,7 @@ class StopVote:
         if self._flag.device.type == "cuda":
             # Queue the result's copy to the host behind the all-reduce (no host wait now).
             self._handle_wait()
-            self._host = torch.empty(1, pin_memory=True)
+            self._host = torch.empty(1, device="cpu", pin_memory=True)  # the host, by design
             self._host.copy_(self._flag, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
